@@ -1,0 +1,3 @@
+from sinkscope.cli import main
+
+main()

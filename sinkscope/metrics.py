@@ -1,0 +1,190 @@
+"""Every metric formula of sinkscope, in one place (see ARCHITECTURE.md, "Metric definitions").
+
+Functions take numpy arrays or torch tensors. Those marked "torch" run on the tensor's device, so the recorder
+can reduce on the GPU and move only the results to the CPU; the others return numpy / pandas.
+Layer index l = 0..L-1 is the output of decoder block l (residual stream after the block, before the final norm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import torch
+
+SINK_EPS = 0.3
+"""Default epsilon of Sink^eps (Gu et al., ICLR 2025)."""
+SINK_HEAD_FRACTION = 0.5
+"""A token is a sink in layer l when at least this share of the layer's heads have alpha > eps."""
+MASSIVE_ABS = 100.0
+"""Massive activation: |h| >= MASSIVE_ABS ... (Sun et al., 2024)."""
+MASSIVE_REL = 1000.0
+"""... and |h| >= MASSIVE_REL * median(|h[l]|)."""
+
+MASSIVE_COLUMNS = ["layer", "token", "feature", "value", "attn_share", "mlp_share", "attn_out", "mlp_out",
+                   "origin_layer"]
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------- attention sinks
+def attention_received(attn) -> np.ndarray:
+    """Attention received by each key (Gu et al., "When Attention Sink Emerges", ICLR 2025).
+
+    `alpha[..., k] = (1 / (T - k)) * sum_{i >= k} A[..., i, k]` for post-softmax causal attention `A[..., T, T]`
+    (query i, key k, 0-based): the mean attention that key k gets from the queries that can see it.
+    This is the reference computation from full maps; the recorder computes the same quantity streamed.
+    """
+    a = _np(attn).astype(np.float64)
+    t = a.shape[-1]
+    col = np.tril(a).sum(axis=-2)
+    return (col / np.arange(t, 0, -1, dtype=np.float64)).astype(np.float32)
+
+
+def sink_rate(alpha, eps: float = SINK_EPS) -> np.ndarray:
+    """`Sink_k^eps = 100 * mean_{l,h} 1[alpha[l,h,k] > eps]` for `alpha[L,H,T]`; returns `[T]` percentages."""
+    a = _np(alpha)
+    return (100.0 * (a > eps).mean(axis=(0, 1))).astype(np.float32)
+
+
+def sink_layers(alpha, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> np.ndarray:
+    """`[L, T]` bool: token k is a sink in layer l when the share of heads with `alpha > eps` is >= head_fraction."""
+    a = _np(alpha)
+    return (a > eps).mean(axis=1) >= head_fraction
+
+
+def sink_tokens(
+    alpha,
+    eps: float = SINK_EPS,
+    head_fraction: float = SINK_HEAD_FRACTION,
+    min_layers: int = 1,
+    layers: Sequence[int] | None = None,
+) -> list[int]:
+    """Token indices that are sinks (see `sink_layers`) in at least `min_layers` of the given layers."""
+    flags = sink_layers(alpha, eps, head_fraction)
+    if layers is not None:
+        flags = flags[list(layers)]
+    return [int(k) for k in np.flatnonzero(flags.sum(axis=0) >= min_layers)]
+
+
+# ------------------------------------------------------------------------------------------ massive activations
+def median_abs(h: torch.Tensor) -> torch.Tensor:
+    """(torch) `median(|h|)` over every entry of `h`, as numpy defines it (mean of the two middle values)."""
+    flat = h.detach().abs().float().reshape(-1)
+    n = flat.numel()
+    hi = flat.kthvalue(n // 2 + 1).values
+    if n % 2:
+        return hi
+    return 0.5 * (hi + flat.kthvalue(n // 2).values)
+
+
+def massive_threshold(median, abs_threshold: float = MASSIVE_ABS, rel_threshold: float = MASSIVE_REL):
+    """The magnitude an entry must reach to be massive: `max(abs_threshold, rel_threshold * median)`."""
+    if isinstance(median, torch.Tensor):
+        return torch.clamp(median * rel_threshold, min=abs_threshold)
+    return np.maximum(np.asarray(median) * rel_threshold, abs_threshold)
+
+
+def massive_mask(h, median, abs_threshold: float = MASSIVE_ABS, rel_threshold: float = MASSIVE_REL):
+    """Massive activations (Sun et al., "Massive Activations in Large Language Models", 2024).
+
+    An entry `h[l,t,j]` is massive when `|h| >= abs_threshold` AND `|h| >= rel_threshold * median(|h[l]|)`, the
+    median taken over all tokens and features of that sample's layer-l hidden state. `h` is `[T, D]` with a
+    scalar median, or `[L, T, D]` with `median[L]`. Works on numpy arrays and (on device) torch tensors.
+    """
+    thr = massive_threshold(median, abs_threshold, rel_threshold)
+    if isinstance(h, torch.Tensor):
+        thr = torch.as_tensor(thr, device=h.device, dtype=torch.float32)
+        return h.abs() >= (thr.reshape(-1, 1, 1) if h.dim() == 3 else thr)
+    h = np.asarray(h)
+    return np.abs(h) >= (np.reshape(thr, (-1, 1, 1)) if h.ndim == 3 else thr)
+
+
+def find_massive(
+    hidden,
+    attn_out=None,
+    mlp_out=None,
+    abs_threshold: float = MASSIVE_ABS,
+    rel_threshold: float = MASSIVE_REL,
+) -> pd.DataFrame:
+    """Massive-activation records from full residual streams `hidden[L, T, D]` (block outputs).
+
+    With the blocks' `attn_out[L,T,D]` and `mlp_out[L,T,D]`, each record also splits that layer's update
+    `h[l] - h[l-1] = attn_out[l] + mlp_out[l]` into `attn_share` and `mlp_share` (they sum to 1), and names the
+    `origin_layer`: the first layer where that (token, feature) is massive. Columns: `MASSIVE_COLUMNS`.
+    """
+    h = _np(hidden).astype(np.float32)
+    med = np.median(np.abs(h).reshape(h.shape[0], -1), axis=1)
+    layer, token, feature = np.nonzero(massive_mask(h, med, abs_threshold, rel_threshold))
+    a = _np(attn_out)[layer, token, feature] if attn_out is not None else np.full(len(layer), np.nan)
+    m = _np(mlp_out)[layer, token, feature] if mlp_out is not None else np.full(len(layer), np.nan)
+    return massive_frame(layer, token, feature, h[layer, token, feature], a, m)
+
+
+def massive_frame(layer, token, feature, value, attn_out, mlp_out) -> pd.DataFrame:
+    """Assemble massive records (one row per massive entry) and derive shares and origin layers."""
+    df = pd.DataFrame({
+        "layer": np.asarray(layer, dtype=np.int32),
+        "token": np.asarray(token, dtype=np.int32),
+        "feature": np.asarray(feature, dtype=np.int32),
+        "value": np.asarray(value, dtype=np.float32),
+        "attn_out": np.asarray(attn_out, dtype=np.float32),
+        "mlp_out": np.asarray(mlp_out, dtype=np.float32),
+    })
+    update = df["attn_out"].astype(np.float64) + df["mlp_out"].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df["attn_share"] = (df["attn_out"] / update).astype(np.float32)
+        df["mlp_share"] = (df["mlp_out"] / update).astype(np.float32)
+    df["origin_layer"] = df.groupby(["token", "feature"])["layer"].transform("min").astype(np.int32)
+    return df[MASSIVE_COLUMNS].sort_values(["layer", "token", "feature"], ignore_index=True)
+
+
+def massive_feature_sets(massive: pd.DataFrame, tokens: Iterable[int] | None = None) -> dict[int, set[int]]:
+    """Massive feature set of each layer: feature indices massive on any of `tokens` (all tokens if None)."""
+    df = massive if tokens is None else massive[massive["token"].isin(list(tokens))]
+    return {int(layer): set(map(int, g["feature"])) for layer, g in df.groupby("layer")}
+
+
+def jaccard(a: set, b: set) -> float:
+    """`|a & b| / |a | b|` (1.0 for two empty sets)."""
+    union = a | b
+    return 1.0 if not union else len(a & b) / len(union)
+
+
+def mean_pairwise_jaccard(sets: Sequence[set]) -> float:
+    """Mean Jaccard over all pairs of sets: consistency of massive features across tokens or prompts."""
+    pairs = list(combinations(sets, 2))
+    return float(np.mean([jaccard(a, b) for a, b in pairs])) if pairs else 1.0
+
+
+def origin_table(massive: pd.DataFrame) -> pd.DataFrame:
+    """One row per massive (token, feature): its origin layer and the attention/MLP split of the jump there."""
+    at_origin = massive[massive["layer"] == massive["origin_layer"]]
+    cols = ["token", "feature", "origin_layer", "value", "attn_share", "mlp_share"]
+    return at_origin[cols].sort_values(["token", "feature"], ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------------ cosine to BOS
+def bos_cosine(hidden) -> np.ndarray:
+    """`cos(h[l, 0], h[l, t])` for every layer l and token t of `hidden[L, T, D]`; returns `[L, T]`."""
+    h = _np(hidden).astype(np.float64)
+    h0 = h[:, :1, :]
+    num = (h * h0).sum(-1)
+    den = np.maximum(np.linalg.norm(h, axis=-1) * np.linalg.norm(h0, axis=-1), 1e-8)
+    return (num / den).astype(np.float32)
+
+
+def cosine_by_segment(bos_cos, segments: Sequence[tuple[str, int, int]]) -> pd.DataFrame:
+    """Mean cos-to-BOS per layer (rows) and segment name (columns); segments of one name are pooled."""
+    c = _np(bos_cos)
+    names: dict[str, list[int]] = {}
+    for name, start, end in segments:
+        names.setdefault(name, []).extend(range(start, end))
+    data = {name: c[:, idx].mean(axis=1) for name, idx in names.items() if idx}
+    frame = pd.DataFrame(data)
+    frame.index.name = "layer"
+    return frame

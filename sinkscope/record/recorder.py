@@ -1,0 +1,356 @@
+"""The Recorder: per-layer sink and massive-activation reductions of an HF decoder, streamed.
+
+    with Recorder(model, attention_maps=[(5, 0)], hidden_states=[3]) as rec:
+        model(input_ids=ids, attention_mask=mask)       # or inputs_embeds=...; any number of calls
+    rec.samples                                          # list[SampleRecord]
+    rec.save("traces/run1")                              # writes or appends to a trace directory
+
+Attention goes through the "sinkscope" AttentionInterface function (SDPA output + streamed column sums); the
+residual stream, attn_out and mlp_out come from forward hooks on each decoder block. Every reduction runs on the
+model's device and only `[L, H, T]`-sized results move to the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from sinkscope.errors import RecorderError
+from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, massive_frame, massive_threshold, median_abs
+from sinkscope.record import attention as attn_fn
+from sinkscope.trace import SampleRecord, TraceWriter
+
+
+@dataclass
+class _Request:
+    """What the attention function needs for one layer of the current forward."""
+
+    query_valid: torch.Tensor | None
+    map_heads: tuple[int, ...]
+    deliver: Any
+
+
+def find_hf_model(model: nn.Module) -> PreTrainedModel:
+    """The outermost transformers model inside `model` (a plain HF model, a peft wrapper, an AVSR wrapper)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise RecorderError(f"{type(model).__name__} contains no transformers PreTrainedModel to record")
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The decoder body (e.g. LlamaModel) and its list of blocks, each with `self_attn` and `mlp`."""
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, nn.ModuleList) and len(child) > 0 and all(
+                hasattr(block, "self_attn") and hasattr(block, "mlp") for block in child
+            ):
+                return module, child
+    raise RecorderError(f"{type(model).__name__} has no list of decoder blocks with `self_attn` and `mlp`")
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+class Recorder:
+    """Record attention received, cos-to-BOS, |h| statistics and massive activations of an HF decoder.
+
+    Args:
+        model: an HF causal LM, a peft-wrapped one, or any module that contains one.
+        attention_maps: `(layer, head)` pairs whose full `[T, T]` maps are kept.
+        hidden_states: layers whose full residual stream `[T, D]` is kept.
+        tokenizer: turns input ids into token strings (ids are shown as numbers without it).
+        top_k: features with the largest |h| (and |mlp_out|) kept per layer and token.
+        abs_threshold, rel_threshold: massive-activation thresholds (Sun et al.).
+        hidden_dtype: dtype of the kept hidden states (float16 halves their size).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        attention_maps: Iterable[tuple[int, int]] = (),
+        hidden_states: Iterable[int] = (),
+        tokenizer=None,
+        top_k: int = 8,
+        abs_threshold: float = MASSIVE_ABS,
+        rel_threshold: float = MASSIVE_REL,
+        hidden_dtype: torch.dtype = torch.float32,
+    ):
+        self.model = model
+        self.hf_model = find_hf_model(model)
+        self.body, self.layers = find_decoder_layers(self.hf_model)
+        cfg = self.hf_model.config.get_text_config()
+        self.n_layers = len(self.layers)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.hidden_size = int(cfg.hidden_size)
+        self.attention_maps = sorted({(int(layer), int(head)) for layer, head in attention_maps})
+        self.hidden_layers = sorted({int(layer) for layer in hidden_states})
+        for layer, head in self.attention_maps:
+            if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+                raise RecorderError(f"attention map ({layer}, {head}) is outside the model's "
+                                    f"{self.n_layers} layers x {self.n_heads} heads")
+        for layer in self.hidden_layers:
+            if not 0 <= layer < self.n_layers:
+                raise RecorderError(f"hidden-state layer {layer} is outside the model's {self.n_layers} layers")
+        self.tokenizer = tokenizer
+        self.top_k = min(int(top_k), self.hidden_size)
+        self.abs_threshold = float(abs_threshold)
+        self.rel_threshold = float(rel_threshold)
+        self.hidden_dtype = hidden_dtype
+        self.samples: list[SampleRecord] = []
+        self._saved = 0
+        self._counter = 0
+        self._next: dict[str, Any] = {}
+        self._attn_index = {id(block.self_attn): i for i, block in enumerate(self.layers)}
+        self._hooks: list = []
+        self._cur: dict[str, Any] | None = None
+        self._previous_impl: str | None = None
+        self._previous_handler = None
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Recorder:
+        attn_fn.register()
+        self._previous_impl = self.hf_model.config._attn_implementation
+        self.hf_model.set_attn_implementation(attn_fn.ATTN_IMPLEMENTATION)
+        if self.hf_model.config._attn_implementation != attn_fn.ATTN_IMPLEMENTATION:
+            raise RecorderError(f"{type(self.hf_model).__name__} does not use transformers' AttentionInterface; "
+                                "sinkscope cannot record its attention")
+        self._previous_handler = attn_fn.set_handler(self._attention_request)
+        self._hooks.append(self.body.register_forward_pre_hook(self._on_body_start, with_kwargs=True))
+        self._hooks.append(self.body.register_forward_hook(self._on_body_end))
+        for i, block in enumerate(self.layers):
+            self._hooks.append(block.self_attn.register_forward_hook(self._store("attn_out", i)))
+            self._hooks.append(block.mlp.register_forward_hook(self._store("mlp_out", i)))
+            self._hooks.append(block.register_forward_hook(self._on_block_end(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        attn_fn.set_handler(self._previous_handler)
+        if self._previous_impl is not None:
+            self.hf_model.set_attn_implementation(self._previous_impl)
+        self._cur = None
+
+    def annotate_next(
+        self,
+        sample_ids: Sequence[str] | None = None,
+        tokens: Sequence[Sequence[str]] | None = None,
+        segments: Sequence[Sequence[tuple[str, int, int]]] | None = None,
+        extra: Sequence[dict] | None = None,
+    ) -> None:
+        """Name the samples of the next forward call (ids, token strings, segments, extra JSON-able info).
+
+        Tokens and segments index the sample's own (unpadded) positions.
+        """
+        self._next = {"sample_ids": sample_ids, "tokens": tokens, "segments": segments, "extra": extra}
+
+    # -------------------------------------------------------------------------------------------------- hooks
+    def _on_body_start(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else embeds
+        if ref is None:
+            raise RecorderError("the recorded forward got neither input_ids nor inputs_embeds")
+        b, t = ref.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise RecorderError("the recorder needs a 2D [batch, seq] attention_mask (or none)")
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+                raise RecorderError("the recorder records full forward passes; a filled KV cache was passed")
+        valid = torch.ones(b, t, dtype=torch.bool, device=ref.device) if mask is None else mask.to(ref.device).bool()
+        self._cur = {
+            "valid": valid,
+            "query_valid": None if bool(valid.all()) else valid,
+            "input_ids": None if input_ids is None else input_ids.detach(),
+            "colsum": [None] * self.n_layers,
+            "maps": {},
+            "attn_out": [None] * self.n_layers,
+            "mlp_out": [None] * self.n_layers,
+            "layers": [None] * self.n_layers,
+            "massive": [],
+        }
+
+    def _attention_request(self, module) -> _Request | None:
+        layer = self._attn_index.get(id(module))
+        if layer is None or self._cur is None:
+            return None
+        heads = tuple(h for lay, h in self.attention_maps if lay == layer)
+
+        def deliver(colsum, maps, layer=layer):
+            self._cur["colsum"][layer] = colsum
+            for h, m in maps.items():
+                self._cur["maps"][(layer, h)] = m.cpu()
+
+        return _Request(self._cur["query_valid"], heads, deliver)
+
+    def _store(self, name: str, layer: int):
+        def hook(module, args, output):
+            if self._cur is not None:
+                self._cur[name][layer] = _first(output).detach()
+
+        return hook
+
+    def _on_block_end(self, layer: int):
+        def hook(module, args, output):
+            if self._cur is not None:
+                self._reduce_layer(layer, _first(output).detach())
+
+        return hook
+
+    @torch.no_grad()
+    def _reduce_layer(self, layer: int, h: torch.Tensor) -> None:
+        cur = self._cur
+        valid = cur["valid"]  # [B, T]
+        a, m = cur["attn_out"][layer], cur["mlp_out"][layer]
+        if a is None or m is None:
+            raise RecorderError(f"block {layer} did not run its self_attn and mlp submodules through forward()")
+        h = h.float()  # [B, T, D]
+        b = h.shape[0]
+        habs = h.abs()
+        invalid3 = ~valid[..., None]
+        med = torch.stack([median_abs(h[i, valid[i]]) for i in range(b)])  # [B]
+        first = valid.float().argmax(dim=1)  # first real position of each row
+        h0 = h[torch.arange(b, device=h.device), first]  # [B, D]
+        cos = F.cosine_similarity(h, h0[:, None, :], dim=-1, eps=1e-12)  # [B, T]
+        thr = massive_threshold(med, self.abs_threshold, self.rel_threshold)  # [B]
+        bi, ti, ji = ((habs >= thr[:, None, None]) & ~invalid3).nonzero(as_tuple=True)
+        a, m = a.float(), m.float()
+        cur["massive"].append((layer, bi, ti, ji, h[bi, ti, ji], a[bi, ti, ji], m[bi, ti, ji]))
+        mabs = m.abs()
+        top_v, top_i = habs.topk(self.top_k, dim=-1)
+        mtop_v, mtop_i = mabs.topk(self.top_k, dim=-1)
+        cur["layers"][layer] = {
+            "bos_cosine": cos,
+            "max_abs": top_v[..., 0],
+            "median_abs": med,
+            "feature_max_abs": habs.masked_fill(invalid3, 0).amax(dim=1),  # [B, D]
+            "mlp_feature_max_abs": mabs.masked_fill(invalid3, 0).amax(dim=1),
+            "top_features": top_i.int(),
+            "top_values": h.gather(-1, top_i),
+            "mlp_top_features": mtop_i.int(),
+            "mlp_top_values": m.gather(-1, mtop_i),
+        }
+        if layer in self.hidden_layers:
+            cur.setdefault("hidden", {})[layer] = h.to(self.hidden_dtype).cpu()
+        cur["attn_out"][layer] = cur["mlp_out"][layer] = None
+
+    @torch.no_grad()
+    def _on_body_end(self, module, args, output) -> None:
+        cur = self._cur
+        if cur is None:
+            return
+        missing = [i for i in range(self.n_layers) if cur["colsum"][i] is None or cur["layers"][i] is None]
+        if missing:
+            raise RecorderError(f"layers {missing} were not recorded: the model bypassed the attention "
+                                "interface or the decoder blocks")
+        valid = cur["valid"]
+        # number of valid queries i >= k that can see key k
+        count = valid.flip(1).cumsum(1).flip(1).clamp(min=1).float()  # [B, T]
+        alpha = torch.stack(cur["colsum"], dim=0) / count[None, :, None, :]  # [L, B, H, T]
+        per_layer = {k: torch.stack([d[k] for d in cur["layers"]], dim=0).cpu().numpy()
+                     for k in cur["layers"][0]}
+        alpha = alpha.cpu().numpy()
+        valid_np = valid.cpu().numpy()
+        massive = [tuple(x.cpu().numpy() if isinstance(x, torch.Tensor) else x for x in rec)
+                   for rec in cur["massive"]]
+        meta = self._next
+        self._next = {}
+        input_ids = None if cur["input_ids"] is None else cur["input_ids"].cpu().numpy()
+        for b in range(valid_np.shape[0]):
+            self.samples.append(self._sample(b, valid_np[b], alpha, per_layer, massive, cur, input_ids, meta))
+        self._cur = None
+
+    def _sample(self, b, valid, alpha, per_layer, massive, cur, input_ids, meta) -> SampleRecord:
+        idx = np.flatnonzero(valid)
+        n = len(idx)
+        rel = np.cumsum(valid) - 1  # absolute position -> position within the sample
+        picked = [(np.full(int(k.sum()), layer), rel[t[k]], j[k], v[k], a[k], m[k])
+                  for layer, mb, t, j, v, a, m in massive for k in [mb == b]]  # one entry per layer
+        cols = [np.concatenate(c) for c in zip(*picked, strict=True)]
+        ids = None if input_ids is None else input_ids[b, idx]
+        tokens = self._tokens(b, n, ids, meta)
+        segments = _pick(meta, "segments", b) or _default_segments(ids, n, self.hf_model.config)
+        sample_id = _pick(meta, "sample_ids", b) or f"s{self._counter:06d}"
+        self._counter += 1
+        hidden = {layer: arr[b, idx].numpy() for layer, arr in cur.get("hidden", {}).items()}
+        maps = {key: arr[b][np.ix_(idx, idx)].numpy() for key, arr in cur["maps"].items()}
+        return SampleRecord(
+            sample_id=str(sample_id),
+            tokens=tokens,
+            segments=[(str(s), int(a), int(e)) for s, a, e in segments],
+            attention_received=np.ascontiguousarray(alpha[:, b][..., idx], dtype=np.float32),
+            bos_cosine=per_layer["bos_cosine"][:, b][:, idx].astype(np.float32),
+            max_abs=per_layer["max_abs"][:, b][:, idx].astype(np.float32),
+            median_abs=per_layer["median_abs"][:, b].astype(np.float32),
+            massive=massive_frame(*cols),
+            feature_max_abs=per_layer["feature_max_abs"][:, b].astype(np.float32),
+            mlp_feature_max_abs=per_layer["mlp_feature_max_abs"][:, b].astype(np.float32),
+            top_features=per_layer["top_features"][:, b][:, idx].astype(np.int32),
+            top_values=per_layer["top_values"][:, b][:, idx].astype(np.float32),
+            mlp_top_features=per_layer["mlp_top_features"][:, b][:, idx].astype(np.int32),
+            mlp_top_values=per_layer["mlp_top_values"][:, b][:, idx].astype(np.float32),
+            attention_maps=maps,
+            hidden_states=hidden,
+            extra=dict(_pick(meta, "extra", b) or {}),
+        )
+
+    def _tokens(self, b: int, n: int, ids, meta) -> list[str]:
+        given = _pick(meta, "tokens", b)
+        if given is not None:
+            if len(given) != n:
+                raise RecorderError(f"annotate_next gave {len(given)} tokens for sample {b}, which has {n}")
+            return [str(t) for t in given]
+        if ids is None:
+            return ["<embed>"] * n
+        if self.tokenizer is None:
+            return [str(int(i)) for i in ids]
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    # --------------------------------------------------------------------------------------------------- saving
+    def manifest(self, config: dict | None = None) -> dict:
+        """The manifest fields that describe this recording."""
+        return {
+            "model": str(getattr(self.hf_model.config, "_name_or_path", "") or type(self.hf_model).__name__),
+            "model_class": type(self.hf_model).__name__,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "hidden_size": self.hidden_size,
+            "thresholds": {"massive_abs": self.abs_threshold, "massive_rel": self.rel_threshold,
+                           "sink_eps": 0.3, "sink_head_fraction": 0.5},
+            "top_k": self.top_k,
+            "config": config or {},
+        }
+
+    def save(self, path: str | os.PathLike, config: dict | None = None) -> Path:
+        """Write the samples recorded since the last save to the trace at `path` (created or appended)."""
+        writer = TraceWriter(path, self.manifest(config))
+        for sample in self.samples[self._saved:]:
+            writer.append(sample)
+            self._saved += 1
+        return writer.path
+
+
+def _pick(meta: dict, key: str, b: int):
+    values = meta.get(key)
+    return None if values is None else values[b]
+
+
+def _default_segments(ids, n: int, config) -> list[tuple[str, int, int]]:
+    bos = getattr(config, "bos_token_id", None)
+    if ids is not None and n > 0 and bos is not None and int(ids[0]) == bos:
+        return [("bos", 0, 1)] + ([("text", 1, n)] if n > 1 else [])
+    return [("text", 0, n)]

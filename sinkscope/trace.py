@@ -1,0 +1,359 @@
+"""The trace on disk: the only contract between recording and viewing (ARCHITECTURE.md, "Trace on disk").
+
+Layout of a trace directory:
+
+    manifest.json                       schema_version, model, shapes, thresholds, config, sample_count, ...
+    samples/000000/meta.json            id, tokens, segments, extra
+    samples/000000/arrays.safetensors   attention_received [L,H,T], bos_cosine [L,T], max_abs [L,T], ...
+    samples/000000/massive.parquet      layer, token, feature, value, attn_share, mlp_share, ...
+    samples/000000/attention_maps.safetensors   optional, "L{l}.H{h}" -> [T,T]
+    samples/000000/hidden_states.safetensors    optional, "L{l}" -> [T,D]
+
+Each sample is written into a temporary directory and renamed into place, then the manifest is replaced
+atomically, so a killed writer leaves every finished sample readable and a resumed writer appends.
+Arrays are memory-mapped when read. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from safetensors.numpy import save_file
+
+from sinkscope import __version__
+from sinkscope.errors import TraceError
+from sinkscope.metrics import MASSIVE_COLUMNS
+
+FORMAT = "sinkscope-trace"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SAMPLES = "samples"
+REQUIRED_MANIFEST_FIELDS = ("format", "schema_version", "model", "n_layers", "n_heads", "hidden_size")
+ARRAY_FIELDS = ("attention_received", "bos_cosine", "max_abs", "median_abs")
+OPTIONAL_ARRAY_FIELDS = ("feature_max_abs", "mlp_feature_max_abs", "top_features", "top_values",
+                         "mlp_top_features", "mlp_top_values")
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I32": np.int32, "I64": np.int64,
+              "U8": np.uint8, "BOOL": np.bool_}
+
+
+@dataclass
+class SampleRecord:
+    """One recorded sample in memory; the same fields as a sample read from a trace."""
+
+    sample_id: str
+    tokens: list[str]
+    segments: list[tuple[str, int, int]]
+    attention_received: np.ndarray  # [L, H, T] float32
+    bos_cosine: np.ndarray  # [L, T] float32
+    max_abs: np.ndarray  # [L, T] float32
+    median_abs: np.ndarray  # [L] float32
+    massive: pd.DataFrame  # MASSIVE_COLUMNS
+    feature_max_abs: np.ndarray | None = None  # [L, D] max over tokens of |h|
+    mlp_feature_max_abs: np.ndarray | None = None  # [L, D] max over tokens of |mlp_out|
+    top_features: np.ndarray | None = None  # [L, T, k] int32, features with the largest |h|
+    top_values: np.ndarray | None = None  # [L, T, k] float32, signed h at those features
+    mlp_top_features: np.ndarray | None = None  # [L, T, k] int32, same for the MLP output
+    mlp_top_values: np.ndarray | None = None  # [L, T, k] float32
+    attention_maps: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (layer, head) -> [T, T]
+    hidden_states: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [T, D]
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-able: source text, mode, ...
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+def _mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file as a read-only numpy array (format: u64 header size,
+    JSON header with dtype/shape/data_offsets, then the raw little-endian buffer)."""
+    if not path.is_file():
+        raise TraceError(f"{path} is missing")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"tensor '{name}' has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = tuple(info["shape"])
+            if 8 + n + end > size or end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise ValueError(f"tensor '{name}' runs past the end of the file (truncated?)")
+            if end == start:
+                out[name] = np.zeros(shape, dtype=dtype)
+            else:
+                out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
+        return out
+    except TraceError:
+        raise
+    except Exception as exc:
+        raise TraceError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise TraceError(f"{path} is missing: {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TraceError(f"{path} is not valid JSON ({exc}); {what}") from exc
+    if not isinstance(data, dict):
+        raise TraceError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+class TraceSample:
+    """A sample of a trace on disk. Arrays are read lazily and memory-mapped."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.directory = directory
+        self._manifest = manifest
+        meta = _read_json(directory / "meta.json", "every sample needs its meta.json")
+        for key in ("id", "tokens", "segments"):
+            if key not in meta:
+                raise TraceError(f"{directory / 'meta.json'} has no field '{key}'")
+        self.sample_id: str = str(meta["id"])
+        self.tokens: list[str] = list(meta["tokens"])
+        try:
+            self.segments: list[tuple[str, int, int]] = [(str(n), int(s), int(e)) for n, s, e in meta["segments"]]
+        except (TypeError, ValueError) as exc:
+            raise TraceError(f"{directory / 'meta.json'}: field 'segments' must be [name, start, end] rows") from exc
+        self.extra: dict = dict(meta.get("extra", {}))
+        if not (directory / "arrays.safetensors").is_file():
+            raise TraceError(f"{directory / 'arrays.safetensors'} is missing")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        return f"TraceSample(id={self.sample_id!r}, T={len(self)})"
+
+    @cached_property
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = _mmap_safetensors(self.directory / "arrays.safetensors")
+        L, H, T = self._manifest["n_layers"], self._manifest["n_heads"], len(self.tokens)
+        expected = {"attention_received": (L, H, T), "bos_cosine": (L, T), "max_abs": (L, T), "median_abs": (L,)}
+        for name, shape in expected.items():
+            if name not in arrays:
+                raise TraceError(f"{self.directory / 'arrays.safetensors'} has no field '{name}'")
+            if arrays[name].shape != shape:
+                raise TraceError(f"{self.directory / 'arrays.safetensors'}: field '{name}' has shape "
+                                 f"{arrays[name].shape}, expected {shape} from the manifest and tokens")
+        return arrays
+
+    def _get(self, name: str) -> np.ndarray | None:
+        return self._arrays.get(name)
+
+    attention_received = property(lambda self: self._get("attention_received"))
+    bos_cosine = property(lambda self: self._get("bos_cosine"))
+    max_abs = property(lambda self: self._get("max_abs"))
+    median_abs = property(lambda self: self._get("median_abs"))
+    feature_max_abs = property(lambda self: self._get("feature_max_abs"))
+    mlp_feature_max_abs = property(lambda self: self._get("mlp_feature_max_abs"))
+    top_features = property(lambda self: self._get("top_features"))
+    top_values = property(lambda self: self._get("top_values"))
+    mlp_top_features = property(lambda self: self._get("mlp_top_features"))
+    mlp_top_values = property(lambda self: self._get("mlp_top_values"))
+
+    @cached_property
+    def massive(self) -> pd.DataFrame:
+        path = self.directory / "massive.parquet"
+        if not path.is_file():
+            raise TraceError(f"{path} is missing")
+        try:
+            df = pq.read_table(path).to_pandas()
+        except Exception as exc:
+            raise TraceError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc})") from exc
+        missing = [c for c in ("layer", "token", "feature", "value", "attn_share", "mlp_share") if c not in df]
+        if missing:
+            raise TraceError(f"{path} lacks the columns {missing}")
+        return df
+
+    @cached_property
+    def attention_maps(self) -> dict[tuple[int, int], np.ndarray]:
+        path = self.directory / "attention_maps.safetensors"
+        if not path.exists():
+            return {}
+        out = {}
+        for name, arr in _mmap_safetensors(path).items():
+            layer, head = name.removeprefix("L").split(".H")
+            out[(int(layer), int(head))] = arr
+        return out
+
+    @cached_property
+    def hidden_states(self) -> dict[int, np.ndarray]:
+        path = self.directory / "hidden_states.safetensors"
+        if not path.exists():
+            return {}
+        return {int(name.removeprefix("L")): arr for name, arr in _mmap_safetensors(path).items()}
+
+
+class Trace:
+    """A recorded trace directory. `Trace.load(path)` validates it; samples are read lazily."""
+
+    def __init__(self, path: Path, manifest: dict, sample_dirs: list[Path]):
+        self.path = path
+        self.manifest = manifest
+        self._dirs = sample_dirs
+        self._samples: dict[int, TraceSample] = {}
+        self.sample_ids: list[str] = [self[i].sample_id for i in range(len(sample_dirs))]
+        self._index = {sid: i for i, sid in enumerate(self.sample_ids)}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trace:
+        path = Path(path)
+        if not path.is_dir():
+            raise TraceError(f"{path} is not a directory; a trace is a directory with a {MANIFEST}")
+        manifest = read_manifest(path)
+        sample_root = path / SAMPLES
+        dirs = sorted(p for p in sample_root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if sample_root.is_dir() else []
+        return cls(path, manifest, dirs)
+
+    def __len__(self) -> int:
+        return len(self._dirs)
+
+    def __getitem__(self, i: int) -> TraceSample:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"trace {self.path} has {len(self)} samples; index {i} is out of range")
+        i %= len(self)
+        if i not in self._samples:
+            self._samples[i] = TraceSample(self._dirs[i], self.manifest)
+        return self._samples[i]
+
+    def __iter__(self) -> Iterator[TraceSample]:
+        return (self[i] for i in range(len(self)))
+
+    def sample(self, sample_id: str) -> TraceSample:
+        if sample_id not in self._index:
+            raise KeyError(f"trace {self.path} has no sample '{sample_id}'")
+        return self[self._index[sample_id]]
+
+    def __repr__(self) -> str:
+        return f"Trace({str(self.path)!r}, model={self.manifest.get('model')!r}, samples={len(self)})"
+
+
+def read_manifest(path: Path) -> dict:
+    """Read and validate `path/manifest.json`; raise TraceError naming the file and field otherwise."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise TraceError(f"{path} is not a sinkscope trace: it has no {MANIFEST}")
+    manifest = _read_json(file, "the trace manifest")
+    if manifest.get("format") != FORMAT:
+        raise TraceError(f"{file}: field 'format' is {manifest.get('format')!r}, not '{FORMAT}' "
+                         "(a foreign file, not a sinkscope trace)")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        hint = "upgrade sinkscope" if isinstance(version, int) and version > SCHEMA_VERSION else "re-record it"
+        raise TraceError(f"{file}: field 'schema_version' is {version!r}; this sinkscope ({__version__}) reads "
+                         f"schema {SCHEMA_VERSION}: {hint}")
+    for key in REQUIRED_MANIFEST_FIELDS:
+        if key not in manifest:
+            raise TraceError(f"{file} has no field '{key}'")
+    for key in ("n_layers", "n_heads", "hidden_size"):
+        if not isinstance(manifest[key], int) or manifest[key] <= 0:
+            raise TraceError(f"{file}: field '{key}' must be a positive integer, not {manifest[key]!r}")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class TraceWriter:
+    """Create a trace directory or append to an existing one of the same model shape."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict):
+        self.path = Path(path)
+        base = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "sinkscope_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        base.update(manifest)
+        if (self.path / MANIFEST).exists():
+            existing = read_manifest(self.path)
+            for key in ("model", "n_layers", "n_heads", "hidden_size"):
+                if existing.get(key) != base.get(key):
+                    raise TraceError(f"{self.path / MANIFEST}: field '{key}' is {existing.get(key)!r} but the new "
+                                     f"samples have {base.get(key)!r}; record into a new --out directory")
+            self.manifest = existing
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise TraceError(f"{self.path} exists, is not empty and is not a sinkscope trace; choose another path")
+        else:
+            (self.path / SAMPLES).mkdir(parents=True, exist_ok=True)
+            self.manifest = dict(base, sample_count=0)
+            _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
+        (self.path / SAMPLES).mkdir(exist_ok=True)
+        for stale in (self.path / SAMPLES).glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self._dirs = sorted(p for p in (self.path / SAMPLES).iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.sample_ids = {_read_json(d / "meta.json", "sample meta")["id"] for d in self._dirs
+                           if (d / "meta.json").is_file()}
+
+    def append(self, sample: SampleRecord) -> Path:
+        """Write one sample atomically and bump the manifest's sample_count."""
+        if sample.sample_id in self.sample_ids:
+            raise TraceError(f"{self.path}: a sample with id '{sample.sample_id}' is already in the trace")
+        index = int(self._dirs[-1].name) + 1 if self._dirs else 0
+        tmp = self.path / SAMPLES / f".tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _write_sample(tmp, sample)
+            final = self.path / SAMPLES / f"{index:06d}"
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._dirs.append(final)
+        self.sample_ids.add(sample.sample_id)
+        self.manifest["sample_count"] = len(self._dirs)
+        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
+        return final
+
+
+def _write_sample(directory: Path, s: SampleRecord) -> None:
+    meta = {"id": s.sample_id, "tokens": list(s.tokens), "segments": [list(seg) for seg in s.segments],
+            "extra": s.extra}
+    (directory / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    arrays = {name: np.ascontiguousarray(getattr(s, name)) for name in ARRAY_FIELDS + OPTIONAL_ARRAY_FIELDS
+              if getattr(s, name) is not None}
+    save_file(arrays, str(directory / "arrays.safetensors"))
+    massive = s.massive.reindex(columns=MASSIVE_COLUMNS) if len(s.massive.columns) else \
+        pd.DataFrame({c: pd.Series(dtype="float32") for c in MASSIVE_COLUMNS})
+    pq.write_table(pa.Table.from_pandas(massive, preserve_index=False), directory / "massive.parquet")
+    if s.attention_maps:
+        save_file({f"L{lay}.H{h}": np.ascontiguousarray(a) for (lay, h), a in s.attention_maps.items()},
+                  str(directory / "attention_maps.safetensors"))
+    if s.hidden_states:
+        save_file({f"L{lay}": np.ascontiguousarray(a) for lay, a in s.hidden_states.items()},
+                  str(directory / "hidden_states.safetensors"))
+
+
+def write_trace(path: str | os.PathLike, samples: Sequence[SampleRecord], manifest: dict) -> Path:
+    """Write (or append) `samples` to the trace at `path`."""
+    writer = TraceWriter(path, manifest)
+    for s in samples:
+        writer.append(s)
+    return writer.path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -72,15 +73,81 @@ def prepare(model: str = typer.Option("smollm2-135m", help="Known name, .gguf fi
 
 
 @app.command()
-def record() -> None:
-    """Record a trace of attention sinks and massive activations."""
-    _not_yet("record")
+def record(
+    out: Path = typer.Option(..., "--out", help="Trace directory to create (or continue with --resume)."),
+    model: str = typer.Option("smollm2-135m", help="Known name, .gguf file, HF directory or cached hub id."),
+    text: list[str] = typer.Option(None, "--text", help="A prompt to record (repeatable)."),
+    text_file: Path = typer.Option(None, "--text-file", help="UTF-8 file with one prompt per line."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Prompts per forward pass (padded)."),
+    attention_maps: str = typer.Option(None, "--attention-maps", help="Full maps to keep, e.g. 5:0,12:3."),
+    hidden_states: str = typer.Option(None, "--hidden-states", help="Layers whose residual stream is kept, e.g. 3,5."),
+    max_length: int = typer.Option(None, "--max-length", min=2, help="Truncate prompts to this many tokens."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a trace, skipping samples already in it."),
+) -> None:
+    """Record a trace of attention sinks and massive activations for text prompts."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sinkscope.models.llm import load_llm
+    from sinkscope.record.run import parse_attention_maps, parse_layers, read_text_file, record_texts
+
+    try:
+        texts = list(text or []) + (read_text_file(text_file) if text_file else [])
+        if not texts:
+            _fail("give at least one --text or a --text-file")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            _fail(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        maps, layers = parse_attention_maps(attention_maps), parse_layers(hidden_states)
+        llm, tokenizer = load_llm(model, device=device, dtype=dtype)
+        config = {"model": model, "device": device, "dtype": dtype, "batch_size": batch_size,
+                  "attention_maps": attention_maps, "hidden_states": hidden_states, "max_length": max_length}
+        columns = [TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=err_console) as bar:
+            task = bar.add_task("record", total=len(texts))
+            recorded, skipped = record_texts(
+                llm, tokenizer, texts, out, batch_size=batch_size, attention_maps=maps, hidden_states=layers,
+                resume=resume, max_length=max_length, config=config,
+                progress=lambda n: bar.advance(task, n),
+            )
+            bar.advance(task, skipped)
+    except SinkscopeError as exc:
+        _fail(str(exc))
+    console.print(f"recorded {recorded} samples into {out}" + (f" ({skipped} already there)" if skipped else ""))
 
 
 @app.command()
-def summary() -> None:
-    """Print a per-layer summary of a trace."""
-    _not_yet("summary")
+def summary(
+    trace: Path = typer.Argument(..., help="A trace directory."),
+    eps: float = typer.Option(0.3, help="Sink threshold on attention received."),
+) -> None:
+    """Print a per-layer table: top sink tokens, Sink^eps of position 0, massive features, cos-to-BOS."""
+    from rich.table import Table
+
+    from sinkscope.analysis import layer_summary
+    from sinkscope.trace import Trace
+
+    try:
+        tr = Trace.load(trace)
+        table_data = layer_summary(tr, eps=eps)
+    except SinkscopeError as exc:
+        _fail(str(exc))
+    m = tr.manifest
+    console.print(f"[bold]{trace}[/]: {len(tr)} samples of {m['model']} "
+                  f"({m['n_layers']} layers x {m['n_heads']} heads)")
+    console.print("top_sinks: the tokens with the largest head-mean attention received, as token@position "
+                  "alpha (samples); massive_features: feature (samples)")
+    table = Table(show_lines=False)
+    for col in table_data.columns:
+        header = f"Sink^{eps} pos0 %" if col == "sink_rate_pos0" else col
+        left = col in ("top_sinks", "massive_features")
+        table.add_column(header, overflow="fold", justify="left" if left else "right", no_wrap=not left)
+    for _, row in table_data.iterrows():
+        table.add_row(*[f"{v:.1f}" if k == "sink_rate_pos0" else f"{v:.3f}" if isinstance(v, float) else str(v)
+                        for k, v in row.items()])
+    wide = Console(width=max(console.width, 160), soft_wrap=False)
+    wide.print(table)
 
 
 @data_app.command("synth")

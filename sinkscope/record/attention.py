@@ -16,6 +16,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from sinkscope.errors import RecorderError
+
 ATTN_IMPLEMENTATION = "sinkscope"
 CHUNK_BYTES = 16 * 2**20
 """Budget for one chunk of attention probabilities (per forward, all heads)."""
@@ -122,7 +124,7 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("sinkscope records softmax attention without softcap or learned sinks")
     if query.shape[2] != key.shape[2]:
-        raise RuntimeError(
+        raise RecorderError(
             "The sinkscope recorder needs full forward passes (query length == key length); "
             "do not call generate() or pass a KV cache inside `with Recorder(...)`."
         )

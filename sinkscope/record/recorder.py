@@ -323,8 +323,10 @@ class Recorder:
     # --------------------------------------------------------------------------------------------------- saving
     def manifest(self, config: dict | None = None) -> dict:
         """The manifest fields that describe this recording."""
+        config = config or {}
+        name = getattr(self.hf_model.config, "_name_or_path", "") or type(self.hf_model).__name__
         return {
-            "model": str(getattr(self.hf_model.config, "_name_or_path", "") or type(self.hf_model).__name__),
+            "model": str(config.get("model") or name),
             "model_class": type(self.hf_model).__name__,
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
@@ -332,7 +334,7 @@ class Recorder:
             "thresholds": {"massive_abs": self.abs_threshold, "massive_rel": self.rel_threshold,
                            "sink_eps": 0.3, "sink_head_fraction": 0.5},
             "top_k": self.top_k,
-            "config": config or {},
+            "config": config,
         }
 
     def save(self, path: str | os.PathLike, config: dict | None = None) -> Path:

@@ -1,0 +1,80 @@
+"""Metric formulas on hand-made numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sinkscope import metrics
+
+
+def test_attention_received_is_mean_over_queries_that_see_the_key():
+    A = np.array([[1.0, 0.0, 0.0], [0.6, 0.4, 0.0], [0.5, 0.2, 0.3]], dtype=np.float32)
+    alpha = metrics.attention_received(A)
+    np.testing.assert_allclose(alpha, [(1.0 + 0.6 + 0.5) / 3, (0.4 + 0.2) / 2, 0.3 / 1], rtol=1e-6)
+
+
+def test_sink_rate_and_sink_layers():
+    alpha = np.zeros((2, 4, 3), dtype=np.float32)  # L=2, H=4, T=3
+    alpha[0, :3, 0] = 0.5  # 3 of 4 heads in layer 0
+    alpha[1, :1, 0] = 0.9  # 1 of 4 heads in layer 1
+    alpha[:, :, 2] = 0.3  # exactly eps is not above eps
+    np.testing.assert_allclose(metrics.sink_rate(alpha), [100 * 4 / 8, 0.0, 0.0])
+    flags = metrics.sink_layers(alpha)
+    assert flags.tolist() == [[True, False, False], [False, False, False]]
+    assert metrics.sink_tokens(alpha) == [0]
+    assert metrics.sink_layers(alpha, head_fraction=0.25)[1, 0]
+
+
+def test_massive_needs_both_thresholds():
+    h = np.full((4, 5), 0.5, dtype=np.float32)
+    h[0, 1] = 150.0  # >= 100 but median*1000 = 500 -> not massive
+    h[2, 3] = -600.0  # both -> massive, sign ignored
+    med = np.median(np.abs(h))
+    assert med == pytest.approx(0.5)
+    mask = metrics.massive_mask(h, med)
+    assert list(zip(*np.nonzero(mask), strict=True)) == [(2, 3)]
+    # torch path agrees, and an absolute threshold alone decides when the median is tiny
+    assert torch.equal(metrics.massive_mask(torch.from_numpy(h), torch.tensor(med)), torch.from_numpy(mask))
+    assert metrics.massive_mask(h, med, abs_threshold=100, rel_threshold=1)[0, 1]
+
+
+@pytest.mark.parametrize("n", [7, 8])
+def test_median_abs_matches_numpy(n):
+    x = torch.randn(n, 3)
+    assert metrics.median_abs(x).item() == pytest.approx(float(np.median(np.abs(x.numpy()))), rel=1e-6)
+
+
+def test_find_massive_origin_and_shares():
+    rng = np.random.default_rng(0)
+    L, T, D = 4, 3, 6
+    attn = rng.normal(0, 0.01, (L, T, D)).astype(np.float32)
+    mlp = rng.normal(0, 0.01, (L, T, D)).astype(np.float32)
+    mlp[1, 0, 2] = 300.0  # the MLP of layer 1 writes a massive value on token 0, feature 2
+    attn[1, 0, 2] = 100.0
+    hidden = np.cumsum(attn + mlp, axis=0)
+    df = metrics.find_massive(hidden, attn, mlp)
+    assert set(zip(df.layer, df.token, df.feature, strict=True)) == {(1, 0, 2), (2, 0, 2), (3, 0, 2)}
+    origin = metrics.origin_table(df)
+    assert origin.loc[0, "origin_layer"] == 1
+    assert origin.loc[0, "mlp_share"] == pytest.approx(0.75, abs=1e-3)
+    assert origin.loc[0, "attn_share"] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_feature_sets_and_jaccard():
+    df = pd.DataFrame({"layer": [2, 2, 2, 3], "token": [0, 0, 5, 0], "feature": [7, 9, 7, 7]})
+    assert metrics.massive_feature_sets(df) == {2: {7, 9}, 3: {7}}
+    assert metrics.massive_feature_sets(df, tokens=[5]) == {2: {7}}
+    assert metrics.jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+    assert metrics.mean_pairwise_jaccard([{1, 2}, {1, 2}, {1}]) == pytest.approx((1 + 0.5 + 0.5) / 3)
+
+
+def test_bos_cosine_and_segments():
+    h = np.array([[[1.0, 0.0], [1.0, 1.0], [-2.0, 0.0], [0.0, 3.0]]])  # L=1, T=4
+    cos = metrics.bos_cosine(h)
+    np.testing.assert_allclose(cos, [[1.0, np.sqrt(0.5), -1.0, 0.0]], atol=1e-6)
+    seg = metrics.cosine_by_segment(cos, [("bos", 0, 1), ("audio", 1, 3), ("prompt", 3, 4)])
+    assert seg.loc[0, "audio"] == pytest.approx((np.sqrt(0.5) - 1) / 2)
+    assert seg.loc[0, "prompt"] == pytest.approx(0.0)

@@ -108,7 +108,7 @@ class Recorder:
         self.rel_threshold = float(rel_threshold)
         self.hidden_dtype = hidden_dtype
         self.samples: list[SampleRecord] = []
-        self._saved = 0
+        self._saved: dict[str, int] = {}  # trace path -> samples already written there by this recorder
         self._counter = 0
         self._next: dict[str, Any] = {}
         self._attn_index = {id(block.self_attn): i for i, block in enumerate(self.layers)}
@@ -338,11 +338,12 @@ class Recorder:
         }
 
     def save(self, path: str | os.PathLike, config: dict | None = None) -> Path:
-        """Write the samples recorded since the last save to the trace at `path` (created or appended)."""
+        """Write the samples not yet written to the trace at `path` (created, or appended to)."""
         writer = TraceWriter(path, self.manifest(config))
-        for sample in self.samples[self._saved:]:
+        key = str(writer.path.resolve())
+        for sample in self.samples[self._saved.get(key, 0):]:
             writer.append(sample)
-            self._saved += 1
+            self._saved[key] = self._saved.get(key, 0) + 1
         return writer.path
 
 

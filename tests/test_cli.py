@@ -1,0 +1,102 @@
+"""The command line: record, resume, summary and the errors a user can cause."""
+
+from __future__ import annotations
+
+import pytest
+import tokenizers
+import torch
+from transformers import PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from sinkscope.cli import app
+from sinkscope.models.llm import load_llm
+from sinkscope.record.run import record_texts
+from sinkscope.trace import Trace
+from tests.tiny_models import tiny_llama
+
+runner = CliRunner()
+WORDS = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "."]
+TEXTS = ["the cat sat on the mat .", "a dog ran .", "the dog sat .", "a cat ran on a mat ."]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(path)
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(TEXTS) + "\n\n", encoding="utf-8")
+    return f
+
+
+def test_record_then_summary(tmp_path, tiny_dir, prompts):
+    out = tmp_path / "trace"
+    res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--text-file", str(prompts), "--out", str(out),
+                              "--batch-size", "3", "--attention-maps", "1:0", "--hidden-states", "2"])
+    assert res.exit_code == 0, res.output
+    tr = Trace.load(out)
+    assert len(tr) == 4 and tr.manifest["model"] == str(tiny_dir)
+    assert tr[1].tokens == ["<s>", "a", "dog", "ran", "."]
+    assert tr[1].segments == [("bos", 0, 1), ("text", 1, 5)]
+    assert tr[0].attention_maps[(1, 0)].shape == (8, 8) and tr[0].hidden_states[2].shape == (8, 64)
+    res = runner.invoke(app, ["summary", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "4 samples" in res.output and "Sink^0.3 pos0 %" in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip().startswith("│")]) == 3, "one row per layer"
+
+
+def test_interrupted_record_resumes(tmp_path, tiny_dir):
+    out = tmp_path / "trace"
+    model, tok = load_llm(tiny_dir)
+
+    def stop_after_first_batch(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        record_texts(model, tok, TEXTS, out, batch_size=2, progress=stop_after_first_batch)
+    assert len(Trace.load(out)) == 2, "the finished batch is on disk"
+
+    res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(out)] +
+                        [a for t in TEXTS for a in ("--text", t)])
+    assert res.exit_code == 1 and "pass --resume" in res.output
+    res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(out), "--resume"] +
+                        [a for t in TEXTS for a in ("--text", t)])
+    assert res.exit_code == 0, res.output
+    assert "recorded 2 samples" in res.output and "2 already there" in res.output
+    tr = Trace.load(out)
+    assert [s.extra["text"] for s in tr] == TEXTS
+
+
+def test_user_errors_are_clear(tmp_path, tiny_dir):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    cases = [
+        (["--text-file", str(bad)], "latin1.txt is not UTF-8 text (line 1"),
+        (["--text-file", str(tmp_path / "missing.txt")], "missing.txt does not exist"),
+        (["--text", "a", "--attention-maps", "3-1"], "'3-1' is not LAYER:HEAD"),
+        (["--text", "a", "--attention-maps", "9:0"], "outside the model's 3 layers"),
+        ([], "give at least one --text"),
+        (["--text", "a", "--dtype", "float8"], "Unknown dtype 'float8'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--text", "a", "--device", "cuda"], "CUDA is not available"))
+    for args, message in cases:
+        res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(tmp_path / "o")] + args)
+        assert res.exit_code != 0, args
+        assert message in " ".join(res.output.split()), (args, res.output)
+    res = runner.invoke(app, ["summary", str(tmp_path)])
+    assert res.exit_code == 1 and "not a sinkscope trace" in res.output
+
+
+def test_help_lists_the_verbs():
+    res = runner.invoke(app, ["--help"])
+    for verb in ["record", "summary", "data", "pretrain-encoders", "train", "eval", "sweep", "app", "info"]:
+        assert verb in res.output

@@ -1,0 +1,139 @@
+"""The trace format: round trip, memory mapping, resume after an interrupted write, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sinkscope import trace as trace_mod
+from sinkscope.errors import TraceError
+from sinkscope.record import Recorder
+from sinkscope.trace import Trace, TraceWriter
+from tests.tiny_models import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    model = tiny_llama()
+    torch.manual_seed(3)
+    ids = torch.randint(3, 128, (3, 12))
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    with Recorder(model, attention_maps=[(0, 1), (2, 3)], hidden_states=[1], abs_threshold=0.01,
+                  rel_threshold=3.0) as rec:
+        rec.annotate_next(sample_ids=["a", "b", "c"], extra=[{"text": "x"}, {}, {"text": "ünï"}])
+        model(input_ids=ids, attention_mask=mask)
+    return rec
+
+
+def test_round_trip_keeps_every_field(tmp_path, recorded):
+    path = recorded.save(tmp_path / "tr", config={"note": "unit test"})
+    tr = Trace.load(path)
+    assert len(tr) == 3 and tr.sample_ids == ["a", "b", "c"]
+    assert tr.manifest["schema_version"] == trace_mod.SCHEMA_VERSION
+    assert (tr.manifest["n_layers"], tr.manifest["n_heads"], tr.manifest["hidden_size"]) == (3, 4, 64)
+    assert tr.manifest["sample_count"] == 3 and tr.manifest["config"]["note"] == "unit test"
+    for mem, disk in zip(recorded.samples, tr, strict=True):
+        assert disk.tokens == mem.tokens and disk.segments == mem.segments and disk.extra == mem.extra
+        for name in trace_mod.ARRAY_FIELDS + trace_mod.OPTIONAL_ARRAY_FIELDS:
+            np.testing.assert_array_equal(getattr(disk, name), getattr(mem, name), err_msg=name)
+        assert isinstance(disk.attention_received, np.memmap), "big arrays are memory-mapped"
+        assert disk.massive.reset_index(drop=True).equals(mem.massive.reset_index(drop=True))
+        assert set(disk.attention_maps) == {(0, 1), (2, 3)}
+        np.testing.assert_array_equal(disk.attention_maps[(2, 3)], mem.attention_maps[(2, 3)])
+        np.testing.assert_array_equal(disk.hidden_states[1], mem.hidden_states[1])
+    assert tr.sample("c").extra["text"] == "ünï"
+    assert len(tr[2]) == 8
+    with pytest.raises(KeyError, match="no sample 'zz'"):
+        tr.sample("zz")
+
+
+def test_interrupted_write_keeps_finished_samples_and_resume_appends(tmp_path, recorded, monkeypatch):
+    path = tmp_path / "tr"
+    writer = TraceWriter(path, recorded.manifest())
+    writer.append(recorded.samples[0])
+
+    real = trace_mod._write_sample
+
+    def dies_half_way(directory, sample):
+        (directory / "meta.json").write_text("{half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trace_mod, "_write_sample", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        writer.append(recorded.samples[1])
+    monkeypatch.setattr(trace_mod, "_write_sample", real)
+
+    tr = Trace.load(path)
+    assert tr.sample_ids == ["a"], "the finished sample survives; the half-written one is invisible"
+    np.testing.assert_array_equal(tr[0].attention_received, recorded.samples[0].attention_received)
+
+    resumed = TraceWriter(path, recorded.manifest())
+    assert resumed.sample_ids == {"a"}
+    resumed.append(recorded.samples[1])
+    resumed.append(recorded.samples[2])
+    assert Trace.load(path).sample_ids == ["a", "b", "c"]
+    assert not list((path / "samples").glob(".tmp-*"))
+    with pytest.raises(TraceError, match="already in the trace"):
+        resumed.append(recorded.samples[0])
+
+
+def test_appending_another_model_is_refused(tmp_path, recorded):
+    recorded.save(tmp_path / "tr")
+    other = dict(recorded.manifest(), n_layers=99)
+    with pytest.raises(TraceError, match=r"field 'n_layers' is 3 but the new samples have 99"):
+        TraceWriter(tmp_path / "tr", other)
+
+
+def _saved(tmp_path, recorded):
+    return recorded.save(tmp_path / "tr")
+
+
+def test_corrupt_manifest_is_named(tmp_path, recorded):
+    path = _saved(tmp_path, recorded)
+    (path / "manifest.json").write_text('{"format": "sinkscope-trace", "schema_version": 1,')
+    with pytest.raises(TraceError, match=r"manifest\.json is not valid JSON"):
+        Trace.load(path)
+
+
+def test_wrong_schema_version(tmp_path, recorded):
+    path = _saved(tmp_path, recorded)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraceError, match=r"field 'schema_version' is 99.*upgrade sinkscope"):
+        Trace.load(path)
+
+
+def test_missing_and_truncated_array_files(tmp_path, recorded):
+    path = _saved(tmp_path, recorded)
+    arrays = path / "samples" / "000001" / "arrays.safetensors"
+    data = arrays.read_bytes()
+    arrays.write_bytes(data[: len(data) // 2])
+    tr = Trace.load(path)
+    with pytest.raises(TraceError, match=r"000001/arrays\.safetensors .*truncated"):
+        _ = tr[1].attention_received
+    arrays.unlink()
+    with pytest.raises(TraceError, match=r"000001/arrays\.safetensors is missing"):
+        Trace.load(path)
+
+
+def test_foreign_directories(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TraceError, match="not a sinkscope trace: it has no manifest.json"):
+        Trace.load(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps({"name": "some other tool"}))
+    with pytest.raises(TraceError, match="field 'format' is None"):
+        Trace.load(tmp_path / "other")
+    with pytest.raises(TraceError, match="is not a directory"):
+        Trace.load(tmp_path / "nowhere")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(TraceError, match="not empty and is not a sinkscope trace"):
+        TraceWriter(tmp_path / "busy", {"model": "m", "n_layers": 1, "n_heads": 1, "hidden_size": 1})
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine", "nothing already written is lost"

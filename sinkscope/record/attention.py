@@ -67,6 +67,24 @@ def sdpa_with_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.T
     return out, None
 
 
+def _causal_chunk_colsum(qc: torch.Tensor, kt: torch.Tensor, i0: int, c: int, hq: int) -> torch.Tensor:
+    """Column sums of one query chunk: `qc` = [q*scale, -lse] rows, `kt` = [k; 1] up to the chunk's last key."""
+    s = torch.matmul(qc, kt).view(qc.shape[0], hq, c, kt.shape[-1])  # [B, Hq, c, i1] = scores - lse
+    keys = torch.arange(kt.shape[-1], device=s.device)
+    queries = torch.arange(i0, i0 + c, device=s.device)
+    return torch.where(keys[None, :] <= queries[:, None], torch.exp(s), 0.0).sum(dim=2)  # [B, Hq, i1]
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_chunk_colsum():
+    """`_causal_chunk_colsum` fused by torch.compile (one kernel for exp, mask and sum); eager on failure."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_causal_chunk_colsum, dynamic=True)
+    return _COMPILED["fn"]
+
+
 def column_sums(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -76,35 +94,46 @@ def column_sums(
     scale: float,
     map_heads: tuple[int, ...] = (),
     chunk_bytes: int = CHUNK_BYTES,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """`sum_i A[b, h, i, k]` over valid queries i, for every key k: `[B, Hq, T]` float32.
 
     `mask` is None (plain causal) or the model's 4D mask (bool: True attends, or additive float). Queries with
     `query_valid == False` (padding) contribute nothing. `map_heads` also returns those heads' full maps
     `[B, T, T]`. Grouped-query heads are handled by reshaping the queries, never by repeating the keys.
+    `compile=True` fuses the elementwise work of unpadded causal chunks with torch.compile.
     """
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     g = hq // hkv
-    q = query.reshape(b, hkv, g, t, d)
-    kt = key.transpose(-1, -2)  # [B, Hkv, d, T]
+    # Fold the scale and (when known) the row log-sum-exp into one matmul: [q*scale, -lse] @ [k; 1]^T gives
+    # s - lse directly, so exp(.) of the product is the attention probability.
+    q = (query.float() * scale).reshape(b, hkv, g, t, d)
+    kt = key.float().transpose(-1, -2)  # [B, Hkv, d, T]
+    if lse is not None:
+        q = torch.cat([q, -lse.float().reshape(b, hkv, g, t, 1)], dim=-1)
+        kt = torch.cat([kt, torch.ones(b, hkv, 1, t, dtype=kt.dtype, device=kt.device)], dim=-2)
     colsum = torch.zeros(b, hq, t, dtype=torch.float32, device=query.device)
     maps = {h: torch.zeros(b, t, t, dtype=torch.float32, device=query.device) for h in map_heads}
-    chunk = int(max(16, min(t, chunk_bytes // max(1, 4 * b * hq * t))))
+    chunk = int(max(32, min(128, chunk_bytes // max(1, 4 * b * hq * t))))
+    fused = compile and lse is not None and mask is None and query_valid is None and not map_heads
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
         c = i1 - i0
-        qc = q[:, :, :, i0:i1].reshape(b, hkv, g * c, d)
-        s = torch.matmul(qc, kt[..., :i1]).view(b, hq, c, i1).float().mul_(scale)  # [B, Hq, c, i1]
+        qc = q[:, :, :, i0:i1].reshape(b, hkv, g * c, q.shape[-1])
+        if fused:
+            colsum[..., :i1] += _compiled_chunk_colsum()(qc, kt[..., :i1], i0, c, hq)
+            continue
+        s = torch.matmul(qc, kt[..., :i1]).view(b, hq, c, i1)  # [B, Hq, c, i1]; keys after i1 are masked
         if mask is None:
-            diag = torch.ones(c, c, dtype=torch.bool, device=s.device).triu_(1)
-            s[..., i0:i1].masked_fill_(diag, float("-inf"))
+            s[..., i0:i1].masked_fill_(torch.ones(c, c, dtype=torch.bool, device=s.device).triu_(1), float("-inf"))
         elif mask.dtype == torch.bool:
             s.masked_fill_(~mask[:, :, i0:i1, :i1], float("-inf"))
         else:
             s.add_(mask[:, :, i0:i1, :i1].float())
-        row_lse = lse[:, :, i0:i1, None] if lse is not None else torch.logsumexp(s, dim=-1, keepdim=True)
-        p = s.sub_(row_lse).exp_()
+        if lse is None:
+            s = s - torch.logsumexp(s, dim=-1, keepdim=True)
+        p = torch.exp(s)  # out of place: faster than exp_ on CPU
         if query_valid is not None:
             p.masked_fill_(~query_valid[:, None, i0:i1, None], 0.0)  # also clears NaN rows of padded queries
         colsum[..., :i1] += p.sum(dim=2)
@@ -132,7 +161,8 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
     out, lse = sdpa_with_lse(query, key, value, attention_mask, scale)
     with torch.no_grad():
         colsum, maps = column_sums(query.detach(), key.detach(), None if lse is None else lse.detach(),
-                                   attention_mask, request.query_valid, scale, request.map_heads)
+                                   attention_mask, request.query_valid, scale, request.map_heads,
+                                   compile=request.compile)
     request.deliver(colsum, maps)
     return out.transpose(1, 2).contiguous(), None
 

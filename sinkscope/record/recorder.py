@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sinkscope.errors import RecorderError
-from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, massive_frame, massive_threshold, median_abs
+from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, massive_frame, massive_threshold, median_nonneg
 from sinkscope.record import attention as attn_fn
 from sinkscope.trace import SampleRecord, TraceWriter
 
@@ -37,6 +37,7 @@ class _Request:
     query_valid: torch.Tensor | None
     map_heads: tuple[int, ...]
     deliver: Any
+    compile: bool = False
 
 
 def find_hf_model(model: nn.Module) -> PreTrainedModel:
@@ -73,6 +74,8 @@ class Recorder:
         top_k: features with the largest |h| (and |mlp_out|) kept per layer and token.
         abs_threshold, rel_threshold: massive-activation thresholds (Sun et al.).
         hidden_dtype: dtype of the kept hidden states (float16 halves their size).
+        compile: fuse the column-sum arithmetic with torch.compile (faster at long context; the first call
+            compiles for a few seconds, and a C++ compiler or Triton must be available).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class Recorder:
         abs_threshold: float = MASSIVE_ABS,
         rel_threshold: float = MASSIVE_REL,
         hidden_dtype: torch.dtype = torch.float32,
+        compile: bool = False,
     ):
         self.model = model
         self.hf_model = find_hf_model(model)
@@ -107,6 +111,7 @@ class Recorder:
         self.abs_threshold = float(abs_threshold)
         self.rel_threshold = float(rel_threshold)
         self.hidden_dtype = hidden_dtype
+        self.compile = bool(compile)
         self.samples: list[SampleRecord] = []
         self._saved: dict[str, int] = {}  # trace path -> samples already written there by this recorder
         self._counter = 0
@@ -195,7 +200,7 @@ class Recorder:
             for h, m in maps.items():
                 self._cur["maps"][(layer, h)] = m.cpu()
 
-        return _Request(self._cur["query_valid"], heads, deliver)
+        return _Request(self._cur["query_valid"], heads, deliver, self.compile)
 
     def _store(self, name: str, layer: int):
         def hook(module, args, output):
@@ -220,25 +225,33 @@ class Recorder:
             raise RecorderError(f"block {layer} did not run its self_attn and mlp submodules through forward()")
         h = h.float()  # [B, T, D]
         b = h.shape[0]
+        padded = cur["query_valid"] is not None
         habs = h.abs()
-        invalid3 = ~valid[..., None]
-        med = torch.stack([median_abs(h[i, valid[i]]) for i in range(b)])  # [B]
+        top_v, top_i = habs.topk(self.top_k, dim=-1)  # [B, T, k], sorted: top_v[..., 0] is max_abs
+        med = torch.stack([median_nonneg((habs[i][valid[i]] if padded else habs[i]).reshape(-1))
+                           for i in range(b)])  # [B]
         first = valid.float().argmax(dim=1)  # first real position of each row
         h0 = h[torch.arange(b, device=h.device), first]  # [B, D]
         cos = F.cosine_similarity(h, h0[:, None, :], dim=-1, eps=1e-12)  # [B, T]
         thr = massive_threshold(med, self.abs_threshold, self.rel_threshold)  # [B]
-        bi, ti, ji = ((habs >= thr[:, None, None]) & ~invalid3).nonzero(as_tuple=True)
         a, m = a.float(), m.float()
-        cur["massive"].append((layer, bi, ti, ji, h[bi, ti, ji], a[bi, ti, ji], m[bi, ti, ji]))
+        if bool((top_v[..., 0] >= thr[:, None]).any()):
+            hit = habs >= thr[:, None, None]
+            if padded:
+                hit &= valid[..., None]
+            bi, ti, ji = hit.nonzero(as_tuple=True)
+            cur["massive"].append((layer, bi, ti, ji, h[bi, ti, ji], a[bi, ti, ji], m[bi, ti, ji]))
         mabs = m.abs()
-        top_v, top_i = habs.topk(self.top_k, dim=-1)
         mtop_v, mtop_i = mabs.topk(self.top_k, dim=-1)
+        if padded:
+            habs = habs.masked_fill(~valid[..., None], 0)
+            mabs = mabs.masked_fill(~valid[..., None], 0)
         cur["layers"][layer] = {
             "bos_cosine": cos,
             "max_abs": top_v[..., 0],
             "median_abs": med,
-            "feature_max_abs": habs.masked_fill(invalid3, 0).amax(dim=1),  # [B, D]
-            "mlp_feature_max_abs": mabs.masked_fill(invalid3, 0).amax(dim=1),
+            "feature_max_abs": habs.amax(dim=1),  # [B, D]
+            "mlp_feature_max_abs": mabs.amax(dim=1),
             "top_features": top_i.int(),
             "top_values": h.gather(-1, top_i),
             "mlp_top_features": mtop_i.int(),
@@ -279,8 +292,8 @@ class Recorder:
         n = len(idx)
         rel = np.cumsum(valid) - 1  # absolute position -> position within the sample
         picked = [(np.full(int(k.sum()), layer), rel[t[k]], j[k], v[k], a[k], m[k])
-                  for layer, mb, t, j, v, a, m in massive for k in [mb == b]]  # one entry per layer
-        cols = [np.concatenate(c) for c in zip(*picked, strict=True)]
+                  for layer, mb, t, j, v, a, m in massive for k in [mb == b]]
+        cols = [np.concatenate(c) for c in zip(*picked, strict=True)] if picked else [np.zeros(0)] * 6
         ids = None if input_ids is None else input_ids[b, idx]
         tokens = self._tokens(b, n, ids, meta)
         segments = _pick(meta, "segments", b) or _default_segments(ids, n, self.hf_model.config)

@@ -1,8 +1,5 @@
-"""sinkscope trace browser (Streamlit). The full app lands with the app issue; run `streamlit run app.py`."""
+"""sinkscope trace browser: `streamlit run app.py` (traces under $SINKSCOPE_ROOT, default traces/)."""
 
-import streamlit as st
+from sinkscope.webapp import main
 
-st.set_page_config(page_title="sinkscope", layout="wide")
-st.title("sinkscope")
-st.info("The trace browser is not built yet. Record a trace with `sinkscope record` and inspect it with "
-        "`sinkscope summary DIR`.")
+main()

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pandas as pd
 
-from sinkscope.metrics import SINK_EPS, cosine_by_segment
+from sinkscope.metrics import SINK_EPS, cosine_by_segment, jaccard, origin_table, sink_layers, sink_tokens
 
 
 def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
@@ -44,3 +44,99 @@ def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
             **{f"cos:{seg}": float(cos.loc[layer, seg]) for seg in cos.columns if seg != "bos"},
         })
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ per sample
+def token_segments(segments, n_tokens: int) -> np.ndarray:
+    """The segment name of every position (`""` where no segment covers it)."""
+    names = np.full(n_tokens, "", dtype=object)
+    for name, start, end in segments:
+        names[start:end] = name
+    return names
+
+
+def sink_rate_by_segment(alpha, segments, eps: float = SINK_EPS) -> pd.DataFrame:
+    """Per layer (rows) and segment (columns): 100 * share of (head, token) pairs in the segment with alpha > eps."""
+    a = np.asarray(alpha)
+    above = (a > eps).mean(axis=1)  # [L, T] share of heads
+    names = token_segments(segments, a.shape[-1])
+    data = {seg: 100.0 * above[:, names == seg].mean(axis=1) for seg in dict.fromkeys(n for n, _, _ in segments)
+            if (names == seg).any()}
+    frame = pd.DataFrame(data)
+    frame.index.name = "layer"
+    return frame
+
+
+def top_activations(sample, k: int = 3) -> pd.DataFrame:
+    """Per layer: the k largest |h| entries over all tokens and features, and median |h| (Sun et al., Fig. 1)."""
+    values = np.abs(np.asarray(sample.top_values))  # [L, T, K]; per-token top features hold the global top-k
+    flat = values.reshape(values.shape[0], -1)
+    top = -np.sort(-flat, axis=1)[:, :k]
+    frame = pd.DataFrame({f"top{i + 1}": top[:, i] for i in range(top.shape[1])})
+    frame["median"] = np.asarray(sample.median_abs)
+    frame.index.name = "layer"
+    return frame
+
+
+def sample_findings(sample, eps: float = SINK_EPS, head_fraction: float = 0.5) -> dict:
+    """What a reader wants first: sink tokens (with how many layers), massive features and their origin."""
+    flags = sink_layers(sample.attention_received, eps, head_fraction)  # [L, T]
+    counts = flags.sum(axis=0)
+    names = token_segments(sample.segments, len(sample.tokens))
+    sinks = [{"position": int(k), "token": sample.tokens[k], "segment": names[k], "layers": int(counts[k])}
+             for k in np.argsort(-counts) if counts[k] > 0]
+    massive = sample.massive
+    features = (massive.groupby("feature").agg(first_layer=("layer", "min"), layers=("layer", "nunique"),
+                                               max_value=("value", lambda v: float(np.abs(v).max())))
+                .reset_index().sort_values("max_value", ascending=False)) if len(massive) else pd.DataFrame()
+    return {"sinks": sinks, "massive_features": features, "origin": origin_table(massive) if len(massive) else
+            pd.DataFrame()}
+
+
+def sink_token_jaccard(sample, eps: float = SINK_EPS) -> tuple[list[str], np.ndarray]:
+    """Jaccard of the massive-feature sets (all layers) between the tokens that are sinks or carry massive
+    activations. Returns token labels and the square matrix."""
+    massive = sample.massive
+    tokens = sorted(set(map(int, massive["token"])) | set(sink_tokens(sample.attention_received, eps)))
+    sets = {t: set(map(int, massive.loc[massive["token"] == t, "feature"])) for t in tokens}
+    labels = [f"{t}: {sample.tokens[t]!r}" for t in tokens]
+    matrix = np.array([[jaccard(sets[a], sets[b]) for b in tokens] for a in tokens], dtype=float)
+    return labels, matrix.reshape(len(tokens), len(tokens))
+
+
+# ------------------------------------------------------------------------------------------------ whole trace
+def dataset_sinks(trace, eps: float = SINK_EPS, head_fraction: float = 0.5) -> pd.DataFrame:
+    """Every (sample, token) that is a sink in at least one layer: position, relative position, segment."""
+    rows = []
+    for s in trace:
+        flags = sink_layers(s.attention_received, eps, head_fraction)
+        counts = flags.sum(axis=0)
+        names = token_segments(s.segments, len(s.tokens))
+        n = len(s.tokens)
+        for k in np.flatnonzero(counts):
+            rows.append({"sample": s.sample_id, "position": int(k), "relative_position": k / max(1, n - 1),
+                         "segment": names[k], "token": s.tokens[k], "layers": int(counts[k])})
+    return pd.DataFrame(rows, columns=["sample", "position", "relative_position", "segment", "token", "layers"])
+
+
+def dataset_massive_features(trace) -> pd.DataFrame:
+    """How many samples show each massive feature index, and its largest |value|."""
+    rows = []
+    for s in trace:
+        m = s.massive
+        for feature, group in m.groupby("feature"):
+            peak = float(np.abs(group["value"]).max())
+            rows.append({"feature": int(feature), "sample": s.sample_id, "max_abs": peak})
+    frame = pd.DataFrame(rows, columns=["feature", "sample", "max_abs"])
+    return (frame.groupby("feature").agg(samples=("sample", "nunique"), max_abs=("max_abs", "max"))
+            .reset_index().sort_values("samples", ascending=False, ignore_index=True))
+
+
+def dataset_cosine(trace, layer: int) -> pd.DataFrame:
+    """cos-to-BOS of every token at one layer, with its segment, over all samples (position 0 excluded)."""
+    frames = []
+    for s in trace:
+        names = token_segments(s.segments, len(s.tokens))
+        frames.append(pd.DataFrame({"sample": s.sample_id, "segment": names[1:],
+                                    "cos": np.asarray(s.bos_cosine)[layer, 1:]}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["sample", "segment", "cos"])

@@ -181,9 +181,26 @@ def sweep() -> None:
 
 
 @app.command("app")
-def run_app() -> None:
+def run_app(
+    root: Path = typer.Option(None, help="Directory of traces (default: $SINKSCOPE_ROOT or traces/)."),
+    port: int = typer.Option(8501, help="Port to serve on (localhost)."),
+    headless: bool = typer.Option(False, help="Do not open a browser."),
+) -> None:
     """Open the Streamlit trace browser."""
-    _not_yet("app")
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    if root is not None:
+        if not root.is_dir():
+            _fail(f"--root {root} is not a directory")
+        env["SINKSCOPE_ROOT"] = str(root.resolve())
+    script = Path(__file__).with_name("_app_entry.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+           "--server.address", "localhost", "--browser.gatherUsageStats", "false",
+           "--server.headless", "true" if headless else "false"]
+    console.print(f"sinkscope app on http://localhost:{port} (traces under {env.get('SINKSCOPE_ROOT', 'traces/')})")
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m sinkscope`

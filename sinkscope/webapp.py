@@ -230,7 +230,10 @@ def view_dataset(tr: Trace, eps: float) -> None:
     sinks = analysis.dataset_sinks(tr, eps)
     c1, c2 = st.columns(2)
     with c1:
-        show(viz.sink_positions_figure(sinks), "ds_sinks")
+        if sinks.empty:
+            st.info(f"No sink tokens at eps={eps} in this trace (lower the threshold in the sidebar).")
+        else:
+            show(viz.sink_positions_figure(sinks), "ds_sinks")
     with c2:
         show(viz.massive_feature_histogram(analysis.dataset_massive_features(tr)), "ds_features")
     layer = st.slider("Layer for the cosine distribution", 0, tr.manifest["n_layers"] - 1,

@@ -1,0 +1,176 @@
+"""The Streamlit app, driven by streamlit.testing.AppTest on small generated traces."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from sinkscope.trace import Trace
+from tests.av_trace import AV_SEGMENTS, write_av_trace
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("traces")
+    write_av_trace(root / "av-a", seed=0)
+    write_av_trace(root / "av-b", seed=1)
+    broken = root / "broken"
+    write_av_trace(broken, seed=2, n=1)
+    (broken / "manifest.json").write_text('{"format": "sinkscope-trace", "schema_version": 1, "model"')
+    return root
+
+
+@pytest.fixture()
+def app(root, monkeypatch):
+    monkeypatch.setenv("SINKSCOPE_ROOT", str(root))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _decode(value):
+    """Plotly JSON stores numpy arrays as {"dtype", "bdata"(base64), "shape"}; turn them back into arrays."""
+    if isinstance(value, dict) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        if isinstance(shape, str):
+            shape = [int(x) for x in shape.split(",")]
+        return arr.reshape(shape) if shape else arr
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+class Fig:
+    """A figure spec as the browser receives it: `data` (list of trace dicts) and `layout`."""
+
+    def __init__(self, spec: str):
+        d = _decode(json.loads(spec))
+        self.data, self.layout = d["data"], d.get("layout", {})
+        self.title = (self.layout.get("title") or {}).get("text", "")
+        self.shapes = self.layout.get("shapes", [])
+        self.annotations = [a.get("text") for a in self.layout.get("annotations", [])]
+
+
+def figures(at) -> list[Fig]:
+    return [Fig(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def by_title(at, start: str) -> Fig:
+    for fig in figures(at):
+        if fig.title.startswith(start):
+            return fig
+    raise AssertionError(f"no figure titled {start!r}: {[f.title for f in figures(at)]}")
+
+
+def goto(at, view: str, trace: str = "av-a"):
+    at.sidebar.selectbox(key="trace").set_value(trace)
+    at.sidebar.radio(key="view").set_value(view).run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_trace_picker_lists_traces_under_root(app):
+    assert app.sidebar.selectbox(key="trace").options == ["av-a", "av-b", "broken"]
+    search = app.sidebar.text_input(key="main_search")
+    search.set_value("red by").run()
+    sample = app.sidebar.selectbox(key="main_sample")
+    assert len(sample.options) == 1 and "utt01" in sample.options[0]
+
+
+def test_attention_view_shows_the_trace_values_with_segment_bands(app, root):
+    s = Trace.load(root / "av-a")[0]
+    goto(app, "Attention")
+    heat = by_title(app, "Attention received, mean over heads")
+    z = np.asarray(heat.data[0]["z"])
+    alpha = np.asarray(s.attention_received)
+    np.testing.assert_allclose(z[:, 0], alpha[:, :, 0].mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(z, alpha.mean(axis=1), rtol=1e-5)
+    spans = sorted((shape["x0"], shape["x1"]) for shape in heat.shapes)
+    assert spans == sorted((s0 - 0.5, e0 - 0.5) for _, s0, e0 in AV_SEGMENTS)
+    assert {"audio", "video", "prompt", "transcript"} <= set(heat.annotations)
+    assert "'A3'" in heat.data[0]["text"][0][5], "hover shows the token text"
+
+    app.selectbox(key="att_head").set_value(2).run()
+    z = np.asarray(by_title(app, "Attention received, head 2").data[0]["z"])
+    np.testing.assert_allclose(z, alpha[:, 2], rtol=1e-5)
+
+    app.slider(key="att_max").set_value(32).run()
+    pooled = by_title(app, "Attention received, head 2")
+    zp = np.asarray(pooled.data[0]["z"])
+    assert zp.shape[1] <= 32 and "max-pooled" in pooled.title
+    np.testing.assert_allclose(zp[:, 0], alpha[:, 2, 0], rtol=1e-5)  # BOS kept at full resolution
+    np.testing.assert_allclose(zp.max(axis=1), alpha[:, 2].max(axis=1), rtol=1e-5)  # no peak lost
+
+    grid = by_title(app, "Attention received by token 0")
+    np.testing.assert_allclose(np.asarray(grid.data[0]["z"]), alpha[:, :, 0], rtol=1e-5)
+    amap = by_title(app, "Attention map, layer 1, head 0")
+    np.testing.assert_allclose(np.asarray(amap.data[0]["z"]), s.attention_maps[(1, 0)], rtol=1e-5)
+
+
+def test_overview_massive_and_cosine_views(app, root):
+    s = Trace.load(root / "av-a")[0]
+    goto(app, "Overview")
+    sink = by_title(app, "Sink rate by segment")
+    assert [t["name"] for t in sink.data] == [name for name, _, _ in AV_SEGMENTS]
+    cos = by_title(app, "Mean cosine to BOS by segment")
+    audio = next(t for t in cos.data if t["name"] == "audio")
+    np.testing.assert_allclose(audio["y"], np.asarray(s.bos_cosine)[:, 2:30].mean(axis=1), rtol=1e-5)
+    assert any("Findings" in h.value for h in app.subheader)
+
+    goto(app, "Massive activations")
+    heat = by_title(app, "Largest |h| of each feature")
+    np.testing.assert_allclose(np.asarray(heat.data[0]["customdata"]), s.feature_max_abs, rtol=1e-5)
+    table = app.dataframe[0].value
+    assert len(table) == len(s.massive) and {"layer", "token", "feature", "value", "attn_share"} <= set(table)
+    app.toggle(key="mass_mlp").set_value(True).run()
+    np.testing.assert_allclose(np.asarray(by_title(app, "Largest |mlp_out|").data[0]["customdata"]),
+                               s.mlp_feature_max_abs, rtol=1e-5)
+
+    goto(app, "Cosine to BOS")
+    z = np.asarray(by_title(app, "Cosine to BOS").data[0]["z"])
+    np.testing.assert_allclose(z, s.bos_cosine, rtol=1e-5)
+
+
+def test_compare_and_dataset_views(app, root):
+    a, b = Trace.load(root / "av-a")[0], Trace.load(root / "av-b")[0]
+    goto(app, "Compare")
+    app.selectbox(key="cmp_other").set_value("av-b").run()
+    diff = by_title(app, "attention_received: B - A")
+    expected = np.asarray(b.attention_received).mean(axis=1) - np.asarray(a.attention_received).mean(axis=1)
+    np.testing.assert_allclose(np.asarray(diff.data[0]["z"]), expected, atol=1e-6)
+
+    goto(app, "Dataset")
+    assert len(app.dataframe[0].value) == Trace.load(root / "av-a").manifest["n_layers"]
+    assert any("No sink tokens" in i.value for i in app.info), "random tiny models have no sink at eps=0.3"
+    app.sidebar.slider(key="eps").set_value(0.05).run()
+    positions = by_title(app, "Sink tokens by relative position")
+    bos = next(t for t in positions.data if t["name"] == "bos")
+    assert list(bos["x"]) == [0.0, 0.0, 0.0], "BOS of each of the 3 samples sinks at eps=0.05"
+
+
+def test_malformed_trace_and_path_outside_root(app, root):
+    app.sidebar.selectbox(key="trace").set_value("broken").run()
+    assert not app.exception
+    assert any("manifest.json is not valid JSON" in e.value for e in app.error)
+
+    st.cache_data.clear()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["trace"] = "../../etc"
+    at.run()
+    assert not at.exception
+    assert any("outside the trace root" in e.value for e in at.error)

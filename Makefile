@@ -7,7 +7,9 @@ DEMO_TRACE ?= traces/demo-prompts
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup llm demo test lint bench clean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+
+.PHONY: setup llm demo test lint browser bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +25,18 @@ llm: setup
 demo: llm
 	$(VENV)/bin/sinkscope record --model smollm2-135m --text-file examples/prompts.txt --out $(DEMO_TRACE) --resume
 	$(VENV)/bin/sinkscope summary $(DEMO_TRACE)
+	$(VENV)/bin/sinkscope app --root traces
+
+# Debian's Chromium for the real-browser test (skipped, with the reason, when it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "warning: could not install chromium; tests/test_browser.py will be skipped"
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: llm lint
+test: llm lint browser
 	$(PY) -m pytest -q
 
 clean:

@@ -184,7 +184,7 @@ def sweep() -> None:
 def run_app(
     root: Path = typer.Option(None, help="Directory of traces (default: $SINKSCOPE_ROOT or traces/)."),
     port: int = typer.Option(8501, help="Port to serve on (localhost)."),
-    headless: bool = typer.Option(False, help="Do not open a browser."),
+    headless: bool = typer.Option(True, "--headless/--open-browser", help="Open a browser tab or not."),
 ) -> None:
     """Open the Streamlit trace browser."""
     import os

@@ -8,6 +8,7 @@ always kept at full resolution; pass `token_range` to zoom to full resolution.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,7 +56,7 @@ def token_labels(tokens: Sequence[str], segments, starts: np.ndarray) -> list[st
     labels = []
     for a, b in zip(starts, ends, strict=True):
         if b - a == 1:
-            labels.append(f"{a}: {tokens[a]!r} [{names[a]}]")
+            labels.append(f"{a}: {esc(repr(tokens[a]))} [{names[a]}]")
         else:
             labels.append(f"{a}-{b - 1} (max over {b - a}) [{names[a]}..{names[b - 1]}]")
     return labels
@@ -70,25 +71,44 @@ def _window(sample, token_range):
     return start, end, list(sample.tokens[start:end]), segments
 
 
+def esc(text: str) -> str:
+    """Token text made safe for plotly labels, which render HTML (`<s>` would strike the rest through)."""
+    return html.escape(str(text), quote=False)
+
+
 def add_segment_bands(fig: go.Figure, segments, starts: np.ndarray, axis: str = "x", row=None, col=None,
-                      label: bool = True) -> go.Figure:
-    """Shade each segment's span along a (possibly decimated) token axis and name it."""
+                      label: bool = True, min_label_share: float = 0.04) -> go.Figure:
+    """A coloured strip along a (possibly decimated) token axis, one block per segment, just outside the plot
+    (above it for x, left of it for y); segments wide enough are named on the strip."""
     bins = np.asarray(starts)
+    n_bins = max(1, len(bins))
     for name, s, e in segments:
         if e <= s:
             continue
         b0 = int(np.searchsorted(bins, s, side="right") - 1)
         b1 = int(np.searchsorted(bins, e - 1, side="right") - 1)
-        kwargs = {"fillcolor": segment_color(name), "opacity": 0.12, "line_width": 0, "layer": "below"}
-        if label:
-            kwargs.update(annotation_text=name, annotation_position="top left", annotation_font_size=10)
+        kwargs = {"fillcolor": segment_color(name), "opacity": 0.85, "line_width": 0.5, "line_color": "white",
+                  "layer": "above"}
+        if label and (b1 - b0 + 1) / n_bins >= min_label_share:
+            kwargs.update(annotation_text=esc(name), annotation_position="top", annotation_font_size=10)
         if row is not None:
             kwargs.update(row=row, col=col)
         if axis == "x":
-            fig.add_vrect(x0=b0 - 0.5, x1=b1 + 0.5, **kwargs)
+            fig.add_vrect(x0=b0 - 0.5, x1=b1 + 0.5, y0=1.005, y1=1.04, **kwargs)
         else:
-            fig.add_hrect(y0=b0 - 0.5, y1=b1 + 0.5, **kwargs)
+            kwargs.pop("annotation_text", None)
+            kwargs.pop("annotation_position", None)
+            kwargs.pop("annotation_font_size", None)
+            fig.add_hrect(y0=b0 - 0.5, y1=b1 + 0.5, x0=-0.04, x1=-0.005, **kwargs)
     return fig
+
+
+def _layer_axis(fig: go.Figure, n_layers: int) -> None:
+    fig.update_yaxes(tickmode="linear", dtick=max(1, n_layers // 15))
+
+
+def _layer_xaxis(fig: go.Figure, n_layers: int) -> None:
+    fig.update_xaxes(tickmode="linear", dtick=max(1, n_layers // 15))
 
 
 def _layer_token_heatmap(values: np.ndarray, sample, title: str, colorbar: str, max_tokens: int,
@@ -110,7 +130,9 @@ def _layer_token_heatmap(values: np.ndarray, sample, title: str, colorbar: str, 
                       yaxis_title="layer", height=420, margin={"t": 60})
     if len(starts) <= 40:
         fig.update_xaxes(tickmode="array", tickvals=np.arange(len(starts)),
-                         ticktext=[repr(tokens[s])[1:-1][:10] for s in starts], tickangle=-60)
+                         ticktext=[esc(repr(tokens[s])[1:-1][:10]) for s in starts], tickangle=-60)
+    _layer_axis(fig, z.shape[0])
+    fig.update_layout(margin={"t": 80})
     return fig
 
 
@@ -130,11 +152,14 @@ def head_grid(sample, token: int = 0, eps: float | None = 0.3) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=alpha, x=np.arange(alpha.shape[1]), y=np.arange(alpha.shape[0]),
                                colorscale="Viridis", zmin=0, zmax=1, colorbar={"title": "alpha"},
                                hovertemplate="layer %{y}, head %{x}<br>alpha %{z:.3f}<extra></extra>"))
-    title = f"Attention received by token {token} ({sample.tokens[token]!r}) per layer and head"
+    title = f"Attention received by token {token}"
+    subtitle = esc(repr(sample.tokens[token]))
     if eps is not None:
-        share = 100 * float((alpha > eps).mean())
-        title += f"<br><sup>{share:.0f}% of heads above eps={eps}</sup>"
-    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=420)
+        subtitle += f": {100 * float((alpha > eps).mean()):.0f}% of heads above eps={eps}"
+    fig.update_layout(title=f"{title}<br><sup>{subtitle}</sup>", xaxis_title="head", yaxis_title="layer",
+                      height=420)
+    _layer_axis(fig, alpha.shape[0])
+    fig.update_xaxes(tickmode="linear", dtick=1)
     return fig
 
 
@@ -170,7 +195,8 @@ def sink_rate_by_segment_figure(sample, eps: float = 0.3) -> go.Figure:
         fig.add_trace(go.Scatter(x=table.index, y=table[seg], mode="lines+markers", name=seg,
                                  line={"color": segment_color(seg)}))
     fig.update_layout(title=f"Sink rate by segment (alpha > {eps})", xaxis_title="layer",
-                      yaxis_title="% of heads x tokens", yaxis_range=[0, 100], height=360)
+                      yaxis_title="% of heads x tokens", yaxis_range=[-2, 102], height=360)
+    _layer_xaxis(fig, len(table))
     return fig
 
 
@@ -183,6 +209,7 @@ def top_activations_figure(sample) -> go.Figure:
                                  line={"dash": dash, "color": "#7f7f7f" if col == "median" else None}))
     fig.update_layout(title="Largest |activations| vs the median", xaxis_title="layer", yaxis_title="|h|",
                       yaxis_type="log", height=360)
+    _layer_xaxis(fig, len(table))
     return fig
 
 
@@ -196,7 +223,8 @@ def cosine_by_segment_figure(sample) -> go.Figure:
         fig.add_trace(go.Scatter(x=table.index, y=table[seg], mode="lines+markers", name=seg,
                                  line={"color": segment_color(seg)}))
     fig.update_layout(title="Mean cosine to BOS by segment", xaxis_title="layer", yaxis_title="cos(h_0, h_t)",
-                      yaxis_range=[-1, 1], height=360)
+                      yaxis_range=[-1.05, 1.05], height=360)
+    _layer_xaxis(fig, len(table))
     return fig
 
 
@@ -223,6 +251,7 @@ def feature_heatmap(sample, mlp: bool = False, top_features: int | None = None) 
     ))
     fig.update_layout(title=f"Largest {name} of each feature over tokens", xaxis_title="feature",
                       yaxis_title="layer", height=420, xaxis_type="category" if top_features else None)
+    _layer_axis(fig, values.shape[0])
     return fig
 
 
@@ -250,6 +279,7 @@ def token_feature_surface(sample, layer: int, max_tokens: int = 128) -> go.Figur
 
 def jaccard_figure(labels: list[str], matrix: np.ndarray) -> go.Figure:
     """Pairwise Jaccard of massive-feature sets between sink tokens."""
+    labels = [esc(x) for x in labels]
     fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
                                colorbar={"title": "Jaccard"},
                                hovertemplate="%{y}<br>%{x}<br>Jaccard %{z:.2f}<extra></extra>"))
@@ -259,7 +289,7 @@ def jaccard_figure(labels: list[str], matrix: np.ndarray) -> go.Figure:
 
 def origin_figure(origin: pd.DataFrame, tokens: Sequence[str]) -> go.Figure:
     """Attention vs MLP share of the jump at each massive (token, feature)'s origin layer."""
-    labels = [f"t{t} {tokens[t]!r} f{f} @L{layer}" for t, f, layer in
+    labels = [f"t{t} {esc(repr(tokens[t]))} f{f} @L{layer}" for t, f, layer in
               zip(origin["token"], origin["feature"], origin["origin_layer"], strict=True)]
     fig = go.Figure([
         go.Bar(x=labels, y=origin["attn_share"], name="attention"),
@@ -290,8 +320,9 @@ def difference_heatmap(a, b, field: str = "attention_received", max_tokens: int 
         np.array(labels, dtype=object), z.shape), colorbar={"title": "B - A"},
         hovertemplate="layer %{y}<br>%{text}<br>B - A %{z:.3f}<extra></extra>"))
     add_segment_bands(fig, a.segments, starts)
-    fig.update_layout(title=f"{field}: B - A for sample {a.sample_id}", xaxis_title="token",
-                      yaxis_title="layer", height=420)
+    fig.update_layout(title=f"{field}: B - A for sample {esc(a.sample_id)}", xaxis_title="token",
+                      yaxis_title="layer", height=420, margin={"t": 80})
+    _layer_axis(fig, z.shape[0])
     return fig
 
 

@@ -129,7 +129,7 @@ def view_overview(tr: Trace, s, eps: float) -> None:
         feats = findings["massive_features"]
         if len(feats):
             st.markdown("**Massive features:** " + ", ".join(
-                f"{int(r.feature)} (from layer {int(r.first_layer)}, max |h| {r.max_value:.0f})"
+                f"{int(r.feature)} (from layer {int(r.first_layer)}, max |h| {r.max_value:.4g})"
                 for r in feats.head(6).itertuples()))
             origin = findings["origin"]
             st.markdown("**Origin:** " + "; ".join(

@@ -196,7 +196,17 @@ def view_cosine(tr: Trace, s) -> None:
 
 def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float) -> None:
     others = [t for t in traces if t != name] or traces
-    other_name = st.selectbox("Trace B", others, key="cmp_other")
+    mine = set(tr.sample_ids)
+
+    def overlap(other: str) -> int:
+        try:
+            return len(mine & set(load_trace(root, other).sample_ids))
+        except SinkscopeError:
+            return -1
+
+    best = max(range(len(others[:20])), key=lambda i: overlap(others[i]))
+    other_name = st.selectbox("Trace B (the default shares the most sample ids)", others, index=best,
+                              key="cmp_other")
     try:
         other = load_trace(root, other_name)
     except SinkscopeError as exc:
@@ -225,9 +235,21 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
         st.info(f"Sample {sid} has {len(a.tokens)} tokens in A and {len(b.tokens)} in B: no token-wise difference.")
 
 
+@st.cache_data(show_spinner="Aggregating over the trace...", max_entries=16)
+def _dataset_tables(path: str, mtime: float, eps: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    tr = _load(path, mtime)
+    return analysis.dataset_sinks(tr, eps), analysis.dataset_massive_features(tr), analysis.layer_summary(tr, eps)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _dataset_cosine(path: str, mtime: float, layer: int) -> pd.DataFrame:
+    return analysis.dataset_cosine(_load(path, mtime), layer)
+
+
 def view_dataset(tr: Trace, eps: float) -> None:
     st.caption(f"Aggregates over all {len(tr)} samples.")
-    sinks = analysis.dataset_sinks(tr, eps)
+    key = (str(tr.path), _mtime(tr.path))
+    sinks, features, summary = _dataset_tables(*key, eps)
     c1, c2 = st.columns(2)
     with c1:
         if sinks.empty:
@@ -235,12 +257,15 @@ def view_dataset(tr: Trace, eps: float) -> None:
         else:
             show(viz.sink_positions_figure(sinks), "ds_sinks")
     with c2:
-        show(viz.massive_feature_histogram(analysis.dataset_massive_features(tr)), "ds_features")
+        if features.empty:
+            st.info("No massive activations in this trace.")
+        else:
+            show(viz.massive_feature_histogram(features), "ds_features")
     layer = st.slider("Layer for the cosine distribution", 0, tr.manifest["n_layers"] - 1,
                       min(5, tr.manifest["n_layers"] - 1), key="ds_layer")
-    show(viz.cosine_distribution_figure(analysis.dataset_cosine(tr, layer), layer), "ds_cos")
+    show(viz.cosine_distribution_figure(_dataset_cosine(*key, layer), layer), "ds_cos")
     st.subheader("Per-layer summary")
-    st.dataframe(analysis.layer_summary(tr, eps), width="stretch", height=320)
+    st.dataframe(summary, width="stretch", height=320)
 
 
 # ------------------------------------------------------------------------------------------------------ main

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -151,9 +152,27 @@ def summary(
 
 
 @data_app.command("synth")
-def data_synth() -> None:
-    """Generate the synthetic audio-visual speech corpus."""
-    _not_yet("data synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Corpus directory (created, or resumed when it exists)."),
+    n: int = typer.Option(1000, "--n", min=1, help="Number of utterances."),
+    seed: int = typer.Option(0, help="Random seed: the same seed and arguments give identical files."),
+    vocab: str = typer.Option("grid", help="Transcript grammar: grid (51 words)."),
+    workers: int = typer.Option(max(1, (os.cpu_count() or 1)), "--workers", min=1, help="Processes."),
+) -> None:
+    """Generate the synthetic audio-visual speech corpus (espeak-ng speech + rendered mouth video)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sinkscope.data.synth import SynthConfig, synthesize
+
+    columns = [TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=err_console) as bar:
+            task = bar.add_task("synth", total=n)
+            made, kept = synthesize(out, SynthConfig(n=n, seed=seed, vocab=vocab), workers=workers,
+                                    progress=lambda k: bar.advance(task, k))
+    except SinkscopeError as exc:
+        _fail(str(exc))
+    console.print(f"{out}: {made} utterances generated" + (f", {kept} already there" if kept else ""))
 
 
 @app.command("pretrain-encoders")

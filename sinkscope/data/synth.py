@@ -1,0 +1,228 @@
+"""The synthetic audio-visual speech corpus (`sinkscope data synth`): offline, reproducible, resumable.
+
+Layout (LRS3-like), for utterance index i spoken by speaker s in split p:
+
+    OUT/synth_config.json                 the generation arguments (a resumed run must match them)
+    OUT/manifest.jsonl                    id, split, speaker, duration, n_frames, transcript, paths
+    OUT/p/s/i.mp4                         25 fps 88x88 grayscale mouth ROI, h264
+    OUT/p/s/i.wav                         16 kHz mono 16-bit PCM
+    OUT/p/s/i.txt                         the transcript
+    OUT/p/s/i.json                        word and phoneme alignment (seconds); written last
+
+Every random choice of utterance i comes from `numpy.random.default_rng([seed, i])`. espeak-ng keeps hidden
+state from one utterance to the next (its output changes by a few samples with what was spoken before, even
+across espeak_Terminate), so utterances are split into SHARDS fixed shards (i mod SHARDS), and each shard is
+spoken in order by a fresh process. A resumed shard speaks its finished utterances again (3 ms each) without
+writing them, so the files depend neither on the number of workers nor on interruptions. Each file is written
+under a temporary name and renamed; the alignment JSON is the completion marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import wave
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from sinkscope import __version__
+from sinkscope.data.text import grid_sentence, spoken_form
+from sinkscope.data.tts import SAMPLE_RATE, Espeak, Voice
+from sinkscope.data.video import FPS, Appearance, mouth_tracks, render_frames
+from sinkscope.errors import SinkscopeError
+
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
+SPEAKERS: list[Voice] = [
+    Voice("en-us+m1", 150, 40, 40), Voice("en-us+m3", 170, 55, 50), Voice("en-us+f2", 155, 65, 60),
+    Voice("en-us+f4", 175, 70, 45), Voice("en+m2", 160, 35, 30), Voice("en+f3", 145, 60, 55),
+    Voice("en-us+m5", 185, 45, 60), Voice("en-us+f1", 165, 75, 40),
+    # held out: the test split's speakers never appear in training
+    Voice("en+m4", 158, 50, 45), Voice("en-us+f5", 168, 62, 52),
+]
+TEST_SPEAKERS = {8, 9}
+SHARDS = 16
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    n: int
+    seed: int = 0
+    vocab: str = "grid"
+
+    def check(self) -> None:
+        if self.n < 1:
+            raise SinkscopeError(f"--n must be at least 1, not {self.n}")
+        if self.vocab != "grid":
+            raise SinkscopeError(f"--vocab {self.vocab!r} is not available yet; use --vocab grid")
+
+
+def speaker_name(index: int) -> str:
+    return f"spk{index:02d}"
+
+
+def utterance(index: int, cfg: SynthConfig, render: bool = True) -> dict:
+    """Everything about utterance `index`: transcript, speaker, audio, frames, alignment (deterministic given
+    what this process has spoken before; see the module docstring). `render=False` skips the video."""
+    rng = np.random.default_rng([cfg.seed, index])
+    text = grid_sentence(rng)
+    speaker = int(rng.integers(len(SPEAKERS)))
+    speech = Espeak.get().synth(spoken_form(text), SPEAKERS[speaker], rand_seed=int(rng.integers(2**31)))
+    lead, trail = rng.uniform(0.15, 0.35), rng.uniform(0.15, 0.35)
+    n_frames = int(np.ceil((lead + speech.duration + trail) * FPS))
+    audio = np.zeros(n_frames * SAMPLES_PER_FRAME, dtype=np.float32)
+    start = int(round(lead * SAMPLE_RATE))
+    audio[start:start + len(speech.audio)] = speech.audio[: len(audio) - start]
+    shift = start / SAMPLE_RATE
+    names = text.split()
+    words = [(names[k] if k < len(names) else w, s + shift, e + shift) for k, (w, s, e) in enumerate(speech.words)]
+    phonemes = [(p, s + shift, e + shift) for p, s, e in speech.phonemes]
+    frames = render_frames(mouth_tracks(phonemes, n_frames), Appearance.for_speaker(speaker), rng) \
+        if render else None
+    return {
+        "index": index, "id": f"{index:06d}", "split": "test" if speaker in TEST_SPEAKERS else "train",
+        "speaker": speaker_name(speaker), "transcript": text, "audio": audio, "frames": frames,
+        "duration": n_frames / FPS, "n_frames": n_frames,
+        "words": [[w, round(s, 4), round(e, 4)] for w, s, e in words],
+        "phonemes": [[p, round(s, 4), round(e, 4)] for p, s, e in phonemes],
+    }
+
+
+def _paths(out: Path, rec: dict) -> dict[str, Path]:
+    base = out / rec["split"] / rec["speaker"] / rec["id"]
+    return {ext: base.with_suffix("." + ext) for ext in ("mp4", "wav", "txt", "json")}
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_mp4(path: Path, frames: np.ndarray) -> None:
+    """Grayscale frames as h264 (yuv420p, single-threaded x264, so the bytes are reproducible)."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "12", "threads": "1"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())
+
+
+def write_utterance(out: Path, rec: dict) -> dict:
+    """Write the files of one utterance atomically (alignment JSON last) and return its manifest row."""
+    paths = _paths(out, rec)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(_tmp(paths["mp4"]), rec["frames"])
+    os.replace(_tmp(paths["mp4"]), paths["mp4"])
+    write_wav(_tmp(paths["wav"]), rec["audio"])
+    os.replace(_tmp(paths["wav"]), paths["wav"])
+    _tmp(paths["txt"]).write_text(rec["transcript"] + "\n", encoding="utf-8")
+    os.replace(_tmp(paths["txt"]), paths["txt"])
+    row = manifest_row(out, rec)
+    meta = dict(row, words=rec["words"], phonemes=rec["phonemes"])
+    _tmp(paths["json"]).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    os.replace(_tmp(paths["json"]), paths["json"])
+    return row
+
+
+def manifest_row(out: Path, rec: dict) -> dict:
+    paths = _paths(out, rec)
+    return {"id": rec["id"], "split": rec["split"], "speaker": rec["speaker"], "duration": rec["duration"],
+            "n_frames": rec["n_frames"], "transcript": rec["transcript"],
+            "video": str(paths["mp4"].relative_to(out)), "audio": str(paths["wav"].relative_to(out))}
+
+
+def _finished(out: Path, index: int) -> dict | None:
+    """The manifest row of utterance `index` if all its files are complete."""
+    for marker in out.glob(f"*/*/{index:06d}.json"):
+        try:
+            meta = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        base = marker.with_suffix("")
+        if all(base.with_suffix(ext).is_file() for ext in (".mp4", ".wav", ".txt")):
+            return {k: meta[k] for k in ("id", "split", "speaker", "duration", "n_frames", "transcript", "video",
+                                         "audio")}
+    return None
+
+
+def _shard(args: tuple) -> list[dict]:
+    """Speak every utterance of one shard in order, in a fresh process; write the unfinished ones."""
+    out, shard, cfg_dict, todo, queue = args
+    cfg = SynthConfig(**cfg_dict)
+    rows = []
+    for i in range(shard, cfg.n, SHARDS):
+        if i in todo:
+            rows.append(write_utterance(Path(out), utterance(i, cfg)))
+            queue.put(1)
+        else:
+            utterance(i, cfg, render=False)  # replays espeak's hidden state
+    return rows
+
+
+def synthesize(out: str | os.PathLike, cfg: SynthConfig, workers: int = 1,
+               progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Generate (or resume) the corpus at `out`; return (utterances generated now, already there)."""
+    cfg.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "synth_config.json"
+    wanted = {"sinkscope_version": __version__, **asdict(cfg)}
+    if config_file.exists():
+        previous = json.loads(config_file.read_text(encoding="utf-8"))
+        for key in ("seed", "vocab"):
+            if previous.get(key) != wanted[key]:
+                raise SinkscopeError(f"{config_file}: this corpus was generated with {key}={previous.get(key)!r}, "
+                                     f"not {wanted[key]!r}; use another --out (nothing was changed)")
+        wanted["n"] = max(cfg.n, int(previous.get("n", 0)))
+    config_file.write_text(json.dumps(wanted, indent=2), encoding="utf-8")
+    for stale in out.glob("*/*/.*.tmp"):
+        stale.unlink(missing_ok=True)
+    rows: dict[int, dict] = {}
+    todo = []
+    for i in range(cfg.n):
+        row = _finished(out, i)
+        if row is None:
+            todo.append(i)
+        else:
+            rows[i] = row
+    if progress is not None and rows:
+        progress(len(rows))
+    context = get_context("fork")
+    with context.Manager() as manager:
+        queue = manager.Queue()
+        todo_set = set(todo)
+        jobs = [(str(out), k, asdict(cfg), {i for i in todo_set if i % SHARDS == k}, queue) for k in range(SHARDS)]
+        jobs = [job for job in jobs if job[3]]
+        # a fresh process per shard (maxtasksperchild=1): espeak state must start clean
+        with context.Pool(max(1, min(workers, len(jobs) or 1)), maxtasksperchild=1) as pool:
+            pending = pool.map_async(_shard, jobs, chunksize=1)
+            done = 0
+            while done < len(todo):
+                queue.get()
+                done += 1
+                if progress is not None:
+                    progress(1)
+            for shard_rows in pending.get():
+                for row in shard_rows:
+                    rows[int(row["id"])] = row
+    lines = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
+    _tmp(out / "manifest.jsonl").write_text(lines, encoding="utf-8")
+    os.replace(_tmp(out / "manifest.jsonl"), out / "manifest.jsonl")
+    return len(todo), cfg.n - len(todo)

@@ -156,7 +156,7 @@ def data_synth(
     out: Path = typer.Option(..., "--out", help="Corpus directory (created, or resumed when it exists)."),
     n: int = typer.Option(1000, "--n", min=1, help="Number of utterances."),
     seed: int = typer.Option(0, help="Random seed: the same seed and arguments give identical files."),
-    vocab: str = typer.Option("grid", help="Transcript grammar: grid (51 words)."),
+    vocab: str = typer.Option("grid", help="grid (the 51-word GRID grammar) or open (4-12 words of ~3,000)."),
     workers: int = typer.Option(max(1, (os.cpu_count() or 1)), "--workers", min=1, help="Processes."),
 ) -> None:
     """Generate the synthetic audio-visual speech corpus (espeak-ng speech + rendered mouth video)."""

@@ -104,6 +104,19 @@ def test_grammar_alignment_and_speaker_splits(corpus):
     assert {r["split"] for r in manifest} == {"train", "test"}
 
 
+def test_open_vocabulary(tmp_path):
+    out = tmp_path / "open"
+    synthesize(out, SynthConfig(n=12, seed=0, vocab="open"), workers=2)
+    manifest = rows(out)
+    lengths = [len(r["transcript"].split()) for r in manifest]
+    assert all(4 <= n <= 12 for n in lengths) and len(set(lengths)) > 3
+    words = {w for r in manifest for w in r["transcript"].split()}
+    assert len(words) > 40 and not words <= set(GRID_VOCAB)
+    for r in manifest:
+        meta = json.loads((out / r["video"]).with_suffix(".json").read_text())
+        assert [w for w, _, _ in meta["words"]] == r["transcript"].split()
+
+
 def test_killed_generation_resumes_to_the_same_files(corpus, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sinkscope", "data", "synth", "--out", str(out), "--n", str(N), "--workers", "2"]
@@ -124,6 +137,8 @@ def test_resuming_with_other_arguments_is_refused(corpus):
     before = digest(corpus)
     with pytest.raises(SinkscopeError, match=r"generated with seed=0, not 5"):
         synthesize(corpus, SynthConfig(n=N, seed=5))
-    with pytest.raises(SinkscopeError, match="--vocab 'open' is not available"):
+    with pytest.raises(SinkscopeError, match="generated with vocab='grid', not 'open'"):
         synthesize(corpus, SynthConfig(n=N, seed=0, vocab="open"))
+    with pytest.raises(SinkscopeError, match="--vocab must be grid or open, not 'klingon'"):
+        synthesize(corpus, SynthConfig(n=N, seed=0, vocab="klingon"))
     assert digest(corpus) == before

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from sinkscope import __version__
-from sinkscope.data.text import grid_sentence, spoken_form
+from sinkscope.data.text import grid_sentence, open_sentence, spoken_form
 from sinkscope.data.tts import SAMPLE_RATE, Espeak, Voice
 from sinkscope.data.video import FPS, Appearance, mouth_tracks, render_frames
 from sinkscope.errors import SinkscopeError
@@ -56,8 +56,8 @@ class SynthConfig:
     def check(self) -> None:
         if self.n < 1:
             raise SinkscopeError(f"--n must be at least 1, not {self.n}")
-        if self.vocab != "grid":
-            raise SinkscopeError(f"--vocab {self.vocab!r} is not available yet; use --vocab grid")
+        if self.vocab not in ("grid", "open"):
+            raise SinkscopeError(f"--vocab must be grid or open, not {self.vocab!r}")
 
 
 def speaker_name(index: int) -> str:
@@ -68,17 +68,17 @@ def utterance(index: int, cfg: SynthConfig, render: bool = True) -> dict:
     """Everything about utterance `index`: transcript, speaker, audio, frames, alignment (deterministic given
     what this process has spoken before; see the module docstring). `render=False` skips the video."""
     rng = np.random.default_rng([cfg.seed, index])
-    text = grid_sentence(rng)
+    text = grid_sentence(rng) if cfg.vocab == "grid" else open_sentence(rng)
     speaker = int(rng.integers(len(SPEAKERS)))
-    speech = Espeak.get().synth(spoken_form(text), SPEAKERS[speaker], rand_seed=int(rng.integers(2**31)))
+    speech = Espeak.get().synth(spoken_form(text), SPEAKERS[speaker], rand_seed=int(rng.integers(2**31)),
+                                names=text.split())
     lead, trail = rng.uniform(0.15, 0.35), rng.uniform(0.15, 0.35)
     n_frames = int(np.ceil((lead + speech.duration + trail) * FPS))
     audio = np.zeros(n_frames * SAMPLES_PER_FRAME, dtype=np.float32)
     start = int(round(lead * SAMPLE_RATE))
     audio[start:start + len(speech.audio)] = speech.audio[: len(audio) - start]
     shift = start / SAMPLE_RATE
-    names = text.split()
-    words = [(names[k] if k < len(names) else w, s + shift, e + shift) for k, (w, s, e) in enumerate(speech.words)]
+    words = [(w, s + shift, e + shift) for w, s, e in speech.words]
     phonemes = [(p, s + shift, e + shift) for p, s, e in speech.phonemes]
     frames = render_frames(mouth_tracks(phonemes, n_frames), Appearance.for_speaker(speaker), rng) \
         if render else None
@@ -184,6 +184,10 @@ def synthesize(out: str | os.PathLike, cfg: SynthConfig, workers: int = 1,
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "synth_config.json"
     wanted = {"sinkscope_version": __version__, **asdict(cfg)}
+    if cfg.vocab == "open":
+        from importlib.metadata import version
+
+        wanted["wordfreq_version"] = version("wordfreq")
     if config_file.exists():
         previous = json.loads(config_file.read_text(encoding="utf-8"))
         for key in ("seed", "vocab"):

@@ -95,10 +95,9 @@ class Espeak:
             i += 1
         return 0
 
-    def synth(self, text: str, voice: Voice, rand_seed: int = 0) -> Speech:
-        """Speak `text` with `voice`; word timings name the words of `text` (split on spaces).
-
-        `rand_seed` seeds espeak's breath noise (voices with `breath` are random otherwise)."""
+    def synth(self, text: str, voice: Voice, rand_seed: int = 0, names: list[str] | None = None) -> Speech:
+        """Speak `text` with `voice`. Word timings name the words of `text` (split on spaces), or the entries
+        of `names` at the same positions. `rand_seed` seeds espeak's breath noise (random otherwise)."""
         with self._lock:
             self.lib.espeak_ng_SetRandSeed(int(rand_seed))
             if self.lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
@@ -113,12 +112,14 @@ class Espeak:
             raw = np.concatenate(self._chunks) if self._chunks else np.zeros(0, dtype=np.int16)
             events = list(self._events)
         audio = resample_poly(raw.astype(np.float32) / 32768.0, SAMPLE_RATE, self.rate).astype(np.float32)
-        return Speech(audio=audio, **_timings(events, text, len(raw), self.rate))
+        return Speech(audio=audio, **_timings(events, text, len(raw), self.rate, names))
 
 
-def _timings(events, text: str, n_samples: int, rate: int) -> dict:
-    """Word and phoneme spans (seconds) from espeak events; each ends where the next begins."""
+def _timings(events, text: str, n_samples: int, rate: int, names: list[str] | None = None) -> dict:
+    """Word and phoneme spans (seconds) from espeak events; each ends where the next begins. A word event is
+    tied to its word through its character position in `text`."""
     words_in_text = text.split()
+    labels = names if names is not None and len(names) == len(words_in_text) else words_in_text
     starts = np.cumsum([0] + [len(w) + 1 for w in words_in_text])  # 0-based char offset of each word
     word_marks = [(s, pos - 1) for t, s, pos, _, _ in events if t == _EVENT_WORD]  # text_position is 1-based
     phones = [(s, name) for t, s, _, _, name in events if t == _EVENT_PHONEME]
@@ -132,7 +133,7 @@ def _timings(events, text: str, n_samples: int, rate: int) -> dict:
     words = []
     for k, (s, offset) in enumerate(word_marks):
         idx = int(np.searchsorted(starts, offset, side="right") - 1)
-        word = words_in_text[idx] if 0 <= idx < len(words_in_text) else ""
+        word = labels[idx] if 0 <= idx < len(labels) else ""
         e = word_marks[k + 1][0] / rate if k + 1 < len(word_marks) else speech_end
         words.append((word, s / rate, max(s / rate, e)))
     return {"words": words, "phonemes": phonemes}

@@ -1,0 +1,66 @@
+"""Serve the app on a free localhost port and walk its views in a browser page (tests and screenshots)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sinkscope.webapp import VIEWS
+
+APP = Path(__file__).with_name("_app_entry.py")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_app(root: str | os.PathLike, timeout: float = 60.0) -> Iterator[str]:
+    """`streamlit run` the app over the traces under `root`; yields its URL and stops it on exit."""
+    port = free_port()
+    env = dict(os.environ, SINKSCOPE_ROOT=str(Path(root).resolve()))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port), "--server.address",
+         "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    output = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
+                    raise RuntimeError(f"streamlit did not start on {url}: {output[-2000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def walk_views(page, url: str, views: list[str] = VIEWS, settle_ms: int = 500) -> Iterator[str]:
+    """Open `url` in a playwright page and click each view in the sidebar; yields the view once it rendered."""
+    page.goto(url, wait_until="networkidle")
+    page.wait_for_selector('[data-testid="stSidebar"]', timeout=60_000)
+    for view in views:
+        page.locator('[data-testid="stSidebar"]').get_by_text(view, exact=True).click()
+        page.wait_for_selector('[data-testid="stPlotlyChart"]', timeout=60_000)
+        page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+        page.wait_for_timeout(settle_ms)
+        yield view

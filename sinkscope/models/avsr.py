@@ -1,0 +1,187 @@
+"""The Llama-AVSR architecture on any HF causal LM (ARCHITECTURE.md, "Token layout" and "Compression").
+
+    audio features -> AudioEncoder -> compress(K_a) -> Projector --+
+    mouth ROIs     -> VideoEncoder -> compress(K_v) -> Projector --+--> spliced into the LLM input embeddings
+    [BOS] <audio> A_1..A_n </audio> <video> V_1..V_m </video> [prompt] [transcript] [EOS]
+
+The LLM is frozen and trained through peft LoRA; the encoders are frozen; the projectors train. `build()`
+returns the input embeddings, the attention mask, the labels (-100 everywhere except transcript and EOS), and
+per sample the segment spans and token strings that the recorder writes into traces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sinkscope.models.encoders import AudioEncoder, AudioEncoderConfig, VideoEncoder, VideoEncoderConfig
+
+PROMPTS = {
+    "asr": "Transcribe speech to text.",
+    "vsr": "Transcribe video to text.",
+    "avsr": "Transcribe speech and video to text.",
+}
+MODALITIES = {"asr": ("audio",), "vsr": ("video",), "avsr": ("audio", "video")}
+DELIMITERS = ("<audio>", "</audio>", "<video>", "</video>")
+
+
+def compress(x: torch.Tensor, lengths: torch.Tensor, k: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Downsample `[B, T, D]` by K along time, dropping the remainder T mod K.
+
+    `stack` (Llama-AVSR) concatenates K consecutive frames into `[B, T//K, K*D]`; `avgpool` (the sinks paper)
+    averages them into `[B, T//K, D]`. Lengths become `lengths // K`.
+    """
+    if k < 1:
+        raise ValueError(f"the compression rate must be >= 1, not {k}")
+    b, t, d = x.shape
+    keep = (t // k) * k
+    x = x[:, :keep].reshape(b, t // k, k, d)  # [B, T//K, K, D]
+    if mode == "stack":
+        out = x.reshape(b, t // k, k * d)
+    elif mode == "avgpool":
+        out = x.mean(dim=2)
+    else:
+        raise ValueError(f"compression must be 'stack' or 'avgpool', not {mode!r}")
+    return out, lengths // k
+
+
+class Projector(nn.Module):
+    """Linear(in, hidden) -> ReLU -> Linear(hidden, d_llm), with an optional LayerNorm on the output."""
+
+    def __init__(self, d_in: int, d_llm: int, hidden: int = 2048, norm: bool = False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
+        self.norm = nn.LayerNorm(d_llm) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.net(x))
+
+
+@dataclass
+class AVSRConfig:
+    llm: str = "smollm2-135m"
+    mode: str = "avsr"
+    compression: str = "stack"
+    k_audio: int = 4
+    k_video: int = 2
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    projector_hidden: int = 2048
+    projector_norm: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def check(self) -> None:
+        if self.mode not in MODALITIES:
+            raise ValueError(f"mode must be one of {sorted(MODALITIES)}, not {self.mode!r}")
+        if self.compression not in ("stack", "avgpool"):
+            raise ValueError(f"compression must be 'stack' or 'avgpool', not {self.compression!r}")
+
+
+class AVSRModel(nn.Module):
+    """Frozen encoders + trainable projectors + a frozen LLM with LoRA."""
+
+    def __init__(self, cfg: AVSRConfig, llm=None, tokenizer=None):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        cfg.check()
+        self.cfg = cfg
+        if llm is None:
+            from sinkscope.models.llm import load_llm
+
+            llm, tokenizer = load_llm(cfg.llm)
+        tokenizer.add_special_tokens({"additional_special_tokens": list(DELIMITERS)})
+        llm.resize_token_embeddings(len(tokenizer))
+        for p in llm.parameters():
+            p.requires_grad_(False)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets))
+        self.llm = get_peft_model(llm, lora)
+        self.tokenizer = tokenizer
+        d_llm = llm.config.get_text_config().hidden_size
+        self.audio_encoder = AudioEncoder(cfg.audio) if "audio" in MODALITIES[cfg.mode] else None
+        self.video_encoder = VideoEncoder(cfg.video) if "video" in MODALITIES[cfg.mode] else None
+        widen = (lambda k: k) if cfg.compression == "stack" else (lambda k: 1)
+        self.audio_projector = Projector(self.audio_encoder.output_dim * widen(cfg.k_audio), d_llm,
+                                         cfg.projector_hidden, cfg.projector_norm) if self.audio_encoder else None
+        self.video_projector = Projector(self.video_encoder.output_dim * widen(cfg.k_video), d_llm,
+                                         cfg.projector_hidden, cfg.projector_norm) if self.video_encoder else None
+        for enc in (self.audio_encoder, self.video_encoder):
+            if enc is not None:
+                for p in enc.parameters():
+                    p.requires_grad_(False)
+        self.delimiter_ids = {d: tokenizer.convert_tokens_to_ids(d) for d in DELIMITERS}
+
+    # ------------------------------------------------------------------------------------------- inputs
+    def _embed_ids(self, ids: list[int], device) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=device))
+
+    def encode(self, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Projected modality tokens per modality: `([B, n, d_llm], lengths)`."""
+        out = {}
+        if self.audio_encoder is not None:
+            feats, lengths = self.audio_encoder(batch["audio_features"], batch["audio_lengths"])
+            feats, lengths = compress(feats, lengths, self.cfg.k_audio, self.cfg.compression)
+            out["audio"] = (self.audio_projector(feats), lengths)
+        if self.video_encoder is not None:
+            feats, lengths = self.video_encoder(batch["video"], batch["video_lengths"])
+            feats, lengths = compress(feats, lengths, self.cfg.k_video, self.cfg.compression)
+            out["video"] = (self.video_projector(feats), lengths)
+        return out
+
+    def build(self, batch: dict, with_transcript: bool = True) -> dict:
+        """LLM inputs in the Llama-AVSR layout, right-padded, with labels, segments and token strings."""
+        tok = self.tokenizer
+        device = self.llm.get_input_embeddings().weight.device
+        encoded = self.encode(batch)
+        prompt_ids = tok(PROMPTS[self.cfg.mode], add_special_tokens=False)["input_ids"]
+        rows, labels, segments, tokens = [], [], [], []
+        for i in range(len(batch["ids"])):
+            pieces: list[tuple[str, torch.Tensor, list[str], list[int]]] = []
+
+            def ids_piece(name, ids, learn=False, pieces=pieces):
+                pieces.append((name, self._embed_ids(ids, device), [tok.decode([t]) for t in ids],
+                               list(ids) if learn else [-100] * len(ids)))
+
+            ids_piece("bos", [tok.bos_token_id])
+            for modality in MODALITIES[self.cfg.mode]:
+                emb, lengths = encoded[modality]
+                n = int(lengths[i])
+                ids_piece(f"{modality}_start", [self.delimiter_ids[f"<{modality}>"]])
+                letter = modality[0].upper()
+                pieces.append((modality, emb[i, :n], [f"{letter}{j}" for j in range(n)], [-100] * n))
+                ids_piece(f"{modality}_end", [self.delimiter_ids[f"</{modality}>"]])
+            ids_piece("prompt", prompt_ids)
+            if with_transcript:
+                ids_piece("transcript", tok(" " + batch["transcripts"][i], add_special_tokens=False)["input_ids"],
+                          learn=True)
+                ids_piece("eos", [tok.eos_token_id], learn=True)
+            spans, start = [], 0
+            for name, emb, _, _ in pieces:
+                spans.append((name, start, start + len(emb)))
+                start += len(emb)
+            rows.append(torch.cat([p[1] for p in pieces]))
+            labels.append([lab for p in pieces for lab in p[3]])
+            segments.append(spans)
+            tokens.append([t for p in pieces for t in p[2]])
+        width = max(len(r) for r in rows)
+        d = rows[0].shape[1]
+        embeds = torch.zeros(len(rows), width, d, dtype=rows[0].dtype, device=device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        label_t = torch.full((len(rows), width), -100, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            embeds[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+            label_t[i, : len(r)] = torch.tensor(labels[i], device=device)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "labels": label_t, "segments": segments,
+                "tokens": tokens}
+
+    def forward(self, batch: dict):
+        inputs = self.build(batch)
+        return self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                        labels=inputs["labels"])

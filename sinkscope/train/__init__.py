@@ -1,0 +1,1 @@
+"""Training: CTC pretraining of the encoders (and, later, the AVSR model)."""

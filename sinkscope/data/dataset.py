@@ -205,11 +205,13 @@ class AVSRDataset(Dataset):
         max_av_mismatch: allowed difference between the audio and video durations, seconds.
         skip_bad: log and count unusable samples (`bad`) instead of raising; they come back as None, which
             `collate` drops.
+        load: the modalities to return ("audio" features and/or "video"); both files are always checked.
     """
 
     def __init__(self, root: str | Path, split: str | None = "train", layout: str = "auto", snr=None,
                  noise: str = "babble", n_mels: int = 80, video_multiple: int = 1, max_av_mismatch: float = 0.1,
-                 allow_resample: bool = True, skip_bad: bool = False, seed: int = 0):
+                 allow_resample: bool = True, skip_bad: bool = False, seed: int = 0,
+                 load: tuple[str, ...] = ("audio", "video")):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: corpus directory does not exist")
@@ -228,6 +230,9 @@ class AVSRDataset(Dataset):
         self.layout, self.split, self.snr, self.noise = layout, split, snr, noise
         self.video_multiple, self.max_av_mismatch = int(video_multiple), float(max_av_mismatch)
         self.allow_resample, self.skip_bad, self.seed = allow_resample, skip_bad, seed
+        if not set(load) <= {"audio", "video"} or not load:
+            raise DataError(f"load must name audio and/or video, not {load!r}")
+        self.load_modalities = tuple(load)
         self.bad: list[tuple[str, str]] = []
         self.epoch = 0
         # babble comes from other utterances of the split, or of the whole corpus when the split is tiny
@@ -278,16 +283,17 @@ class AVSRDataset(Dataset):
         snr = self.snr
         if snr == "train":
             snr = TRAIN_SNRS[int(rng.integers(len(TRAIN_SNRS)))]
-        if snr is not None:
-            audio = mix_at_snr(audio, self._noise(index, len(audio), rng), float(snr))
-        mel = self.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="longest")
-        mel = mel["input_features"][0].T[: len(audio) // 160]  # [T_a, n_mels], 100 frames/s
-        return {
-            "id": item.id, "speaker": item.speaker, "transcript": transcript, "snr": snr,
-            "audio": torch.from_numpy(audio),
-            "audio_features": torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32)),
-            "video": torch.from_numpy((video.astype(np.float32) / 255.0 - VIDEO_MEAN) / VIDEO_STD),
-        }
+        out = {"id": item.id, "speaker": item.speaker, "transcript": transcript, "snr": snr}
+        if "audio" in self.load_modalities:
+            if snr is not None:
+                audio = mix_at_snr(audio, self._noise(index, len(audio), rng), float(snr))
+            mel = self.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="longest")
+            mel = mel["input_features"][0].T[: len(audio) // 160]  # [T_a, n_mels], 100 frames/s
+            out["audio"] = torch.from_numpy(audio)
+            out["audio_features"] = torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32))
+        if "video" in self.load_modalities:
+            out["video"] = torch.from_numpy((video.astype(np.float32) / 255.0 - VIDEO_MEAN) / VIDEO_STD)
+        return out
 
     def __getitem__(self, index: int) -> dict | None:
         try:
@@ -315,17 +321,21 @@ def collate(batch: Sequence[dict | None]) -> dict | None:
     items = [b for b in batch if b is not None]
     if not items:
         return None
-    a_len = torch.tensor([len(b["audio_features"]) for b in items])
-    v_len = torch.tensor([len(b["video"]) for b in items])
-    n_mels = items[0]["audio_features"].shape[1]
-    feats = torch.zeros(len(items), int(a_len.max()), n_mels)
-    video = torch.zeros(len(items), int(v_len.max()), ROI, ROI)
-    for k, b in enumerate(items):
-        feats[k, : a_len[k]] = b["audio_features"]
-        video[k, : v_len[k]] = b["video"]
-    return {"ids": [b["id"] for b in items], "transcripts": [b["transcript"] for b in items],
-            "audio_features": feats, "audio_lengths": a_len, "video": video, "video_lengths": v_len,
-            "snr": [b["snr"] for b in items], "dropped": len(batch) - len(items)}
+    out = {"ids": [b["id"] for b in items], "transcripts": [b["transcript"] for b in items],
+           "snr": [b["snr"] for b in items], "dropped": len(batch) - len(items)}
+    if "audio_features" in items[0]:
+        a_len = torch.tensor([len(b["audio_features"]) for b in items])
+        feats = torch.zeros(len(items), int(a_len.max()), items[0]["audio_features"].shape[1])
+        for k, b in enumerate(items):
+            feats[k, : a_len[k]] = b["audio_features"]
+        out.update(audio_features=feats, audio_lengths=a_len)
+    if "video" in items[0]:
+        v_len = torch.tensor([len(b["video"]) for b in items])
+        video = torch.zeros(len(items), int(v_len.max()), ROI, ROI)
+        for k, b in enumerate(items):
+            video[k, : v_len[k]] = b["video"]
+        out.update(video=video, video_lengths=v_len)
+    return out
 
 
 class BucketBatchSampler(Sampler[list[int]]):

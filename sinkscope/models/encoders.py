@@ -64,7 +64,7 @@ class AudioEncoder(nn.Module):
 
 @dataclass
 class VideoEncoderConfig:
-    channels: int = 32
+    channels: int = 16
     d_model: int = 256
     layers: int = 2
     heads: int = 4

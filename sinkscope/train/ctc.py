@@ -138,9 +138,9 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print,
 def _pretrain_one(cfg: PretrainConfig, modality: str, out: Path, log, progress) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    train = _subset(AVSRDataset(cfg.data, "train", snr="train" if modality == "audio" else None, seed=cfg.seed),
-                    cfg.max_train)
-    test = _subset(AVSRDataset(cfg.data, "test"), cfg.max_eval)
+    train = _subset(AVSRDataset(cfg.data, "train", snr="train" if modality == "audio" else None, seed=cfg.seed,
+                                load=(modality,)), cfg.max_train)
+    test = _subset(AVSRDataset(cfg.data, "test", load=(modality,)), cfg.max_eval)
     sampler = BucketBatchSampler(train.lengths(), cfg.batch_size, shuffle=True, seed=cfg.seed)
     test_loader = DataLoader(test, batch_sampler=BucketBatchSampler(test.lengths(), cfg.batch_size, shuffle=False),
                              collate_fn=collate)

@@ -208,3 +208,26 @@ def cosine_by_segment(bos_cos, segments: Sequence[tuple[str, int, int]]) -> pd.D
     frame = pd.DataFrame(data)
     frame.index.name = "layer"
     return frame
+
+
+# ------------------------------------------------------------------------------------------ decorrelation loss
+def decorrelation_loss(hidden_states, context_mask: torch.Tensor) -> torch.Tensor:
+    """(torch, differentiable) The decorrelation term of the sinks paper's code: mean over layers 1..L-1 of the
+    mean over non-output tokens of cos(h[l, b, 0], h[l, b, i])^2.
+
+    `hidden_states` is HF's tuple (embeddings, block 0, ..., last block normed), so `hidden_states[1:-1]` are the
+    layers 1..L-1 of ARCHITECTURE.md (neither the embeddings nor the final normed output). `context_mask[B, T]`
+    is True on the non-output tokens i >= 1 (delimiters, modality tokens, prompt), False on BOS, transcript, EOS
+    and padding. The training loss is `CE + lambda * decorrelation_loss(...)` (lambda = 0 turns it off; the
+    paper's code default is 1e4).
+    """
+    layers = hidden_states[1:-1]
+    if not layers:
+        raise ValueError("decorrelation_loss needs at least 3 hidden states (embeddings, blocks, final)")
+    mask = context_mask.to(layers[0].device).float().clone()
+    mask[:, 0] = 0.0  # BOS itself never counts
+    per_layer = []
+    for h in layers:  # [B, T, D]
+        cos = torch.nn.functional.cosine_similarity(h[:, :1, :], h, dim=-1, eps=1e-8)  # [B, T]
+        per_layer.append(((cos**2) * mask).sum() / mask.sum().clamp(min=1.0))
+    return torch.stack(per_layer).mean()

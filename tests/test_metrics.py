@@ -78,3 +78,25 @@ def test_bos_cosine_and_segments():
     seg = metrics.cosine_by_segment(cos, [("bos", 0, 1), ("audio", 1, 3), ("prompt", 3, 4)])
     assert seg.loc[0, "audio"] == pytest.approx((np.sqrt(0.5) - 1) / 2)
     assert seg.loc[0, "prompt"] == pytest.approx(0.0)
+
+
+def test_decorrelation_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    B, T, D = 2, 5, 4
+    hidden = tuple(torch.randn(B, T, D, requires_grad=True) for _ in range(4))  # embeds, 2 blocks, final
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 0, 1, 0]], dtype=torch.bool)  # position 0 never counts
+    loss = metrics.decorrelation_loss(hidden, mask)
+    expected = []
+    for h in hidden[1:3]:
+        vals = []
+        for b in range(B):
+            for i in range(1, T):
+                if mask[b, i]:
+                    c = torch.dot(h[b, 0], h[b, i]) / (h[b, 0].norm() * h[b, i].norm())
+                    vals.append(c**2)
+        expected.append(torch.stack(vals).mean())
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    loss.backward()
+    assert hidden[1].grad is not None and hidden[0].grad is None and hidden[3].grad is None
+    aligned = tuple(torch.ones(1, 3, 2) for _ in range(3))
+    assert metrics.decorrelation_loss(aligned, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(1.0)

@@ -26,7 +26,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_model(mode: str, compression: str, k_audio: int = 4, k_video: int = 2) -> AVSRModel:
     cfg = AVSRConfig(mode=mode, compression=compression, k_audio=k_audio, k_video=k_video, projector_hidden=32,
-                     audio=AudioEncoderConfig(d_model=32, layers=1, heads=2, ffn=64, max_seconds=2.0),
+                     audio=AudioEncoderConfig(d_model=32, layers=1, heads=2, ffn=64, max_seconds=4.0),
                      video=VideoEncoderConfig(channels=4, d_model=32, layers=1, heads=2))
     torch.manual_seed(0)
     return AVSRModel(cfg, llm=tiny_llama(vocab_size=len(WORDS) + 8), tokenizer=tiny_tokenizer()).eval()

@@ -40,7 +40,12 @@ def test_loss_falls_and_a_resumed_run_is_identical(corpus, tmp_path):
     full = pretrain(tiny(corpus, tmp_path / "full", 3), log=lambda m: None)["audio"]
     losses = [h["train_loss"] for h in full["history"]]
     assert losses[-1] < losses[0], losses
-    pretrain(tiny(corpus, tmp_path / "split", 1), log=lambda m: None)
+    def killed_after_first_epoch(message: str) -> None:
+        if message.startswith("audio epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny(corpus, tmp_path / "split", 3), log=killed_after_first_epoch)
     resumed = pretrain(tiny(corpus, tmp_path / "split", 3), log=lambda m: None)["audio"]
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(losses, rel=1e-5)
     a = load_file(tmp_path / "full" / "audio" / "epoch-003.safetensors")

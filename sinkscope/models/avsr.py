@@ -134,8 +134,9 @@ class AVSRModel(nn.Module):
             out["video"] = (self.video_projector(feats), lengths)
         return out
 
-    def build(self, batch: dict, with_transcript: bool = True) -> dict:
-        """LLM inputs in the Llama-AVSR layout, right-padded, with labels, segments and token strings."""
+    def build(self, batch: dict, with_transcript: bool = True, padding_side: str = "right") -> dict:
+        """LLM inputs in the Llama-AVSR layout, padded (right for training, left for generation), with labels,
+        and per sample the segment spans and token strings (positions within the unpadded sample)."""
         tok = self.tokenizer
         device = self.llm.get_input_embeddings().weight.device
         encoded = self.encode(batch)
@@ -175,9 +176,10 @@ class AVSRModel(nn.Module):
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         label_t = torch.full((len(rows), width), -100, dtype=torch.long, device=device)
         for i, r in enumerate(rows):
-            embeds[i, : len(r)] = r
-            mask[i, : len(r)] = 1
-            label_t[i, : len(r)] = torch.tensor(labels[i], device=device)
+            span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+            embeds[i, span] = r
+            mask[i, span] = 1
+            label_t[i, span] = torch.tensor(labels[i], device=device)
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": label_t, "segments": segments,
                 "tokens": tokens}
 

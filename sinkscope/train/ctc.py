@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,13 +19,13 @@ from pathlib import Path
 
 import jiwer
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
 from sinkscope.data.dataset import AVSRDataset, BucketBatchSampler, collate
 from sinkscope.errors import SinkscopeError
 from sinkscope.models.encoders import AudioEncoder, AudioEncoderConfig, VideoEncoder, VideoEncoderConfig
+from sinkscope.train.checkpoint import load_checkpoint, save_checkpoint
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz'"
 BLANK = 0
@@ -150,12 +149,8 @@ def _pretrain_one(cfg: PretrainConfig, modality: str, out: Path, log, progress) 
     state_file = out / "state.json"
     state = {"epoch": 0, "step": 0, "history": []}
     if state_file.exists():
-        state = json.loads(state_file.read_text())
-        name = state["checkpoint"]
-        model.load_state_dict(load_file(out / f"{name}.safetensors"))
-        extra = torch.load(out / f"{name}.pt", weights_only=True)
-        optimiser.load_state_dict(extra["optimiser"])
-        torch.set_rng_state(extra["rng"])
+        state, weights = load_checkpoint(out, optimiser)
+        model.load_state_dict(weights)
         log(f"{modality}: resuming after epoch {state['epoch']}")
     total = cfg.epochs * len(sampler)
     model.train()
@@ -187,28 +182,10 @@ def _pretrain_one(cfg: PretrainConfig, modality: str, out: Path, log, progress) 
         state["epoch"] += 1
         state["history"].append({"epoch": state["epoch"], "train_loss": loss_sum / max(1, seen),
                                  "cer": metrics["cer"], "wer": metrics["wer"], "seconds": time.time() - start})
-        _save(out, model, optimiser, state)
+        save_checkpoint(out, f"epoch-{state['epoch']:03d}", model.state_dict(), optimiser, state)
         log(f"{modality} epoch {state['epoch']}/{cfg.epochs}: loss {loss_sum / max(1, seen):.3f}, "
             f"test CER {metrics['cer']:.3f}, WER {metrics['wer']:.3f} ({time.time() - start:.0f} s), "
             f"e.g. {metrics['example'][0]!r} for {metrics['reference'][0]!r}")
     final = evaluate(model, test_loader)
     return {"cer": final["cer"], "wer": final["wer"], "n": final["n"], "epochs": state["epoch"],
             "history": state["history"]}
-
-
-def _save(out: Path, model: nn.Module, optimiser, state: dict) -> None:
-    """Write `epoch-N.safetensors` (weights) and `epoch-N.pt` (optimiser), then replace state.json, which names
-    them: state.json is the commit point, so a kill at any moment leaves a consistent checkpoint."""
-    name = f"epoch-{state['epoch']:03d}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f".{name}.safetensors"))
-    torch.save({"optimiser": optimiser.state_dict(), "rng": torch.get_rng_state()}, out / f".{name}.pt")
-    os.replace(out / f".{name}.safetensors", out / f"{name}.safetensors")
-    os.replace(out / f".{name}.pt", out / f"{name}.pt")
-    previous = json.loads((out / "state.json").read_text()).get("checkpoint") if (out / "state.json").exists() \
-        else None
-    state["checkpoint"] = name
-    (out / ".state.tmp").write_text(json.dumps(state, indent=2))
-    os.replace(out / ".state.tmp", out / "state.json")
-    if previous and previous != name:
-        for ext in (".safetensors", ".pt"):
-            (out / f"{previous}{ext}").unlink(missing_ok=True)

@@ -1,0 +1,55 @@
+"""Resumable checkpoints: weights (safetensors), optimiser + RNG state (torch.save, read back with
+`weights_only=True`), and `state.json`, which names them and is replaced last (the commit point)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sinkscope.errors import SinkscopeError
+
+
+def save_checkpoint(out: Path, name: str, weights: dict[str, torch.Tensor], optimiser, state: dict) -> None:
+    """Write `name.safetensors` and `name.pt`, then `state.json` naming them; drop the previous checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(out / f".{name}.safetensors"))
+    torch.save({"optimiser": optimiser.state_dict(), "rng": torch.get_rng_state()}, out / f".{name}.pt")
+    os.replace(out / f".{name}.safetensors", out / f"{name}.safetensors")
+    os.replace(out / f".{name}.pt", out / f"{name}.pt")
+    previous = read_state(out).get("checkpoint") if (out / "state.json").exists() else None
+    state["checkpoint"] = name
+    (out / ".state.tmp").write_text(json.dumps(state, indent=2))
+    os.replace(out / ".state.tmp", out / "state.json")
+    if previous and previous != name:
+        for ext in (".safetensors", ".pt"):
+            (out / f"{previous}{ext}").unlink(missing_ok=True)
+
+
+def read_state(out: Path) -> dict:
+    try:
+        return json.loads((out / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SinkscopeError(f"{out / 'state.json'} is not readable JSON ({exc})") from exc
+
+
+def load_weights(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The state and the weights of the checkpoint that `out/state.json` names."""
+    state = read_state(out)
+    path = out / f"{state.get('checkpoint')}.safetensors"
+    try:
+        return state, load_file(path)
+    except Exception as exc:
+        raise SinkscopeError(f"{path} is missing or not a safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
+def load_checkpoint(out: Path, optimiser) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Weights and state, and restore the optimiser and the torch RNG."""
+    state, weights = load_weights(out)
+    extra = torch.load(out / f"{state['checkpoint']}.pt", weights_only=True)
+    optimiser.load_state_dict(extra["optimiser"])
+    torch.set_rng_state(extra["rng"])
+    return state, weights

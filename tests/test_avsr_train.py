@@ -1,0 +1,64 @@
+"""AVSR training on a tiny config: the loss falls, decoding runs, a resumed run is identical, configs check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sinkscope.data.synth import SynthConfig, synthesize
+from sinkscope.errors import SinkscopeError
+from sinkscope.train.avsr import context_mask, load_config, train
+from tests.test_avsr_model import tiny_model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("avsr-corpus")
+    synthesize(out, SynthConfig(n=30, seed=5), workers=2)
+    return out
+
+
+def config(corpus, out, epochs):
+    cfg = load_config(None, [f"data={corpus}", f"out={out}", f"epochs={epochs}", "batch_size=4", "lr=0.003",
+                             "warmup_steps=2", "max_train=12", "max_eval=4", "max_new_tokens=4",
+                             "decorrelation=10.0"])
+    cfg.model = tiny_model("avsr", "stack").cfg
+    return cfg
+
+
+def test_loss_falls_and_resume_is_identical(corpus, tmp_path):
+    full = train(config(corpus, tmp_path / "full", 3), log=lambda m: None, model=tiny_model("avsr", "stack"))
+    ce = [h["ce"] for h in full["history"]]
+    assert ce[-1] < ce[0], ce
+    assert all(h["decorrelation"] > 0 for h in full["history"])
+    assert all(0 <= h["wer"] for h in full["history"])
+    def killed_after_first_epoch(message: str) -> None:
+        if message.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(corpus, tmp_path / "split", 3), log=killed_after_first_epoch, model=tiny_model("avsr", "stack"))
+    resumed = train(config(corpus, tmp_path / "split", 3), log=lambda m: None, model=tiny_model("avsr", "stack"))
+    assert [h["ce"] for h in resumed["history"]] == pytest.approx(ce, rel=1e-5)
+    a = load_file(tmp_path / "full" / "epoch-003.safetensors")
+    b = load_file(tmp_path / "split" / "epoch-003.safetensors")
+    assert a.keys() == b.keys() and all("projector" in k or "lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_context_mask_and_config_errors(tmp_path):
+    mask = context_mask([[("bos", 0, 1), ("audio_start", 1, 2), ("audio", 2, 5), ("prompt", 5, 7),
+                          ("transcript", 7, 9), ("eos", 9, 10)]], 12)
+    assert mask[0].tolist() == [False] + [True] * 6 + [False] * 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(SinkscopeError, match=r"bad\.yaml: unknown field\(s\) \['learning_rate'\]"):
+        load_config(bad)
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(SinkscopeError, match="not a readable YAML config"):
+        load_config(bad)
+    with pytest.raises(SinkscopeError, match="expected key=value"):
+        load_config(None, ["epochs"])
+    assert load_config(None, ["model.k_audio=8", "decorrelation=1e4"]).model.k_audio == 8

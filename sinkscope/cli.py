@@ -214,15 +214,71 @@ def pretrain_encoders(
 
 
 @app.command()
-def train() -> None:
-    """Train the AVSR LLM (LoRA), with or without the decorrelation loss."""
-    _not_yet("train")
+def train(
+    config: Path = typer.Option(None, "--config", help="YAML config (see experiments/configs/)."),
+    overrides: list[str] = typer.Option(None, "--set", help="key=value overrides, e.g. --set model.k_audio=8."),
+) -> None:
+    """Train the AVSR LLM (projectors + LoRA), with or without the decorrelation loss; resumes a killed run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sinkscope.train.avsr import load_config
+    from sinkscope.train.avsr import train as run_training
+
+    try:
+        cfg = load_config(config, list(overrides or []))
+        if not cfg.data or not cfg.out:
+            _fail("the config needs `data` and `out` (set them in the YAML or with --set data=DIR --set out=DIR)")
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=err_console, transient=True) as bar:
+            task = bar.add_task("train", total=None)
+
+            def progress(done: int, total: int, loss: float, lr: float, tps: float) -> None:
+                bar.update(task, completed=done, total=total,
+                           description=f"train loss {loss:.3f} lr {lr:.2e} {tps:.0f} tok/s")
+
+            state = run_training(cfg, log=lambda msg: bar.console.print(msg), progress=progress)
+    except SinkscopeError as exc:
+        _fail(str(exc))
+    last = state["history"][-1] if state["history"] else {}
+    console.print(f"{cfg.out}: {state['epoch']} epochs; last test WER {last.get('wer', float('nan')):.3f}")
 
 
 @app.command("eval")
-def evaluate() -> None:
-    """Decode a test split and compute WER."""
-    _not_yet("eval")
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A training run directory."),
+    data: Path = typer.Option(..., "--data", help="Corpus directory."),
+    split: str = typer.Option("test"),
+    snr: float = typer.Option(None, help="Mix babble noise at this SNR (dB); clean when not given."),
+    beam: int = typer.Option(1, min=1, help="Beam size (1 = greedy)."),
+    limit: int = typer.Option(None, help="Only the first N utterances."),
+    out: Path = typer.Option(None, help="CSV of per-utterance hypotheses (default: CHECKPOINT/eval-...csv)."),
+    as_json: bool = typer.Option(False, "--json", help="End with one JSON line: wer, cer, n, mode, snr."),
+) -> None:
+    """Decode a split with the trained model and compute WER/CER (jiwer, lower-cased)."""
+    import json as _json
+
+    import pandas as pd
+
+    from sinkscope.data.dataset import AVSRDataset
+    from sinkscope.train.avsr import evaluate as run_eval
+    from sinkscope.train.avsr import load_trained
+
+    try:
+        model, cfg = load_trained(checkpoint)
+        dataset = AVSRDataset(data, split, snr=snr, video_multiple=cfg.model.k_video)
+        if limit:
+            dataset.items = dataset.items[:limit]
+        result = run_eval(model, dataset, cfg, beams=beam)
+    except SinkscopeError as exc:
+        _fail(str(exc))
+    tag = f"{split}-{'clean' if snr is None else f'snr{snr:g}'}-beam{beam}"
+    csv = out or checkpoint / f"eval-{tag}.csv"
+    pd.DataFrame(result["hypotheses"], columns=["id", "reference", "hypothesis"]).to_csv(csv, index=False)
+    console.print(f"{cfg.model.mode} {tag}: WER {result['wer']:.3f}, CER {result['cer']:.3f} on {result['n']} "
+                  f"utterances (hypotheses in {csv})")
+    if as_json:
+        print(_json.dumps({"wer": result["wer"], "cer": result["cer"], "n": result["n"], "mode": cfg.model.mode,
+                           "snr": snr, "beam": beam, "split": split}))
 
 
 @app.command()

@@ -62,3 +62,36 @@ def test_context_mask_and_config_errors(tmp_path):
     with pytest.raises(SinkscopeError, match="expected key=value"):
         load_config(None, ["epochs"])
     assert load_config(None, ["model.k_audio=8", "decorrelation=1e4"]).model.k_audio == 8
+
+
+def test_train_and_eval_from_the_command_line(corpus, tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+    from tests.test_avsr_model import WORDS, tiny_tokenizer
+    from tests.tiny_models import tiny_llama
+
+    llm_dir = tmp_path / "tiny-llm"
+    tiny_llama(vocab_size=len(WORDS) + 8).save_pretrained(llm_dir)
+    tiny_tokenizer().save_pretrained(llm_dir)
+    model_cfg = {"llm": str(llm_dir), "mode": "avsr", "projector_hidden": 32,
+                 "audio": {"d_model": 32, "layers": 1, "heads": 2, "ffn": 64, "max_seconds": 4.0},
+                 "video": {"channels": 4, "d_model": 32, "layers": 1, "heads": 2}}
+    cfg = {"data": str(corpus), "out": str(tmp_path / "run"), "model": model_cfg, "epochs": 1, "batch_size": 4,
+           "max_train": 8, "max_eval": 4, "max_new_tokens": 4}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--config", str(tmp_path / "cfg.yaml"), "--set", "lr=0.002"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus), "--limit", "4",
+                              "--snr", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output.strip().splitlines()[-1])
+    assert result["n"] == 4 and result["snr"] == 0 and result["mode"] == "avsr" and result["wer"] >= 0
+    assert (tmp_path / "run" / "eval-test-snr0-beam1.csv").is_file()
+    (tmp_path / "run" / "state.json").write_text("{broken")
+    res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus)])
+    assert res.exit_code == 1 and "state.json is not readable JSON" in res.output

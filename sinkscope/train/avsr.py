@@ -229,3 +229,22 @@ def evaluate(model: AVSRModel, dataset: AVSRDataset, cfg: TrainConfig, beams: in
     result = score(refs, hyps)
     result["hypotheses"] = list(zip(ids, refs, hyps, strict=True))
     return result
+
+
+def load_trained(run: str | Path) -> tuple[AVSRModel, TrainConfig]:
+    """An AVSR model from a training run directory: its config.yaml, encoders and trainable weights."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise SinkscopeError(f"{run} is not a training run: it has no config.yaml")
+    cfg = load_config(run / "config.yaml")
+    model = AVSRModel(cfg.model)
+    if cfg.encoders:
+        load_encoders(model, cfg.encoders)
+    _, weights = load_weights(run)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
+    if missing or unexpected:
+        raise SinkscopeError(f"{run}: the checkpoint does not match its config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    model.load_state_dict(weights, strict=False)
+    return model.eval(), cfg

@@ -77,6 +77,10 @@ def prepare(model: str = typer.Option("smollm2-135m", help="Known name, .gguf fi
 def record(
     out: Path = typer.Option(..., "--out", help="Trace directory to create (or continue with --resume)."),
     model: str = typer.Option("smollm2-135m", help="Known name, .gguf file, HF directory or cached hub id."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="An AVSR training run: record AV samples."),
+    data: Path = typer.Option(None, "--data", help="Corpus for --checkpoint."),
+    split: str = typer.Option("test", help="Corpus split for --checkpoint."),
+    n: int = typer.Option(None, "--n", min=1, help="Record the first N utterances (--checkpoint)."),
     text: list[str] = typer.Option(None, "--text", help="A prompt to record (repeatable)."),
     text_file: Path = typer.Option(None, "--text-file", help="UTF-8 file with one prompt per line."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
@@ -94,6 +98,9 @@ def record(
     from sinkscope.models.llm import load_llm
     from sinkscope.record.run import parse_attention_maps, parse_layers, read_text_file, record_texts
 
+    if checkpoint is not None:
+        _record_checkpoint(checkpoint, data, split, n, out, batch_size, attention_maps, hidden_states, resume)
+        return
     try:
         texts = list(text or []) + (read_text_file(text_file) if text_file else [])
         if not texts:
@@ -116,6 +123,35 @@ def record(
     except SinkscopeError as exc:
         _fail(str(exc))
     console.print(f"recorded {recorded} samples into {out}" + (f" ({skipped} already there)" if skipped else ""))
+
+
+def _record_checkpoint(checkpoint, data, split, n, out, batch_size, attention_maps, hidden_states, resume):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sinkscope.data.dataset import AVSRDataset
+    from sinkscope.record.run import parse_attention_maps, parse_layers, record_avsr
+    from sinkscope.train.avsr import load_trained
+
+    if data is None:
+        _fail("--checkpoint needs --data (the corpus to record)")
+    try:
+        model, cfg = load_trained(checkpoint)
+        dataset = AVSRDataset(data, split, video_multiple=cfg.model.k_video)
+        total = len(dataset) if n is None else min(n, len(dataset))
+        config = {"model": f"{cfg.model.llm} + AVSR ({checkpoint})", "checkpoint": str(checkpoint),
+                  "data": str(data), "split": split, "mode": cfg.model.mode, "compression": cfg.model.compression,
+                  "k_audio": cfg.model.k_audio, "k_video": cfg.model.k_video, "decorrelation": cfg.decorrelation}
+        columns = [TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=err_console) as bar:
+            task = bar.add_task("record", total=total)
+            recorded, skipped = record_avsr(model, dataset, out, n=n, batch_size=batch_size,
+                                            attention_maps=parse_attention_maps(attention_maps),
+                                            hidden_states=parse_layers(hidden_states), resume=resume, config=config,
+                                            progress=lambda k: bar.advance(task, k))
+            bar.advance(task, skipped)
+    except SinkscopeError as exc:
+        _fail(str(exc))
+    console.print(f"recorded {recorded} AV samples into {out}" + (f" ({skipped} already there)" if skipped else ""))
 
 
 @app.command()

@@ -92,6 +92,18 @@ def test_train_and_eval_from_the_command_line(corpus, tmp_path):
     result = json.loads(res.output.strip().splitlines()[-1])
     assert result["n"] == 4 and result["snr"] == 0 and result["mode"] == "avsr" and result["wer"] >= 0
     assert (tmp_path / "run" / "eval-test-snr0-beam1.csv").is_file()
+    res = runner.invoke(app, ["record", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus), "--n", "3",
+                              "--out", str(tmp_path / "av-trace")])
+    assert res.exit_code == 0, res.output
+    from sinkscope.trace import Trace
+
+    tr = Trace.load(tmp_path / "av-trace")
+    s = tr[0]
+    names = [name for name, _, _ in s.segments]
+    assert names == ["bos", "audio_start", "audio", "audio_end", "video_start", "video", "video_end", "prompt",
+                     "transcript", "eos"]
+    assert s.tokens[1] == "<audio>" and s.tokens[2] == "A0" and len(tr) == 3
+    assert s.extra["mode"] == "avsr" and tr.manifest["config"]["k_audio"] == 4
     (tmp_path / "run" / "state.json").write_text("{broken")
     res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus)])
     assert res.exit_code == 1 and "state.json is not readable JSON" in res.output

@@ -118,3 +118,43 @@ def record_texts(
             if progress is not None:
                 progress(len(batch))
     return recorded, len(texts) - len(todo)
+
+
+def record_avsr(model, dataset, out: str | os.PathLike, n: int | None = None, batch_size: int = 4,
+                attention_maps: Sequence[tuple[int, int]] = (), hidden_states: Sequence[int] = (),
+                resume: bool = False, config: dict | None = None, progress: Callable | None = None) -> tuple[int, int]:
+    """Record AVSR samples (prompt + reference transcript, teacher-forced) with their segments and tokens."""
+    from torch.utils.data import DataLoader
+
+    from sinkscope.data.dataset import collate
+
+    out = Path(out)
+    items = list(range(len(dataset) if n is None else min(n, len(dataset))))
+    done: set[str] = set()
+    with Recorder(model.llm, attention_maps, hidden_states) as probe:
+        manifest = probe.manifest(config)
+    if (out / MANIFEST).exists():
+        done = TraceWriter(out, manifest).sample_ids
+        if done and not resume:
+            raise TraceError(f"{out} already holds {len(done)} samples; pass --resume to continue it, "
+                             "or choose a new --out")
+    todo = [i for i in items if dataset.items[i].id not in done]
+    loader = DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size, collate_fn=collate)
+    recorded = 0
+    with Recorder(model.llm, attention_maps, hidden_states) as rec:
+        for batch in loader:
+            if batch is None:
+                continue
+            with torch.no_grad():
+                built = model.build(batch)
+                lengths = built["attention_mask"].sum(dim=1).tolist()
+                rec.annotate_next(sample_ids=batch["ids"], tokens=[t[:k] for t, k in zip(built["tokens"], lengths,
+                                                                                         strict=True)],
+                                  segments=built["segments"],
+                                  extra=[{"transcript": t, "mode": model.cfg.mode} for t in batch["transcripts"]])
+                model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
+            rec.save(out, config)
+            recorded += len(batch["ids"])
+            if progress is not None:
+                progress(len(batch["ids"]))
+    return recorded, len(items) - len(todo)

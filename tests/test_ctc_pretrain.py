@@ -62,3 +62,27 @@ def test_resuming_with_other_settings_is_refused(corpus, tmp_path):
     other.lr = 1e-4
     with pytest.raises(SinkscopeError, match=r"used other settings for \['lr'\]"):
         pretrain(other, log=lambda m: None)
+
+
+@pytest.mark.parametrize("modality,max_cer", [("audio", 0.45), ("video", 0.2)])
+def test_shipped_encoders_carry_information(modality, max_cer, tmp_path):
+    """The fp16 encoders in experiments/weights (8 epochs on corpora/grid-2k) reached greedy-CTC CER 0.234 (audio)
+    and 0.055 (video) on 200 held-out-speaker utterances; on a fresh corpus of another seed they must still read
+    unseen test speakers far better than chance (~0.9 CER)."""
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from sinkscope.data.dataset import AVSRDataset, collate
+    from sinkscope.train.ctc import CTCModel, evaluate
+
+    weights = Path(__file__).resolve().parents[1] / "experiments" / "weights" / "encoders-grid-2k"
+    corpus = tmp_path / "fresh"
+    synthesize(corpus, SynthConfig(n=60, seed=11), workers=2)
+    cfg = PretrainConfig(data=str(corpus), out=str(tmp_path / "unused"))
+    model = CTCModel(modality, cfg.audio, cfg.video)
+    state = load_file(weights / f"{modality}.safetensors")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    test = AVSRDataset(corpus, "test", load=(modality,))
+    result = evaluate(model, DataLoader(test, batch_size=8, collate_fn=collate))
+    assert result["n"] >= 5 and result["cer"] < max_cer, result

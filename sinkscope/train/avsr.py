@@ -101,12 +101,19 @@ def context_mask(segments: list[list[tuple[str, int, int]]], width: int) -> torc
 
 
 def load_encoders(model: AVSRModel, run: str | Path) -> None:
-    """Load CTC-pretrained encoder weights from a `pretrain-encoders` run directory."""
+    """Load CTC-pretrained encoder weights: a `pretrain-encoders` run directory (`audio/state.json`, ...) or a
+    directory of exported `audio.safetensors` / `video.safetensors` (fp16 is cast to the model's dtype)."""
     run = Path(run)
     for modality, encoder in (("audio", model.audio_encoder), ("video", model.video_encoder)):
         if encoder is None:
             continue
-        _, weights = load_weights(run / modality)
+        exported = run / f"{modality}.safetensors"
+        if exported.is_file():
+            from safetensors.torch import load_file
+
+            weights = {k: v.float() if v.is_floating_point() else v for k, v in load_file(exported).items()}
+        else:
+            _, weights = load_weights(run / modality)
         state = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -20,6 +20,19 @@ def smollm2():
     return load_llm("smollm2-135m")
 
 
+@pytest.fixture(scope="module")
+def make_corpus(tmp_path_factory):
+    """A factory for small synthetic corpora: `make_corpus(n, seed)`, generated with 2 workers."""
+    from sinkscope.data.synth import SynthConfig, synthesize
+
+    def make(n: int, seed: int):
+        out = tmp_path_factory.mktemp(f"corpus-{n}-{seed}")
+        synthesize(out, SynthConfig(n=n, seed=seed), workers=2)
+        return out
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

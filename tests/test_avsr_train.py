@@ -6,17 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sinkscope.data.synth import SynthConfig, synthesize
 from sinkscope.errors import SinkscopeError
 from sinkscope.train.avsr import context_mask, load_config, train
 from tests.test_avsr_model import tiny_model
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("avsr-corpus")
-    synthesize(out, SynthConfig(n=30, seed=5), workers=2)
-    return out
+def corpus(make_corpus):
+    return make_corpus(30, 5)
 
 
 def config(corpus, out, epochs):

@@ -23,10 +23,8 @@ def test_greedy_decode_merges_repeats_and_drops_blanks():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ctc-corpus")
-    synthesize(out, SynthConfig(n=40, seed=4), workers=2)
-    return out
+def corpus(make_corpus):
+    return make_corpus(40, 4)
 
 
 def tiny(data, out, epochs):

@@ -25,7 +25,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sinkscope.errors import RecorderError
-from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, massive_frame, massive_threshold, median_nonneg
+from sinkscope.metrics import (
+    MASSIVE_ABS,
+    MASSIVE_REL,
+    SINK_EPS,
+    SINK_HEAD_FRACTION,
+    massive_frame,
+    massive_threshold,
+    median_nonneg,
+)
 from sinkscope.record import attention as attn_fn
 from sinkscope.trace import SampleRecord, TraceWriter
 
@@ -345,7 +353,7 @@ class Recorder:
             "n_heads": self.n_heads,
             "hidden_size": self.hidden_size,
             "thresholds": {"massive_abs": self.abs_threshold, "massive_rel": self.rel_threshold,
-                           "sink_eps": 0.3, "sink_head_fraction": 0.5},
+                           "sink_eps": SINK_EPS, "sink_head_fraction": SINK_HEAD_FRACTION},
             "top_k": self.top_k,
             "config": config,
         }

@@ -1,1 +1,1 @@
-"""Training: CTC pretraining of the encoders (and, later, the AVSR model)."""
+"""Training: CTC pretraining of the encoders (`ctc`), the AVSR model (`avsr`), resumable checkpoints."""

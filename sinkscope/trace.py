@@ -22,7 +22,7 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -349,11 +349,3 @@ def _write_sample(directory: Path, s: SampleRecord) -> None:
     if s.hidden_states:
         save_file({f"L{lay}": np.ascontiguousarray(a) for lay, a in s.hidden_states.items()},
                   str(directory / "hidden_states.safetensors"))
-
-
-def write_trace(path: str | os.PathLike, samples: Sequence[SampleRecord], manifest: dict) -> Path:
-    """Write (or append) `samples` to the trace at `path`."""
-    writer = TraceWriter(path, manifest)
-    for s in samples:
-        writer.append(s)
-    return writer.path

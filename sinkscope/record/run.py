@@ -69,6 +69,17 @@ def encode_with_bos(tokenizer, text: str, max_length: int | None) -> list[int]:
     return ids[:max_length] if max_length else ids
 
 
+def existing_ids(out: Path, manifest: dict, resume: bool) -> set[str]:
+    """Sample ids already in the trace at `out` (checked against `manifest`); a non-empty trace needs `resume`."""
+    if not (out / MANIFEST).exists():
+        return set()
+    done = TraceWriter(out, manifest).sample_ids
+    if done and not resume:
+        raise TraceError(f"{out} already holds {len(done)} samples; pass --resume to continue it, "
+                         "or choose a new --out")
+    return done
+
+
 def record_texts(
     model,
     tokenizer,
@@ -89,13 +100,7 @@ def record_texts(
     """
     out = Path(out)
     ids = [prompt_id(i, t) for i, t in enumerate(texts)]
-    done: set[str] = set()
-    if (out / MANIFEST).exists():
-        with Recorder(model, attention_maps, hidden_states) as probe:
-            done = TraceWriter(out, probe.manifest(config)).sample_ids
-        if done and not resume:
-            raise TraceError(f"{out} already holds {len(done)} samples; pass --resume to continue it, "
-                             "or choose a new --out")
+    done = existing_ids(out, Recorder(model, attention_maps, hidden_states).manifest(config), resume)
     todo = [(sid, t) for sid, t in zip(ids, texts, strict=True) if sid not in done]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -130,14 +135,7 @@ def record_avsr(model, dataset, out: str | os.PathLike, n: int | None = None, ba
 
     out = Path(out)
     items = list(range(len(dataset) if n is None else min(n, len(dataset))))
-    done: set[str] = set()
-    with Recorder(model.llm, attention_maps, hidden_states) as probe:
-        manifest = probe.manifest(config)
-    if (out / MANIFEST).exists():
-        done = TraceWriter(out, manifest).sample_ids
-        if done and not resume:
-            raise TraceError(f"{out} already holds {len(done)} samples; pass --resume to continue it, "
-                             "or choose a new --out")
+    done = existing_ids(out, Recorder(model.llm, attention_maps, hidden_states).manifest(config), resume)
     todo = [i for i in items if dataset.items[i].id not in done]
     loader = DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size, collate_fn=collate)
     recorded = 0

@@ -82,6 +82,10 @@ class AVSRConfig:
             raise ValueError(f"compression must be 'stack' or 'avgpool', not {self.compression!r}")
 
 
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
 class AVSRModel(nn.Module):
     """Frozen encoders + trainable projectors + a frozen LLM with LoRA."""
 
@@ -116,6 +120,7 @@ class AVSRModel(nn.Module):
                 for p in enc.parameters():
                     p.requires_grad_(False)
         self.delimiter_ids = {d: tokenizer.convert_tokens_to_ids(d) for d in DELIMITERS}
+        self._token_texts: dict[int, str] = {}
 
     # ------------------------------------------------------------------------------------------- inputs
     def _embed_ids(self, ids: list[int], device) -> torch.Tensor:
@@ -125,11 +130,13 @@ class AVSRModel(nn.Module):
         """Projected modality tokens per modality: `([B, n, d_llm], lengths)`."""
         out = {}
         if self.audio_encoder is not None:
-            feats, lengths = self.audio_encoder(batch["audio_features"], batch["audio_lengths"])
+            with torch.set_grad_enabled(_trainable(self.audio_encoder)):
+                feats, lengths = self.audio_encoder(batch["audio_features"], batch["audio_lengths"])
             feats, lengths = compress(feats, lengths, self.cfg.k_audio, self.cfg.compression)
             out["audio"] = (self.audio_projector(feats), lengths)
         if self.video_encoder is not None:
-            feats, lengths = self.video_encoder(batch["video"], batch["video_lengths"])
+            with torch.set_grad_enabled(_trainable(self.video_encoder)):
+                feats, lengths = self.video_encoder(batch["video"], batch["video_lengths"])
             feats, lengths = compress(feats, lengths, self.cfg.k_video, self.cfg.compression)
             out["video"] = (self.video_projector(feats), lengths)
         return out
@@ -146,7 +153,7 @@ class AVSRModel(nn.Module):
             pieces: list[tuple[str, torch.Tensor, list[str], list[int]]] = []
 
             def ids_piece(name, ids, learn=False, pieces=pieces):
-                pieces.append((name, self._embed_ids(ids, device), [tok.decode([t]) for t in ids],
+                pieces.append((name, self._embed_ids(ids, device), [self._token_text(t) for t in ids],
                                list(ids) if learn else [-100] * len(ids)))
 
             ids_piece("bos", [tok.bos_token_id])
@@ -183,7 +190,25 @@ class AVSRModel(nn.Module):
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": label_t, "segments": segments,
                 "tokens": tokens}
 
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def transcript_loss(self, built: dict, output_hidden_states: bool = False):
+        """Mean cross-entropy over the transcript+EOS tokens of `build()`'s output, as `labels=` would give, but
+        with the LM head applied only at the positions that predict a label (≈ 8x less head compute here).
+        Returns `(loss, outputs)`; `outputs.hidden_states` is filled when asked."""
+        labels = built["labels"]
+        targets = labels[:, 1:]
+        keep = torch.nonzero((targets != -100).any(0)).flatten()
+        res = self.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"],
+                       logits_to_keep=keep, output_hidden_states=output_hidden_states)
+        logits = res.logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 targets[:, keep].reshape(-1), ignore_index=-100)
+        return loss, res
+
     def forward(self, batch: dict):
-        inputs = self.build(batch)
-        return self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-                        labels=inputs["labels"])
+        return self.transcript_loss(self.build(batch))[0]

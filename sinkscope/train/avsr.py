@@ -191,9 +191,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Callab
                 group["lr"] = lr
             inner = accelerator.unwrap_model(model)
             built = inner.build(batch)
-            res = inner.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"],
-                            labels=built["labels"], output_hidden_states=cfg.decorrelation > 0)
-            loss = res.loss
+            ce, res = inner.transcript_loss(built, output_hidden_states=cfg.decorrelation > 0)
+            loss = ce
             if cfg.decorrelation > 0:
                 dec = decorrelation_loss(res.hidden_states,
                                          context_mask(built["segments"], built["inputs_embeds"].shape[1]))
@@ -204,11 +203,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Callab
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
             state["step"] += 1
-            ce_sum += float(res.loss.detach())
+            ce_sum += float(ce.detach())
             seen += 1
             tokens += int(built["attention_mask"].sum())
             if progress is not None:
-                progress(k + 1, len(sampler), float(res.loss.detach()), lr, tokens / max(1e-9, time.time() - start))
+                progress(k + 1, len(sampler), float(ce.detach()), lr, tokens / max(1e-9, time.time() - start))
         metrics = evaluate(accelerator.unwrap_model(model), test_set, cfg)
         state["epoch"] += 1
         state["history"].append({"epoch": state["epoch"], "ce": ce_sum / max(1, seen),

@@ -77,7 +77,8 @@ def prepare(model: str = typer.Option("smollm2-135m", help="Known name, .gguf fi
 def record(
     out: Path = typer.Option(..., "--out", help="Trace directory to create (or continue with --resume)."),
     model: str = typer.Option("smollm2-135m", help="Known name, .gguf file, HF directory or cached hub id."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="An AVSR training run: record AV samples."),
+    checkpoint: Path = typer.Option(None, "--checkpoint",
+                                    help="An AVSR training run (or `demo`): record AV samples."),
     data: Path = typer.Option(None, "--data", help="Corpus for --checkpoint."),
     split: str = typer.Option("test", help="Corpus split for --checkpoint."),
     n: int = typer.Option(None, "--n", min=1, help="Record the first N utterances (--checkpoint)."),
@@ -253,6 +254,8 @@ def pretrain_encoders(
 def train(
     config: Path = typer.Option(None, "--config", help="YAML config (see experiments/configs/)."),
     overrides: list[str] = typer.Option(None, "--set", help="key=value overrides, e.g. --set model.k_audio=8."),
+    until_epoch: int = typer.Option(None, "--until-epoch", min=1,
+                                    help="Stop after this epoch (the schedule still spans `epochs`); resume later."),
 ) -> None:
     """Train the AVSR LLM (projectors + LoRA), with or without the decorrelation loss; resumes a killed run."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -272,7 +275,8 @@ def train(
                 bar.update(task, completed=done, total=total,
                            description=f"train loss {loss:.3f} lr {lr:.2e} {tps:.0f} tok/s")
 
-            state = run_training(cfg, log=lambda msg: bar.console.print(msg), progress=progress)
+            state = run_training(cfg, log=lambda msg: bar.console.print(msg), progress=progress,
+                                 until_epoch=until_epoch)
     except SinkscopeError as exc:
         _fail(str(exc))
     last = state["history"][-1] if state["history"] else {}
@@ -281,7 +285,7 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A training run directory."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A training run directory, or `demo`."),
     data: Path = typer.Option(..., "--data", help="Corpus directory."),
     split: str = typer.Option("test"),
     snr: float = typer.Option(None, help="Mix babble noise at this SNR (dB); clean when not given."),
@@ -308,13 +312,30 @@ def evaluate(
     except SinkscopeError as exc:
         _fail(str(exc))
     tag = f"{split}-{'clean' if snr is None else f'snr{snr:g}'}-beam{beam}"
-    csv = out or checkpoint / f"eval-{tag}.csv"
+    csv = out or (checkpoint if checkpoint.is_dir() else Path(".")) / f"eval-{tag}.csv"
     pd.DataFrame(result["hypotheses"], columns=["id", "reference", "hypothesis"]).to_csv(csv, index=False)
     console.print(f"{cfg.model.mode} {tag}: WER {result['wer']:.3f}, CER {result['cer']:.3f} on {result['n']} "
                   f"utterances (hypotheses in {csv})")
     if as_json:
         print(_json.dumps({"wer": result["wer"], "cer": result["cer"], "n": result["n"], "mode": cfg.model.mode,
-                           "snr": snr, "beam": beam, "split": split}))
+                           "snr": snr, "beam": beam, "split": split, "checkpoint": str(checkpoint)}))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A training run directory."),
+    out: Path = typer.Argument(..., help="Directory to write (files there are replaced)."),
+    encoders: str = typer.Option(None, help="Encoders path to write into the exported config."),
+) -> None:
+    """Export a run's trainable weights in fp16 with its config and history (how `demo` is made)."""
+    from sinkscope.train.avsr import export_checkpoint
+
+    try:
+        path = export_checkpoint(run, out, encoders)
+    except SinkscopeError as exc:
+        _fail(str(exc))
+    size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    console.print(f"exported {run} to {path} ({size:.1f} MiB)")
 
 
 @app.command()

@@ -36,6 +36,10 @@ def test_loss_falls_and_resume_is_identical(corpus, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(config(corpus, tmp_path / "split", 3), log=killed_after_first_epoch, model=tiny_model("avsr", "stack"))
+    # then a slice (until epoch 2 of the 3-epoch schedule), then the rest
+    sliced = train(config(corpus, tmp_path / "split", 3), log=lambda m: None, model=tiny_model("avsr", "stack"),
+                   until_epoch=2)
+    assert sliced["epoch"] == 2
     resumed = train(config(corpus, tmp_path / "split", 3), log=lambda m: None, model=tiny_model("avsr", "stack"))
     assert [h["ce"] for h in resumed["history"]] == pytest.approx(ce, rel=1e-5)
     a = load_file(tmp_path / "full" / "epoch-003.safetensors")

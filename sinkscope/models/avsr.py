@@ -100,7 +100,11 @@ class AVSRModel(nn.Module):
 
             llm, tokenizer = load_llm(cfg.llm)
         tokenizer.add_special_tokens({"additional_special_tokens": list(DELIMITERS)})
-        llm.resize_token_embeddings(len(tokenizer))
+        # transformers draws the new delimiter rows around the mean embedding from the global RNG; fix the draw so
+        # that a model rebuilt for evaluation has exactly the rows it was trained with (they are not trained)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            llm.resize_token_embeddings(len(tokenizer))
         for p in llm.parameters():
             p.requires_grad_(False)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

@@ -138,8 +138,11 @@ def score(refs: list[str], hyps: list[str]) -> dict:
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Callable | None = None,
-          model: AVSRModel | None = None) -> dict:
-    """Train (or resume) into `cfg.out`; returns the history."""
+          model: AVSRModel | None = None, until_epoch: int | None = None) -> dict:
+    """Train (or resume) into `cfg.out`; returns the history.
+
+    `until_epoch` stops after that epoch of the configured schedule (the learning rate still follows
+    `cfg.epochs`), so a long run can be trained in slices across sessions and resumed identically."""
     from accelerate import Accelerator
 
     out = Path(cfg.out)
@@ -176,7 +179,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Callab
         log(f"resuming after epoch {state['epoch']}")
     model, optimiser = accelerator.prepare(model, optimiser)
     total = cfg.epochs * len(sampler)
-    while state["epoch"] < cfg.epochs:
+    stop = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
+    while state["epoch"] < stop:
         sampler.set_epoch(state["epoch"])
         train_set.set_epoch(state["epoch"])
         loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
@@ -237,16 +241,37 @@ def evaluate(model: AVSRModel, dataset: AVSRDataset, cfg: TrainConfig, beams: in
     return result
 
 
+DEMO = "demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "experiments" / "weights" / "demo"
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A checkpoint directory: a path, or `demo` for the small AVSR model shipped in the repository checkout."""
+    path = Path(checkpoint)
+    if str(checkpoint) == DEMO and not path.exists():
+        if not (DEMO_DIR / "config.yaml").is_file():
+            raise SinkscopeError(f"the demo checkpoint is not at {DEMO_DIR}: it ships with the sinkscope repository "
+                                 "checkout (experiments/weights/demo), not with a wheel; pass a run directory")
+        return DEMO_DIR
+    return path
+
+
 def load_trained(run: str | Path) -> tuple[AVSRModel, TrainConfig]:
-    """An AVSR model from a training run directory: its config.yaml, encoders and trainable weights."""
-    run = Path(run)
+    """An AVSR model from a training run directory (or `demo`, or an `export_checkpoint` copy): its config.yaml,
+    encoders and trainable weights. A relative `encoders` path is read from the working directory, else from
+    the checkpoint directory."""
+    run = resolve_checkpoint(run)
     if not (run / "config.yaml").is_file():
         raise SinkscopeError(f"{run} is not a training run: it has no config.yaml")
     cfg = load_config(run / "config.yaml")
     model = AVSRModel(cfg.model)
     if cfg.encoders:
-        load_encoders(model, cfg.encoders)
+        encoders = Path(cfg.encoders)
+        if not encoders.is_absolute() and not encoders.exists() and (run / encoders).exists():
+            encoders = run / encoders
+        load_encoders(model, encoders)
     _, weights = load_weights(run)
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
     if missing or unexpected:
@@ -254,3 +279,27 @@ def load_trained(run: str | Path) -> tuple[AVSRModel, TrainConfig]:
                              f"unexpected {unexpected[:3]})")
     model.load_state_dict(weights, strict=False)
     return model.eval(), cfg
+
+
+def export_checkpoint(run: str | Path, out: str | Path, encoders: str | None = None) -> Path:
+    """Copy a run's latest checkpoint for sharing: its trainable weights in fp16 (`model.safetensors`), its
+    config (with `encoders` replaced when given, e.g. by a path relative to `out`) and its history. The
+    optimiser state is left behind. Files already in `out` are replaced; nothing else there is touched."""
+    import os
+
+    from safetensors.torch import save_file
+
+    run, out = Path(run), Path(out)
+    state, weights = load_weights(run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    if encoders is not None:
+        cfg["encoders"] = encoders
+    out.mkdir(parents=True, exist_ok=True)
+    half = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(half, str(out / ".model.safetensors"), metadata={"source": str(run), "epoch": str(state["epoch"])})
+    os.replace(out / ".model.safetensors", out / "model.safetensors")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    exported = {"epoch": state["epoch"], "step": state.get("step"), "history": state.get("history", []),
+                "checkpoint": "model", "exported_from": str(run)}
+    (out / "state.json").write_text(json.dumps(exported, indent=2) + "\n")
+    return out

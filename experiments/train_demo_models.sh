@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Trains the demo AVSR model and its ASR / VSR baselines in slices and evaluates each slice with `sinkscope eval`.
+# Every step resumes: re-running the script skips finished epochs and evaluations, so it can be stopped at any
+# time (kill it) and started again, in this session or a later one.
+#
+#   experiments/train_demo_models.sh 3 avsr asr vsr    # all three up to epoch 3 of their 10-epoch schedule
+#   experiments/train_demo_models.sh 5 avsr            # then carry the AVSR model on to epoch 5
+#
+# Results: experiments/results/eval/<mode>_e<epoch>_<clean|snr0>.json (the `--json` line of `sinkscope eval`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SINKSCOPE=${SINKSCOPE:-.venv/bin/sinkscope}
+until_epoch=${1:?usage: $0 UNTIL_EPOCH MODE...}
+shift
+declare -A config=([avsr]=grid_avsr_stack_a4_v2 [asr]=grid_asr_stack [vsr]=grid_vsr_stack)
+declare -A run=([avsr]=runs/avsr-grid-stack-a4-v2 [asr]=runs/asr-grid-stack [vsr]=runs/vsr-grid-stack)
+mkdir -p experiments/results/eval
+for mode in "$@"; do
+    "$SINKSCOPE" train --config "experiments/configs/${config[$mode]}.yaml" --until-epoch "$until_epoch"
+    epoch=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['epoch'])" "${run[$mode]}/state.json")
+    for snr in clean 0; do
+        tag=$([ "$snr" = clean ] && echo clean || echo "snr$snr")
+        result="experiments/results/eval/${mode}_e${epoch}_${tag}.json"
+        [ -s "$result" ] && continue
+        args=(--checkpoint "${run[$mode]}" --data corpora/grid-2k --split test --json)
+        [ "$snr" = clean ] || args+=(--snr "$snr")
+        "$SINKSCOPE" eval "${args[@]}" | tail -n 1 > "$result.partial"
+        mv "$result.partial" "$result"
+        echo "$mode epoch $epoch $tag: $(cat "$result")"
+    done
+done

@@ -272,8 +272,10 @@ def train(
             task = bar.add_task("train", total=None)
 
             def progress(done: int, total: int, loss: float, lr: float, tps: float) -> None:
-                bar.update(task, completed=done, total=total,
-                           description=f"train loss {loss:.3f} lr {lr:.2e} {tps:.0f} tok/s")
+                text = f"train loss {loss:.3f} lr {lr:.2e} {tps:.0f} tok/s"
+                bar.update(task, completed=done, total=total, description=text)
+                if not err_console.is_terminal and (done % 25 == 0 or done == total):  # a log file, not a terminal
+                    bar.console.print(f"step {done}/{total}: {text}")
 
             state = run_training(cfg, log=lambda msg: bar.console.print(msg), progress=progress,
                                  until_epoch=until_epoch)

@@ -272,11 +272,16 @@ def load_trained(run: str | Path) -> tuple[AVSRModel, TrainConfig]:
         load_encoders(model, encoders)
     _, weights = load_weights(run)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
         raise SinkscopeError(f"{run}: the checkpoint does not match its config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
+    wrong = [f"{n} {tuple(weights[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
+             if weights[n].shape != p.shape]
+    if wrong:
+        raise SinkscopeError(f"{run}: the checkpoint's tensors do not fit the model its config.yaml builds "
+                             f"(checkpoint vs model: {wrong[:2]}); was config.yaml edited or taken from another run?")
     model.load_state_dict(weights, strict=False)
     return model.eval(), cfg
 

@@ -49,7 +49,13 @@ def load_weights(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_checkpoint(out: Path, optimiser) -> tuple[dict, dict[str, torch.Tensor]]:
     """Weights and state, and restore the optimiser and the torch RNG."""
     state, weights = load_weights(out)
-    extra = torch.load(out / f"{state['checkpoint']}.pt", weights_only=True)
-    optimiser.load_state_dict(extra["optimiser"])
-    torch.set_rng_state(extra["rng"])
+    path = out / f"{state['checkpoint']}.pt"
+    try:  # weights_only: a foreign or tampered file can hold tensors and plain containers, never code
+        extra = torch.load(path, weights_only=True)
+        optimiser.load_state_dict(extra["optimiser"])
+        torch.set_rng_state(extra["rng"])
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise SinkscopeError(f"{path}: not an optimiser checkpoint of this run ({type(exc).__name__}: {first}); "
+                             "delete the run directory to start over") from exc
     return state, weights

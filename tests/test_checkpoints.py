@@ -1,0 +1,110 @@
+"""The shipped demo checkpoint decodes held-out speakers; broken checkpoints fail with errors naming the file."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from sinkscope.data.dataset import AVSRDataset, BucketBatchSampler, collate
+from sinkscope.errors import SinkscopeError
+from sinkscope.train import avsr as train_avsr
+from sinkscope.train.avsr import DEMO_DIR, decode, load_trained, score
+from sinkscope.train.checkpoint import load_checkpoint, save_checkpoint
+
+# Greedy WER of the demo checkpoint on the held-out-speaker utterances of `make_corpus(60, 0)` (measured when
+# the checkpoint was exported, see experiments/weights/demo/README.md); the bound leaves room for BLAS noise.
+DEMO_WER_BOUND = 0.15
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_trained("demo")
+
+
+def test_demo_checkpoint_decodes_held_out_speakers(demo, make_corpus):
+    model, cfg = demo
+    assert cfg.model.mode == "avsr" and cfg.model.compression == "stack"
+    assert (cfg.model.k_audio, cfg.model.k_video) == (4, 2)
+    test = AVSRDataset(make_corpus(60, 0), "test", video_multiple=cfg.model.k_video)
+    assert len(test) >= 8 and {item.speaker for item in test.items} <= {"spk08", "spk09"}
+    refs, hyps = [], []
+    for batch in torch.utils.data.DataLoader(test, collate_fn=collate, batch_sampler=BucketBatchSampler(
+            test.lengths(), 8, shuffle=False)):
+        hyps += decode(model, batch)
+        refs += batch["transcripts"]
+    result = score(refs, hyps)
+    assert result["wer"] <= DEMO_WER_BOUND, list(zip(refs, hyps, strict=True))
+
+
+def test_demo_files_are_small_and_half_precision():
+    size = sum(f.stat().st_size for f in DEMO_DIR.iterdir()) / 2**20
+    weights = load_file(DEMO_DIR / "model.safetensors")
+    assert size < 30 and all(v.dtype == torch.float16 for v in weights.values())
+    assert all("projector" in k or "lora_" in k for k in weights)
+
+
+@pytest.fixture
+def demo_copy(tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO_DIR, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["encoders"] = str((DEMO_DIR / config["encoders"]).resolve())
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    return copy
+
+
+def test_truncated_weights_are_named(demo_copy):
+    path = demo_copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(SinkscopeError, match=r"model\.safetensors is missing or not a safetensors file"):
+        load_trained(demo_copy)
+
+
+def test_config_that_does_not_fit_the_weights(demo_copy):
+    config = yaml.safe_load((demo_copy / "config.yaml").read_text())
+    config["model"]["k_audio"] = 8
+    (demo_copy / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SinkscopeError, match=r"tensors do not fit the model its config\.yaml builds"):
+        load_trained(demo_copy)
+
+
+def test_weights_with_a_missing_tensor(demo_copy):
+    weights = load_file(demo_copy / "model.safetensors")
+    weights.pop(sorted(weights)[0])
+    save_file(weights, str(demo_copy / "model.safetensors"))
+    with pytest.raises(SinkscopeError, match="does not match its config"):
+        load_trained(demo_copy)
+
+
+def test_not_a_run_and_missing_demo(tmp_path, monkeypatch):
+    with pytest.raises(SinkscopeError, match="is not a training run: it has no config.yaml"):
+        load_trained(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_avsr, "DEMO_DIR", tmp_path / "nowhere")
+    with pytest.raises(SinkscopeError, match="demo checkpoint is not at"):
+        load_trained("demo")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_optimiser_state_is_never_unpickled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimiser = torch.optim.AdamW([param])
+    save_checkpoint(tmp_path / "run", "epoch-001", {"w": param}, optimiser, {"epoch": 1, "step": 1, "history": []})
+    with open(tmp_path / "run" / "epoch-001.pt", "wb") as f:
+        pickle.dump({"optimiser": _Payload(), "rng": None}, f)
+    with pytest.raises(SinkscopeError, match=r"epoch-001\.pt: not an optimiser checkpoint of this run"):
+        load_checkpoint(tmp_path / "run", optimiser)
+    assert not (tmp_path / "PWNED").exists()
+    (tmp_path / "run" / "state.json").write_text("{not json")
+    with pytest.raises(SinkscopeError, match=r"state\.json is not readable JSON"):
+        load_checkpoint(tmp_path / "run", optimiser)

@@ -31,10 +31,6 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _not_yet(verb: str) -> None:
-    _fail(f"`sinkscope {verb}` is not yet available in sinkscope {__version__}.", code=2)
-
-
 @app.command()
 def info() -> None:
     """Print versions, the compute device and where the default LLM is cached."""
@@ -341,9 +337,33 @@ def export(
 
 
 @app.command()
-def sweep() -> None:
-    """Run a resumable grid of training runs (downsampling rates x decorrelation)."""
-    _not_yet("sweep")
+def sweep(
+    config: Path = typer.Option(..., "--config", help="Sweep YAML (see experiments/configs/sweep_*.yaml)."),
+    until_epoch: int = typer.Option(None, "--until-epoch", min=1, help="Train every point only this far."),
+) -> None:
+    """Run a resumable grid of training runs (downsampling rates x decorrelation) and tabulate test WER."""
+    import pandas as pd
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sinkscope.train.sweep import load_sweep, run_sweep
+
+    try:
+        spec = load_sweep(config)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=err_console, transient=True) as bar:
+            task = bar.add_task("train", total=None)
+
+            def progress(done: int, total: int, loss: float, lr: float, tps: float) -> None:
+                bar.update(task, completed=done, total=total, description=f"train loss {loss:.3f} lr {lr:.2e}")
+
+            rows = run_sweep(spec, log=lambda msg: bar.console.print(msg), progress=progress,
+                             until_epoch=until_epoch)
+    except SinkscopeError as exc:
+        _fail(str(exc))
+    if rows:
+        table = pd.DataFrame(rows).pivot_table(index="point", columns="snr", values="wer", aggfunc="first")
+        console.print(f"test WER by grid point and SNR ({spec.results}):")
+        console.print(table.to_string())
 
 
 @app.command("app")

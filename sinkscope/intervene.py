@@ -4,14 +4,20 @@
         out = model(input_ids=ids, labels=ids)          # the massive activation is set to 0 after block 11
 
 `ablate_features` sets chosen features of the residual stream (a block's output) to a value, for chosen
-token positions or for all of them; the change propagates to every later layer. `next_token_loss` measures
-the effect on the language-modelling loss of a batch.
+token positions or for all of them; the change propagates to every later layer. `block_attention` stops queries
+from attending to chosen key positions (sinks) in chosen layers. `rotate_states` turns the residual state of
+chosen tokens, in the plane it spans with a reference token's state (BOS), to a set cosine with that state while
+keeping its norm. `next_token_loss` measures the effect on the language-modelling loss of a batch.
+
+Positions are indices into the (padded) input of the forward pass. They may be one list for the whole batch or
+one list per sample. The hooks follow a KV cache, so they also hold during `generate()`: blocked keys stay
+blocked for every generated token, and states are changed where the prefix is computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -37,6 +43,121 @@ def ablate_features(model: nn.Module, layer: int, features: Iterable[int], token
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     handle = blocks[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _per_sample(positions, batch: int) -> list[list[int]]:
+    """One list of positions per sample, from one shared list or from a list of lists."""
+    positions = list(positions)
+    if positions and isinstance(positions[0], Iterable):
+        if len(positions) != batch:
+            raise ValueError(f"{len(positions)} position lists for a batch of {batch}")
+        return [list(map(int, p)) for p in positions]
+    return [list(map(int, positions))] * batch
+
+
+def _past_length(kwargs: dict, layer: int) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return int(cache.get_seq_length(layer)) if cache is not None else 0
+
+
+def _layers(blocks, layers: Iterable[int] | None) -> list[int]:
+    chosen = range(len(blocks)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in chosen if not -len(blocks) <= x < len(blocks)]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model of {len(blocks)} layers")
+    return [x % len(blocks) for x in chosen]
+
+
+@contextmanager
+def block_attention(model: nn.Module, keys: Sequence, layers: Iterable[int] | None = None,
+                    keep_self: bool = True) -> Iterator[None]:
+    """No query attends to the key positions `keys` in decoder layers `layers` (all by default).
+
+    The attention mask handed to each chosen layer's attention is edited (SDPA, eager or the sinkscope
+    recorder function alike), so the attention freed from those keys is spread over the others by the softmax.
+    `keep_self` lets a blocked token still attend to itself, so that no row is left with nothing to attend to.
+    """
+    _, blocks = find_decoder_layers(find_hf_model(model))
+
+    def make_hook(layer: int):
+        def pre(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            b, tq = hidden.shape[:2]
+            mask = kwargs.get("attention_mask")
+            past = _past_length(kwargs, layer)
+            if mask is None:
+                tk = past + tq
+                q_pos = torch.arange(past, past + tq, device=hidden.device)
+                allowed = torch.arange(tk, device=hidden.device)[None, :] <= q_pos[:, None]
+                mask = allowed[None, None].expand(b, 1, tq, tk).clone()
+            else:
+                mask = mask.expand(b, *mask.shape[1:]).clone()
+                past = mask.shape[-1] - tq
+            q_pos = torch.arange(past, past + tq, device=hidden.device)
+            for i, cols in enumerate(_per_sample(keys, b)):
+                cols = [c for c in cols if c < mask.shape[-1]]
+                if not cols:
+                    continue
+                col = torch.as_tensor(cols, device=hidden.device)
+                hit = torch.ones(tq, len(cols), dtype=torch.bool, device=hidden.device)
+                if keep_self:
+                    hit &= q_pos[:, None] != col[None, :]
+                rows = mask[i, :, :, col]  # [heads or 1, tq, n]
+                blocked = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+                mask[i, :, :, col] = torch.where(hit, torch.as_tensor(blocked, dtype=mask.dtype,
+                                                                       device=hidden.device), rows)
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        return pre
+
+    with ExitStack() as stack:
+        for layer in _layers(blocks, layers):
+            attn = blocks[layer].self_attn
+            stack.callback(attn.register_forward_pre_hook(make_hook(layer), with_kwargs=True).remove)
+        yield
+
+
+def rotate_toward(h: torch.Tensor, ref: torch.Tensor, cosine: float) -> torch.Tensor:
+    """`h` turned in the plane of `h` and `ref` so that cos(h', ref) = `cosine`, with |h'| = |h|."""
+    r = ref / ref.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    along = (h * r).sum(-1, keepdim=True)
+    ortho = h - along * r
+    u = ortho / ortho.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return h.norm(dim=-1, keepdim=True) * (cosine * r + (1 - cosine**2) ** 0.5 * u)
+
+
+@contextmanager
+def rotate_states(model: nn.Module, layer: int, tokens: Sequence, reference: int | Sequence[int] = 0,
+                  cosine: float = 0.0) -> Iterator[None]:
+    """After decoder block `layer`, turn the residual state of `tokens` to cosine `cosine` with the state of the
+    `reference` token (BOS by default; one position for all samples or one per sample), keeping its norm.
+    `cosine=0` makes sink states orthogonal to BOS; the change propagates to every later layer."""
+    if not -1.0 <= cosine <= 1.0:
+        raise ValueError(f"cosine must lie in [-1, 1], not {cosine}")
+    _, blocks = find_decoder_layers(find_hf_model(model))
+    (layer,) = _layers(blocks, [layer])
+
+    def hook(module, args, kwargs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        b, t = h.shape[:2]
+        past = max(0, _past_length(kwargs, layer) - t)
+        refs = [int(reference)] * b if isinstance(reference, int) else [int(r) for r in reference]
+        h = h.clone()
+        for i, toks in enumerate(_per_sample(tokens, b)):
+            local = [p - past for p in toks if past <= p < past + t]
+            ref = refs[i] - past
+            if not local or not 0 <= ref < t:
+                continue
+            idx = torch.as_tensor(local, device=h.device)
+            h[i, idx] = rotate_toward(h[i, idx].float(), h[i, ref].float()[None], cosine).to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = blocks[layer].register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:

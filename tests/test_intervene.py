@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sinkscope.intervene import ablate_features, next_token_loss
+from sinkscope.intervene import ablate_features, block_attention, next_token_loss, rotate_states, rotate_toward
 from sinkscope.record import Recorder
 from sinkscope.record.run import encode_with_bos
 from tests.tiny_models import tiny_llama
@@ -49,3 +49,75 @@ def test_zeroing_smollm2_massive_activation_breaks_the_model(smollm2):
     assert ablated > base + 5.0
     assert abs(control - base) < 0.5
     assert rec.samples[0].attention_received[12:, :, 0].mean() < ref.samples[0].attention_received[12:, :, 0].mean()
+
+
+def _attn_impl(model, impl: str):
+    model.config._attn_implementation = impl
+    for layer in model.model.layers:
+        layer.self_attn.config._attn_implementation = impl
+    return model
+
+
+def test_block_attention_zeroes_the_blocked_columns_only_in_chosen_layers():
+    model = _attn_impl(tiny_llama(), "eager")
+    ids = torch.randint(3, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second sample
+    keys = [[0, 5], [3, 6]]  # per sample, in padded positions
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        with block_attention(model, keys, layers=[1, 2]):
+            blocked = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(blocked.attentions[0], plain.attentions[0])
+    for layer in (1, 2):
+        a = blocked.attentions[layer]
+        torch.testing.assert_close(a.sum(-1)[1, :, 3:], torch.ones_like(a.sum(-1)[1, :, 3:]))
+        for i, cols in enumerate(keys):
+            for c in cols:
+                others = [q for q in range(ids.shape[1]) if q != c and mask[i, q]]  # real queries
+                assert torch.all(a[i, :, others, c] == 0)
+                assert torch.all(a[i, :, c, c] > 0), "a blocked token still attends to itself"
+    # SDPA (whose mask may be None) gives the same result as eager
+    sdpa = _attn_impl(tiny_llama(), "sdpa")
+    with torch.no_grad(), block_attention(sdpa, keys, layers=[1, 2]):
+        real = mask.bool()  # padded query rows differ between implementations, with or without blocking
+        torch.testing.assert_close(sdpa(input_ids=ids, attention_mask=mask).logits[real], blocked.logits[real],
+                                   atol=1e-5, rtol=1e-4)
+    with torch.no_grad(), block_attention(sdpa, [0, 5], layers=[1, 2]):
+        no_mask = sdpa(input_ids=ids[:1]).logits
+    with torch.no_grad(), block_attention(model, [0, 5], layers=[1, 2]):
+        torch.testing.assert_close(no_mask, model(input_ids=ids[:1]).logits, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(no_mask, sdpa(input_ids=ids[:1]).logits, atol=1e-3), "the block took effect"
+
+
+def test_interventions_hold_during_cached_generation():
+    model = _attn_impl(tiny_llama(), "sdpa")
+    ids = torch.randint(3, 128, (2, 8))
+    with torch.no_grad(), block_attention(model, [2, 4], layers=[0, 2]), rotate_states(model, 1, [3, 5]):
+        out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        # the last step, recomputed without a cache over the whole sequence, picks the same tokens
+        full = model(input_ids=out[:, :-1]).logits[:, ids.shape[1] - 1:].argmax(-1)
+    assert torch.equal(full, out[:, ids.shape[1]:])
+
+
+def test_rotate_states_sets_the_cosine_and_keeps_the_norm():
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (2, 9))
+    seen = []
+    with torch.no_grad():
+        before = model(input_ids=ids, output_hidden_states=True).hidden_states
+        with rotate_states(model, layer=1, tokens=[[2, 6], [4]], reference=0, cosine=0.25):
+            probe = model.model.layers[1].register_forward_hook(lambda m, a, o: seen.append(o.clone()))
+            model(input_ids=ids)
+            probe.remove()
+    h, old = seen[0], before[2]
+    for i, toks in enumerate([[2, 6], [4]]):
+        cos = torch.nn.functional.cosine_similarity(h[i, toks], h[i, :1], dim=-1)
+        torch.testing.assert_close(cos, torch.full_like(cos, 0.25))
+        torch.testing.assert_close(h[i, toks].norm(dim=-1), old[i, toks].norm(dim=-1))
+        rest = [t for t in range(9) if t not in toks]
+        torch.testing.assert_close(h[i, rest], old[i, rest])
+    # cosine 1 makes the state parallel to the reference
+    r = rotate_toward(torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 0.0]]), 1.0)
+    torch.testing.assert_close(r, torch.tensor([[2.0, 0.0]]))

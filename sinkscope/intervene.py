@@ -16,9 +16,10 @@ blocked for every generated token, and states are changed where the prefix is co
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -26,23 +27,33 @@ from sinkscope.record.recorder import find_decoder_layers, find_hf_model
 
 
 @contextmanager
-def ablate_features(model: nn.Module, layer: int, features: Iterable[int], tokens: Iterable[int] | None = None,
+def ablate_features(model: nn.Module, layer: int, features: Iterable[int], tokens: Sequence | None = None,
                     value: float = 0.0) -> Iterator[None]:
-    """Set `h[layer, tokens, features] = value` in the residual stream after decoder block `layer`."""
+    """Set `h[layer, tokens, features] = value` in the residual stream after decoder block `layer`; `tokens` is
+    one list of positions, one list per sample, or None for every position."""
     _, blocks = find_decoder_layers(find_hf_model(model))
+    (layer,) = _layers(blocks, [layer])
     feats = torch.as_tensor(list(features), dtype=torch.long)
-    toks = None if tokens is None else torch.as_tensor(list(tokens), dtype=torch.long)
 
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         h = output[0] if isinstance(output, tuple) else output
         h = h.clone()
-        index = (slice(None), slice(None) if toks is None else toks.to(h.device))
-        sub = h[index]  # [B, T', D]
-        sub[..., feats.to(h.device)] = value
-        h[index] = sub
+        f = feats.to(h.device)
+        if tokens is None:
+            h[..., f] = value
+        else:
+            b, t = h.shape[:2]
+            past = max(0, _past_length(kwargs, layer) - t)
+            for i, toks in enumerate(_per_sample(tokens, b)):
+                local = torch.as_tensor([p - past for p in toks if past <= p < past + t], dtype=torch.long,
+                                        device=h.device)
+                if len(local):
+                    rows = h[i, local]
+                    rows[:, f] = value
+                    h[i, local] = rows
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    handle = blocks[layer].register_forward_hook(hook)
+    handle = blocks[layer].register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
@@ -171,3 +182,40 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if attention_mask is not None:
         labels[attention_mask == 0] = -100
     return float(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss)
+
+
+# --------------------------------------------------------------------------------------------- AVSR decoding
+@torch.no_grad()
+def decode_under(model, loader, intervention: Callable | None = None, max_new_tokens: int = 24,
+                 recorder_kwargs: dict | None = None) -> pd.DataFrame:
+    """Greedy-decode every batch of `loader` with the AVSR `model`, under an intervention chosen per batch.
+
+    For each batch the prefix (everything before the transcript, left-padded as for generation) is first
+    recorded with `Recorder`, so the intervention can target this batch's own sinks and massive features:
+    `intervention(records, offsets)` gets the per-sample `SampleRecord`s (positions as in the unpadded sample)
+    and the left-padding offsets (add them to a position to index the padded batch), and returns a context
+    manager (or None for no intervention). Returns one row per utterance: id, reference, hypothesis."""
+    from sinkscope.record import Recorder
+
+    tok = model.tokenizer
+    rows = []
+    for batch in loader:
+        if batch is None:
+            continue
+        built = model.build(batch, with_transcript=False, padding_side="left")
+        lengths = built["attention_mask"].sum(1).tolist()
+        offsets = [built["attention_mask"].shape[1] - int(n) for n in lengths]
+        with Recorder(model.llm, **(recorder_kwargs or {})) as rec:
+            rec.annotate_next(sample_ids=batch["ids"], tokens=[t[:n] for t, n in zip(built["tokens"], lengths,
+                                                                                    strict=True)],
+                              segments=built["segments"])
+            model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
+        context = intervention(rec.samples, offsets) if intervention is not None else None
+        with context if context is not None else nullcontext():
+            out = model.llm.generate(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"],
+                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        hyps = [" ".join(t.lower().split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
+        rows += [{"id": i, "reference": r, "hypothesis": h}
+                 for i, r, h in zip(batch["ids"], batch["transcripts"], hyps, strict=True)]
+    return pd.DataFrame(rows, columns=["id", "reference", "hypothesis"])

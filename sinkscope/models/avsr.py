@@ -214,5 +214,10 @@ class AVSRModel(nn.Module):
                                                  targets[:, keep].reshape(-1), ignore_index=-100)
         return loss, res
 
-    def forward(self, batch: dict):
-        return self.transcript_loss(self.build(batch))[0]
+    def forward(self, batch: dict, output_hidden_states: bool = False) -> dict:
+        """Training step: `{"loss", "hidden_states", "segments", "tokens"}` (through `forward`, so that a DDP
+        wrapper sees the call and averages the gradients across processes)."""
+        built = self.build(batch)
+        loss, res = self.transcript_loss(built, output_hidden_states)
+        return {"loss": loss, "hidden_states": res.hidden_states, "segments": built["segments"],
+                "width": built["inputs_embeds"].shape[1], "n_tokens": built["attention_mask"].sum()}

@@ -184,6 +184,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Callab
         sampler.set_epoch(state["epoch"])
         train_set.set_epoch(state["epoch"])
         loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
+        if accelerator.num_processes > 1:  # `accelerate launch`: each process takes its shard of the batches
+            loader = accelerator.prepare_data_loader(loader)
         start, tokens, ce_sum, dec_sum, seen = time.time(), 0, 0.0, 0.0, 0
         model.train()
         for k, batch in enumerate(loader):
@@ -193,13 +195,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Callab
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - step / max(1, total))
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            inner = accelerator.unwrap_model(model)
-            built = inner.build(batch)
-            ce, res = inner.transcript_loss(built, output_hidden_states=cfg.decorrelation > 0)
-            loss = ce
+            result = model(batch, output_hidden_states=cfg.decorrelation > 0)
+            ce = loss = result["loss"]
             if cfg.decorrelation > 0:
-                dec = decorrelation_loss(res.hidden_states,
-                                         context_mask(built["segments"], built["inputs_embeds"].shape[1]))
+                dec = decorrelation_loss(result["hidden_states"], context_mask(result["segments"], result["width"]))
                 loss = loss + cfg.decorrelation * dec
                 dec_sum += float(dec.detach())
             optimiser.zero_grad()
@@ -209,7 +208,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Callab
             state["step"] += 1
             ce_sum += float(ce.detach())
             seen += 1
-            tokens += int(built["attention_mask"].sum())
+            tokens += int(result["n_tokens"])
             if progress is not None:
                 progress(k + 1, len(sampler), float(ce.detach()), lr, tokens / max(1e-9, time.time() - start))
         metrics = evaluate(accelerator.unwrap_model(model), test_set, cfg)

@@ -361,8 +361,13 @@ def sweep(
     except SinkscopeError as exc:
         _fail(str(exc))
     if rows:
-        table = pd.DataFrame(rows).pivot_table(index="point", columns="snr", values="wer", aggfunc="first")
-        console.print(f"test WER by grid point and SNR ({spec.results}):")
+        from sinkscope.viz import sweep_figure
+
+        frame = pd.DataFrame(rows)
+        table = frame.pivot_table(index="point", columns="snr", values="wer", aggfunc="first")
+        figure = Path(spec.results).with_suffix(".html")
+        sweep_figure(frame).write_html(figure, include_plotlyjs="cdn")
+        console.print(f"test WER by grid point and SNR ({spec.results}; figure: {figure}):")
         console.print(table.to_string())
 
 

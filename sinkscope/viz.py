@@ -367,3 +367,29 @@ def cosine_distribution_figure(cos: pd.DataFrame, layer: int) -> go.Figure:
     fig.update_layout(title=f"cos-to-BOS at layer {layer}, all samples", yaxis_title="cos", yaxis_range=[-1, 1],
                       height=380)
     return fig
+
+
+def sweep_figure(results: pd.DataFrame) -> go.Figure:
+    """Test WER against the compression rate of a `sinkscope sweep` (one line per decorrelation weight, one
+    panel per SNR). `results` holds the rows of the sweep results CSV."""
+    df = results.copy()
+    for col in ("k_audio", "k_video", "wer", "decorrelation"):
+        df[col] = pd.to_numeric(df[col])
+    df["rate"] = "K_a=" + df["k_audio"].astype(int).astype(str) + ", K_v=" + df["k_video"].astype(int).astype(str)
+    order = df.sort_values(["k_audio", "k_video"])["rate"].unique().tolist()
+    snrs = list(dict.fromkeys(df["snr"]))
+    fig = make_subplots(rows=1, cols=len(snrs), shared_yaxes=True,
+                        subplot_titles=[f"{'clean' if s == 'clean' else s + ' dB babble'}" for s in snrs])
+    for c, snr in enumerate(snrs, start=1):
+        for lam, group in df[df["snr"] == snr].groupby("decorrelation"):
+            group = group.set_index("rate").reindex(order).dropna(subset=["wer"])
+            name = "decorrelation off" if lam == 0 else f"decorrelation λ={lam:g}"
+            fig.add_trace(go.Scatter(x=group.index, y=group["wer"], mode="lines+markers", name=name,
+                                     legendgroup=name, showlegend=c == 1,
+                                     line_color="#7f7f7f" if lam == 0 else "#d62728",
+                                     hovertemplate="%{x}<br>WER %{y:.1%}<extra>" + html.escape(name) + "</extra>"),
+                          row=1, col=c)
+        fig.update_xaxes(title_text="compression rate", categoryorder="array", categoryarray=order, row=1, col=c)
+    fig.update_yaxes(title_text="test WER", tickformat=".0%", row=1, col=1)
+    fig.update_layout(title="WER across compression rates, with and without the decorrelation loss", height=420)
+    return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -9,6 +10,7 @@ import yaml
 from sinkscope.errors import SinkscopeError
 from sinkscope.models.avsr import AVSRModel
 from sinkscope.train.sweep import load_sweep, read_results, run_sweep
+from sinkscope.viz import sweep_figure
 from tests.test_avsr_model import WORDS, tiny_tokenizer
 from tests.tiny_models import tiny_llama
 
@@ -61,6 +63,11 @@ def test_sweep_trains_each_point_once_and_resumes(spec_file, tmp_path):
     # the stacked projector really is wider at the higher rate
     trained = yaml.safe_load((tmp_path / "runs" / "ka8-kv4_dec1.0" / "config.yaml").read_text())
     assert trained["model"]["k_audio"] == 8 and trained["decorrelation"] == 1.0
+
+    fig = sweep_figure(pd.DataFrame(rows))
+    clean_off = [t for t in fig.data if t.name == "decorrelation off" and t.xaxis == "x"][0]
+    assert list(clean_off.x) == ["K_a=2, K_v=1", "K_a=8, K_v=4"]
+    assert list(clean_off.y) == [float(by_point[p]["wer"]) for p in ("ka2-kv1_dec0.0", "ka8-kv4_dec0.0")]
 
     again: list[str] = []
     assert run_sweep(spec, log=again.append, model_factory=tiny_factory) == rows

@@ -6,7 +6,9 @@
 #   experiments/train_demo_models.sh 3 avsr asr vsr    # all three up to epoch 3 of their 10-epoch schedule
 #   experiments/train_demo_models.sh 5 avsr            # then carry the AVSR model on to epoch 5
 #
-# Results: experiments/results/eval/<mode>_e<epoch>_<clean|snr0>.json (the `--json` line of `sinkscope eval`).
+# Results: experiments/results/eval/<mode>_e<epoch>_<clean|snr0>.json (the `--json` line of `sinkscope eval`),
+# on the first EVAL_LIMIT (default 200) utterances of the held-out test split. VSR has no audio, so it is only
+# scored clean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SINKSCOPE=${SINKSCOPE:-.venv/bin/sinkscope}
@@ -18,11 +20,13 @@ mkdir -p experiments/results/eval
 for mode in "$@"; do
     "$SINKSCOPE" train --config "experiments/configs/${config[$mode]}.yaml" --until-epoch "$until_epoch"
     epoch=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['epoch'])" "${run[$mode]}/state.json")
-    for snr in clean 0; do
+    snrs=(clean 0)
+    [ "$mode" = vsr ] && snrs=(clean)
+    for snr in "${snrs[@]}"; do
         tag=$([ "$snr" = clean ] && echo clean || echo "snr$snr")
         result="experiments/results/eval/${mode}_e${epoch}_${tag}.json"
         [ -s "$result" ] && continue
-        args=(--checkpoint "${run[$mode]}" --data corpora/grid-2k --split test --json)
+        args=(--checkpoint "${run[$mode]}" --data corpora/grid-2k --split test --limit "${EVAL_LIMIT:-200}" --json)
         [ "$snr" = clean ] || args+=(--snr "$snr")
         "$SINKSCOPE" eval "${args[@]}" | tail -n 1 > "$result.partial"
         mv "$result.partial" "$result"

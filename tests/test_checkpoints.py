@@ -108,3 +108,30 @@ def test_optimiser_state_is_never_unpickled(tmp_path, monkeypatch):
     (tmp_path / "run" / "state.json").write_text("{not json")
     with pytest.raises(SinkscopeError, match=r"state\.json is not readable JSON"):
         load_checkpoint(tmp_path / "run", optimiser)
+
+
+def test_cli_records_and_scores_the_demo(make_corpus, tmp_path):
+    """What `make demo` runs: AV traces of the demo model, and `eval --json` ending in one JSON line."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+    from sinkscope.trace import Trace
+
+    corpus = make_corpus(60, 0)
+    runner = CliRunner()
+    out = tmp_path / "av"
+    result = runner.invoke(app, ["record", "--checkpoint", "demo", "--data", str(corpus), "--n", "2", "--out",
+                                 str(out)])
+    assert result.exit_code == 0, result.output
+    sample = Trace.load(out)[0]
+    names = [name for name, _, _ in sample.segments]
+    assert names[:4] == ["bos", "audio_start", "audio", "audio_end"] and "video" in names
+    assert sample.tokens[1] == "<audio>" and sample.tokens[2] == "A0"
+    result = runner.invoke(app, ["eval", "--checkpoint", "demo", "--data", str(corpus), "--limit", "4", "--snr", "0",
+                                 "--json", "--out", str(tmp_path / "hyp.csv")])
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.output.strip().splitlines()[-1])
+    assert last["n"] == 4 and last["snr"] == 0 and 0 <= last["wer"] and last["mode"] == "avsr"
+    assert (tmp_path / "hyp.csv").read_text().startswith("id,reference,hypothesis")

@@ -6,7 +6,8 @@
 #   experiments/train_demo_models.sh 3 avsr asr vsr    # all three up to epoch 3 of their 10-epoch schedule
 #   experiments/train_demo_models.sh 5 avsr            # then carry the AVSR model on to epoch 5
 #
-# Results: experiments/results/eval/<mode>_e<epoch>_<clean|snr0>.json (the `--json` line of `sinkscope eval`),
+# Results: experiments/results/eval/<mode>_e<epoch>_<clean|snr0>.json (the `--json` line of `sinkscope eval`) and
+# .csv (the hypotheses),
 # on the first EVAL_LIMIT (default 200) utterances of the held-out test split. VSR has no audio, so it is only
 # scored clean.
 set -euo pipefail
@@ -26,7 +27,8 @@ for mode in "$@"; do
         tag=$([ "$snr" = clean ] && echo clean || echo "snr$snr")
         result="experiments/results/eval/${mode}_e${epoch}_${tag}.json"
         [ -s "$result" ] && continue
-        args=(--checkpoint "${run[$mode]}" --data corpora/grid-2k --split test --limit "${EVAL_LIMIT:-200}" --json)
+        args=(--checkpoint "${run[$mode]}" --data corpora/grid-2k --split test --limit "${EVAL_LIMIT:-200}" --json
+              --out "experiments/results/eval/${mode}_e${epoch}_${tag}.csv")
         [ "$snr" = clean ] || args+=(--snr "$snr")
         "$SINKSCOPE" eval "${args[@]}" | tail -n 1 > "$result.partial"
         mv "$result.partial" "$result"

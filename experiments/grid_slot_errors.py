@@ -1,0 +1,86 @@
+"""Where the word errors of a GRID model sit: the error rate of each of the six GRID slots
+(command, colour, preposition, letter, digit, adverb), from the hypotheses CSVs of `sinkscope eval`
+(columns id, reference, hypothesis), or from greedy CTC of the pretrained encoders (`--encoders`).
+
+    python experiments/grid_slot_errors.py experiments/results/eval/avsr_e3_clean.csv ...
+    python experiments/grid_slot_errors.py --encoders experiments/weights/encoders-grid-2k --data corpora/grid-2k
+
+A hypothesis with another number of words than its reference counts as wrong in every slot. Prints a markdown
+table, one row per source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+SLOTS = ["command", "colour", "preposition", "letter", "digit", "adverb"]
+
+
+def slot_errors(refs: list[str], hyps: list[str]) -> dict[str, float]:
+    wrong = [0] * len(SLOTS)
+    for ref, hyp in zip(refs, hyps, strict=True):
+        r, h = ref.split(), str(hyp if isinstance(hyp, str) else "").split()
+        if len(r) != len(SLOTS):
+            raise ValueError(f"not a GRID sentence (six words): {ref!r}")
+        for i in range(len(SLOTS)):
+            wrong[i] += len(h) != len(r) or r[i] != h[i]
+    return {slot: w / max(1, len(refs)) for slot, w in zip(SLOTS, wrong, strict=True)} | {"n": len(refs)}
+
+
+def from_csv(path: Path) -> dict:
+    try:
+        frame = pd.read_csv(path, keep_default_na=False)
+        return slot_errors(list(frame["reference"]), list(frame["hypothesis"]))
+    except (OSError, KeyError, ValueError, pd.errors.ParserError) as exc:
+        sys.exit(f"{path}: not a hypotheses CSV of `sinkscope eval` ({exc})")
+
+
+def from_encoders(encoders: Path, data: Path, limit: int) -> dict[str, dict]:
+    import torch
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+
+    from sinkscope.data.dataset import AVSRDataset, collate
+    from sinkscope.models.encoders import AudioEncoderConfig, VideoEncoderConfig
+    from sinkscope.train.ctc import CTCModel, greedy_decode
+
+    test = AVSRDataset(data, "test")
+    test.items = test.items[:limit]
+    rows = {}
+    for modality in ("audio", "video"):
+        model = CTCModel(modality, AudioEncoderConfig(max_seconds=4.0), VideoEncoderConfig()).eval()
+        weights = load_file(encoders / f"{modality}.safetensors")
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        refs, hyps = [], []
+        with torch.no_grad():
+            for batch in DataLoader(test, batch_size=16, collate_fn=collate):
+                hyps += greedy_decode(*model(batch))
+                refs += batch["transcripts"]
+        rows[f"{modality} encoder, greedy CTC"] = slot_errors(refs, hyps)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", nargs="*", type=Path)
+    parser.add_argument("--encoders", type=Path)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--limit", type=int, default=200)
+    args = parser.parse_args()
+    rows = {path.stem: from_csv(path) for path in args.csv}
+    if args.encoders:
+        if not args.data:
+            parser.error("--encoders needs --data")
+        rows |= from_encoders(args.encoders, args.data, args.limit)
+    print("| source | n | " + " | ".join(SLOTS) + " |")
+    print("|---|---|" + "---|" * len(SLOTS))
+    for name, r in rows.items():
+        print(f"| {name} | {r['n']} | " + " | ".join(f"{r[s]:.1%}" for s in SLOTS) + " |")
+
+
+if __name__ == "__main__":
+    main()

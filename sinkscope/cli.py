@@ -88,7 +88,7 @@ def record(
     max_length: int = typer.Option(None, "--max-length", min=2, help="Truncate prompts to this many tokens."),
     resume: bool = typer.Option(False, "--resume", help="Continue a trace, skipping samples already in it."),
 ) -> None:
-    """Record a trace of attention sinks and massive activations for text prompts."""
+    """Record a trace of attention sinks and massive activations: text prompts, or AV utterances (--checkpoint)."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

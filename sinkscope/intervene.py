@@ -32,25 +32,34 @@ def ablate_features(model: nn.Module, layer: int, features: Iterable[int], token
     """Set `h[layer, tokens, features] = value` in the residual stream after decoder block `layer`; `tokens` is
     one list of positions, one list per sample, or None for every position."""
     _, blocks = find_decoder_layers(find_hf_model(model))
-    (layer,) = _layers(blocks, [layer])
     feats = torch.as_tensor(list(features), dtype=torch.long)
 
-    def hook(module, args, kwargs, output):
-        h = output[0] if isinstance(output, tuple) else output
-        h = h.clone()
+    def edit(h: torch.Tensor, past: int) -> torch.Tensor:
         f = feats.to(h.device)
         if tokens is None:
             h[..., f] = value
-        else:
-            b, t = h.shape[:2]
-            past = max(0, _past_length(kwargs, layer) - t)
-            for i, toks in enumerate(_per_sample(tokens, b)):
-                local = torch.as_tensor([p - past for p in toks if past <= p < past + t], dtype=torch.long,
-                                        device=h.device)
-                if len(local):
-                    rows = h[i, local]
-                    rows[:, f] = value
-                    h[i, local] = rows
+            return h
+        for i, toks in enumerate(_per_sample(tokens, h.shape[0])):
+            local = torch.as_tensor(_in_call(toks, past, h.shape[1]), dtype=torch.long, device=h.device)
+            if len(local):
+                rows = h[i, local]
+                rows[:, f] = value
+                h[i, local] = rows
+        return h
+
+    with _edit_block_output(blocks, layer, edit):
+        yield
+
+
+@contextmanager
+def _edit_block_output(blocks, layer: int, edit: Callable[[torch.Tensor, int], torch.Tensor]) -> Iterator[None]:
+    """Replace the residual stream after block `layer` by `edit(h.clone(), past)`, where `past` is the number of
+    cached positions before this call's tokens (0 without a KV cache), so positions index the whole sequence."""
+    (layer,) = _layers(blocks, [layer])
+
+    def hook(module, args, kwargs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = edit(h.clone(), max(0, _past_length(kwargs, layer) - h.shape[1]))
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     handle = blocks[layer].register_forward_hook(hook, with_kwargs=True)
@@ -58,6 +67,11 @@ def ablate_features(model: nn.Module, layer: int, features: Iterable[int], token
         yield
     finally:
         handle.remove()
+
+
+def _in_call(positions: list[int], past: int, t: int) -> list[int]:
+    """The positions that this call's `t` tokens hold, as indices into them."""
+    return [p - past for p in positions if past <= p < past + t]
 
 
 def _per_sample(positions, batch: int) -> list[list[int]]:
@@ -151,28 +165,20 @@ def rotate_states(model: nn.Module, layer: int, tokens: Sequence, reference: int
     if not -1.0 <= cosine <= 1.0:
         raise ValueError(f"cosine must lie in [-1, 1], not {cosine}")
     _, blocks = find_decoder_layers(find_hf_model(model))
-    (layer,) = _layers(blocks, [layer])
 
-    def hook(module, args, kwargs, output):
-        h = output[0] if isinstance(output, tuple) else output
+    def edit(h: torch.Tensor, past: int) -> torch.Tensor:
         b, t = h.shape[:2]
-        past = max(0, _past_length(kwargs, layer) - t)
         refs = [int(reference)] * b if isinstance(reference, int) else [int(r) for r in reference]
-        h = h.clone()
         for i, toks in enumerate(_per_sample(tokens, b)):
-            local = [p - past for p in toks if past <= p < past + t]
-            ref = refs[i] - past
+            local, ref = _in_call(toks, past, t), refs[i] - past
             if not local or not 0 <= ref < t:
                 continue
             idx = torch.as_tensor(local, device=h.device)
             h[i, idx] = rotate_toward(h[i, idx].float(), h[i, ref].float()[None], cosine).to(h.dtype)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
+        return h
 
-    handle = blocks[layer].register_forward_hook(hook, with_kwargs=True)
-    try:
+    with _edit_block_output(blocks, layer, edit):
         yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()

@@ -202,8 +202,8 @@ def decode_under(model, loader, intervention: Callable | None = None, max_new_to
     and the left-padding offsets (add them to a position to index the padded batch), and returns a context
     manager (or None for no intervention). Returns one row per utterance: id, reference, hypothesis."""
     from sinkscope.record import Recorder
+    from sinkscope.train.avsr import decode
 
-    tok = model.tokenizer
     rows = []
     for batch in loader:
         if batch is None:
@@ -218,10 +218,7 @@ def decode_under(model, loader, intervention: Callable | None = None, max_new_to
             model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
         context = intervention(rec.samples, offsets) if intervention is not None else None
         with context if context is not None else nullcontext():
-            out = model.llm.generate(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"],
-                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        hyps = [" ".join(t.lower().split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
+            hyps = decode(model, batch, max_new_tokens, built=built)
         rows += [{"id": i, "reference": r, "hypothesis": h}
                  for i, r, h in zip(batch["ids"], batch["transcripts"], hyps, strict=True)]
     return pd.DataFrame(rows, columns=["id", "reference", "hypothesis"])

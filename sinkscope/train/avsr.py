@@ -122,9 +122,12 @@ def load_encoders(model: AVSRModel, run: str | Path) -> None:
 
 
 @torch.no_grad()
-def decode(model: AVSRModel, batch: dict, max_new_tokens: int = 24, beams: int = 1) -> list[str]:
-    """Greedy (or beam) decoding through `generate(inputs_embeds=...)`, left-padded."""
-    built = model.build(batch, with_transcript=False, padding_side="left")
+def decode(model: AVSRModel, batch: dict, max_new_tokens: int = 24, beams: int = 1,
+           built: dict | None = None) -> list[str]:
+    """Greedy (or beam) decoding through `generate(inputs_embeds=...)`, left-padded; `built` passes the inputs
+    of `model.build(batch, with_transcript=False, padding_side="left")` when the caller already has them."""
+    if built is None:
+        built = model.build(batch, with_transcript=False, padding_side="left")
     tok = model.tokenizer
     out = model.llm.generate(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"],
                              max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False,

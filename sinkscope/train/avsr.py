@@ -67,17 +67,21 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file that must hold a mapping (empty file: {}), with errors that name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SinkscopeError(f"{path}: not a readable YAML {what} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SinkscopeError(f"{path}: the {what} must be a mapping of fields")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """A TrainConfig from YAML, with `key=value` overrides (dotted keys reach nested fields, e.g. model.k_audio=8)."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise SinkscopeError(f"{path}: not a readable YAML config ({exc})") from exc
-        if not isinstance(data, dict):
-            raise SinkscopeError(f"{path}: the config must be a mapping of fields")
+    data = read_yaml_mapping(path, "config") if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise SinkscopeError(f"--set {item!r}: expected key=value")

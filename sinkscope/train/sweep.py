@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from sinkscope.errors import SinkscopeError
 
 RESULT_COLUMNS = ["point", "overrides", "mode", "compression", "k_audio", "k_video", "decorrelation", "epochs",
@@ -75,13 +73,10 @@ def _short(key: str) -> str:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
+    from sinkscope.train.avsr import read_yaml_mapping
+
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise SinkscopeError(f"{path}: not a readable sweep file ({exc})") from exc
-    if not isinstance(data, dict):
-        raise SinkscopeError(f"{path}: a sweep file is a mapping with base, out, results, grid")
+    data = read_yaml_mapping(path, "sweep file")
     known = {"base", "out", "results", "grid", "set", "eval"}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -9,7 +9,7 @@
 # Results: experiments/results/eval/<mode>_e<epoch>_<clean|snr0>.json (the `--json` line of `sinkscope eval`) and
 # .csv (the hypotheses),
 # on the first EVAL_LIMIT (default 200) utterances of the held-out test split. VSR has no audio, so it is only
-# scored clean.
+# scored clean. EVAL_SNRS (default "clean 0") picks the conditions, e.g. EVAL_SNRS=clean for intermediate slices.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SINKSCOPE=${SINKSCOPE:-.venv/bin/sinkscope}
@@ -21,7 +21,7 @@ mkdir -p experiments/results/eval
 for mode in "$@"; do
     "$SINKSCOPE" train --config "experiments/configs/${config[$mode]}.yaml" --until-epoch "$until_epoch"
     epoch=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['epoch'])" "${run[$mode]}/state.json")
-    snrs=(clean 0)
+    read -r -a snrs <<< "${EVAL_SNRS:-clean 0}"
     [ "$mode" = vsr ] && snrs=(clean)
     for snr in "${snrs[@]}"; do
         tag=$([ "$snr" = clean ] && echo clean || echo "snr$snr")

@@ -321,19 +321,25 @@ def evaluate(
 
 @app.command()
 def export(
-    run: Path = typer.Argument(..., help="A training run directory."),
+    run: Path = typer.Argument(..., help="A training run, or a `pretrain-encoders` run."),
     out: Path = typer.Argument(..., help="Directory to write (files there are replaced)."),
     encoders: str = typer.Option(None, help="Encoders path to write into the exported config."),
 ) -> None:
-    """Export a run's trainable weights in fp16 with its config and history (how `demo` is made)."""
+    """Export a run's trainable weights in fp16 with its config and history (how `demo` is made), or a
+    `pretrain-encoders` run's encoders as OUT/audio.safetensors and OUT/video.safetensors (fp16)."""
     from sinkscope.train.avsr import export_checkpoint
+    from sinkscope.train.ctc import export_encoders
 
     try:
-        path = export_checkpoint(run, out, encoders)
+        if (run / "pretrain_config.json").is_file():
+            files = export_encoders(run, out)
+        else:
+            path = export_checkpoint(run, out, encoders)
+            files = list(path.iterdir())
     except SinkscopeError as exc:
         _fail(str(exc))
-    size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
-    console.print(f"exported {run} to {path} ({size:.1f} MiB)")
+    size = sum(f.stat().st_size for f in files) / 2**20
+    console.print(f"exported {run} to {out}: {', '.join(f.name for f in files)} ({size:.1f} MiB)")
 
 
 @app.command()

@@ -62,6 +62,25 @@ def test_resuming_with_other_settings_is_refused(corpus, tmp_path):
         pretrain(other, log=lambda m: None)
 
 
+def test_export_encoders_writes_fp16_and_keeps_the_other_modality(corpus, tmp_path):
+    from sinkscope.train.ctc import export_encoders
+
+    pretrain(tiny(corpus, tmp_path / "run", 1), log=lambda m: None)
+    out = tmp_path / "encoders"
+    out.mkdir()
+    (out / "video.safetensors").write_bytes(b"kept as it is")
+    [written] = export_encoders(tmp_path / "run", out)
+    assert written == out / "audio.safetensors"
+    assert (out / "video.safetensors").read_bytes() == b"kept as it is"
+    full = load_file(tmp_path / "run" / "audio" / "epoch-001.safetensors")
+    half = load_file(written)
+    assert half.keys() == full.keys() and all(v.dtype == torch.float16 for v in half.values())
+    for k in full:
+        torch.testing.assert_close(half[k].float(), full[k], rtol=1e-3, atol=1e-3)
+    with pytest.raises(SinkscopeError, match="not a `sinkscope pretrain-encoders` run"):
+        export_encoders(tmp_path, out)
+
+
 @pytest.mark.parametrize("modality,max_cer", [("audio", 0.45), ("video", 0.2)])
 def test_shipped_encoders_carry_information(modality, max_cer, tmp_path):
     """The fp16 encoders in experiments/weights (8 epochs on corpora/grid-2k) reached greedy-CTC CER 0.234 (audio)

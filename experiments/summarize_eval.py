@@ -1,6 +1,8 @@
 """Tabulate the `sinkscope eval --json` results of experiments/train_demo_models.sh as markdown.
 
     python experiments/summarize_eval.py > experiments/results/demo_models.md
+
+`<mode>-v3_*` files are the models on the v3 encoders (audio encoder CTC-pretrained 24 epochs instead of 8).
 """
 
 from __future__ import annotations
@@ -18,19 +20,20 @@ RESULTS = Path(__file__).resolve().parent / "results" / "eval"
 def main() -> None:
     rows = []
     for path in sorted(RESULTS.glob("*.json")):
-        match = re.fullmatch(r"(avsr|asr|vsr)_e(\d+)_(clean|snr0)", path.stem)
+        match = re.fullmatch(r"(avsr|asr|vsr)(-v\d+)?_e(\d+)_(clean|snr0)", path.stem)
         if not match:
             continue
         try:
             result = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             sys.exit(f"{path}: not the JSON line of `sinkscope eval --json` ({exc})")
-        rows.append({"mode": match[1].upper(), "epoch": int(match[2]),
-                     "condition": "clean" if match[3] == "clean" else "babble 0 dB",
+        rows.append({"mode": match[1].upper(), "audio CTC epochs": 24 if match[2] else 8, "epoch": int(match[3]),
+                     "condition": "clean" if match[4] == "clean" else "babble 0 dB",
                      "WER": result["wer"], "CER": result["cer"], "n": result["n"]})
     if not rows:
         sys.exit(f"no results under {RESULTS}")
-    table = pd.DataFrame(rows).sort_values(["epoch", "mode", "condition"], ascending=[True, True, False])
+    table = pd.DataFrame(rows).sort_values(["audio CTC epochs", "epoch", "mode", "condition"],
+                                            ascending=[True, True, True, False])
     table["WER"] = table["WER"].map("{:.1%}".format)
     table["CER"] = table["CER"].map("{:.1%}".format)
     print("| " + " | ".join(table.columns) + " |")

@@ -5,6 +5,7 @@
 #
 #   experiments/train_demo_models.sh 3 avsr asr vsr    # all three up to epoch 3 of their 10-epoch schedule
 #   experiments/train_demo_models.sh 5 avsr            # then carry the AVSR model on to epoch 5
+#   experiments/train_demo_models.sh 10 avsr-v3 asr-v3  # the v3 models (longer-pretrained audio encoder)
 #
 # Results: experiments/results/eval/<mode>_e<epoch>_<clean|snr0>.json (the `--json` line of `sinkscope eval`) and
 # .csv (the hypotheses),
@@ -15,10 +16,14 @@ cd "$(dirname "$0")/.."
 SINKSCOPE=${SINKSCOPE:-.venv/bin/sinkscope}
 until_epoch=${1:?usage: $0 UNTIL_EPOCH MODE...}
 shift
-declare -A config=([avsr]=grid_avsr_stack_a4_v2 [asr]=grid_asr_stack [vsr]=grid_vsr_stack)
-declare -A run=([avsr]=runs/avsr-grid-stack-a4-v2 [asr]=runs/asr-grid-stack [vsr]=runs/vsr-grid-stack)
+# v3: the same configurations on the audio encoder CTC-pretrained for 24 epochs (experiments/weights/encoders-grid-2k-v2)
+declare -A config=([avsr]=grid_avsr_stack_a4_v2 [asr]=grid_asr_stack [vsr]=grid_vsr_stack
+                   [avsr-v3]=grid_avsr_stack_a4_v3 [asr-v3]=grid_asr_stack_v3)
+declare -A run=([avsr]=runs/avsr-grid-stack-a4-v2 [asr]=runs/asr-grid-stack [vsr]=runs/vsr-grid-stack
+                [avsr-v3]=runs/avsr-grid-stack-a4-v3 [asr-v3]=runs/asr-grid-stack-v3)
 mkdir -p experiments/results/eval
 for mode in "$@"; do
+    [ -n "${config[$mode]:-}" ] || { echo "unknown mode $mode (one of ${!config[*]})" >&2; exit 2; }
     "$SINKSCOPE" train --config "experiments/configs/${config[$mode]}.yaml" --until-epoch "$until_epoch"
     epoch=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['epoch'])" "${run[$mode]}/state.json")
     read -r -a snrs <<< "${EVAL_SNRS:-clean 0}"

@@ -4,6 +4,7 @@
 
     python experiments/grid_slot_errors.py experiments/results/eval/avsr_e3_clean.csv ...
     python experiments/grid_slot_errors.py --encoders experiments/weights/encoders-grid-2k --data corpora/grid-2k
+    python experiments/grid_slot_errors.py --encoders ... --data corpora/grid-2k --split train   # training voices
 
 A hypothesis with another number of words than its reference counts as wrong in every slot. Prints a markdown
 table, one row per source.
@@ -39,7 +40,7 @@ def from_csv(path: Path) -> dict:
         sys.exit(f"{path}: not a hypotheses CSV of `sinkscope eval` ({exc})")
 
 
-def from_encoders(encoders: Path, data: Path, limit: int) -> dict[str, dict]:
+def from_encoders(encoders: Path, data: Path, limit: int, split: str = "test") -> dict[str, dict]:
     import torch
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
@@ -48,7 +49,7 @@ def from_encoders(encoders: Path, data: Path, limit: int) -> dict[str, dict]:
     from sinkscope.models.encoders import AudioEncoderConfig, VideoEncoderConfig
     from sinkscope.train.ctc import CTCModel, greedy_decode
 
-    test = AVSRDataset(data, "test")
+    test = AVSRDataset(data, split)
     test.items = test.items[:limit]
     rows = {}
     for modality in ("audio", "video"):
@@ -60,7 +61,8 @@ def from_encoders(encoders: Path, data: Path, limit: int) -> dict[str, dict]:
             for batch in DataLoader(test, batch_size=16, collate_fn=collate):
                 hyps += greedy_decode(*model(batch))
                 refs += batch["transcripts"]
-        rows[f"{modality} encoder, greedy CTC"] = slot_errors(refs, hyps)
+        where = "" if split == "test" else f", {split} speakers"
+        rows[f"{modality} encoder ({encoders.name}), greedy CTC{where}"] = slot_errors(refs, hyps)
     return rows
 
 
@@ -70,12 +72,13 @@ def main() -> None:
     parser.add_argument("--encoders", type=Path)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--split", default="test", help="split scored with --encoders (test: held-out speakers)")
     args = parser.parse_args()
     rows = {path.stem: from_csv(path) for path in args.csv}
     if args.encoders:
         if not args.data:
             parser.error("--encoders needs --data")
-        rows |= from_encoders(args.encoders, args.data, args.limit)
+        rows |= from_encoders(args.encoders, args.data, args.limit, args.split)
     print("| source | n | " + " | ".join(SLOTS) + " |")
     print("|---|---|" + "---|" * len(SLOTS))
     for name, r in rows.items():

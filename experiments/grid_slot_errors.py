@@ -3,7 +3,7 @@
 (columns id, reference, hypothesis), or from greedy CTC of the pretrained encoders (`--encoders`).
 
     python experiments/grid_slot_errors.py experiments/results/eval/avsr_e3_clean.csv ...
-    python experiments/grid_slot_errors.py --encoders experiments/weights/encoders-grid-2k --data corpora/grid-2k
+    python experiments/grid_slot_errors.py --encoders experiments/weights/encoders-grid-2k-v2 --data corpora/grid-2k
     python experiments/grid_slot_errors.py --encoders ... --data corpora/grid-2k --split train   # training voices
 
 A hypothesis with another number of words than its reference counts as wrong in every slot. Prints a markdown

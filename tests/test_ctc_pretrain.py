@@ -81,11 +81,12 @@ def test_export_encoders_writes_fp16_and_keeps_the_other_modality(corpus, tmp_pa
         export_encoders(tmp_path, out)
 
 
-@pytest.mark.parametrize("modality,max_cer", [("audio", 0.45), ("video", 0.2)])
+@pytest.mark.parametrize("modality,max_cer", [("audio", 0.25), ("video", 0.2)])
 def test_shipped_encoders_carry_information(modality, max_cer, tmp_path):
-    """The fp16 encoders in experiments/weights (8 epochs on corpora/grid-2k) reached greedy-CTC CER 0.234 (audio)
-    and 0.055 (video) on 200 held-out-speaker utterances; on a fresh corpus of another seed they must still read
-    unseen test speakers far better than chance (~0.9 CER)."""
+    """The fp16 encoders of the demo model (experiments/weights/encoders-grid-2k-v2: audio 24 epochs, video 8, on
+    corpora/grid-2k) reached greedy-CTC CER 0.059 (audio) and 0.055 (video) on 200 held-out-speaker utterances;
+    on this fresh corpus of another seed (9 test utterances) they measured 0.108 and 0.047, far better than
+    chance (~0.9 CER)."""
     from pathlib import Path
 
     from torch.utils.data import DataLoader
@@ -93,7 +94,7 @@ def test_shipped_encoders_carry_information(modality, max_cer, tmp_path):
     from sinkscope.data.dataset import AVSRDataset, collate
     from sinkscope.train.ctc import CTCModel, evaluate
 
-    weights = Path(__file__).resolve().parents[1] / "experiments" / "weights" / "encoders-grid-2k"
+    weights = Path(__file__).resolve().parents[1] / "experiments" / "weights" / "encoders-grid-2k-v2"
     corpus = tmp_path / "fresh"
     synthesize(corpus, SynthConfig(n=60, seed=11), workers=2)
     cfg = PretrainConfig(data=str(corpus), out=str(tmp_path / "unused"))

@@ -91,6 +91,35 @@ def test_not_a_run_and_missing_demo(tmp_path, monkeypatch):
         load_trained("demo")
 
 
+def test_export_round_trip(demo_copy, tmp_path):
+    """`sinkscope export` of a run: fp16 weights, the config with `encoders` replaced, the history, no optimiser."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    weights = {k: v.float() for k, v in load_file(demo_copy / "model.safetensors").items()}
+    run = tmp_path / "run"
+    optimiser = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    save_checkpoint(run, "epoch-002", weights, optimiser, {"epoch": 2, "step": 10, "history": [{"epoch": 2}]})
+    shutil.copy(demo_copy / "config.yaml", run / "config.yaml")
+    encoders = yaml.safe_load((run / "config.yaml").read_text())["encoders"]
+    result = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "out"), "--encoders", encoders])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "state.json"]
+    exported = load_file(out / "model.safetensors")
+    assert exported.keys() == weights.keys() and all(v.dtype == torch.float16 for v in exported.values())
+    state = json.loads((out / "state.json").read_text())
+    assert state["epoch"] == 2 and state["history"] == [{"epoch": 2}] and state["exported_from"] == str(run)
+    model, _ = load_trained(out)
+    params = dict(model.named_parameters())
+    assert weights.keys() <= params.keys()
+    for name in weights:
+        torch.testing.assert_close(params[name].detach(), weights[name].half().float())
+
+
 class _Payload:
     def __reduce__(self):
         return (exec, ("open('PWNED', 'w').write('x')",))

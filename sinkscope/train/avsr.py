@@ -25,7 +25,7 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.metrics import decorrelation_loss
 from sinkscope.models.avsr import AVSRConfig, AVSRModel
 from sinkscope.models.encoders import AudioEncoderConfig, VideoEncoderConfig
-from sinkscope.train.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from sinkscope.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_half
 
 OUTPUT_SEGMENTS = {"bos", "transcript", "eos"}
 
@@ -296,19 +296,13 @@ def export_checkpoint(run: str | Path, out: str | Path, encoders: str | None = N
     """Copy a run's latest checkpoint for sharing: its trainable weights in fp16 (`model.safetensors`), its
     config (with `encoders` replaced when given, e.g. by a path relative to `out`) and its history. The
     optimiser state is left behind. Files already in `out` are replaced; nothing else there is touched."""
-    import os
-
-    from safetensors.torch import save_file
-
     run, out = Path(run), Path(out)
     state, weights = load_weights(run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     if encoders is not None:
         cfg["encoders"] = encoders
     out.mkdir(parents=True, exist_ok=True)
-    half = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
-    save_file(half, str(out / ".model.safetensors"), metadata={"source": str(run), "epoch": str(state["epoch"])})
-    os.replace(out / ".model.safetensors", out / "model.safetensors")
+    save_half(weights, out / "model.safetensors", {"source": str(run), "epoch": str(state["epoch"])})
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     exported = {"epoch": state["epoch"], "step": state.get("step"), "history": state.get("history", []),
                 "checkpoint": "model", "exported_from": str(run)}

@@ -29,6 +29,14 @@ def save_checkpoint(out: Path, name: str, weights: dict[str, torch.Tensor], opti
             (out / f"{previous}{ext}").unlink(missing_ok=True)
 
 
+def save_half(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write the weights in fp16 (floating tensors only) to `path`, through a temporary file renamed into place."""
+    half = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in weights.items()}
+    tmp = path.with_name(f".{path.name}")
+    save_file(half, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def read_state(out: Path) -> dict:
     try:
         return json.loads((out / "state.json").read_text())

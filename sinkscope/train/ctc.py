@@ -195,11 +195,7 @@ def export_encoders(run: str | Path, out: str | Path) -> list[Path]:
     """Copy the latest weights of each encoder a `pretrain-encoders` run holds to `out/<modality>.safetensors`
     in fp16 (what `encoders:` in a training config and `load_encoders` read). Only those files are replaced, so
     an audio-only run can refresh the audio encoder of a directory that keeps its video encoder."""
-    import os
-
-    from safetensors.torch import save_file
-
-    from sinkscope.train.checkpoint import load_weights
+    from sinkscope.train.checkpoint import load_weights, save_half
 
     run, out = Path(run), Path(out)
     modalities = [m for m in ("audio", "video") if (run / m / "state.json").is_file()]
@@ -210,11 +206,8 @@ def export_encoders(run: str | Path, out: str | Path) -> list[Path]:
     written = []
     for modality in modalities:
         state, weights = load_weights(run / modality)
-        half = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
         target = out / f"{modality}.safetensors"
-        save_file(half, str(out / f".{modality}.safetensors"),
-                  metadata={"dtype": "float16", "source": str(run / modality / state["checkpoint"]),
-                            "epoch": str(state["epoch"])})
-        os.replace(out / f".{modality}.safetensors", target)
+        save_half(weights, target, {"dtype": "float16", "source": str(run / modality / state["checkpoint"]),
+                                    "epoch": str(state["epoch"])})
         written.append(target)
     return written

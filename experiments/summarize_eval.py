@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval"
+# the audio encoder each model version was trained on, in CTC epochs (experiments/configs/*: v2 = no suffix)
+AUDIO_CTC_EPOCHS = {None: 8, "-v3": 24}
 
 
 def main() -> None:
@@ -23,11 +25,13 @@ def main() -> None:
         match = re.fullmatch(r"(avsr|asr|vsr)(-v\d+)?_e(\d+)_(clean|snr0)", path.stem)
         if not match:
             continue
+        if match[2] not in AUDIO_CTC_EPOCHS:
+            sys.exit(f"{path}: model version {match[2]!r} is not in AUDIO_CTC_EPOCHS of {__file__}")
         try:
             result = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             sys.exit(f"{path}: not the JSON line of `sinkscope eval --json` ({exc})")
-        rows.append({"mode": match[1].upper(), "audio CTC epochs": 24 if match[2] else 8, "epoch": int(match[3]),
+        rows.append({"mode": match[1].upper(), "audio CTC epochs": AUDIO_CTC_EPOCHS[match[2]], "epoch": int(match[3]),
                      "condition": "clean" if match[4] == "clean" else "babble 0 dB",
                      "WER": result["wer"], "CER": result["cer"], "n": result["n"]})
     if not rows:

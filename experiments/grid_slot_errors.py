@@ -49,8 +49,7 @@ def from_encoders(encoders: Path, data: Path, limit: int, split: str = "test") -
     from sinkscope.models.encoders import AudioEncoderConfig, VideoEncoderConfig
     from sinkscope.train.ctc import CTCModel, greedy_decode
 
-    test = AVSRDataset(data, split)
-    test.items = test.items[:limit]
+    test = AVSRDataset(data, split, limit=limit)
     rows = {}
     for modality in ("audio", "video"):
         model = CTCModel(modality, AudioEncoderConfig(max_seconds=4.0), VideoEncoderConfig()).eval()

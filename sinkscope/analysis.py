@@ -7,7 +7,15 @@ from collections import Counter, defaultdict
 import numpy as np
 import pandas as pd
 
-from sinkscope.metrics import SINK_EPS, cosine_by_segment, jaccard, origin_table, sink_layers, sink_tokens
+from sinkscope.metrics import (
+    SINK_EPS,
+    SINK_HEAD_FRACTION,
+    cosine_by_segment,
+    jaccard,
+    origin_table,
+    sink_layers,
+    sink_tokens,
+)
 
 
 def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
@@ -78,7 +86,7 @@ def top_activations(sample, k: int = 3) -> pd.DataFrame:
     return frame
 
 
-def sample_findings(sample, eps: float = SINK_EPS, head_fraction: float = 0.5) -> dict:
+def sample_findings(sample, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> dict:
     """What a reader wants first: sink tokens (with how many layers), massive features and their origin."""
     flags = sink_layers(sample.attention_received, eps, head_fraction)  # [L, T]
     counts = flags.sum(axis=0)
@@ -105,7 +113,7 @@ def sink_token_jaccard(sample, eps: float = SINK_EPS) -> tuple[list[str], np.nda
 
 
 # ------------------------------------------------------------------------------------------------ whole trace
-def dataset_sinks(trace, eps: float = SINK_EPS, head_fraction: float = 0.5) -> pd.DataFrame:
+def dataset_sinks(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> pd.DataFrame:
     """Every (sample, token) that is a sink in at least one layer: position, relative position, segment."""
     rows = []
     for s in trace:

@@ -1,7 +1,8 @@
 """Every metric formula of sinkscope, in one place (see ARCHITECTURE.md, "Metric definitions").
 
-Functions take numpy arrays or torch tensors. Those marked "torch" run on the tensor's device, so the recorder
-can reduce on the GPU and move only the results to the CPU; the others return numpy / pandas.
+Functions take numpy arrays (or anything `np.asarray` takes, torch CPU tensors included) and return numpy /
+pandas; this module does not import torch. The recorder's streamed torch reductions of the same quantities live
+in `sinkscope.record.reduce`, and the decorrelation loss in `sinkscope.train.losses`.
 Layer index l = 0..L-1 is the output of decoder block l (residual stream after the block, before the final norm).
 """
 
@@ -12,7 +13,6 @@ from itertools import combinations
 
 import numpy as np
 import pandas as pd
-import torch
 
 SINK_EPS = 0.3
 """Default epsilon of Sink^eps (Gu et al., ICLR 2025)."""
@@ -28,7 +28,9 @@ MASSIVE_COLUMNS = ["layer", "token", "feature", "value", "attn_share", "mlp_shar
 
 
 def _np(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if hasattr(x, "detach"):  # a torch tensor, converted without importing torch here
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
 
 
 # ----------------------------------------------------------------------------------------------- attention sinks
@@ -72,40 +74,8 @@ def sink_tokens(
 
 
 # ------------------------------------------------------------------------------------------ massive activations
-def median_abs(h: torch.Tensor) -> torch.Tensor:
-    """(torch) `median(|h|)` over every entry of `h`, as numpy defines it (mean of the two middle values)."""
-    return median_nonneg(h.detach().abs().float().reshape(-1))
-
-
-def median_nonneg(flat: torch.Tensor) -> torch.Tensor:
-    """(torch) Exact median of a 1-D tensor, numpy convention.
-
-    A sorted strided subsample brackets the middle ranks, so the selection runs only over the few entries
-    inside the bracket; the full selection runs only when the bracket misses (adversarial inputs).
-    """
-    n = flat.numel()
-    lo_rank, hi_rank = (n + 1) // 2, n // 2 + 1  # 1-based middle ranks (equal when n is odd)
-    if n > 65536:
-        # a random subsample: a plain stride could alias with the feature dimension and see few features
-        gen = torch.Generator(device=flat.device).manual_seed(n)
-        sub = flat[torch.randint(0, n, (8192,), generator=gen, device=flat.device)]
-        m = sub.numel()
-        margin = int(4 * m**0.5) + 8
-        centre = (lo_rank - 1) * m // n
-        lo = sub.kthvalue(max(1, centre - margin)).values
-        hi = sub.kthvalue(min(m, centre + margin + 2)).values
-        below = int((flat < lo).sum())
-        band = flat[(flat >= lo) & (flat <= hi)]
-        if below < lo_rank and hi_rank <= below + band.numel():
-            flat, lo_rank, hi_rank = band, lo_rank - below, hi_rank - below
-    low = flat.kthvalue(lo_rank).values
-    return low if hi_rank == lo_rank else 0.5 * (low + flat.kthvalue(hi_rank).values)
-
-
 def massive_threshold(median, abs_threshold: float = MASSIVE_ABS, rel_threshold: float = MASSIVE_REL):
     """The magnitude an entry must reach to be massive: `max(abs_threshold, rel_threshold * median)`."""
-    if isinstance(median, torch.Tensor):
-        return torch.clamp(median * rel_threshold, min=abs_threshold)
     return np.maximum(np.asarray(median) * rel_threshold, abs_threshold)
 
 
@@ -114,13 +84,10 @@ def massive_mask(h, median, abs_threshold: float = MASSIVE_ABS, rel_threshold: f
 
     An entry `h[l,t,j]` is massive when `|h| >= abs_threshold` AND `|h| >= rel_threshold * median(|h[l]|)`, the
     median taken over all tokens and features of that sample's layer-l hidden state. `h` is `[T, D]` with a
-    scalar median, or `[L, T, D]` with `median[L]`. Works on numpy arrays and (on device) torch tensors.
+    scalar median, or `[L, T, D]` with `median[L]`.
     """
-    thr = massive_threshold(median, abs_threshold, rel_threshold)
-    if isinstance(h, torch.Tensor):
-        thr = torch.as_tensor(thr, device=h.device, dtype=torch.float32)
-        return h.abs() >= (thr.reshape(-1, 1, 1) if h.dim() == 3 else thr)
-    h = np.asarray(h)
+    thr = massive_threshold(_np(median), abs_threshold, rel_threshold)
+    h = _np(h)
     return np.abs(h) >= (np.reshape(thr, (-1, 1, 1)) if h.ndim == 3 else thr)
 
 
@@ -208,26 +175,3 @@ def cosine_by_segment(bos_cos, segments: Sequence[tuple[str, int, int]]) -> pd.D
     frame = pd.DataFrame(data)
     frame.index.name = "layer"
     return frame
-
-
-# ------------------------------------------------------------------------------------------ decorrelation loss
-def decorrelation_loss(hidden_states, context_mask: torch.Tensor) -> torch.Tensor:
-    """(torch, differentiable) The decorrelation term of the sinks paper's code: mean over layers 1..L-1 of the
-    mean over non-output tokens of cos(h[l, b, 0], h[l, b, i])^2.
-
-    `hidden_states` is HF's tuple (embeddings, block 0, ..., last block normed), so `hidden_states[1:-1]` are the
-    layers 1..L-1 of ARCHITECTURE.md (neither the embeddings nor the final normed output). `context_mask[B, T]`
-    is True on the non-output tokens i >= 1 (delimiters, modality tokens, prompt), False on BOS, transcript, EOS
-    and padding. The training loss is `CE + lambda * decorrelation_loss(...)` (lambda = 0 turns it off; the
-    paper's code default is 1e4).
-    """
-    layers = hidden_states[1:-1]
-    if not layers:
-        raise ValueError("decorrelation_loss needs at least 3 hidden states (embeddings, blocks, final)")
-    mask = context_mask.to(layers[0].device).float().clone()
-    mask[:, 0] = 0.0  # BOS itself never counts
-    per_layer = []
-    for h in layers:  # [B, T, D]
-        cos = torch.nn.functional.cosine_similarity(h[:, :1, :], h, dim=-1, eps=1e-8)  # [B, T]
-        per_layer.append(((cos**2) * mask).sum() / mask.sum().clamp(min=1.0))
-    return torch.stack(per_layer).mean()

@@ -7,8 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.train.avsr import context_mask, load_config, train
+from sinkscope.train.avsr import read_train_config as load_config
+from sinkscope.train.avsr import train
+from sinkscope.train.losses import context_mask
 from tests.test_avsr_model import tiny_model
+
+
+def TINY(cfg):
+    return tiny_model("avsr", "stack")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +31,7 @@ def config(corpus, out, epochs):
 
 
 def test_loss_falls_and_resume_is_identical(corpus, tmp_path):
-    full = train(config(corpus, tmp_path / "full", 3), log=lambda m: None, model=tiny_model("avsr", "stack"))
+    full = train(config(corpus, tmp_path / "full", 3), log=lambda m: None, model_factory=TINY)
     ce = [h["ce"] for h in full["history"]]
     assert ce[-1] < ce[0], ce
     assert all(h["decorrelation"] > 0 for h in full["history"])
@@ -35,12 +41,12 @@ def test_loss_falls_and_resume_is_identical(corpus, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(config(corpus, tmp_path / "split", 3), log=killed_after_first_epoch, model=tiny_model("avsr", "stack"))
+        train(config(corpus, tmp_path / "split", 3), log=killed_after_first_epoch, model_factory=TINY)
     # then a slice (until epoch 2 of the 3-epoch schedule), then the rest
-    sliced = train(config(corpus, tmp_path / "split", 3), log=lambda m: None, model=tiny_model("avsr", "stack"),
+    sliced = train(config(corpus, tmp_path / "split", 3), log=lambda m: None, model_factory=TINY,
                    until_epoch=2)
     assert sliced["epoch"] == 2
-    resumed = train(config(corpus, tmp_path / "split", 3), log=lambda m: None, model=tiny_model("avsr", "stack"))
+    resumed = train(config(corpus, tmp_path / "split", 3), log=lambda m: None, model_factory=TINY)
     assert [h["ce"] for h in resumed["history"]] == pytest.approx(ce, rel=1e-5)
     a = load_file(tmp_path / "full" / "epoch-003.safetensors")
     b = load_file(tmp_path / "split" / "epoch-003.safetensors")
@@ -58,7 +64,7 @@ def test_context_mask_and_config_errors(tmp_path):
     with pytest.raises(SinkscopeError, match=r"bad\.yaml: unknown field\(s\) \['learning_rate'\]"):
         load_config(bad)
     bad.write_text("model: [1, 2\n")
-    with pytest.raises(SinkscopeError, match="not a readable YAML config"):
+    with pytest.raises(SinkscopeError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)
     with pytest.raises(SinkscopeError, match="expected key=value"):
         load_config(None, ["epochs"])
@@ -92,7 +98,15 @@ def test_train_and_eval_from_the_command_line(corpus, tmp_path):
     assert res.exit_code == 0, res.output
     result = json.loads(res.output.strip().splitlines()[-1])
     assert result["n"] == 4 and result["snr"] == 0 and result["mode"] == "avsr" and result["wer"] >= 0
-    assert (tmp_path / "run" / "eval-test-snr0-beam1.csv").is_file()
+    evaluated = tmp_path / "run" / "eval-test-snr0-beam1"
+    assert (evaluated / "hypotheses.csv").is_file()
+    assert json.loads((evaluated / "results.json").read_text())["wer"] == result["wer"]
+    assert yaml.safe_load((evaluated / "config.yaml").read_text())["snr"] == 0
+    # the run directory says how it was made
+    run_info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_info["verb"] == "train" and run_info["sinkscope_version"]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 0.002
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["epoch"] == 1
     res = runner.invoke(app, ["record", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus), "--n", "3",
                               "--out", str(tmp_path / "av-trace")])
     assert res.exit_code == 0, res.output

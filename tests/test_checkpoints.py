@@ -10,11 +10,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from sinkscope.data.dataset import AVSRDataset, BucketBatchSampler, collate
 from sinkscope.errors import SinkscopeError
-from sinkscope.train import avsr as train_avsr
-from sinkscope.train.avsr import DEMO_DIR, decode, load_trained, score
+from sinkscope.eval import evaluate
+from sinkscope.models import pretrained
+from sinkscope.models.avsr import AVSRModel, dataset_for
+from sinkscope.models.pretrained import load_trained
 from sinkscope.train.checkpoint import load_checkpoint, save_checkpoint
+
+DEMO_DIR = pretrained.CHECKPOINTS["demo"]
 
 # Greedy WER of the demo checkpoint (v3, epoch 5) on the 18 held-out-speaker utterances of `make_corpus(60, 0)`,
 # measured when it was exported: 0.102 (11 of 108 words wrong, 10 of them letters). The bound leaves room for BLAS
@@ -28,18 +31,20 @@ def demo():
 
 
 def test_demo_checkpoint_decodes_held_out_speakers(demo, make_corpus):
-    model, cfg = demo
-    assert cfg.model.mode == "avsr" and cfg.model.compression == "stack"
-    assert (cfg.model.k_audio, cfg.model.k_video) == (4, 2)
-    test = AVSRDataset(make_corpus(60, 0), "test", video_multiple=cfg.model.k_video)
+    model, config = demo
+    assert model.cfg.mode == "avsr" and model.cfg.compression == "stack" and config["decorrelation"] == 0.0
+    assert (model.cfg.k_audio, model.cfg.k_video) == (4, 2) and model.cfg.video_multiple == 2
+    test = dataset_for(model.cfg, make_corpus(60, 0), "test")
     assert len(test) >= 8 and {item.speaker for item in test.items} <= {"spk08", "spk09"}
-    refs, hyps = [], []
-    for batch in torch.utils.data.DataLoader(test, collate_fn=collate, batch_sampler=BucketBatchSampler(
-            test.lengths(), 8, shuffle=False)):
-        hyps += decode(model, batch)
-        refs += batch["transcripts"]
-    result = score(refs, hyps)
-    assert result["wer"] <= DEMO_WER_BOUND, list(zip(refs, hyps, strict=True))
+    result = evaluate(model, test)
+    assert result["n"] == len(test)
+    assert result["wer"] <= DEMO_WER_BOUND, result["hypotheses"].to_string()
+
+
+def test_from_pretrained_is_load_trained(demo):
+    model = AVSRModel.from_pretrained("demo")
+    a, b = dict(model.named_parameters()), dict(demo[0].named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_demo_files_are_small_and_half_precision():
@@ -83,10 +88,12 @@ def test_weights_with_a_missing_tensor(demo_copy):
 
 
 def test_not_a_run_and_missing_demo(tmp_path, monkeypatch):
-    with pytest.raises(SinkscopeError, match="is not a training run: it has no config.yaml"):
+    with pytest.raises(SinkscopeError, match="is not a training run or export: it has no config.yaml"):
         load_trained(tmp_path)
+    with pytest.raises(SinkscopeError, match="checkpoint nowhere: no such directory"):
+        load_trained("nowhere")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_avsr, "DEMO_DIR", tmp_path / "nowhere")
+    monkeypatch.setitem(pretrained.CHECKPOINTS, "demo", tmp_path / "nowhere")
     with pytest.raises(SinkscopeError, match="demo checkpoint is not at"):
         load_trained("demo")
 
@@ -118,6 +125,11 @@ def test_export_round_trip(demo_copy, tmp_path):
     assert weights.keys() <= params.keys()
     for name in weights:
         torch.testing.assert_close(params[name].detach(), weights[name].half().float())
+    # exporting a run onto itself would destroy it: refused, and the run is untouched
+    before = sorted(p.name for p in run.iterdir())
+    result = CliRunner().invoke(app, ["export", str(run), str(run)])
+    assert result.exit_code == 1 and "would overwrite files of the run itself" in result.output
+    assert sorted(p.name for p in run.iterdir()) == before
 
 
 class _Payload:
@@ -160,8 +172,12 @@ def test_cli_records_and_scores_the_demo(make_corpus, tmp_path):
     assert names[:4] == ["bos", "audio_start", "audio", "audio_end"] and "video" in names
     assert sample.tokens[1] == "<audio>" and sample.tokens[2] == "A0"
     result = runner.invoke(app, ["eval", "--checkpoint", "demo", "--data", str(corpus), "--limit", "4", "--snr", "0",
-                                 "--json", "--out", str(tmp_path / "hyp.csv")])
+                                 "--json", "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     last = json.loads(result.output.strip().splitlines()[-1])
     assert last["n"] == 4 and last["snr"] == 0 and 0 <= last["wer"] and last["mode"] == "avsr"
-    assert (tmp_path / "hyp.csv").read_text().startswith("id,reference,hypothesis")
+    assert (tmp_path / "eval" / "hypotheses.csv").read_text().startswith("id,reference,hypothesis")
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["n"] == 4
+    run = json.loads((out / "run.json").read_text())
+    assert run["verb"] == "record" and "--checkpoint demo" in run["command"]
+    assert json.loads((out / "results.json").read_text())["recorded"] == 2

@@ -73,6 +73,11 @@ def test_interrupted_record_resumes(tmp_path, tiny_dir):
     assert "recorded 2 samples" in res.output and "2 already there" in res.output
     tr = Trace.load(out)
     assert [s.extra["text"] for s in tr] == TEXTS
+    # --n takes the first N prompts
+    res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(tmp_path / "first"), "--n", "1"] +
+                        [a for t in TEXTS for a in ("--text", t)])
+    assert res.exit_code == 0, res.output
+    assert [s.extra["text"] for s in Trace.load(tmp_path / "first")] == TEXTS[:1]
 
 
 def test_user_errors_are_clear(tmp_path, tiny_dir):
@@ -84,7 +89,12 @@ def test_user_errors_are_clear(tmp_path, tiny_dir):
         (["--text", "a", "--attention-maps", "3-1"], "'3-1' is not LAYER:HEAD"),
         (["--text", "a", "--attention-maps", "9:0"], "outside the model's 3 layers"),
         ([], "give at least one --text"),
-        (["--text", "a", "--dtype", "float8"], "Unknown dtype 'float8'"),
+        (["--text", "a", "--dtype", "float8"], "dtype must be float32, bfloat16 or float16, not 'float8'"),
+        (["--text", "a", "--data", str(tmp_path)], "data is for AV recording: give a checkpoint"),
+        (["--checkpoint", "demo", "--data", str(tmp_path), "--text", "a"],
+         "'model', 'text'] apply to text recording only"),
+        (["--checkpoint", "demo"], "a checkpoint needs data"),
+        (["--text", "a", "--set", "batch_size=zero"], "batch_size: expected an integer, got 'zero'"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--text", "a", "--device", "cuda"], "CUDA is not available"))

@@ -36,22 +36,25 @@ def tiny(data, out, epochs):
 
 def test_loss_falls_and_a_resumed_run_is_identical(corpus, tmp_path):
     full = pretrain(tiny(corpus, tmp_path / "full", 3), log=lambda m: None)["audio"]
-    losses = [h["train_loss"] for h in full["history"]]
+    losses = [h["ctc"] for h in full["history"]]
     assert losses[-1] < losses[0], losses
     def killed_after_first_epoch(message: str) -> None:
-        if message.startswith("audio epoch 1/"):
+        if message.startswith("audio: epoch 1/"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny(corpus, tmp_path / "split", 3), log=killed_after_first_epoch)
     resumed = pretrain(tiny(corpus, tmp_path / "split", 3), log=lambda m: None)["audio"]
-    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(losses, rel=1e-5)
+    assert [h["ctc"] for h in resumed["history"]] == pytest.approx(losses, rel=1e-5)
     a = load_file(tmp_path / "full" / "audio" / "epoch-003.safetensors")
     b = load_file(tmp_path / "split" / "audio" / "epoch-003.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     state = json.loads((tmp_path / "split" / "audio" / "state.json").read_text())
     assert state["checkpoint"] == "epoch-003" and not (tmp_path / "split" / "audio" / "epoch-001.safetensors").exists()
+    results = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert results["audio"]["epochs"] == 3 and results["audio"]["cer"] == full["cer"]
+    assert json.loads((tmp_path / "split" / "run.json").read_text())["verb"] == "pretrain-encoders"
 
 
 def test_resuming_with_other_settings_is_refused(corpus, tmp_path):
@@ -63,7 +66,7 @@ def test_resuming_with_other_settings_is_refused(corpus, tmp_path):
 
 
 def test_export_encoders_writes_fp16_and_keeps_the_other_modality(corpus, tmp_path):
-    from sinkscope.train.ctc import export_encoders
+    from sinkscope.models.pretrained import export_encoders
 
     pretrain(tiny(corpus, tmp_path / "run", 1), log=lambda m: None)
     out = tmp_path / "encoders"
@@ -78,7 +81,7 @@ def test_export_encoders_writes_fp16_and_keeps_the_other_modality(corpus, tmp_pa
     for k in full:
         torch.testing.assert_close(half[k].float(), full[k], rtol=1e-3, atol=1e-3)
     with pytest.raises(SinkscopeError, match="not a `sinkscope pretrain-encoders` run"):
-        export_encoders(tmp_path, out)
+        export_encoders(out, tmp_path / "elsewhere")
 
 
 @pytest.mark.parametrize("modality,max_cer", [("audio", 0.25), ("video", 0.2)])
@@ -89,10 +92,7 @@ def test_shipped_encoders_carry_information(modality, max_cer, tmp_path):
     chance (~0.9 CER)."""
     from pathlib import Path
 
-    from torch.utils.data import DataLoader
-
-    from sinkscope.data.dataset import AVSRDataset, collate
-    from sinkscope.train.ctc import CTCModel, evaluate
+    from sinkscope.train.ctc import CTCModel, CTCTask
 
     weights = Path(__file__).resolve().parents[1] / "experiments" / "weights" / "encoders-grid-2k-v2"
     corpus = tmp_path / "fresh"
@@ -101,6 +101,5 @@ def test_shipped_encoders_carry_information(modality, max_cer, tmp_path):
     model = CTCModel(modality, cfg.audio, cfg.video)
     state = load_file(weights / f"{modality}.safetensors")
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    test = AVSRDataset(corpus, "test", load=(modality,))
-    result = evaluate(model, DataLoader(test, batch_size=8, collate_fn=collate))
+    result = CTCTask(cfg, modality).evaluate(model)
     assert result["n"] >= 5 and result["cer"] < max_cer, result

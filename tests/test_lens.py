@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkscope import intervene, lens
+from sinkscope import intervene
+from sinkscope.intervene import lens
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from sinkscope import metrics
+from sinkscope.record import reduce
+from sinkscope.train.losses import decorrelation_loss
 
 
 def test_attention_received_is_mean_over_queries_that_see_the_key():
@@ -37,14 +39,17 @@ def test_massive_needs_both_thresholds():
     mask = metrics.massive_mask(h, med)
     assert list(zip(*np.nonzero(mask), strict=True)) == [(2, 3)]
     # torch path agrees, and an absolute threshold alone decides when the median is tiny
-    assert torch.equal(metrics.massive_mask(torch.from_numpy(h), torch.tensor(med)), torch.from_numpy(mask))
+    np.testing.assert_array_equal(metrics.massive_mask(torch.from_numpy(h), torch.tensor(med)), mask)
+    # the recorder's torch threshold is the same formula
+    np.testing.assert_allclose(reduce.massive_threshold(torch.tensor(med), 100.0, 1000.0).numpy(),
+                               metrics.massive_threshold(med), rtol=1e-6)
     assert metrics.massive_mask(h, med, abs_threshold=100, rel_threshold=1)[0, 1]
 
 
 @pytest.mark.parametrize("n", [7, 8])
 def test_median_abs_matches_numpy(n):
     x = torch.randn(n, 3)
-    assert metrics.median_abs(x).item() == pytest.approx(float(np.median(np.abs(x.numpy()))), rel=1e-6)
+    assert reduce.median_abs(x).item() == pytest.approx(float(np.median(np.abs(x.numpy()))), rel=1e-6)
 
 
 def test_find_massive_origin_and_shares():
@@ -85,7 +90,7 @@ def test_decorrelation_loss_matches_a_hand_computation():
     B, T, D = 2, 5, 4
     hidden = tuple(torch.randn(B, T, D, requires_grad=True) for _ in range(4))  # embeds, 2 blocks, final
     mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 0, 1, 0]], dtype=torch.bool)  # position 0 never counts
-    loss = metrics.decorrelation_loss(hidden, mask)
+    loss = decorrelation_loss(hidden, mask)
     expected = []
     for h in hidden[1:3]:
         vals = []
@@ -99,4 +104,4 @@ def test_decorrelation_loss_matches_a_hand_computation():
     loss.backward()
     assert hidden[1].grad is not None and hidden[0].grad is None and hidden[3].grad is None
     aligned = tuple(torch.ones(1, 3, 2) for _ in range(3))
-    assert metrics.decorrelation_loss(aligned, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(1.0)
+    assert decorrelation_loss(aligned, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(1.0)

@@ -14,7 +14,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 # what each notebook must print when it ran through (a number it measured, not a fixed string)
 EXPECTED = {
-    "01_sinks_massive_activations_smollm2": r"max \|recorder - reference\| = [0-9.e-]+",
+    "01_sinks_massive_activations_smollm2": r"max \|recorder - reference\| = [0-9.e-]+(.|\n)*loss [0-9.]+ nats via "
+                                            r"TransformerLens hooks, [0-9.]+ via HF hooks",
     "02_avsr_interventions": r"baseline WER [0-9.]+, CER [0-9.]+ on 8 utterances",
 }
 

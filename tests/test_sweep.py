@@ -9,8 +9,8 @@ import yaml
 
 from sinkscope.errors import SinkscopeError
 from sinkscope.models.avsr import AVSRModel
+from sinkscope.train.results import sweep_figure
 from sinkscope.train.sweep import load_sweep, read_results, run_sweep
-from sinkscope.viz import sweep_figure
 from tests.test_avsr_model import WORDS, tiny_tokenizer
 from tests.tiny_models import tiny_llama
 
@@ -60,6 +60,9 @@ def test_sweep_trains_each_point_once_and_resumes(spec_file, tmp_path):
     assert (by_point["ka8-kv4_dec1.0"]["k_audio"], by_point["ka8-kv4_dec1.0"]["k_video"]) == ("8", "4")
     assert float(by_point["ka8-kv4_dec1.0"]["decorrelation"]) == 1.0
     assert all(0 <= float(r["wer"]) and r["n"] == "3" for r in rows)
+    # every row names the sweep file, the point's config (hash of the run's config.yaml) and the command
+    assert all(r["sweep"] == str(spec_file) and len(r["config_hash"]) == 12 and r["command"] for r in rows)
+    assert len({r["config_hash"] for r in rows}) == 4
     # the stacked projector really is wider at the higher rate
     trained = yaml.safe_load((tmp_path / "runs" / "ka8-kv4_dec1.0" / "config.yaml").read_text())
     assert trained["model"]["k_audio"] == 8 and trained["decorrelation"] == 1.0

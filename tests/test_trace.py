@@ -12,6 +12,7 @@ from sinkscope import trace as trace_mod
 from sinkscope.errors import TraceError
 from sinkscope.record import Recorder
 from sinkscope.trace import Trace, TraceWriter
+from sinkscope.trace import write as trace_write
 from tests.tiny_models import tiny_llama
 
 
@@ -57,16 +58,16 @@ def test_interrupted_write_keeps_finished_samples_and_resume_appends(tmp_path, r
     writer = TraceWriter(path, recorded.manifest())
     writer.append(recorded.samples[0])
 
-    real = trace_mod._write_sample
+    real = trace_write._write_sample
 
     def dies_half_way(directory, sample):
         (directory / "meta.json").write_text("{half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trace_mod, "_write_sample", dies_half_way)
+    monkeypatch.setattr(trace_write, "_write_sample", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         writer.append(recorded.samples[1])
-    monkeypatch.setattr(trace_mod, "_write_sample", real)
+    monkeypatch.setattr(trace_write, "_write_sample", real)
 
     tr = Trace.load(path)
     assert tr.sample_ids == ["a"], "the finished sample survives; the half-written one is invisible"

@@ -24,170 +24,33 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-import wave
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from sinkscope.errors import SinkscopeError
+from sinkscope.data.layouts import Item, detect_layout, list_lrs, list_synth, read_transcript
+from sinkscope.data.media import (
+    FPS,
+    MEL_HOP,
+    ROI,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    VIDEO_MEAN,
+    VIDEO_STD,
+    DataError,
+    mix_at_snr,
+    read_video,
+    read_wav,
+)
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
-FPS = 25
-VIDEO_MEAN, VIDEO_STD = 0.421, 0.165
 TRAIN_SNRS: tuple[float | None, ...] = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0, None)  # None = clean
-ROI = 88
-
-
-class DataError(SinkscopeError):
-    """A corpus file or manifest row is unusable; the message names the file and the field."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One utterance as listed by a corpus (paths only; media are read on access)."""
-
-    id: str
-    split: str
-    speaker: str
-    video: Path
-    audio: Path
-    transcript: str | None = None  # None: read from `text`
-    text: Path | None = None
-    source: str = ""  # where the row came from (manifest line), for error messages
-
-
-# ----------------------------------------------------------------------------------------------- listing
-def list_synth(root: Path, split: str | None) -> list[Item]:
-    manifest = root / "manifest.jsonl"
-    items = []
-    for k, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{manifest}:{k}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc})") from exc
-        for key in ("id", "split", "video", "audio", "transcript"):
-            if key not in row:
-                raise DataError(f"{where}: field '{key}' is missing")
-        if split is not None and row["split"] != split:
-            continue
-        items.append(Item(id=str(row["id"]), split=row["split"], speaker=str(row.get("speaker", "")),
-                          video=root / row["video"], audio=root / row["audio"], transcript=row["transcript"],
-                          source=where))
-    return items
-
-
-def list_lrs(root: Path, split: str | None) -> list[Item]:
-    video_roots = sorted(p for p in root.glob("*_video_seg*s") if p.is_dir()) or [root]
-    items = []
-    for vroot in video_roots:
-        troot = root / vroot.name.replace("_video_", "_text_") if vroot != root else root
-        pattern = f"{split}/*/*.mp4" if split else "*/*/*.mp4"
-        for video in sorted(vroot.glob(pattern)):
-            rel = video.relative_to(vroot)
-            text = (troot / rel).with_suffix(".txt")
-            if not text.exists():
-                text = video.with_suffix(".txt")
-            items.append(Item(id=str(rel.with_suffix("")), split=rel.parts[0], speaker=rel.parts[1], video=video,
-                              audio=video.with_suffix(".wav"), text=text, source=str(video)))
-    return items
-
-
-def detect_layout(root: Path) -> str:
-    if (root / "manifest.jsonl").is_file():
-        return "synth"
-    if any(root.glob("*_video_seg*s")) or any(root.glob("*/*/*.mp4")):
-        return "lrs"
-    raise DataError(f"{root} holds neither a manifest.jsonl (synthetic corpus) nor an LRS-style tree of "
-                    "<split>/<speaker>/<utt>.mp4 files")
-
-
-# ------------------------------------------------------------------------------------------------- media
-def read_transcript(item: Item) -> str:
-    if item.transcript is not None:
-        text = item.transcript
-        where = f"{item.source}: field 'transcript'"
-    else:
-        path = item.text
-        if path is None or not path.is_file():
-            raise DataError(f"{path}: transcript file is missing (for video {item.video})")
-        raw = path.read_bytes()
-        try:
-            decoded = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: transcript is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
-        first = decoded.strip().splitlines()[0] if decoded.strip() else ""
-        text = re.sub(r"^Text:\s*", "", first)
-        where = str(path)
-    text = " ".join(text.lower().split())
-    if not text:
-        raise DataError(f"{where}: transcript is empty")
-    return text
-
-
-def read_wav(path: Path, allow_resample: bool = True) -> np.ndarray:
-    """Mono float32 audio at 16 kHz."""
-    if not path.is_file():
-        raise DataError(f"{path}: audio file is missing")
-    try:
-        with wave.open(str(path), "rb") as w:
-            rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
-            raw = w.readframes(n)
-    except (wave.Error, EOFError, OSError) as exc:
-        raise DataError(f"{path}: not a readable WAV file ({exc})") from exc
-    if width != 2:
-        raise DataError(f"{path}: {8 * width}-bit samples; expected 16-bit PCM")
-    if len(raw) < n * channels * width:
-        raise DataError(f"{path}: truncated WAV ({len(raw)} of {n * channels * width} data bytes)")
-    audio = np.frombuffer(raw, "<i2").astype(np.float32).reshape(-1, channels).mean(axis=1) / 32768.0
-    if rate != SAMPLE_RATE:
-        if not allow_resample:
-            raise DataError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} (allow_resample=True fixes it)")
-        from scipy.signal import resample_poly
-
-        g = math.gcd(rate, SAMPLE_RATE)
-        audio = resample_poly(audio, SAMPLE_RATE // g, rate // g).astype(np.float32)
-    return audio
-
-
-def read_video(path: Path) -> np.ndarray:
-    """uint8 grayscale frames `[T, 88, 88]` (larger crops are centre-cropped)."""
-    import av
-
-    if not path.is_file():
-        raise DataError(f"{path}: video file is missing")
-    try:
-        with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="gray") for f in container.decode(video=0)]
-    except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
-        raise DataError(f"{path}: corrupt or truncated video ({exc})") from exc
-    if not frames:
-        raise DataError(f"{path}: the video has no frames (corrupt or truncated)")
-    video = np.stack(frames)
-    h, w = video.shape[1:]
-    if h < ROI or w < ROI:
-        raise DataError(f"{path}: frames are {w}x{h}; a mouth ROI needs at least {ROI}x{ROI}")
-    top, left = (h - ROI) // 2, (w - ROI) // 2
-    return video[:, top:top + ROI, left:left + ROI]
-
-
-def mix_at_snr(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """`speech + g * noise` with g chosen so that 10 log10(P_speech / P_noise) = snr_db."""
-    noise = np.resize(noise, speech.shape)
-    p_s, p_n = float(np.mean(speech**2)), float(np.mean(noise**2))
-    if p_n == 0.0 or p_s == 0.0:
-        return speech.copy()
-    gain = math.sqrt(p_s / (p_n * 10 ** (snr_db / 10)))
-    return (speech + gain * noise).astype(np.float32)
+__all__ = ["AVSRDataset", "BucketBatchSampler", "DataError", "Item", "collate", "mix_at_snr", "read_video",
+           "read_wav", "read_transcript", "TRAIN_SNRS", "ROI", "FPS", "SAMPLE_RATE", "VIDEO_MEAN", "VIDEO_STD"]
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -200,18 +63,19 @@ class AVSRDataset(Dataset):
         snr: None for clean, a number (dB) to fix the SNR, or "train" to sample from TRAIN_SNRS per item.
         noise: "babble" (a mix of 4 other utterances of the split) or "white".
         n_mels: 80 or 128 Whisper log-mel bins.
-        video_multiple: truncate the video to a multiple of this many frames (the video compression rate);
-            the audio is cut to the same duration.
+        video_multiple: truncate the video to a multiple of this many frames; the audio is cut to the same
+            duration (1 keeps every frame; the models drop the remainder of their compression rate themselves).
         max_av_mismatch: allowed difference between the audio and video durations, seconds.
         skip_bad: log and count unusable samples (`bad`) instead of raising; they come back as None, which
             `collate` drops.
         load: the modalities to return ("audio" features and/or "video"); both files are always checked.
+        limit: keep only the first `limit` utterances of the split (None: all).
     """
 
     def __init__(self, root: str | Path, split: str | None = "train", layout: str = "auto", snr=None,
                  noise: str = "babble", n_mels: int = 80, video_multiple: int = 1, max_av_mismatch: float = 0.1,
                  allow_resample: bool = True, skip_bad: bool = False, seed: int = 0,
-                 load: tuple[str, ...] = ("audio", "video")):
+                 load: tuple[str, ...] = ("audio", "video"), limit: int | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: corpus directory does not exist")
@@ -221,6 +85,10 @@ class AVSRDataset(Dataset):
         self.items = list_synth(self.root, split) if layout == "synth" else list_lrs(self.root, split)
         if not self.items:
             raise DataError(f"{self.root}: no utterances in split {split!r}")
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise DataError(f"limit must be a positive number of utterances, not {limit!r}")
+            self.items = self.items[:limit]
         if snr not in (None, "train") and not isinstance(snr, int | float):
             raise DataError(f"snr must be None, 'train' or a number of dB, not {snr!r}")
         if noise not in ("babble", "white"):
@@ -278,7 +146,7 @@ class AVSRDataset(Dataset):
         if n_frames == 0:
             raise DataError(f"{item.video}: {len(video)} frames, fewer than video_multiple={self.video_multiple}")
         video = video[:n_frames]
-        audio = np.resize(audio, n_frames * SAMPLE_RATE // FPS)  # same duration as the kept video
+        audio = np.resize(audio, n_frames * SAMPLES_PER_FRAME)  # same duration as the kept video
         rng = np.random.default_rng([self.seed, self.epoch, index])
         snr = self.snr
         if snr == "train":
@@ -288,7 +156,7 @@ class AVSRDataset(Dataset):
             if snr is not None:
                 audio = mix_at_snr(audio, self._noise(index, len(audio), rng), float(snr))
             mel = self.features(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="longest")
-            mel = mel["input_features"][0].T[: len(audio) // 160]  # [T_a, n_mels], 100 frames/s
+            mel = mel["input_features"][0].T[: len(audio) // MEL_HOP]  # [T_a, n_mels], 100 frames/s
             out["audio"] = torch.from_numpy(audio)
             out["audio_features"] = torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32))
         if "video" in self.load_modalities:

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from sinkscope import __version__
+from sinkscope.data.media import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from sinkscope.data.text import grid_sentence, open_sentence, spoken_form
-from sinkscope.data.tts import SAMPLE_RATE, Espeak, Voice
-from sinkscope.data.video import FPS, Appearance, mouth_tracks, render_frames
+from sinkscope.data.tts import Espeak, Voice
+from sinkscope.data.video import Appearance, mouth_tracks, render_frames
 from sinkscope.errors import SinkscopeError
 
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 SPEAKERS: list[Voice] = [
     Voice("en-us+m1", 150, 40, 40), Voice("en-us+m3", 170, 55, 50), Voice("en-us+f2", 155, 65, 60),
     Voice("en-us+f4", 175, 70, 45), Voice("en+m2", 160, 35, 30), Voice("en+f3", 145, 60, 55),

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.signal import resample_poly
 
-SAMPLE_RATE = 16000
+from sinkscope.data.media import SAMPLE_RATE
+
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INIT_PHONEME_EVENTS, _INIT_DONT_EXIT = 0x0001, 0x8000
 _EVENT_END_LIST, _EVENT_WORD, _EVENT_PHONEME, _EVENT_END = 0, 1, 7, 5

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FPS = 25
-SIZE = 88
+from sinkscope.data.media import FPS
+from sinkscope.data.media import ROI as SIZE
+
 REST = (0.0, 0.55, 0.2, 0.0, 0.0)  # opening, width, rounding, teeth, tongue
 
 # viseme targets: opening, width, rounding, teeth, tongue

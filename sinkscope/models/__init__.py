@@ -1,4 +1,5 @@
-"""Models: the LLM loader (and, later, the AVSR model)."""
+"""Models: the offline LLM loader (`llm`), the encoders, the AVSR model (`avsr`), and trained models on disk
+(`pretrained`: the `demo` registry, loading runs and exports, export)."""
 
 from sinkscope.models.llm import KNOWN_MODELS, load_llm
 

@@ -6,7 +6,8 @@
 
 The LLM is frozen and trained through peft LoRA; the encoders are frozen; the projectors train. `build()`
 returns the input embeddings, the attention mask, the labels (-100 everywhere except transcript and EOS), and
-per sample the segment spans and token strings that the recorder writes into traces.
+per sample the segment spans and token strings that the recorder writes into traces. `generate()` decodes;
+`AVSRModel.from_pretrained(dir)` rebuilds a trained model from a run, an export or a registered name (`demo`).
 """
 
 from __future__ import annotations
@@ -75,11 +76,25 @@ class AVSRConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
+    @property
+    def video_multiple(self) -> int:
+        """The A/V crop this model was trained with: video cut to a multiple of this many frames and the audio to
+        the same duration, before features are computed (`AVSRDataset(video_multiple=...)`). AVSR models use K_v;
+        without the crop the demo model's held-out WER moves from 9.7 % to 12.2 % (measured on 409 utterances)."""
+        return self.k_video if self.mode == "avsr" else 1
+
     def check(self) -> None:
         if self.mode not in MODALITIES:
             raise ValueError(f"mode must be one of {sorted(MODALITIES)}, not {self.mode!r}")
         if self.compression not in ("stack", "avgpool"):
             raise ValueError(f"compression must be 'stack' or 'avgpool', not {self.compression!r}")
+
+
+def dataset_for(cfg: AVSRConfig, root, split: str | None = "test", **kwargs):
+    """The corpus split as a model of config `cfg` takes it (its A/V crop; see `AVSRConfig.video_multiple`)."""
+    from sinkscope.data.dataset import AVSRDataset
+
+    return AVSRDataset(root, split, video_multiple=cfg.video_multiple, **kwargs)
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -131,16 +146,17 @@ class AVSRModel(nn.Module):
         return self.llm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=device))
 
     def encode(self, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Projected modality tokens per modality: `([B, n, d_llm], lengths)`."""
+        """Projected modality tokens per modality: `([B, n, d_llm], lengths)`, on the model's device."""
+        device = self.llm.get_input_embeddings().weight.device
         out = {}
         if self.audio_encoder is not None:
             with torch.set_grad_enabled(_trainable(self.audio_encoder)):
-                feats, lengths = self.audio_encoder(batch["audio_features"], batch["audio_lengths"])
+                feats, lengths = self.audio_encoder(batch["audio_features"].to(device), batch["audio_lengths"])
             feats, lengths = compress(feats, lengths, self.cfg.k_audio, self.cfg.compression)
             out["audio"] = (self.audio_projector(feats), lengths)
         if self.video_encoder is not None:
             with torch.set_grad_enabled(_trainable(self.video_encoder)):
-                feats, lengths = self.video_encoder(batch["video"], batch["video_lengths"])
+                feats, lengths = self.video_encoder(batch["video"].to(device), batch["video_lengths"])
             feats, lengths = compress(feats, lengths, self.cfg.k_video, self.cfg.compression)
             out["video"] = (self.video_projector(feats), lengths)
         return out
@@ -213,6 +229,26 @@ class AVSRModel(nn.Module):
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  targets[:, keep].reshape(-1), ignore_index=-100)
         return loss, res
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 24, beams: int = 1, built: dict | None = None) -> list[str]:
+        """Greedy (or beam) transcripts through the LLM's `generate(inputs_embeds=...)`, left-padded, lower-cased;
+        `built` passes `build(batch, with_transcript=False, padding_side="left")` when the caller has it."""
+        if built is None:
+            built = self.build(batch, with_transcript=False, padding_side="left")
+        tok = self.tokenizer
+        out = self.llm.generate(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"],
+                                max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return [" ".join(t.lower().split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    @classmethod
+    def from_pretrained(cls, checkpoint) -> AVSRModel:
+        """A trained model (in eval mode) from a training run directory, an export, or a registered name such as
+        `demo`; see `sinkscope.models.pretrained.load_trained`, which also returns the run's config."""
+        from sinkscope.models.pretrained import load_trained
+
+        return load_trained(checkpoint)[0]
 
     def forward(self, batch: dict, output_hidden_states: bool = False) -> dict:
         """Training step: `{"loss", "hidden_states", "segments", "tokens"}` (through `forward`, so that a DDP

@@ -20,21 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 
 from sinkscope.errors import RecorderError
-from sinkscope.metrics import (
-    MASSIVE_ABS,
-    MASSIVE_REL,
-    SINK_EPS,
-    SINK_HEAD_FRACTION,
-    massive_frame,
-    massive_threshold,
-    median_nonneg,
-)
+from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, SINK_EPS, SINK_HEAD_FRACTION, massive_frame
 from sinkscope.record import attention as attn_fn
+from sinkscope.record.blocks import find_decoder_layers, find_hf_model, first_output
+from sinkscope.record.reduce import reduce_layer
 from sinkscope.trace import SampleRecord, TraceWriter
 
 
@@ -46,29 +38,6 @@ class _Request:
     map_heads: tuple[int, ...]
     deliver: Any
     compile: bool = False
-
-
-def find_hf_model(model: nn.Module) -> PreTrainedModel:
-    """The outermost transformers model inside `model` (a plain HF model, a peft wrapper, an AVSR wrapper)."""
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    raise RecorderError(f"{type(model).__name__} contains no transformers PreTrainedModel to record")
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """The decoder body (e.g. LlamaModel) and its list of blocks, each with `self_attn` and `mlp`."""
-    for module in model.modules():
-        for child in module.children():
-            if isinstance(child, nn.ModuleList) and len(child) > 0 and all(
-                hasattr(block, "self_attn") and hasattr(block, "mlp") for block in child
-            ):
-                return module, child
-    raise RecorderError(f"{type(model).__name__} has no list of decoder blocks with `self_attn` and `mlp`")
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple | list) else output
 
 
 class Recorder:
@@ -213,60 +182,30 @@ class Recorder:
     def _store(self, name: str, layer: int):
         def hook(module, args, output):
             if self._cur is not None:
-                self._cur[name][layer] = _first(output).detach()
+                self._cur[name][layer] = first_output(output).detach()
 
         return hook
 
     def _on_block_end(self, layer: int):
         def hook(module, args, output):
             if self._cur is not None:
-                self._reduce_layer(layer, _first(output).detach())
+                self._reduce_layer(layer, first_output(output).detach())
 
         return hook
 
     @torch.no_grad()
     def _reduce_layer(self, layer: int, h: torch.Tensor) -> None:
         cur = self._cur
-        valid = cur["valid"]  # [B, T]
         a, m = cur["attn_out"][layer], cur["mlp_out"][layer]
         if a is None or m is None:
             raise RecorderError(f"block {layer} did not run its self_attn and mlp submodules through forward()")
-        h = h.float()  # [B, T, D]
-        b = h.shape[0]
-        padded = cur["query_valid"] is not None
-        habs = h.abs()
-        top_v, top_i = habs.topk(self.top_k, dim=-1)  # [B, T, k], sorted: top_v[..., 0] is max_abs
-        med = torch.stack([median_nonneg((habs[i][valid[i]] if padded else habs[i]).reshape(-1))
-                           for i in range(b)])  # [B]
-        first = valid.float().argmax(dim=1)  # first real position of each row
-        h0 = h[torch.arange(b, device=h.device), first]  # [B, D]
-        cos = F.cosine_similarity(h, h0[:, None, :], dim=-1, eps=1e-12)  # [B, T]
-        thr = massive_threshold(med, self.abs_threshold, self.rel_threshold)  # [B]
-        a, m = a.float(), m.float()
-        if bool((top_v[..., 0] >= thr[:, None]).any()):
-            hit = habs >= thr[:, None, None]
-            if padded:
-                hit &= valid[..., None]
-            bi, ti, ji = hit.nonzero(as_tuple=True)
-            cur["massive"].append((layer, bi, ti, ji, h[bi, ti, ji], a[bi, ti, ji], m[bi, ti, ji]))
-        mabs = m.abs()
-        mtop_v, mtop_i = mabs.topk(self.top_k, dim=-1)
-        if padded:
-            habs = habs.masked_fill(~valid[..., None], 0)
-            mabs = mabs.masked_fill(~valid[..., None], 0)
-        cur["layers"][layer] = {
-            "bos_cosine": cos,
-            "max_abs": top_v[..., 0],
-            "median_abs": med,
-            "feature_max_abs": habs.amax(dim=1),  # [B, D]
-            "mlp_feature_max_abs": mabs.amax(dim=1),
-            "top_features": top_i.int(),
-            "top_values": h.gather(-1, top_i),
-            "mlp_top_features": mtop_i.int(),
-            "mlp_top_values": m.gather(-1, mtop_i),
-        }
+        stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
+                                      self.abs_threshold, self.rel_threshold)
+        if massive is not None:
+            cur["massive"].append((layer, *massive))
+        cur["layers"][layer] = stats
         if layer in self.hidden_layers:
-            cur.setdefault("hidden", {})[layer] = h.to(self.hidden_dtype).cpu()
+            cur.setdefault("hidden", {})[layer] = h.float().to(self.hidden_dtype).cpu()
         cur["attn_out"][layer] = cur["mlp_out"][layer] = None
 
     @torch.no_grad()

@@ -1,10 +1,12 @@
-"""Record traces of text prompts (the engine behind `sinkscope record`)."""
+"""Recording runs (the engine behind `sinkscope record`): text prompts through an LLM, AV utterances through a
+trained AVSR model, resumable, into a trace directory."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,7 +127,7 @@ def record_texts(
     return recorded, len(texts) - len(todo)
 
 
-def record_avsr(model, dataset, out: str | os.PathLike, n: int | None = None, batch_size: int = 4,
+def record_avsr(model, dataset, out: str | os.PathLike, batch_size: int = 4,
                 attention_maps: Sequence[tuple[int, int]] = (), hidden_states: Sequence[int] = (),
                 resume: bool = False, config: dict | None = None, progress: Callable | None = None) -> tuple[int, int]:
     """Record AVSR samples (prompt + reference transcript, teacher-forced) with their segments and tokens."""
@@ -134,7 +136,7 @@ def record_avsr(model, dataset, out: str | os.PathLike, n: int | None = None, ba
     from sinkscope.data.dataset import collate
 
     out = Path(out)
-    items = list(range(len(dataset) if n is None else min(n, len(dataset))))
+    items = list(range(len(dataset)))
     done = existing_ids(out, Recorder(model.llm, attention_maps, hidden_states).manifest(config), resume)
     todo = [i for i in items if dataset.items[i].id not in done]
     loader = DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size, collate_fn=collate)
@@ -156,3 +158,98 @@ def record_avsr(model, dataset, out: str | os.PathLike, n: int | None = None, ba
             if progress is not None:
                 progress(len(batch["ids"]))
     return recorded, len(items) - len(todo)
+
+
+@dataclass
+class RecordConfig:
+    """`sinkscope record`: text prompts through an LLM, or AV utterances through a trained AVSR model."""
+
+    out: str = ""
+    model: str = "smollm2-135m"  # text recording: a known name, a .gguf file, an HF directory or a cached hub id
+    text: tuple[str, ...] = ()
+    text_file: str | None = None
+    max_length: int | None = None  # text recording: truncate prompts to this many tokens
+    checkpoint: str | None = None  # AV recording: a training run, an export, or `demo`
+    data: str | None = None  # AV recording: the corpus
+    split: str = "test"
+    n: int | None = None  # the first N prompts or utterances
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 1
+    attention_maps: str | None = None  # "5:0,12:3"
+    hidden_states: str | None = None  # "3,5"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("out is required (--out DIR)")
+        if self.batch_size < 1 or (self.n is not None and self.n < 1):
+            raise ValueError("batch_size and n must be >= 1")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, not {self.max_length}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.checkpoint is not None:
+            if self.data is None:
+                raise ValueError("a checkpoint needs data: the corpus to record (--data DIR)")
+            text_only = [name for name, given in (("model", self.model != "smollm2-135m"), ("text", bool(self.text)),
+                                                  ("text_file", self.text_file is not None),
+                                                  ("max_length", self.max_length is not None)) if given]
+            if text_only:
+                raise ValueError(f"{text_only} apply to text recording only; with a checkpoint the model is the "
+                                 "checkpoint's and the inputs are the corpus utterances (--data)")
+            if self.dtype != "float32":
+                raise ValueError("AV recording runs in float32 (the encoders take float32 features); "
+                                 f"dtype {self.dtype!r} is for text recording")
+        elif self.data is not None:
+            raise ValueError("data is for AV recording: give a checkpoint (--checkpoint RUN or demo) as well")
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SinkscopeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise SinkscopeError(f"--device {name!r} is not a device (cpu, cuda or cuda:N)") from exc
+
+
+def run_record(cfg: RecordConfig, progress: Callable | None = None, total: Callable | None = None) -> dict:
+    """Record as `cfg` says; writes config.yaml, run.json and results.json into the trace directory too.
+    `total(n)` is told how many samples the run covers; `progress(k)` after every batch."""
+    from sinkscope.config import to_dict, write_results, write_run_files
+
+    device = _device(cfg.device)
+    maps, layers = parse_attention_maps(cfg.attention_maps), parse_layers(cfg.hidden_states)
+    config = to_dict(cfg)
+    if cfg.checkpoint is not None:
+        from sinkscope.models.avsr import dataset_for
+        from sinkscope.models.pretrained import load_trained
+
+        model, run_config = load_trained(cfg.checkpoint)
+        dataset = dataset_for(model.cfg, cfg.data, cfg.split, limit=cfg.n)
+        config.update(model=f"{model.cfg.llm} + AVSR ({cfg.checkpoint})", mode=model.cfg.mode,
+                      compression=model.cfg.compression, k_audio=model.cfg.k_audio, k_video=model.cfg.k_video,
+                      decorrelation=run_config.get("decorrelation"))
+        if total is not None:
+            total(len(dataset))
+        recorded, skipped = record_avsr(model.to(device), dataset, cfg.out, batch_size=cfg.batch_size,
+                                        attention_maps=maps, hidden_states=layers, resume=cfg.resume, config=config,
+                                        progress=progress)
+    else:
+        from sinkscope.models.llm import load_llm
+
+        texts = list(cfg.text) + (read_text_file(cfg.text_file) if cfg.text_file else [])
+        if not texts:
+            raise SinkscopeError("give at least one --text or a --text-file")
+        texts = texts[: cfg.n] if cfg.n else texts
+        if total is not None:
+            total(len(texts))
+        llm, tokenizer = load_llm(cfg.model, device=str(device), dtype=cfg.dtype)
+        recorded, skipped = record_texts(llm, tokenizer, texts, cfg.out, batch_size=cfg.batch_size,
+                                         attention_maps=maps, hidden_states=layers, resume=cfg.resume,
+                                         max_length=cfg.max_length, config=config, progress=progress)
+    results = {"recorded": recorded, "skipped_existing": skipped, "samples": recorded + skipped}
+    write_run_files(cfg.out, "record", cfg)
+    write_results(cfg.out, results, cfg)
+    return results

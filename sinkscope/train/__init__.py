@@ -1,1 +1,2 @@
-"""Training: CTC pretraining of the encoders (`ctc`), the AVSR model (`avsr`), resumable checkpoints."""
+"""Training: the one loop (`loop`), losses (`losses`), the model families (`avsr`, `ctc`), resumable checkpoints
+(`checkpoint`), sweeps (`sweep`) and result tables (`results`)."""

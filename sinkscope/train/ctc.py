@@ -3,29 +3,26 @@
 These encoders stand in for Whisper and AV-HuBERT offline: they are trained here with CTC on the corpus, then
 frozen inside the AVSR model. Greedy CTC decoding gives their CER/WER on the held-out speakers.
 
-Runs are resumable after every epoch: `OUT/<modality>/epoch-N.safetensors` holds the weights, `epoch-N.pt` the
-optimiser state (saved with `torch.save`, read back with `weights_only=True`), and `state.json` (replaced last)
-the epoch, the history and the name of the checkpoint.
+Each modality trains through the shared loop (`loop.fit`) into `OUT/<modality>/`, resumable after every epoch;
+`OUT/` holds the resolved config, `run.json` and `results.json`. `sinkscope export OUT DIR` writes the encoders in
+fp16 for `encoders:` in a training config.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import jiwer
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from sinkscope.data.dataset import AVSRDataset, BucketBatchSampler, collate
+from sinkscope.config import write_results
+from sinkscope.data.dataset import AVSRDataset
 from sinkscope.errors import SinkscopeError
+from sinkscope.eval import loader, score
 from sinkscope.models.encoders import AudioEncoder, AudioEncoderConfig, VideoEncoder, VideoEncoderConfig
-from sinkscope.train.checkpoint import load_checkpoint, save_checkpoint
+from sinkscope.train.loop import Progress, Schedule, fit, prepare_run
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz'"
 BLANK = 0
@@ -69,8 +66,8 @@ class CTCModel(nn.Module):
 
 @dataclass
 class PretrainConfig:
-    data: str
-    out: str
+    data: str = ""
+    out: str = ""
     modalities: tuple[str, ...] = ("audio", "video")
     epochs: int = 20
     batch_size: int = 16
@@ -82,132 +79,70 @@ class PretrainConfig:
     audio: AudioEncoderConfig = field(default_factory=lambda: AudioEncoderConfig(max_seconds=4.0))
     video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
 
+    def __post_init__(self) -> None:
+        if not self.modalities or not set(self.modalities) <= {"audio", "video"}:
+            raise ValueError(f"modalities must name audio and/or video, not {list(self.modalities)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
 
-def _subset(ds: AVSRDataset, n: int | None) -> AVSRDataset:
-    if n is not None:
-        ds.items = ds.items[:n]
-    return ds
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.epochs, self.batch_size, self.lr, self.warmup_steps, self.seed, decay="cosine",
+                        clip=5.0)
 
 
-def evaluate(model: CTCModel, loader: DataLoader) -> dict:
-    """Greedy-CTC CER and WER (jiwer, lower-cased) on a loader."""
-    model.eval()
-    refs, hyps = [], []
-    with torch.no_grad():
-        for batch in loader:
+class CTCTask:
+    """One encoder with a character CTC head, scored by greedy-CTC CER/WER on the held-out speakers."""
+
+    def __init__(self, cfg: PretrainConfig, modality: str):
+        self.cfg, self.modality = cfg, modality
+        self.ctc = nn.CTCLoss(blank=BLANK, zero_infinity=True)
+
+    def build_model(self) -> CTCModel:
+        return CTCModel(self.modality, self.cfg.audio, self.cfg.video)
+
+    def train_set(self) -> AVSRDataset:
+        snr = "train" if self.modality == "audio" else None
+        return AVSRDataset(self.cfg.data, "train", snr=snr, seed=self.cfg.seed, load=(self.modality,),
+                           limit=self.cfg.max_train)
+
+    def loss(self, model: CTCModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        log_probs, lengths = model(batch)
+        targets = [torch.tensor(encode_text(t)) for t in batch["transcripts"]]
+        loss = self.ctc(log_probs.transpose(0, 1), torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]))
+        return loss, {"ctc": float(loss.detach())}
+
+    @torch.no_grad()
+    def evaluate(self, model: CTCModel) -> dict:
+        test = AVSRDataset(self.cfg.data, "test", load=(self.modality,), limit=self.cfg.max_eval)
+        model.eval()
+        refs, hyps = [], []
+        for batch in loader(test, self.cfg.batch_size):
             if batch is None:
                 continue
             log_probs, lengths = model(batch)
             hyps += greedy_decode(log_probs, lengths)
             refs += batch["transcripts"]
-    model.train()
-    hyps = [h if h else "<empty>" for h in hyps]
-    return {"cer": jiwer.cer(refs, hyps), "wer": jiwer.wer(refs, hyps), "n": len(refs), "example": hyps[:3],
-            "reference": refs[:3]}
+        model.train()
+        return score(refs, hyps)
 
 
-def _lr(step: int, cfg: PretrainConfig, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print,
-             progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Train each modality's encoder with CTC, resuming from `cfg.out` when a run is there."""
+def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print, progress: Progress | None = None,
+             until_epoch: int | None = None) -> dict:
+    """Train each modality's encoder with CTC into `cfg.out/<modality>`, resuming a run that is there; writes
+    config.yaml, run.json and results.json into `cfg.out` and returns the results per modality."""
+    if not cfg.data or not cfg.out:
+        raise SinkscopeError("pretrain-encoders needs `data` and `out`")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config_file = out / "pretrain_config.json"
-    wanted = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "out")}
-    if config_file.exists():
-        previous = json.loads(config_file.read_text())
-        changed = [k for k in wanted if k != "data" and previous.get(k) != json.loads(json.dumps(wanted[k]))]
-        if changed:
-            raise SinkscopeError(f"{config_file}: the run in {out} used other settings for {changed}; "
-                                 "resume it with the same settings or choose another --out")
-    config_file.write_text(json.dumps(dict(wanted, epochs=cfg.epochs), indent=2))
+    prepare_run(out, cfg, "pretrain-encoders", ignore=("epochs", "out", "modalities"))
     results = {}
     for modality in cfg.modalities:
-        results[modality] = _pretrain_one(cfg, modality, out / modality, log, progress)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        task = CTCTask(cfg, modality)
+        prepare_run(out / modality, cfg, "pretrain-encoders", ignore=("epochs", "out", "modalities"))
+        state = fit(task, cfg.schedule, out / modality, log, progress, until_epoch, name=modality)
+        last = state["history"][-1] if state["history"] else {}
+        results[modality] = {"cer": last.get("cer"), "wer": last.get("wer"), "n": last.get("n"),
+                             "epochs": state["epoch"], "history": state["history"]}
+    write_results(out, results, cfg)
     return results
-
-
-def _pretrain_one(cfg: PretrainConfig, modality: str, out: Path, log, progress) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    train = _subset(AVSRDataset(cfg.data, "train", snr="train" if modality == "audio" else None, seed=cfg.seed,
-                                load=(modality,)), cfg.max_train)
-    test = _subset(AVSRDataset(cfg.data, "test", load=(modality,)), cfg.max_eval)
-    sampler = BucketBatchSampler(train.lengths(), cfg.batch_size, shuffle=True, seed=cfg.seed)
-    test_loader = DataLoader(test, batch_sampler=BucketBatchSampler(test.lengths(), cfg.batch_size, shuffle=False),
-                             collate_fn=collate)
-    model = CTCModel(modality, cfg.audio, cfg.video)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    ctc = nn.CTCLoss(blank=BLANK, zero_infinity=True)
-    state_file = out / "state.json"
-    state = {"epoch": 0, "step": 0, "history": []}
-    if state_file.exists():
-        state, weights = load_checkpoint(out, optimiser)
-        model.load_state_dict(weights)
-        log(f"{modality}: resuming after epoch {state['epoch']}")
-    total = cfg.epochs * len(sampler)
-    model.train()
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch)
-        train.set_epoch(epoch)
-        loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate)
-        start, seen, loss_sum = time.time(), 0, 0.0
-        for k, batch in enumerate(loader):
-            if batch is None:
-                continue
-            for group in optimiser.param_groups:
-                group["lr"] = _lr(state["step"], cfg, total)
-            log_probs, lengths = model(batch)
-            targets = [torch.tensor(encode_text(t)) for t in batch["transcripts"]]
-            loss = ctc(log_probs.transpose(0, 1), torch.cat(targets), lengths,
-                       torch.tensor([len(t) for t in targets]))
-            optimiser.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimiser.step()
-            state["step"] += 1
-            seen += len(batch["ids"])
-            loss_sum += float(loss.detach()) * len(batch["ids"])
-            if progress is not None:
-                progress(modality, k + 1, len(sampler))
-        metrics = evaluate(model, test_loader)
-        state["epoch"] += 1
-        state["history"].append({"epoch": state["epoch"], "train_loss": loss_sum / max(1, seen),
-                                 "cer": metrics["cer"], "wer": metrics["wer"], "seconds": time.time() - start})
-        save_checkpoint(out, f"epoch-{state['epoch']:03d}", model.state_dict(), optimiser, state)
-        log(f"{modality} epoch {state['epoch']}/{cfg.epochs}: loss {loss_sum / max(1, seen):.3f}, "
-            f"test CER {metrics['cer']:.3f}, WER {metrics['wer']:.3f} ({time.time() - start:.0f} s), "
-            f"e.g. {metrics['example'][0]!r} for {metrics['reference'][0]!r}")
-    final = evaluate(model, test_loader)
-    return {"cer": final["cer"], "wer": final["wer"], "n": final["n"], "epochs": state["epoch"],
-            "history": state["history"]}
-
-
-def export_encoders(run: str | Path, out: str | Path) -> list[Path]:
-    """Copy the latest weights of each encoder a `pretrain-encoders` run holds to `out/<modality>.safetensors`
-    in fp16 (what `encoders:` in a training config and `load_encoders` read). Only those files are replaced, so
-    an audio-only run can refresh the audio encoder of a directory that keeps its video encoder."""
-    from sinkscope.train.checkpoint import load_weights, save_half
-
-    run, out = Path(run), Path(out)
-    modalities = [m for m in ("audio", "video") if (run / m / "state.json").is_file()]
-    if not modalities:
-        raise SinkscopeError(f"{run}: not a `sinkscope pretrain-encoders` run (no audio/state.json or "
-                             "video/state.json)")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for modality in modalities:
-        state, weights = load_weights(run / modality)
-        target = out / f"{modality}.safetensors"
-        save_half(weights, target, {"dtype": "float16", "source": str(run / modality / state["checkpoint"]),
-                                    "epoch": str(state["epoch"])})
-        written.append(target)
-    return written

@@ -2,7 +2,7 @@
 
 A sweep file (YAML) names a base training config, the grid and the evaluations:
 
-    base: experiments/configs/grid_avsr_stack_a4_v2.yaml   # any `sinkscope train` config
+    base: experiments/configs/grid_avsr_stack_a4_v3.yaml   # any `sinkscope train` config
     out: runs/sweep-decorrelation                           # one run directory per grid point under here
     results: experiments/results/sweep_decorrelation.csv    # one row per (point, evaluation), appended
     set: {epochs: 3}                                        # overrides applied to every point
@@ -14,34 +14,48 @@ A sweep file (YAML) names a base training config, the grid and the evaluations:
 A grid entry is either a list of values for one key (`decorrelation: [0.0, 0.1]`) or a named list of override
 mappings (`rate: [...]` above) for keys that move together. Every point trains with `train()` (which resumes a
 killed run), then is evaluated; finished evaluations are read back from the results file and not redone, so
-running the same command again continues where it stopped.
+running the same command again continues where it stopped. Each row names the sweep file, the point's resolved
+config (its hash; the run directory holds the config itself) and the command that made it.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sinkscope.config import command_line, config_hash, load_config, write_run_files
 from sinkscope.errors import SinkscopeError
+from sinkscope.eval import evaluate
+from sinkscope.models.avsr import dataset_for
+from sinkscope.models.pretrained import load_trainable, load_trained
+from sinkscope.train.avsr import read_train_config, train
+from sinkscope.train.checkpoint import load_weights
+from sinkscope.train.results import append_row, read_rows
 
-RESULT_COLUMNS = ["point", "overrides", "mode", "compression", "k_audio", "k_video", "decorrelation", "epochs",
-                  "snr", "n", "wer", "cer", "run"]
+RESULT_COLUMNS = ["point", "overrides", "mode", "compression", "k_audio", "k_video", "decorrelation", "seed", "epochs",
+                  "snr", "n", "wer", "cer", "run", "sweep", "config_hash", "command"]
 
 
 @dataclass
-class SweepSpec:
+class SweepConfig:
     base: str
     out: str
     results: str
-    grid: dict[str, list] = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
     set: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=lambda: {"snr": [None], "limit": None})
+    eval: dict = field(default_factory=dict)
     path: str = "sweep"
+
+    def __post_init__(self) -> None:
+        self.eval = {"snr": [None], "limit": None, **(self.eval or {})}
+        if not isinstance(self.eval["snr"], list):
+            self.eval["snr"] = [self.eval["snr"]]
+        unknown = sorted(set(self.eval) - {"snr", "limit"})
+        if unknown:
+            raise ValueError(f"eval: unknown field(s) {unknown}; known: ['limit', 'snr']")
 
     @property
     def points(self) -> list[tuple[str, dict]]:
@@ -53,8 +67,7 @@ class SweepSpec:
             options = []
             for value in values:
                 if isinstance(value, dict):  # several keys that move together
-                    options.append(({k: v for k, v in value.items()}, "-".join(f"{_short(k)}{v}"
-                                                                          for k, v in value.items())))
+                    options.append((dict(value), "-".join(f"{_short(k)}{v}" for k, v in value.items())))
                 else:
                     options.append(({key: value}, f"{_short(key)}{value}"))
             axes.append(options)
@@ -67,29 +80,16 @@ class SweepSpec:
         return points
 
 
+
 def _short(key: str) -> str:
     return {"model.k_audio": "ka", "model.k_video": "kv", "decorrelation": "dec", "model.compression": "",
             "model.mode": ""}.get(key, key.split(".")[-1])
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    from sinkscope.train.avsr import read_yaml_mapping
-
-    path = Path(path)
-    data = read_yaml_mapping(path, "sweep file")
-    known = {"base", "out", "results", "grid", "set", "eval"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SinkscopeError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
-    missing = sorted(k for k in ("base", "out", "results", "grid") if k not in data)
-    if missing:
-        raise SinkscopeError(f"{path}: missing field(s) {missing}")
-    ev = {"snr": [None], "limit": None, **(data.get("eval") or {})}
-    if not isinstance(ev["snr"], list):
-        ev["snr"] = [ev["snr"]]
-    spec = SweepSpec(base=str(data["base"]), out=str(data["out"]), results=str(data["results"]),
-                     grid=data["grid"] or {}, set=data.get("set") or {}, eval=ev, path=str(path))
-    spec.points  # noqa: B018 - validates the grid now rather than after hours of training
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
+    """A sweep file, validated now (grid included) rather than after hours of training."""
+    spec = load_config(SweepConfig, path, overrides, defaults={"path": str(path)})
+    spec.points  # noqa: B018 - validates the grid
     return spec
 
 
@@ -98,75 +98,51 @@ def _overrides(mapping: dict) -> list[str]:
 
 
 def read_results(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(RESULT_COLUMNS) - set(rows[0]):
-        raise SinkscopeError(f"{path}: not a sweep results file (columns {sorted(rows[0])}); move it away")
-    return rows
+    return read_rows(path, RESULT_COLUMNS)
 
 
-def _append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
+def _snr_text(snr: float | None) -> str:
+    return "clean" if snr is None else f"{float(snr):g}"
 
 
-def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print, progress: Callable | None = None,
+def run_sweep(spec: SweepConfig, log: Callable[[str], None] = print, progress: Callable | None = None,
               until_epoch: int | None = None, model_factory: Callable | None = None) -> list[dict]:
     """Train and evaluate every grid point that has no result yet; returns all result rows.
 
     `until_epoch` trains every point only that far (no evaluation until a point has finished its schedule).
     `model_factory(cfg)` builds the model (tests pass tiny ones); by default `AVSRModel(cfg.model)`."""
-    from sinkscope.data.dataset import AVSRDataset
-    from sinkscope.train.avsr import evaluate, load_config, train
-
+    write_run_files(spec.out, "sweep", spec)
     results = Path(spec.results)
     done = {(r["point"], r["snr"]) for r in read_results(results)}
-    for k, (name, overrides) in enumerate(spec.points):
+    total = len(spec.points)
+    for k, (name, overrides) in enumerate(spec.points, start=1):
         snrs = [None if s is None else float(s) for s in spec.eval["snr"]]
         todo = [s for s in snrs if (name, _snr_text(s)) not in done]
         if not todo:
-            log(f"[{k + 1}/{len(spec.points)}] {name}: done")
+            log(f"[{k}/{total}] {name}: done")
             continue
         run_dir = Path(spec.out) / name
-        cfg = load_config(spec.base, [*_overrides(overrides), f"out={run_dir}"])
-        log(f"[{k + 1}/{len(spec.points)}] {name}: training into {run_dir}")
-        model = model_factory(cfg) if model_factory else None
-        state = train(cfg, log=log, progress=progress, model=model, until_epoch=until_epoch)
+        cfg = read_train_config(spec.base, [*_overrides(overrides), f"out={run_dir}"])
+        log(f"[{k}/{total}] {name}: training into {run_dir}")
+        state = train(cfg, log=log, progress=progress, until_epoch=until_epoch, model_factory=model_factory,
+                      verb="sweep")
         if state["epoch"] < cfg.epochs:
-            log(f"[{k + 1}/{len(spec.points)}] {name}: stopped after epoch {state['epoch']} of {cfg.epochs}")
+            log(f"[{k}/{total}] {name}: stopped after epoch {state['epoch']} of {cfg.epochs}")
             continue
-        if model is None:
-            from sinkscope.train.avsr import load_trained
-
-            model, cfg = load_trained(run_dir)
+        if model_factory is None:
+            model = load_trained(run_dir)[0]
         else:
-            from sinkscope.train.checkpoint import load_weights
-
-            model.load_state_dict(load_weights(run_dir)[1], strict=False)
+            model = model_factory(cfg)
+            load_trainable(model, load_weights(run_dir)[1], run_dir)
         for snr in todo:
-            test = AVSRDataset(cfg.data, "test", snr=snr, video_multiple=cfg.model.k_video)
-            if spec.eval.get("limit"):
-                test.items = test.items[: int(spec.eval["limit"])]
-            metrics = evaluate(model, test, cfg)
+            test = dataset_for(cfg.model, cfg.data, "test", snr=snr, limit=spec.eval.get("limit"))
+            metrics = evaluate(model, test, cfg.batch_size, cfg.max_new_tokens)
             row = {"point": name, "overrides": json.dumps(overrides, sort_keys=True), "mode": cfg.model.mode,
-                   "compression": cfg.model.compression, "k_audio": cfg.model.k_audio,
-                   "k_video": cfg.model.k_video, "decorrelation": cfg.decorrelation, "epochs": cfg.epochs,
+                   "compression": cfg.model.compression, "k_audio": cfg.model.k_audio, "k_video": cfg.model.k_video,
+                   "decorrelation": cfg.decorrelation, "seed": cfg.seed, "epochs": cfg.epochs,
                    "snr": _snr_text(snr), "n": metrics["n"], "wer": f"{metrics['wer']:.6f}",
-                   "cer": f"{metrics['cer']:.6f}", "run": str(run_dir)}
-            _append(results, row)
-            log(f"[{k + 1}/{len(spec.points)}] {name} {_snr_text(snr)}: WER {metrics['wer']:.3f}")
+                   "cer": f"{metrics['cer']:.6f}", "run": str(run_dir), "sweep": spec.path,
+                   "config_hash": config_hash(cfg, ignore=("out",)), "command": command_line()}
+            append_row(results, row, RESULT_COLUMNS)
+            log(f"[{k}/{total}] {name} {_snr_text(snr)}: WER {metrics['wer']:.3f}")
     return read_results(results)
-
-
-def _snr_text(snr: float | None) -> str:
-    return "clean" if snr is None else f"{float(snr):g}"

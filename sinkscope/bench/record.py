@@ -1,4 +1,4 @@
-"""Benchmarks. `python -m sinkscope.bench record` compares, in one run and on one model:
+"""The recorder benchmark. `python -m sinkscope.bench record` compares, in one run and on one model:
 
 - `sdpa`: the plain forward (the baseline of every ratio);
 - `recorder`: the same forward inside `Recorder` (all reductions, moved to the CPU);
@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 import typer
 
+from sinkscope.bench import app
 from sinkscope.models.llm import load_llm, resolve_llm_dir
 from sinkscope.record import Recorder
 
 METHODS = ("sdpa", "recorder", "eager", "tl4")
 TARGETS = {512: 1.10, 2048: 1.25}
 MEMORY_TARGET_MIB = 96
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 
 def _rss_bytes() -> int:
@@ -233,90 +233,6 @@ def record(
         out.with_suffix(".md").write_text(table)
 
 
-def write_prompt_trace(path: Path, n: int, model_name: str = "smollm2-135m", batch_size: int = 8) -> Path:
-    """A real trace of `n` short generated prompts (resumable), for the app benchmark."""
-    from sinkscope.record.run import record_texts
-
-    subjects = ["The committee", "A small dog", "My neighbour", "The old train", "Every student", "The river"]
-    verbs = ["crossed", "watched", "described", "repaired", "ignored", "followed"]
-    objects = ["the bridge at dawn", "a long list of numbers", "the quiet garden", "seven red boxes",
-               "the final report", "an unexpected visitor"]
-    texts = [f"{subjects[i % 6]} {verbs[(i // 6) % 6]} {objects[(i // 36) % 6]} on day {i}." for i in range(n)]
-    llm, tok = load_llm(model_name)
-    record_texts(llm, tok, texts, path, batch_size=batch_size, resume=True, config={"model": model_name})
-    return path
-
-
-def bench_app(trace_path: Path, reps: int = 5) -> dict:
-    """Seconds to open the app on a trace and render its overview: the first load, then later loads."""
-    import streamlit as st
-    from streamlit.testing.v1 import AppTest
-
-    os.environ["SINKSCOPE_ROOT"] = str(trace_path.parent.resolve())
-    script = str(Path(__file__).with_name("_app_entry.py"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    start = time.perf_counter()
-    at = AppTest.from_file(script, default_timeout=600)
-    at.run()
-    first = time.perf_counter() - start
-    if at.exception or at.error:
-        raise RuntimeError(f"the app failed on {trace_path}: {[e.value for e in list(at.exception) + list(at.error)]}")
-    later, switch = [], []
-    n = len(at.sidebar.selectbox(key="main_sample").options)
-    for rep in range(reps):
-        start = time.perf_counter()
-        fresh = AppTest.from_file(script, default_timeout=600)
-        fresh.run()  # a new session: caches warm, overview of the first sample
-        later.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fresh.sidebar.selectbox(key="main_sample").set_value((rep * 97 + 1) % n).run()
-        switch.append(time.perf_counter() - start)
-    return {"samples": n, "first_load_s": first, "reload_median_s": statistics.median(later),
-            "switch_sample_median_s": statistics.median(switch), "reps": reps}
-
-
-@app.command("app")
-def app_speed(
-    samples: int = typer.Option(1000, help="Samples in the benchmark trace."),
-    trace: Path = typer.Option(Path("traces/bench/prompts-1000"), help="Where the trace is (made if missing)."),
-    reps: int = typer.Option(5, min=1),
-    out: Path = typer.Option(None, help="Write JSON here."),
-) -> None:
-    """Time to open a trace in the app and render the overview (target: <= 1 s after the first load)."""
-    write_prompt_trace(trace, samples)
-    result = bench_app(trace, reps)
-    result["date"] = time.strftime("%Y-%m-%d")
-    print(json.dumps(result, indent=2))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-
-
-@app.command()
-def synth(
-    n: int = typer.Option(400, help="Utterances per run."),
-    workers: str = typer.Option("1,2", help="Worker counts to compare."),
-    out: Path = typer.Option(None, help="Write JSON here."),
-) -> None:
-    """Utterances per second of `sinkscope data synth` (GRID, fresh directory each run; target >= 50/s)."""
-    import tempfile
-
-    from sinkscope.data.synth import SynthConfig, synthesize
-
-    result = {"n": n, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "runs": []}
-    for k in [int(x) for x in workers.split(",")]:
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            synthesize(Path(tmp) / "corpus", SynthConfig(n=n, seed=0), workers=k)
-            seconds = time.perf_counter() - start
-        result["runs"].append({"workers": k, "seconds": seconds, "utterances_per_s": n / seconds})
-        print(f"workers={k}: {n / seconds:.1f} utterances/s ({seconds:.1f} s for {n})")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-
-
 @app.command()
 def memory(
     model: str = typer.Option("smollm2-135m"),
@@ -335,7 +251,3 @@ def memory(
             fns[name](ids)  # warm-up, so that one-time allocations (and compilation) are not counted
             peaks[name] = peak_extra_bytes(lambda fn=fns[name]: fn(ids), dev)
     print(json.dumps(peaks))
-
-
-if __name__ == "__main__":
-    app()

@@ -1,0 +1,12 @@
+"""Benchmarks, one module per subject: `record` (the recorder against SDPA, eager and TransformerLens 4),
+`app` (app speed and cold start), `synth` (corpus generation). Run `python -m sinkscope.bench --help`."""
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="sinkscope benchmarks (results: README).")
+
+
+def main() -> None:
+    from sinkscope.bench import record, speed, synth  # noqa: F401 - registers the commands
+
+    app()

@@ -1,0 +1,3 @@
+from sinkscope.bench import main
+
+main()

@@ -1,0 +1,124 @@
+"""The `sinkscope` command line: one module per verb family (`train`, `trace`), the rest here."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import typer
+from typer.core import TyperGroup
+
+from sinkscope import __version__
+from sinkscope.cli import trace as trace_verbs
+from sinkscope.cli import train as train_verbs
+from sinkscope.cli.common import clean_errors, console, err_console, fail, progress_bar
+from sinkscope.config import set_command
+from sinkscope.errors import SinkscopeError
+
+
+class _Group(TyperGroup):
+    """Records the exact command line, which every job writes into its output directory (run.json)."""
+
+    def parse_args(self, ctx, args):
+        set_command(["sinkscope", *args])
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="sinkscope",
+    help="Attention sinks and massive activations in LLM-based audio-visual speech recognition.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Build and inspect corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+trace_verbs.register(app)
+train_verbs.register(app)
+
+
+@app.command()
+def info() -> None:
+    """Print versions, the compute device and where the default LLM is cached."""
+    import torch
+    import transformers
+
+    from sinkscope.models.llm import KNOWN_MODELS, converted_cache_dir, is_cached, locate_packaged_gguf
+
+    console.print(f"sinkscope     {__version__}")
+    console.print(f"python        {platform.python_version()}")
+    console.print(f"torch         {torch.__version__}")
+    console.print(f"transformers  {transformers.__version__}")
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    console.print(f"device        {device}, {torch.get_num_threads()} CPU threads")
+    for name, spec in KNOWN_MODELS.items():
+        try:
+            gguf_path = locate_packaged_gguf(spec)
+        except SinkscopeError as exc:
+            console.print(f"{name}: [yellow]{exc}[/]")
+            continue
+        cached = converted_cache_dir(gguf_path)
+        state = "ready" if is_cached(cached) else "not converted yet (first load converts it)"
+        console.print(f"{name}  gguf  {gguf_path}")
+        console.print(f"{name}  cache {cached}  [{state}]")
+
+
+@app.command()
+def prepare(model: str = typer.Option("smollm2-135m", help="Known name, .gguf file or HF directory.")) -> None:
+    """Convert and cache an LLM so that later loads take seconds."""
+    from sinkscope.models.llm import resolve_llm_dir
+
+    with clean_errors():
+        where = resolve_llm_dir(model)
+    console.print(f"{model} ready at {where}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Corpus directory (created, or resumed when it exists)."),
+    n: int = typer.Option(1000, "--n", min=1, help="Number of utterances."),
+    seed: int = typer.Option(0, help="Random seed: the same seed and arguments give identical files."),
+    vocab: str = typer.Option("grid", help="grid (the 51-word GRID grammar) or open (4-12 words of ~3,000)."),
+    workers: int = typer.Option(max(1, (os.cpu_count() or 1)), "--workers", min=1, help="Processes."),
+) -> None:
+    """Generate the synthetic audio-visual speech corpus (espeak-ng speech + rendered mouth video)."""
+    from sinkscope.data.synth import SynthConfig, synthesize
+
+    with clean_errors(), progress_bar("synth", total=n) as bar:
+        made, kept = synthesize(out, SynthConfig(n=n, seed=seed, vocab=vocab), workers=workers,
+                                progress=bar.advance)
+    console.print(f"{out}: {made} utterances generated" + (f", {kept} already there" if kept else ""))
+
+
+@app.command("app")
+def run_app(
+    root: Path = typer.Option(None, help="Directory of traces (default: $SINKSCOPE_ROOT or traces/)."),
+    port: int = typer.Option(8501, help="Port to serve on (localhost)."),
+    headless: bool = typer.Option(True, "--headless/--open-browser", help="Open a browser tab or not."),
+) -> None:
+    """Open the Streamlit trace browser."""
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    if root is not None:
+        if not root.is_dir():
+            fail(f"--root {root} is not a directory")
+        env["SINKSCOPE_ROOT"] = str(root.resolve())
+    script = Path(__file__).with_name("_app_entry.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+           "--server.address", "localhost", "--browser.gatherUsageStats", "false",
+           "--server.headless", "true" if headless else "false"]
+    console.print(f"sinkscope app on http://localhost:{port} (traces under {env.get('SINKSCOPE_ROOT', 'traces/')})")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m sinkscope`
+    try:
+        app()
+    except SinkscopeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)

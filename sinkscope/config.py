@@ -1,0 +1,273 @@
+"""Job configs and run provenance.
+
+Every job verb (`pretrain-encoders`, `train`, `eval`, `sweep`, `record`) takes one dataclass config, read from
+YAML and `--set key=value` overrides (dotted keys reach nested fields: `--set model.k_audio=8`). Each job writes
+into its output directory:
+
+    config.yaml     the resolved config (every field, defaults included)
+    run.json        the verb, the exact command, the sinkscope version, the git commit (when there is one), times
+    results.json    what the job measured
+
+so that a run directory says how to make it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sinkscope import __version__
+from sinkscope.errors import SinkscopeError
+
+C = TypeVar("C")
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.json"
+MAX_YAML_BYTES = 1 << 20
+
+
+class _Loader(yaml.SafeLoader):
+    """A safe loader that refuses aliases: a config never needs them, and nested aliases can expand
+    exponentially (a "billion laughs" file hangs the reader)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in configs",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise SinkscopeError(f"{where}: not valid YAML ({exc})") from exc
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
+    """A YAML file that must hold a mapping (an empty file gives {}), with errors that name the file."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise SinkscopeError(f"{path}: {path.stat().st_size} bytes is too large for a {what} "
+                                 f"(at most {MAX_YAML_BYTES})")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SinkscopeError(f"{path}: not a readable {what} ({exc})") from exc
+    data = parse_yaml(text, str(path)) or {}
+    if not isinstance(data, dict):
+        raise SinkscopeError(f"{path}: the {what} must be a mapping of fields, not a {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """`key=value` overrides (values parsed as YAML) applied to a nested mapping, in order."""
+    data = json.loads(json.dumps(data, default=str))
+    for item in overrides or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SinkscopeError(f"--set {item!r}: expected key=value (for example --set model.k_audio=8)")
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise SinkscopeError(f"--set {item!r}: {part} is not a mapping")
+        target[parts[-1]] = parse_yaml(raw, f"--set {key}")
+    return data
+
+
+def _check_scalar(value: Any, kind: Any, where: str) -> Any:
+    """`value` as the annotated scalar type, or a SinkscopeError naming the field and the value."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_scalar(value, option, where)
+            except SinkscopeError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else SinkscopeError(f"{where}: unexpected value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise SinkscopeError(f"{where}: expected a list, got {value!r}")
+        inner = (typing.get_args(kind) or (Any,))[0]
+        return tuple(_check_scalar(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (list, dict) or kind is Any:
+        expected = origin or object
+        if not isinstance(value, expected):
+            raise SinkscopeError(f"{where}: expected a {expected.__name__}, got {value!r}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise SinkscopeError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SinkscopeError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SinkscopeError(f"{where}: expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SinkscopeError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise SinkscopeError(f"{where}: expected a string, got {value!r}")
+        return value
+    if value is None:
+        raise SinkscopeError(f"{where}: a value is required")
+    return value
+
+
+def build(cls: type[C], data: dict, where: str = "config") -> C:
+    """A dataclass from a mapping: nested dataclass fields from nested mappings, scalar types checked, and
+    errors that name `where`, the field and the bad value."""
+    if not isinstance(data, dict):
+        raise SinkscopeError(f"{where}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SinkscopeError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = build(kind, value or {}, f"{where}: {key}")
+        else:
+            kwargs[key] = _check_scalar(value, kind, f"{where}: {key}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SinkscopeError(f"{where}: missing field(s) {missing}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise SinkscopeError(f"{where}: {exc}") from exc
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+                defaults: dict | None = None) -> C:
+    """`cls` from `defaults`, then the YAML file at `path`, then `key=value` overrides."""
+    data = dict(defaults or {})
+    if path is not None:
+        data.update(read_yaml_mapping(path, "config"))
+    return build(cls, apply_overrides(data, overrides), str(path or "config"))
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config as plain JSON/YAML data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: Any, ignore: typing.Iterable[str] = ()) -> str:
+    """A short content hash of a config (fields in `ignore` left out)."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in set(ignore)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def changed_fields(previous: dict, current: dict, ignore: typing.Iterable[str] = ()) -> list[str]:
+    """Top-level fields whose values differ between two configs."""
+    skip = set(ignore)
+    keys = (set(previous) | set(current)) - skip
+    return sorted(k for k in keys if json.dumps(previous.get(k), sort_keys=True)
+                  != json.dumps(current.get(k), sort_keys=True))
+
+
+def git_commit() -> str | None:
+    """The commit of the sinkscope checkout (with `+dirty` when it has uncommitted changes), or None."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
+_COMMAND: list[str] = []
+
+
+def set_command(argv: list[str]) -> None:
+    """Remember the command line of this job (the CLI calls this with its own arguments)."""
+    _COMMAND[:] = [str(a) for a in argv]
+
+
+def command_line() -> str:
+    """The command that started this job, as a shell line."""
+    if _COMMAND:
+        return shlex.join(_COMMAND)
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("sinkscope", "__main__.py")):
+        argv[0] = "sinkscope"
+    return shlex.join(argv)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def provenance(verb: str) -> dict:
+    return {"verb": verb, "command": command_line(), "cwd": os.getcwd(), "sinkscope_version": __version__,
+            "git_commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_run_files(out: str | Path, verb: str, cfg: Any, config_name: str = CONFIG_FILE) -> dict:
+    """Write the resolved config and `run.json` (verb, command, version, commit) into `out`; return the latter.
+    The commands of earlier invocations on the same directory (a resumed run) are kept under `earlier`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / config_name, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run = provenance(verb)
+    try:
+        previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        earlier = [*previous.pop("earlier", []), previous] if isinstance(previous, dict) else []
+    except (OSError, ValueError):
+        earlier = []
+    if earlier:
+        run["earlier"] = earlier[-20:]
+    atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2) + "\n")
+    return run
+
+
+def write_results(out: str | Path, results: dict, cfg: Any = None) -> Path:
+    """Write `results.json` into `out` atomically, with what made it: the command, the sinkscope version and
+    commit, the resolved config (when given) and its hash, so that the file still names its origin when it is
+    copied elsewhere (experiments/results/)."""
+    path = Path(out) / RESULTS_FILE
+    data = {**results, "command": command_line(), "sinkscope_version": __version__, "git_commit": git_commit(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if cfg is not None:
+        data.update(config_hash=config_hash(cfg), config=to_dict(cfg))
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    return path

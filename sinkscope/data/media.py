@@ -1,0 +1,84 @@
+"""Media constants and readers: one definition of the sample rate, frame rate and mouth-ROI size, WAV and video
+reading with errors that name the file, and noise mixing at a set SNR."""
+
+from __future__ import annotations
+
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from sinkscope.errors import SinkscopeError
+
+SAMPLE_RATE = 16000
+"""Audio samples per second (Whisper's rate)."""
+FPS = 25
+"""Video frames per second (LRS2/LRS3, AV-HuBERT)."""
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
+MEL_HOP = 160
+"""Log-mel hop in samples: 100 feature frames per second (the Whisper encoder halves it to 50 Hz)."""
+ROI = 88
+"""Side of the square grayscale mouth region of interest, in pixels."""
+VIDEO_MEAN, VIDEO_STD = 0.421, 0.165
+"""Normalisation of ROI pixels in [0, 1] (the AV-HuBERT / Auto-AVSR values)."""
+
+
+class DataError(SinkscopeError):
+    """A corpus file or manifest row is unusable; the message names the file and the field."""
+
+
+def read_wav(path: Path, allow_resample: bool = True) -> np.ndarray:
+    """Mono float32 audio at 16 kHz."""
+    if not path.is_file():
+        raise DataError(f"{path}: audio file is missing")
+    try:
+        with wave.open(str(path), "rb") as w:
+            rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            raw = w.readframes(n)
+    except (wave.Error, EOFError, OSError) as exc:
+        raise DataError(f"{path}: not a readable WAV file ({exc})") from exc
+    if width != 2:
+        raise DataError(f"{path}: {8 * width}-bit samples; expected 16-bit PCM")
+    if len(raw) < n * channels * width:
+        raise DataError(f"{path}: truncated WAV ({len(raw)} of {n * channels * width} data bytes)")
+    audio = np.frombuffer(raw, "<i2").astype(np.float32).reshape(-1, channels).mean(axis=1) / 32768.0
+    if rate != SAMPLE_RATE:
+        if not allow_resample:
+            raise DataError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} (allow_resample=True fixes it)")
+        from scipy.signal import resample_poly
+
+        g = math.gcd(rate, SAMPLE_RATE)
+        audio = resample_poly(audio, SAMPLE_RATE // g, rate // g).astype(np.float32)
+    return audio
+
+
+def read_video(path: Path) -> np.ndarray:
+    """uint8 grayscale frames `[T, 88, 88]` (larger crops are centre-cropped)."""
+    import av
+
+    if not path.is_file():
+        raise DataError(f"{path}: video file is missing")
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="gray") for f in container.decode(video=0)]
+    except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
+        raise DataError(f"{path}: corrupt or truncated video ({exc})") from exc
+    if not frames:
+        raise DataError(f"{path}: the video has no frames (corrupt or truncated)")
+    video = np.stack(frames)
+    h, w = video.shape[1:]
+    if h < ROI or w < ROI:
+        raise DataError(f"{path}: frames are {w}x{h}; a mouth ROI needs at least {ROI}x{ROI}")
+    top, left = (h - ROI) // 2, (w - ROI) // 2
+    return video[:, top:top + ROI, left:left + ROI]
+
+
+def mix_at_snr(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """`speech + g * noise` with g chosen so that 10 log10(P_speech / P_noise) = snr_db."""
+    noise = np.resize(noise, speech.shape)
+    p_s, p_n = float(np.mean(speech**2)), float(np.mean(noise**2))
+    if p_n == 0.0 or p_s == 0.0:
+        return speech.copy()
+    gain = math.sqrt(p_s / (p_n * 10 ** (snr_db / 10)))
+    return (speech + gain * noise).astype(np.float32)

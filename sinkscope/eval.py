@@ -1,0 +1,128 @@
+"""Decoding and scoring: the one place where hypotheses are produced and WER/CER computed.
+
+`score` is jiwer's WER and CER over lower-cased, whitespace-normalised text (an empty hypothesis is scored as the
+word `<empty>`, so it counts as one substitution rather than crashing jiwer). `transcribe` decodes a dataset
+with an AVSR model; training, `sinkscope eval`, sweeps, notebooks and interventions all call these two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import jiwer
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from sinkscope.data.dataset import BucketBatchSampler, collate
+from sinkscope.errors import SinkscopeError
+
+EMPTY = "<empty>"
+
+
+def normalise(text: str) -> str:
+    """Lower-case and collapse whitespace."""
+    return " ".join(str(text).lower().split())
+
+
+def score(refs: Sequence[str], hyps: Sequence[str]) -> dict:
+    """`{"wer", "cer", "n"}` of hypotheses against references (jiwer)."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    if not refs:
+        return {"wer": float("nan"), "cer": float("nan"), "n": 0}
+    hyps = [h if h else EMPTY for h in hyps]
+    return {"wer": float(jiwer.wer(list(refs), hyps)), "cer": float(jiwer.cer(list(refs), hyps)), "n": len(refs)}
+
+
+def loader(dataset, batch_size: int = 8) -> DataLoader:
+    """Batches of similar length, in a fixed order, for evaluation."""
+    return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.lengths(), batch_size, shuffle=False),
+                      collate_fn=collate)
+
+
+@torch.no_grad()
+def transcribe(model, batches, max_new_tokens: int = 24, beams: int = 1,
+               intervention: Callable | None = None) -> pd.DataFrame:
+    """Decode every batch with the AVSR `model` (`model.generate`): one row per utterance with id, reference,
+    hypothesis. `intervention(batch, built)`, when given, returns a context manager to decode under."""
+    model.eval()
+    rows = []
+    for batch in batches:
+        if batch is None:
+            continue
+        built = model.build(batch, with_transcript=False, padding_side="left")
+        context = intervention(batch, built) if intervention is not None else None
+        with context if context is not None else nullcontext():
+            hyps = model.generate(batch, max_new_tokens=max_new_tokens, beams=beams, built=built)
+        rows += [{"id": i, "reference": r, "hypothesis": h}
+                 for i, r, h in zip(batch["ids"], batch["transcripts"], hyps, strict=True)]
+    return pd.DataFrame(rows, columns=["id", "reference", "hypothesis"])
+
+
+def evaluate(model, dataset, batch_size: int = 8, max_new_tokens: int = 24, beams: int = 1) -> dict:
+    """WER/CER of `model` on `dataset`, with the per-utterance `hypotheses` table."""
+    table = transcribe(model, loader(dataset, batch_size), max_new_tokens, beams)
+    result = score(table["reference"].tolist(), table["hypothesis"].tolist())
+    result["hypotheses"] = table
+    return result
+
+
+@dataclass
+class EvalConfig:
+    """`sinkscope eval`: decode a split with a trained model and score it."""
+
+    checkpoint: str = ""  # a training run, an export, or a registered name (`demo`)
+    data: str = ""
+    split: str = "test"
+    snr: float | None = None  # babble noise at this SNR (dB); None = clean
+    beam: int = 1
+    limit: int | None = None  # only the first N utterances
+    batch_size: int = 8
+    max_new_tokens: int = 24
+    out: str | None = None  # directory for hypotheses.csv + provenance (default: see `default_out`)
+
+    def __post_init__(self) -> None:
+        if self.beam < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("beam, batch_size and max_new_tokens must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, not {self.limit}")
+
+    @property
+    def tag(self) -> str:
+        return f"{self.split}-{'clean' if self.snr is None else f'snr{self.snr:g}'}-beam{self.beam}"
+
+    def default_out(self) -> Path:
+        """`CHECKPOINT/eval-TAG` for a run directory given as a path; `eval-NAME-TAG` in the working directory for
+        a registered name (the shipped weights stay untouched)."""
+        path = Path(self.checkpoint)
+        if path.is_dir():
+            return path / f"eval-{self.tag}"
+        return Path(f"eval-{path.name}-{self.tag}")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Decode and score as `cfg` says; writes `hypotheses.csv`, config.yaml, run.json and results.json into the
+    output directory and returns the results (wer, cer, n, mode, ...)."""
+    from sinkscope.config import write_results, write_run_files
+    from sinkscope.models.avsr import dataset_for
+    from sinkscope.models.pretrained import load_trained
+
+    if not cfg.checkpoint or not cfg.data:
+        raise SinkscopeError("eval needs a checkpoint and data (--checkpoint RUN --data CORPUS)")
+    out = Path(cfg.out) if cfg.out else cfg.default_out()
+    if out.exists() and not out.is_dir():
+        raise SinkscopeError(f"--out {out}: exists and is not a directory (eval writes a directory: "
+                             "hypotheses.csv, config.yaml, run.json, results.json)")
+    model, _ = load_trained(cfg.checkpoint)
+    dataset = dataset_for(model.cfg, cfg.data, cfg.split, snr=cfg.snr, limit=cfg.limit)
+    result = evaluate(model, dataset, cfg.batch_size, cfg.max_new_tokens, cfg.beam)
+    write_run_files(out, "eval", cfg)
+    result["hypotheses"].to_csv(out / "hypotheses.csv", index=False)
+    summary = {"wer": result["wer"], "cer": result["cer"], "n": result["n"], "mode": model.cfg.mode,
+               "snr": cfg.snr, "beam": cfg.beam, "split": cfg.split, "checkpoint": cfg.checkpoint, "out": str(out)}
+    write_results(out, summary, cfg)
+    return summary

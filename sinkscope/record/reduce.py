@@ -1,0 +1,92 @@
+"""The recorder's per-layer reductions, in torch on the model's device (the numpy formulas they stream are in
+`sinkscope.metrics`, which tests compare them against).
+
+For a block output `h[B, T, D]` they give, per sample: cos-to-BOS `[T]`, max |h| `[T]`, the exact median of |h|
+over the sample's real tokens and features, the per-feature max over tokens `[D]` of |h| and |mlp_out|, the top-k
+features per token of |h| and |mlp_out|, and the massive entries (Sun et al.) with the block's attention and MLP
+contributions at each of them. Only these `[T]`/`[D]`-sized results leave the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def median_abs(h: torch.Tensor) -> torch.Tensor:
+    """`median(|h|)` over every entry of `h`, as numpy defines it (mean of the two middle values)."""
+    return median_nonneg(h.detach().abs().float().reshape(-1))
+
+
+def median_nonneg(flat: torch.Tensor) -> torch.Tensor:
+    """Exact median of a 1-D tensor, numpy convention.
+
+    A sorted random subsample brackets the middle ranks, so the selection runs only over the few entries
+    inside the bracket; the full selection runs only when the bracket misses (adversarial inputs).
+    """
+    n = flat.numel()
+    lo_rank, hi_rank = (n + 1) // 2, n // 2 + 1  # 1-based middle ranks (equal when n is odd)
+    if n > 65536:
+        # a random subsample: a plain stride could alias with the feature dimension and see few features
+        gen = torch.Generator(device=flat.device).manual_seed(n)
+        sub = flat[torch.randint(0, n, (8192,), generator=gen, device=flat.device)]
+        m = sub.numel()
+        margin = int(4 * m**0.5) + 8
+        centre = (lo_rank - 1) * m // n
+        lo = sub.kthvalue(max(1, centre - margin)).values
+        hi = sub.kthvalue(min(m, centre + margin + 2)).values
+        below = int((flat < lo).sum())
+        band = flat[(flat >= lo) & (flat <= hi)]
+        if below < lo_rank and hi_rank <= below + band.numel():
+            flat, lo_rank, hi_rank = band, lo_rank - below, hi_rank - below
+    low = flat.kthvalue(lo_rank).values
+    return low if hi_rank == lo_rank else 0.5 * (low + flat.kthvalue(hi_rank).values)
+
+
+def massive_threshold(median: torch.Tensor, abs_threshold: float, rel_threshold: float) -> torch.Tensor:
+    """`max(abs_threshold, rel_threshold * median)`, elementwise (see `metrics.massive_threshold`)."""
+    return torch.clamp(median * rel_threshold, min=abs_threshold)
+
+
+@torch.no_grad()
+def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor, padded: bool,
+                 top_k: int, abs_threshold: float, rel_threshold: float) -> tuple[dict, tuple | None]:
+    """Reductions of one block output `h[B, T, D]` (with the block's `attn_out`, `mlp_out` of the same shape and
+    `valid[B, T]`, True on real tokens). Returns the per-layer fields (torch, on the device) and the massive
+    entries as `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors, or None when there are
+    none."""
+    h = h.float()  # [B, T, D]
+    b = h.shape[0]
+    habs = h.abs()
+    top_v, top_i = habs.topk(top_k, dim=-1)  # [B, T, k], sorted: top_v[..., 0] is max_abs
+    med = torch.stack([median_nonneg((habs[i][valid[i]] if padded else habs[i]).reshape(-1))
+                       for i in range(b)])  # [B]
+    first = valid.float().argmax(dim=1)  # first real position of each row
+    h0 = h[torch.arange(b, device=h.device), first]  # [B, D]
+    cos = F.cosine_similarity(h, h0[:, None, :], dim=-1, eps=1e-12)  # [B, T]
+    thr = massive_threshold(med, abs_threshold, rel_threshold)  # [B]
+    a, m = attn_out.float(), mlp_out.float()
+    massive = None
+    if bool((top_v[..., 0] >= thr[:, None]).any()):
+        hit = habs >= thr[:, None, None]
+        if padded:
+            hit &= valid[..., None]
+        bi, ti, ji = hit.nonzero(as_tuple=True)
+        massive = (bi, ti, ji, h[bi, ti, ji], a[bi, ti, ji], m[bi, ti, ji])
+    mabs = m.abs()
+    mtop_v, mtop_i = mabs.topk(top_k, dim=-1)
+    if padded:
+        habs = habs.masked_fill(~valid[..., None], 0)
+        mabs = mabs.masked_fill(~valid[..., None], 0)
+    stats = {
+        "bos_cosine": cos,
+        "max_abs": top_v[..., 0],
+        "median_abs": med,
+        "feature_max_abs": habs.amax(dim=1),  # [B, D]
+        "mlp_feature_max_abs": mabs.amax(dim=1),
+        "top_features": top_i.int(),
+        "top_values": h.gather(-1, top_i),
+        "mlp_top_features": mtop_i.int(),
+        "mlp_top_values": m.gather(-1, mtop_i),
+    }
+    return stats, massive

@@ -1,0 +1,111 @@
+"""Token and layer axes shared by every figure: decimation by max-pooling (which keeps sink columns visible),
+hover labels that name position, token and segment, segment bands, and the layer x token heatmap."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from sinkscope.analysis import token_segments
+from sinkscope.segments import segment_color
+
+KEEP_FIRST = 8
+"""Tokens kept at full resolution at the start of a decimated axis (BOS and the first sink candidates)."""
+
+
+def token_bins(n_tokens: int, max_tokens: int, keep_first: int = KEEP_FIRST) -> np.ndarray:
+    """Start index of each bin along a token axis: single tokens first, then equal-width bins."""
+    if n_tokens <= max_tokens:
+        return np.arange(n_tokens)
+    keep = min(keep_first, max_tokens // 2)
+    rest = np.linspace(keep, n_tokens, max_tokens - keep + 1).astype(int)[:-1]
+    return np.unique(np.concatenate([np.arange(keep), rest]))
+
+def pool_tokens(values: np.ndarray, starts: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Max-pool `values` along `axis` over the bins that begin at `starts`."""
+    if len(starts) == values.shape[axis]:
+        return np.asarray(values)
+    return np.maximum.reduceat(np.asarray(values), starts, axis=axis)
+
+def token_labels(tokens: Sequence[str], segments, starts: np.ndarray) -> list[str]:
+    """Hover label of each bin: position, token text and segment (a range for pooled bins)."""
+    names = token_segments(segments, len(tokens))
+    ends = np.append(starts[1:], len(tokens))
+    labels = []
+    for a, b in zip(starts, ends, strict=True):
+        if b - a == 1:
+            labels.append(f"{a}: {esc(repr(tokens[a]))} [{names[a]}]")
+        else:
+            labels.append(f"{a}-{b - 1} (max over {b - a}) [{names[a]}..{names[b - 1]}]")
+    return labels
+
+def token_window(sample, token_range):
+    n = len(sample.tokens)
+    start, end = token_range if token_range is not None else (0, n)
+    start, end = max(0, int(start)), min(n, int(end))
+    segments = [(name, max(s, start) - start, min(e, end) - start) for name, s, e in sample.segments
+                if e > start and s < end]
+    return start, end, list(sample.tokens[start:end]), segments
+
+def esc(text: str) -> str:
+    """Token text made safe for plotly labels, which render HTML (`<s>` would strike the rest through)."""
+    return html.escape(str(text), quote=False)
+
+def add_segment_bands(fig: go.Figure, segments, starts: np.ndarray, axis: str = "x", row=None, col=None,
+                      label: bool = True, min_label_share: float = 0.04) -> go.Figure:
+    """A coloured strip along a (possibly decimated) token axis, one block per segment, just outside the plot
+    (above it for x, left of it for y); segments wide enough are named on the strip."""
+    bins = np.asarray(starts)
+    n_bins = max(1, len(bins))
+    for name, s, e in segments:
+        if e <= s:
+            continue
+        b0 = int(np.searchsorted(bins, s, side="right") - 1)
+        b1 = int(np.searchsorted(bins, e - 1, side="right") - 1)
+        kwargs = {"fillcolor": segment_color(name), "opacity": 0.85, "line_width": 0.5, "line_color": "white",
+                  "layer": "above"}
+        if label and (b1 - b0 + 1) / n_bins >= min_label_share:
+            kwargs.update(annotation_text=esc(name), annotation_position="top", annotation_font_size=10)
+        if row is not None:
+            kwargs.update(row=row, col=col)
+        if axis == "x":
+            fig.add_vrect(x0=b0 - 0.5, x1=b1 + 0.5, y0=1.005, y1=1.04, **kwargs)
+        else:
+            kwargs.pop("annotation_text", None)
+            kwargs.pop("annotation_position", None)
+            kwargs.pop("annotation_font_size", None)
+            fig.add_hrect(y0=b0 - 0.5, y1=b1 + 0.5, x0=-0.04, x1=-0.005, **kwargs)
+    return fig
+
+def layer_axis(fig: go.Figure, n_layers: int) -> None:
+    fig.update_yaxes(tickmode="linear", dtick=max(1, n_layers // 15))
+
+def layer_xaxis(fig: go.Figure, n_layers: int) -> None:
+    fig.update_xaxes(tickmode="linear", dtick=max(1, n_layers // 15))
+
+def layer_token_heatmap(values: np.ndarray, sample, title: str, colorbar: str, max_tokens: int,
+                         token_range, colorscale: str = "Viridis", zmid=None) -> go.Figure:
+    start, end, tokens, segments = token_window(sample, token_range)
+    values = np.asarray(values)[:, start:end]
+    starts = token_bins(end - start, max_tokens)
+    z = pool_tokens(values, starts, axis=1)
+    labels = token_labels(tokens, segments, starts)
+    hover = np.broadcast_to(np.array(labels, dtype=object), z.shape)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=np.arange(len(starts)), y=np.arange(z.shape[0]), text=hover, colorscale=colorscale, zmid=zmid,
+        colorbar={"title": colorbar},
+        hovertemplate="layer %{y}<br>%{text}<br>" + colorbar + " %{z:.3f}<extra></extra>",
+    ))
+    add_segment_bands(fig, segments, starts)
+    pooled = " (max-pooled along tokens)" if len(starts) < end - start else ""
+    fig.update_layout(title=title + pooled, xaxis_title=f"token (positions {start}-{end - 1})",
+                      yaxis_title="layer", height=420, margin={"t": 60})
+    if len(starts) <= 40:
+        fig.update_xaxes(tickmode="array", tickvals=np.arange(len(starts)),
+                         ticktext=[esc(repr(tokens[s])[1:-1][:10]) for s in starts], tickangle=-60)
+    layer_axis(fig, z.shape[0])
+    fig.update_layout(margin={"t": 80})
+    return fig

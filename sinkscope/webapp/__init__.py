@@ -1,0 +1,74 @@
+"""The Streamlit trace browser. `streamlit run app.py` or `sinkscope app --root DIR`.
+
+It reads traces (the Trace API) under one root directory and nothing else; every figure comes from
+`sinkscope.viz`. The root is `SINKSCOPE_ROOT` (default `traces/`); paths outside it are refused.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from sinkscope.errors import SinkscopeError
+from sinkscope.metrics import SINK_EPS
+from sinkscope.webapp.state import get_root, list_traces, load_trace, pick_sample, resolve_under_root
+from sinkscope.webapp.views import (
+    view_attention,
+    view_compare,
+    view_cosine,
+    view_dataset,
+    view_massive,
+    view_overview,
+)
+
+VIEWS = ["Overview", "Attention", "Massive activations", "Cosine to BOS", "Compare", "Dataset"]
+
+
+def main() -> None:
+    st.set_page_config(page_title="sinkscope", layout="wide")
+    root = get_root()
+    st.sidebar.title("sinkscope")
+    traces = list_traces(str(root))
+    requested = st.query_params.get("trace")
+    if requested is not None:
+        try:
+            resolve_under_root(root, requested)
+        except SinkscopeError as exc:
+            st.error(str(exc))
+            return
+    if not traces:
+        st.info(f"No traces under {root}. Record one with `sinkscope record --text-file examples/prompts.txt "
+                f"--out {root}/demo`, or point the app elsewhere with `sinkscope app --root DIR`.")
+        return
+    default = traces.index(requested) if requested in traces else 0
+    name = st.sidebar.selectbox("Trace", traces, index=default, key="trace")
+    view = st.sidebar.radio("View", VIEWS, key="view")
+    eps = st.sidebar.slider("Sink threshold eps", 0.05, 0.9, SINK_EPS, 0.05, key="eps")
+    try:
+        tr = load_trace(root, name)
+        st.sidebar.caption(f"{tr.manifest.get('model')} | {tr.manifest['n_layers']} layers x "
+                           f"{tr.manifest['n_heads']} heads | {len(tr)} samples")
+        if len(tr) == 0:
+            st.warning(f"Trace {name} holds no samples yet.")
+            return
+        st.header(f"{view}: {name}")
+        if view == "Dataset":
+            view_dataset(tr, eps)
+            return
+        if view == "Compare":
+            view_compare(root, tr, traces, name, eps)
+            return
+        s = tr[pick_sample(tr, "main")]
+        st.caption(f"sample {s.sample_id}: " + " ".join(f"[{seg} {a}-{b - 1}]" for seg, a, b in s.segments))
+        if view == "Overview":
+            view_overview(tr, s, eps)
+        elif view == "Attention":
+            view_attention(tr, s, eps)
+        elif view == "Massive activations":
+            view_massive(tr, s, eps)
+        elif view == "Cosine to BOS":
+            view_cosine(tr, s)
+    except SinkscopeError as exc:
+        st.error(f"Cannot show trace '{name}': {exc}")
+
+
+__all__ = ["main", "resolve_under_root", "list_traces", "VIEWS"]

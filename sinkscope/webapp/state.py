@@ -1,0 +1,110 @@
+"""The app's data access (traces under one root, cached) and its small widgets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from sinkscope import analysis
+from sinkscope.errors import TraceError
+from sinkscope.trace import MANIFEST, Trace
+
+DEFAULT_ROOT = "traces"
+
+
+def get_root() -> Path:
+    return Path(os.environ.get("SINKSCOPE_ROOT", DEFAULT_ROOT)).expanduser().resolve()
+
+
+def resolve_under_root(root: Path, name: str) -> Path:
+    """The trace directory `name` (relative to `root`); refuse anything that resolves outside the root."""
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise TraceError(f"'{name}' is outside the trace root {root}; only traces under the root can be opened")
+    return path
+
+
+@st.cache_data(ttl=10, show_spinner=False)
+def list_traces(root: str) -> list[str]:
+    """Trace directories under `root` (a directory holding manifest.json), up to three levels deep."""
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    found = []
+    for manifest in sorted(base.glob(f"**/{MANIFEST}")):
+        rel = manifest.parent.relative_to(base)
+        if len(rel.parts) <= 3 and not any(part.startswith(".") for part in rel.parts):
+            found.append(str(rel))
+    return found
+
+
+def mtime(path: Path) -> float:
+    manifest = path / MANIFEST
+    return manifest.stat().st_mtime if manifest.exists() else 0.0
+
+
+@st.cache_resource(show_spinner="Opening trace...", max_entries=8)
+def _load(path: str, mtime: float) -> Trace:
+    return Trace.load(path)
+
+
+def load_trace(root: Path, name: str) -> Trace:
+    path = resolve_under_root(root, name)
+    return _load(str(path), mtime(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _sample_index(path: str, mtime: float) -> pd.DataFrame:
+    tr = _load(path, mtime)
+    return pd.DataFrame({"id": tr.sample_ids,
+                         "text": [str(s.extra.get("text", s.extra.get("transcript", ""))) for s in tr],
+                         "tokens": [len(s) for s in tr]})
+
+
+def sample_index(tr: Trace) -> pd.DataFrame:
+    return _sample_index(str(tr.path), mtime(tr.path))
+
+
+@st.cache_data(show_spinner="Aggregating over the trace...", max_entries=16)
+def dataset_tables(path: str, mtime: float, eps: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    tr = _load(path, mtime)
+    return analysis.dataset_sinks(tr, eps), analysis.dataset_massive_features(tr), analysis.layer_summary(tr, eps)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def dataset_cosine(path: str, mtime: float, layer: int) -> pd.DataFrame:
+    return analysis.dataset_cosine(_load(path, mtime), layer)
+
+
+def pick_sample(tr: Trace, key: str) -> int:
+    index = sample_index(tr)
+    query = st.sidebar.text_input("Search samples (id or text)", key=f"{key}_search")
+    shown = index
+    if query:
+        hit = index["id"].str.contains(query, case=False, regex=False) | \
+            index["text"].str.contains(query, case=False, regex=False)
+        shown = index[hit]
+    if shown.empty:
+        st.sidebar.warning(f"No sample matches '{query}'.")
+        shown = index
+    options = list(shown.index)
+    choice = st.sidebar.selectbox(
+        f"Sample ({len(shown)} of {len(index)})", options, key=f"{key}_sample",
+        format_func=lambda i: f"{index.at[i, 'id']}  ({index.at[i, 'tokens']} tok)  {index.at[i, 'text'][:50]}",
+    )
+    return int(choice)
+
+
+def token_window(n: int, key: str) -> tuple[int, int] | None:
+    if n <= 64:
+        return None
+    lo, hi = st.slider("Zoom to positions (full resolution inside the window when it is short enough)",
+                       0, n, (0, n), key=key)
+    return None if (lo, hi) == (0, n) else (lo, max(hi, lo + 1))
+
+
+def show(fig, key: str) -> None:
+    st.plotly_chart(fig, width="stretch", key=key)

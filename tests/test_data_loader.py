@@ -69,6 +69,16 @@ def test_video_multiple_truncates_both_streams(corpus):
         assert len(item["audio"]) == 640 * len(item["video"])
 
 
+def test_limit_keeps_the_first_utterances_and_the_whole_babble_pool(corpus):
+    full = AVSRDataset(corpus, "train", snr=0.0)
+    first = AVSRDataset(corpus, "train", snr=0.0, limit=2)
+    assert [i.id for i in first.items] == [i.id for i in full.items[:2]]
+    assert [i.id for i in first.noise_pool] == [i.id for i in full.noise_pool]
+    torch.testing.assert_close(first[1]["audio"], full[1]["audio"])  # the same babble at the same SNR
+    with pytest.raises(DataError, match="limit must be a positive number of utterances, not 0"):
+        AVSRDataset(corpus, "train", limit=0)
+
+
 def test_noise_is_mixed_at_the_requested_snr(corpus):
     rng = np.random.default_rng(0)
     speech, noise = rng.standard_normal(16000).astype(np.float32), rng.standard_normal(16000).astype(np.float32)

@@ -69,7 +69,8 @@ class AVSRDataset(Dataset):
         skip_bad: log and count unusable samples (`bad`) instead of raising; they come back as None, which
             `collate` drops.
         load: the modalities to return ("audio" features and/or "video"); both files are always checked.
-        limit: keep only the first `limit` utterances of the split (None: all).
+        limit: keep only the first `limit` utterances of the split (None: all); babble is still drawn from
+            the whole split.
     """
 
     def __init__(self, root: str | Path, split: str | None = "train", layout: str = "auto", snr=None,
@@ -85,10 +86,8 @@ class AVSRDataset(Dataset):
         self.items = list_synth(self.root, split) if layout == "synth" else list_lrs(self.root, split)
         if not self.items:
             raise DataError(f"{self.root}: no utterances in split {split!r}")
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-                raise DataError(f"limit must be a positive number of utterances, not {limit!r}")
-            self.items = self.items[:limit]
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise DataError(f"limit must be a positive number of utterances, not {limit!r}")
         if snr not in (None, "train") and not isinstance(snr, int | float):
             raise DataError(f"snr must be None, 'train' or a number of dB, not {snr!r}")
         if noise not in ("babble", "white"):
@@ -106,6 +105,8 @@ class AVSRDataset(Dataset):
         # babble comes from other utterances of the split, or of the whole corpus when the split is tiny
         lister = list_synth if layout == "synth" else list_lrs
         self.noise_pool = self.items if len(self.items) > 4 else lister(self.root, None)
+        if limit is not None:  # after the noise pool: babble still comes from the whole split
+            self.items = self.items[:limit]
         from transformers import WhisperFeatureExtractor
 
         self.features = WhisperFeatureExtractor(feature_size=n_mels)

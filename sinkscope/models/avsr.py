@@ -12,6 +12,8 @@ per sample the segment spans and token strings that the recorder writes into tra
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +99,22 @@ def dataset_for(cfg: AVSRConfig, root, split: str | None = "test", **kwargs):
     return AVSRDataset(root, split, video_multiple=cfg.video_multiple, **kwargs)
 
 
+@contextmanager
+def _quiet():
+    """Silence transformers' notices and deprecation warnings that say nothing to a sinkscope user (the
+    resize notice, peft's use of a deprecated property)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
@@ -117,14 +135,15 @@ class AVSRModel(nn.Module):
         tokenizer.add_special_tokens({"additional_special_tokens": list(DELIMITERS)})
         # transformers draws the new delimiter rows around the mean embedding from the global RNG; fix the draw so
         # that a model rebuilt for evaluation has exactly the rows it was trained with (they are not trained)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet():
             torch.manual_seed(0)
             llm.resize_token_embeddings(len(tokenizer))
         for p in llm.parameters():
             p.requires_grad_(False)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets))
-        self.llm = get_peft_model(llm, lora)
+        with _quiet():
+            self.llm = get_peft_model(llm, lora)
         self.tokenizer = tokenizer
         d_llm = llm.config.get_text_config().hidden_size
         self.audio_encoder = AudioEncoder(cfg.audio) if "audio" in MODALITIES[cfg.mode] else None

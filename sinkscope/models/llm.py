@@ -221,6 +221,10 @@ def load_llm(
             f"Cannot load '{name_or_path}': it is not a known name ({known}), a .gguf file, a model directory, "
             f"or a hub id in the local Hugging Face cache ({type(exc).__name__}: {exc})."
         ) from exc
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a model that loads in a second
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, attn_implementation=attn_implementation
@@ -230,6 +234,9 @@ def load_llm(
         raise
     except Exception as exc:
         raise ModelLoadError(f"Cannot load the causal LM at '{source}' ({type(exc).__name__}: {exc}).") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

@@ -221,11 +221,15 @@ def set_command(argv: list[str]) -> None:
 
 
 def command_line() -> str:
-    """The command that started this job, as a shell line."""
+    """The command that started this job, as a shell line (`sinkscope ...` for the CLI)."""
     if _COMMAND:
         return shlex.join(_COMMAND)
-    argv = list(sys.argv)
-    if argv and argv[0].endswith(("sinkscope", "__main__.py")):
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if argv and Path(argv[0]).name.startswith("python"):
+        argv[0] = "python"
+    if argv[:3] == ["python", "-m", "sinkscope"]:
+        argv = ["sinkscope", *argv[3:]]
+    elif argv and argv[0].endswith("/sinkscope"):
         argv[0] = "sinkscope"
     return shlex.join(argv)
 

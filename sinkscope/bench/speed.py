@@ -94,13 +94,13 @@ def cold_start(root: Path, source: Path | None = None) -> tuple[float, bool]:
     """Seconds from a fresh interpreter to the app's first render of the first trace under `root` (imports
     included), and whether torch was imported. `source` runs another checkout of sinkscope (its PYTHONPATH)."""
     env = dict(os.environ, SINKSCOPE_ROOT=str(root.resolve()))
-    entry = ENTRY
-    if source is not None:
+    entry, cwd = ENTRY, ENTRY.parents[1]
+    if source is not None:  # `python -c` puts the working directory first on sys.path: run from that checkout
         env["PYTHONPATH"] = str(source.resolve())
-        entry = source.resolve() / "sinkscope" / "_app_entry.py"
+        entry, cwd = source.resolve() / "sinkscope" / "_app_entry.py", source.resolve()
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", COLD_START, str(entry)], env=env, capture_output=True, text=True,
-                          check=True)
+                          check=True, cwd=cwd)
     wall = time.perf_counter() - start
     torch_loaded = done.stdout.split()[-1] == "True"
     return wall, torch_loaded
@@ -123,7 +123,9 @@ def app_start(
             wall, loaded = cold_start(root, source)
             runs[name].append(wall)
             torch_loaded[name] = loaded
-    result = {"date": time.strftime("%Y-%m-%d"), "root": str(root), "reps": reps,
+    from sinkscope.config import command_line
+
+    result = {"command": command_line(), "date": time.strftime("%Y-%m-%d"), "root": str(root), "reps": reps,
               **{f"{k}_median_s": statistics.median(v) for k, v in runs.items() if v},
               "torch_imported": torch_loaded, "runs_s": {k: v for k, v in runs.items() if v}}
     if before is not None:

@@ -148,3 +148,53 @@ def dataset_cosine(trace, layer: int) -> pd.DataFrame:
         frames.append(pd.DataFrame({"sample": s.sample_id, "segment": names[1:],
                                     "cos": np.asarray(s.bos_cosine)[layer, 1:]}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["sample", "segment", "cos"])
+
+
+SEGMENT_GROUPS = {"delimiter": ("audio_start", "audio_end", "video_start", "video_end"), "audio": ("audio",),
+                  "video": ("video",), "prompt": ("prompt",)}
+"""The non-BOS input segments an experiment row reports on (transcript and EOS are the model's output)."""
+
+
+def sink_statistics(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION,
+                    min_layer_share: float = 0.5) -> dict:
+    """A trace in a few numbers, for experiment rows (the decorrelation sweep):
+
+    - `sinks_per_utt_<group>`: intermediate sinks per utterance by segment group (SEGMENT_GROUPS): non-BOS
+      tokens that are sinks (`metrics.sink_layers`) in at least `min_layer_share` of the layers;
+    - `cos_mid_<group>`, `cos_last_<group>`: mean cos-to-BOS of the group's tokens at the middle layer (L // 2)
+      and the last layer (L - 1);
+    - `massive_max`: the largest |massive activation|, `massive_max_segment` the segment of its token and
+      `massive_on_non_bos` whether any massive activation sits on a token other than BOS;
+    - `massive_features`: the massive feature indices, with the number of samples that show each.
+    """
+    n_layers = int(trace.manifest["n_layers"])
+    mid, last = n_layers // 2, n_layers - 1
+    sinks = {g: 0 for g in SEGMENT_GROUPS}
+    cos = {(g, at): [] for g in SEGMENT_GROUPS for at in ("mid", "last")}
+    peak, peak_segment, non_bos = 0.0, "", False
+    features: Counter = Counter()
+    for s in trace:
+        names = token_segments(s.segments, len(s.tokens))
+        share = sink_layers(s.attention_received, eps, head_fraction).mean(axis=0)  # [T]
+        bos_cos = np.asarray(s.bos_cosine)
+        for group, members in SEGMENT_GROUPS.items():
+            idx = np.flatnonzero(np.isin(names, members))
+            idx = idx[idx > 0]
+            sinks[group] += int((share[idx] >= min_layer_share).sum())
+            cos[(group, "mid")].extend(bos_cos[mid, idx].tolist())
+            cos[(group, "last")].extend(bos_cos[last, idx].tolist())
+        m = s.massive
+        if len(m):
+            values = np.abs(m["value"].to_numpy())
+            k = int(values.argmax())
+            if values[k] > peak:
+                peak, peak_segment = float(values[k]), str(names[int(m["token"].iloc[k])])
+            non_bos |= bool((m["token"] != 0).any())
+            features.update(set(map(int, m["feature"])))
+    n = max(1, len(trace))
+    out = {"trace_samples": len(trace)}
+    out.update({f"sinks_per_utt_{g}": sinks[g] / n for g in SEGMENT_GROUPS})
+    out.update({f"cos_{at}_{g}": float(np.mean(v)) if v else float("nan") for (g, at), v in cos.items()})
+    out.update(massive_max=peak, massive_max_segment=peak_segment, massive_on_non_bos=non_bos,
+               massive_features=" ".join(f"{f}({c})" for f, c in features.most_common()))
+    return out

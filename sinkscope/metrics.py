@@ -18,6 +18,9 @@ SINK_EPS = 0.3
 """Default epsilon of Sink^eps (Gu et al., ICLR 2025)."""
 SINK_HEAD_FRACTION = 0.5
 """A token is a sink in layer l when at least this share of the layer's heads have alpha > eps."""
+MIN_QUERIES = 8
+"""A key seen by fewer queries than this (the last positions of a sample, whose alpha averages over one to a few
+queries) is never called a sink; its alpha is still stored."""
 MASSIVE_ABS = 100.0
 """Massive activation: |h| >= MASSIVE_ABS ... (Sun et al., 2024)."""
 MASSIVE_REL = 1000.0
@@ -53,10 +56,15 @@ def sink_rate(alpha, eps: float = SINK_EPS) -> np.ndarray:
     return (100.0 * (a > eps).mean(axis=(0, 1))).astype(np.float32)
 
 
-def sink_layers(alpha, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> np.ndarray:
-    """`[L, T]` bool: token k is a sink in layer l when the share of heads with `alpha > eps` is >= head_fraction."""
+def sink_layers(alpha, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION,
+                min_queries: int = MIN_QUERIES) -> np.ndarray:
+    """`[L, T]` bool: token k is a sink in layer l when the share of heads with `alpha > eps` is >= head_fraction
+    and at least `min_queries` queries see it (T - k >= min_queries)."""
     a = _np(alpha)
-    return (a > eps).mean(axis=1) >= head_fraction
+    flags = (a > eps).mean(axis=1) >= head_fraction
+    t = a.shape[-1]
+    flags[:, max(0, t - min_queries + 1):] = False
+    return flags
 
 
 def sink_tokens(
@@ -65,9 +73,10 @@ def sink_tokens(
     head_fraction: float = SINK_HEAD_FRACTION,
     min_layers: int = 1,
     layers: Sequence[int] | None = None,
+    min_queries: int = MIN_QUERIES,
 ) -> list[int]:
     """Token indices that are sinks (see `sink_layers`) in at least `min_layers` of the given layers."""
-    flags = sink_layers(alpha, eps, head_fraction)
+    flags = sink_layers(alpha, eps, head_fraction, min_queries)
     if layers is not None:
         flags = flags[list(layers)]
     return [int(k) for k in np.flatnonzero(flags.sum(axis=0) >= min_layers)]

@@ -24,10 +24,18 @@ def test_sink_rate_and_sink_layers():
     alpha[1, :1, 0] = 0.9  # 1 of 4 heads in layer 1
     alpha[:, :, 2] = 0.3  # exactly eps is not above eps
     np.testing.assert_allclose(metrics.sink_rate(alpha), [100 * 4 / 8, 0.0, 0.0])
-    flags = metrics.sink_layers(alpha)
+    flags = metrics.sink_layers(alpha, min_queries=1)
     assert flags.tolist() == [[True, False, False], [False, False, False]]
-    assert metrics.sink_tokens(alpha) == [0]
-    assert metrics.sink_layers(alpha, head_fraction=0.25)[1, 0]
+    assert metrics.sink_tokens(alpha, min_queries=1) == [0]
+    assert metrics.sink_layers(alpha, head_fraction=0.25, min_queries=1)[1, 0]
+
+
+def test_keys_seen_by_few_queries_are_never_sinks():
+    alpha = np.full((1, 2, 10), 0.9, dtype=np.float32)  # every key above eps in every head
+    # key k is seen by the T - k = 10 - k queries i >= k: with the default 8, keys 0..2 can be sinks, 3..9 cannot
+    assert metrics.sink_layers(alpha)[0].tolist() == [True] * 3 + [False] * 7
+    assert metrics.sink_tokens(alpha, min_queries=4) == list(range(7))
+    assert metrics.MIN_QUERIES == 8
 
 
 def test_massive_needs_both_thresholds():

@@ -119,7 +119,7 @@ def test_smollm2_sinks_massive_activations_and_bos_alignment(smollm2):
             model(input_ids=torch.tensor([encode_with_bos(tok, text, None)]))
     feature_sets = []
     for s in rec.samples:
-        flags = metrics.sink_layers(s.attention_received)  # [L, T]
+        flags = metrics.sink_layers(s.attention_received, min_queries=1)  # [L, T]; one prompt has 7 tokens
         assert flags[2:, 0].mean() >= 0.75, s.tokens
         assert metrics.sink_rate(s.attention_received)[0] >= 60.0
         m = s.massive

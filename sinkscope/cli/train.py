@@ -111,26 +111,38 @@ def sweep(
     config: Path = typer.Option(..., "--config", help="Sweep YAML (see experiments/configs/sweep_*.yaml)."),
     sets: list[str] = SET_OPTION,
     until_epoch: int = typer.Option(None, "--until-epoch", min=1, help="Train every point only this far."),
+    point: list[str] = typer.Option(None, "--point", help="Run only this point (repeatable); see --list."),
+    list_points: bool = typer.Option(False, "--list", help="List the points and whether each has its row."),
 ) -> None:
-    """Run a resumable grid of training runs (downsampling rates x decorrelation) and tabulate test WER."""
-    import pandas as pd
-
-    from sinkscope.train.results import sweep_figure
-    from sinkscope.train.sweep import load_sweep, run_sweep
+    """Run a resumable grid of training runs (rates x decorrelation): train, score, record and summarise every
+    point, one results row each, then draw the WER and sink figures next to the results file."""
+    from sinkscope.train.results import decorrelation_sinks_figure, decorrelation_wer_figure, write_figure
+    from sinkscope.train.sweep import load_sweep, read_results, run_sweep
 
     with clean_errors():
         spec = load_sweep(config, sets or [])
+        if list_points:
+            done = {r["point"] for r in read_results(spec)}
+            for name, overrides in spec.all_points:
+                console.print(f"{'done ' if name in done else 'to do'}  {name}  {json.dumps(overrides)}")
+            return
         with progress_bar("train") as bar:
-            rows = run_sweep(spec, log=bar.log, progress=_train_progress(bar), until_epoch=until_epoch)
+            rows = run_sweep(spec, log=bar.log, progress=_train_progress(bar), until_epoch=until_epoch,
+                             only=point or None)
     if not rows:
         console.print(f"no finished point yet in {spec.results}")
         return
-    frame = pd.DataFrame(rows)
-    table = frame.pivot_table(index="point", columns="snr", values="wer", aggfunc="first")
-    figure = Path(spec.results).with_suffix(".html")
-    sweep_figure(frame).write_html(figure, include_plotlyjs="cdn")
-    console.print(f"test WER by grid point and SNR ({spec.results}; figure: {figure}):")
-    console.print(table.to_string())
+    stem = Path(spec.results).with_suffix("")
+    figures = [(decorrelation_wer_figure, f"{stem}_wer")]
+    if "sinks_per_utt_audio" in rows[0]:
+        figures.append((decorrelation_sinks_figure, f"{stem}_sinks"))
+    for make, path in figures:
+        written, problem = write_figure(make(rows), path)
+        console.print(f"figure: {', '.join(map(str, written))}" + (f" ({problem})" if problem else ""))
+    tags = spec.tags
+    table = [f"{r['point']:<32} " + "  ".join(f"WER {t} {float(r[f'wer_{t}']):.3f}" for t in tags if r[f"wer_{t}"])
+             for r in rows]
+    console.print(f"{len(rows)} of {len(spec.all_points)} points in {spec.results}:\n" + "\n".join(table))
 
 
 def register(app: typer.Typer) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sinkscope.errors import RecorderError
-from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, SINK_EPS, SINK_HEAD_FRACTION, massive_frame
+from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, MIN_QUERIES, SINK_EPS, SINK_HEAD_FRACTION, massive_frame
 from sinkscope.record import attention as attn_fn
 from sinkscope.record.blocks import find_decoder_layers, find_hf_model, first_output
 from sinkscope.record.reduce import reduce_layer
@@ -292,7 +292,8 @@ class Recorder:
             "n_heads": self.n_heads,
             "hidden_size": self.hidden_size,
             "thresholds": {"massive_abs": self.abs_threshold, "massive_rel": self.rel_threshold,
-                           "sink_eps": SINK_EPS, "sink_head_fraction": SINK_HEAD_FRACTION},
+                           "sink_eps": SINK_EPS, "sink_head_fraction": SINK_HEAD_FRACTION,
+                           "sink_min_queries": MIN_QUERIES},
             "top_k": self.top_k,
             "config": config,
         }

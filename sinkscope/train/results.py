@@ -51,27 +51,109 @@ def append_row(path: str | Path, row: dict, columns: Sequence[str]) -> None:
     os.replace(tmp, path)
 
 
-def sweep_figure(results: pd.DataFrame) -> go.Figure:
-    """Test WER against the compression rate of a `sinkscope sweep` (one line per decorrelation weight, one
-    panel per SNR). `results` holds the rows of the sweep results CSV."""
-    df = results.copy()
-    for col in ("k_audio", "k_video", "wer", "decorrelation"):
-        df[col] = pd.to_numeric(df[col])
-    df["rate"] = "K_a=" + df["k_audio"].astype(int).astype(str) + ", K_v=" + df["k_video"].astype(int).astype(str)
-    order = df.sort_values(["k_audio", "k_video"])["rate"].unique().tolist()
-    snrs = list(dict.fromkeys(df["snr"]))
-    fig = make_subplots(rows=1, cols=len(snrs), shared_yaxes=True,
-                        subplot_titles=[f"{'clean' if s == 'clean' else s + ' dB babble'}" for s in snrs])
-    for c, snr in enumerate(snrs, start=1):
-        for lam, group in df[df["snr"] == snr].groupby("decorrelation"):
-            group = group.set_index("rate").reindex(order).dropna(subset=["wer"])
-            name = "decorrelation off" if lam == 0 else f"decorrelation λ={lam:g}"
-            fig.add_trace(go.Scatter(x=group.index, y=group["wer"], mode="lines+markers", name=name,
-                                     legendgroup=name, showlegend=c == 1,
-                                     line_color="#7f7f7f" if lam == 0 else "#d62728",
-                                     hovertemplate="%{x}<br>WER %{y:.1%}<extra>" + html.escape(name) + "</extra>"),
-                          row=1, col=c)
-        fig.update_xaxes(title_text="compression rate", categoryorder="array", categoryarray=order, row=1, col=c)
-    fig.update_yaxes(title_text="test WER", tickformat=".0%", row=1, col=1)
-    fig.update_layout(title="WER across compression rates, with and without the decorrelation loss", height=420)
+MODES = ("asr", "vsr", "avsr")
+LAMBDA_COLORS = {0.0: "#7f7f7f", 1e4: "#d62728", 1e2: "#ff9896", 1e5: "#8c0000"}
+SEED_SYMBOLS = ["circle", "diamond", "square", "triangle-up"]
+
+
+def _frame(rows: Sequence[dict] | pd.DataFrame) -> pd.DataFrame:
+    df = pd.DataFrame(rows).copy()
+    for col in df.columns:
+        if col.startswith(("wer_", "cer_", "sinks_per_utt_", "cos_")) or col in ("decorrelation", "seed"):
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["rate"] = [_rate(r) for r in df.itertuples()]
+    df["order"] = [(pd.to_numeric(r.k_audio, errors="coerce") if r.mode != "vsr" else 0,
+                    pd.to_numeric(r.k_video, errors="coerce") if r.mode != "asr" else 0) for r in df.itertuples()]
+    return df
+
+
+def _rate(r) -> str:
+    if r.mode == "asr":
+        return f"K_a={int(float(r.k_audio))}"
+    if r.mode == "vsr":
+        return f"K_v={int(float(r.k_video))}"
+    return f"K_a={int(float(r.k_audio))}, K_v={int(float(r.k_video))}"
+
+
+def _lam(lam: float) -> str:
+    return "off (λ=0)" if lam == 0 else f"λ={lam:g}"
+
+
+def decorrelation_wer_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure:
+    """WER against compression rate with the decorrelation loss off and on: one panel per mode, clean (top)
+    and babble 0 dB (bottom, where the sweep scored it), a line through the mean over seeds and a marker per
+    seed."""
+    df = _frame(rows)
+    tags = [t for t in ("clean", "snr0") if f"wer_{t}" in df and df[f"wer_{t}"].notna().any()]
+    modes = [m for m in MODES if (df["mode"] == m).any()]
+    fig = make_subplots(rows=len(tags), cols=len(modes), shared_yaxes=False, vertical_spacing=0.16,
+                        subplot_titles=[f"{m.upper()}, {'clean' if t == 'clean' else 'babble 0 dB'}"
+                                        for t in tags for m in modes])
+    shown = set()
+    for r_i, tag in enumerate(tags, start=1):
+        for c_i, mode in enumerate(modes, start=1):
+            sub = df[(df["mode"] == mode) & df[f"wer_{tag}"].notna()]
+            order = [x for _, x in sorted({(o, r) for o, r in zip(sub["order"], sub["rate"], strict=True)})]
+            for lam, group in sub.groupby("decorrelation"):
+                name = _lam(lam)
+                color = LAMBDA_COLORS.get(lam, "#1f77b4")
+                mean = group.groupby("rate")[f"wer_{tag}"].mean().reindex(order).dropna()
+                fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines", name=name, legendgroup=name,
+                                         showlegend=name not in shown, line={"color": color}, hoverinfo="skip"),
+                              row=r_i, col=c_i)
+                shown.add(name)
+                for seed, points in group.groupby("seed"):
+                    fig.add_trace(go.Scatter(
+                        x=points["rate"], y=points[f"wer_{tag}"], mode="markers", name=f"{name}, seed {int(seed)}",
+                        legendgroup=name, showlegend=False,
+                        marker={"color": color, "size": 9, "symbol": SEED_SYMBOLS[int(seed) % len(SEED_SYMBOLS)]},
+                        hovertemplate="%{x}<br>WER %{y:.1%}<extra>" + html.escape(f"{name}, seed {int(seed)}")
+                                      + "</extra>"), row=r_i, col=c_i)
+            fig.update_xaxes(categoryorder="array", categoryarray=order, title_text="compression rate",
+                             row=r_i, col=c_i)
+            fig.update_yaxes(tickformat=".0%", title_text="WER" if c_i == 1 else None, rangemode="tozero",
+                             row=r_i, col=c_i)
+    fig.update_layout(title="WER across compression rates with the decorrelation loss off and on "
+                            "(line: mean over seeds; markers: seeds)", height=380 * len(tags) + 80,
+                      legend={"title": "decorrelation"})
     return fig
+
+
+def decorrelation_sinks_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure:
+    """Per point, off vs on: intermediate sinks per utterance (non-BOS input tokens that are sinks in at least
+    half of the layers) and mean cos-to-BOS of the non-BOS input tokens at the last layer."""
+    df = _frame(rows)
+    groups = [c.removeprefix("sinks_per_utt_") for c in df.columns if c.startswith("sinks_per_utt_")]
+    df["sinks"] = df[[f"sinks_per_utt_{g}" for g in groups]].sum(axis=1, min_count=1)
+    df["cos_last"] = df[[f"cos_last_{g}" for g in groups]].mean(axis=1)
+    df["label"] = df["mode"].str.upper() + " " + df["rate"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["intermediate sinks per utterance",
+                                                        "mean cos-to-BOS of non-BOS input tokens, last layer"])
+    order = [lab for *_, lab in sorted({(MODES.index(m), o, lab) for m, o, lab in
+                                        zip(df["mode"], df["order"], df["label"], strict=True)})]
+    for lam, group in df.groupby("decorrelation"):
+        mean = group.groupby("label")[["sinks", "cos_last"]].mean().reindex(order)
+        for col, field in ((1, "sinks"), (2, "cos_last")):
+            fig.add_trace(go.Bar(x=mean.index, y=mean[field], name=_lam(lam), legendgroup=_lam(lam),
+                                 showlegend=col == 1, marker_color=LAMBDA_COLORS.get(lam, "#1f77b4"),
+                                 hovertemplate="%{x}<br>%{y:.3f}<extra>" + html.escape(_lam(lam)) + "</extra>"),
+                          row=1, col=col)
+    fig.update_layout(barmode="group", height=440, title="What the decorrelation loss changes inside "
+                      "(traces of the same held-out utterances; mean over seeds)", legend={"title": "decorrelation"})
+    fig.update_yaxes(title_text="sinks / utterance", row=1, col=1)
+    fig.update_yaxes(title_text="cos to BOS", range=[-1, 1], row=1, col=2)
+    return fig
+
+
+def write_figure(fig: go.Figure, stem: str | Path) -> tuple[list[Path], str | None]:
+    """`stem.html` (plotly.js from the CDN), and `stem.png` when kaleido can render it (it needs Chromium).
+    Returns the files written and, when the PNG could not be made, why."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = [stem.with_suffix(".html")]
+    fig.write_html(written[0], include_plotlyjs="cdn")
+    try:
+        fig.write_image(stem.with_suffix(".png"), width=1200, height=int(fig.layout.height or 500), scale=1)
+    except Exception as exc:  # no kaleido, or no browser for it: the HTML is the figure
+        return written, f"{stem.with_suffix('.png')} not written ({type(exc).__name__}: {str(exc)[:200]})"
+    return [*written, stem.with_suffix(".png")], None

@@ -1,42 +1,48 @@
 """`sinkscope sweep`: a resumable grid of training runs, e.g. compression rates x decorrelation on/off.
 
-A sweep file (YAML) names a base training config, the grid and the evaluations:
+A sweep file (YAML) names a base training config, the points, what to measure, and where the rows go:
 
-    base: experiments/configs/grid_avsr_stack_a4_v3.yaml   # any `sinkscope train` config
-    out: runs/sweep-decorrelation                           # one run directory per grid point under here
-    results: experiments/results/sweep_decorrelation.csv    # one row per (point, evaluation), appended
-    set: {epochs: 3}                                        # overrides applied to every point
-    grid:                                                   # the cross product of these
-      rate: [{model.k_audio: 4, model.k_video: 2}, {model.k_audio: 16, model.k_video: 8}]
-      decorrelation: [0.0, 0.1]
-    eval: {snr: [null, 0], limit: null}                     # SNRs in dB (null = clean); limit = first N
+    base: experiments/configs/decorrelation/base.yaml    # any `sinkscope train` config
+    out: runs/decorrelation                             # one run directory per point under here
+    results: experiments/results/decorrelation.csv      # one row per finished point
+    set: {epochs: 3}                                    # overrides applied to every point
+    grid:                                               # the cross product of these ...
+      rate: [{model.mode: asr, model.k_audio: 4}, {model.mode: vsr, model.k_video: 5}]
+      decorrelation: [0.0, 10000.0]
+    points:                                             # ... and these points on top (a mapping of overrides each)
+      - {model.mode: asr, model.k_audio: 32, decorrelation: 10000.0, seed: 1}
+    eval: {snr: [null, 0], limit: 200}                  # SNRs in dB (null = clean; VSR is scored clean only)
+    record: {n: 50}                                     # a trace of the first n test utterances (n: 0 = none)
 
-A grid entry is either a list of values for one key (`decorrelation: [0.0, 0.1]`) or a named list of override
-mappings (`rate: [...]` above) for keys that move together. Every point trains with `train()` (which resumes a
-killed run), then is evaluated; finished evaluations are read back from the results file and not redone, so
-running the same command again continues where it stopped. Each row names the sweep file, the point's resolved
-config (its hash; the run directory holds the config itself) and the command that made it.
+A grid entry is a list of values for one key (`decorrelation: [0.0, 1e4]`) or a list of override mappings for
+keys that move together (`rate:` above). A point trains with `train()` (resuming a killed run), is scored with
+`sinkscope eval` (`RUN/eval-TAG/`), recorded with `sinkscope record --checkpoint RUN` (`RUN/trace`), and
+summarised (`analysis.sink_statistics`); then its one row is appended to `results`. Finished steps are kept in
+`RUN/sweep_point.json`, finished rows are read back from `results`, so running the same command again continues
+where it stopped. A row names the sweep file, the point's config hash and the command.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sinkscope.config import command_line, config_hash, load_config, write_run_files
+from sinkscope.config import atomic_write_text, command_line, config_hash, load_config, write_run_files
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval import evaluate
-from sinkscope.models.avsr import dataset_for
-from sinkscope.models.pretrained import load_trainable, load_trained
-from sinkscope.train.avsr import read_train_config, train
-from sinkscope.train.checkpoint import load_weights
+from sinkscope.train.avsr import TrainConfig, read_train_config, train
 from sinkscope.train.results import append_row, read_rows
 
-RESULT_COLUMNS = ["point", "overrides", "mode", "compression", "k_audio", "k_video", "decorrelation", "seed", "epochs",
-                  "snr", "n", "wer", "cer", "run", "sweep", "config_hash", "command"]
+POINT_COLUMNS = ["point", "mode", "compression", "k_audio", "k_video", "decorrelation", "seed", "epochs"]
+TRAIN_COLUMNS = ["val_wer_by_epoch", "ce_last", "decorrelation_last", "train_minutes"]
+STAT_COLUMNS = ["trace_samples", "sinks_per_utt_delimiter", "sinks_per_utt_audio", "sinks_per_utt_video",
+                "sinks_per_utt_prompt", "cos_mid_delimiter", "cos_mid_audio", "cos_mid_video", "cos_mid_prompt",
+                "cos_last_delimiter", "cos_last_audio", "cos_last_video", "cos_last_prompt", "massive_max",
+                "massive_max_segment", "massive_on_non_bos", "massive_features"]
+TAIL_COLUMNS = ["run", "trace", "overrides", "sweep", "config_hash", "command"]
 
 
 @dataclass
@@ -45,40 +51,53 @@ class SweepConfig:
     out: str
     results: str
     grid: dict = field(default_factory=dict)
+    points: list = field(default_factory=list)
     set: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
     path: str = "sweep"
 
     def __post_init__(self) -> None:
-        self.eval = {"snr": [None], "limit": None, **(self.eval or {})}
+        self.eval = {"snr": [None], "limit": None, "split": "test", **(self.eval or {})}
         if not isinstance(self.eval["snr"], list):
             self.eval["snr"] = [self.eval["snr"]]
-        unknown = sorted(set(self.eval) - {"snr", "limit"})
-        if unknown:
-            raise ValueError(f"eval: unknown field(s) {unknown}; known: ['limit', 'snr']")
+        self.record = {"n": 0, "split": "test", **(self.record or {})}
+        for name, section, known in (("eval", self.eval, {"snr", "limit", "split"}),
+                                     ("record", self.record, {"n", "split"})):
+            unknown = sorted(set(section) - known)
+            if unknown:
+                raise ValueError(f"{name}: unknown field(s) {unknown}; known: {sorted(known)}")
 
     @property
-    def points(self) -> list[tuple[str, dict]]:
-        """`(name, overrides)` for every grid point, in a fixed order."""
+    def tags(self) -> list[str]:
+        return [snr_tag(s) for s in self.eval["snr"]]
+
+    @property
+    def columns(self) -> list[str]:
+        metrics = [f"{m}_{tag}" for tag in self.tags for m in ("wer", "cer", "n")]
+        stats = STAT_COLUMNS if self.record["n"] else []
+        return [*POINT_COLUMNS, *metrics, *TRAIN_COLUMNS, *stats, *TAIL_COLUMNS]
+
+    @property
+    def all_points(self) -> list[tuple[str, dict]]:
+        """`(name, overrides)` for every point: the grid's cross product, then `points`, in a fixed order."""
         axes = []
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise SinkscopeError(f"{self.path}: grid.{key} must be a non-empty list")
-            options = []
-            for value in values:
-                if isinstance(value, dict):  # several keys that move together
-                    options.append((dict(value), "-".join(f"{_short(k)}{v}" for k, v in value.items())))
-                else:
-                    options.append(({key: value}, f"{_short(key)}{value}"))
-            axes.append(options)
-        points = []
-        for combo in itertools.product(*axes):
-            overrides = dict(self.set)
-            for part, _ in combo:
-                overrides.update(part)
-            points.append(("_".join(name for _, name in combo) or "base", overrides))
-        return points
-
+            axes.append([dict(v) if isinstance(v, dict) else {key: v} for v in values])
+        combos = [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)] \
+            if axes else []
+        for k, extra in enumerate(self.points):
+            if not isinstance(extra, dict) or not extra:
+                raise SinkscopeError(f"{self.path}: points[{k}] must be a non-empty mapping of overrides")
+            combos.append(dict(extra))
+        named = [(point_name(c), {**self.set, **c}) for c in combos]
+        names = [n for n, _ in named]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SinkscopeError(f"{self.path}: points {twice} are listed twice")
+        return named
 
 
 def _short(key: str) -> str:
@@ -86,10 +105,22 @@ def _short(key: str) -> str:
             "model.mode": ""}.get(key, key.split(".")[-1])
 
 
+def point_name(overrides: dict) -> str:
+    """A run-directory name from a point's overrides, e.g. `asr-ka32-dec10000-seed1`."""
+    def text(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    return "-".join(f"{_short(k)}{text(v)}" for k, v in overrides.items()) or "base"
+
+
+def snr_tag(snr) -> str:
+    return "clean" if snr is None else f"snr{float(snr):g}"
+
+
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
-    """A sweep file, validated now (grid included) rather than after hours of training."""
+    """A sweep file, validated now (points included) rather than after hours of training."""
     spec = load_config(SweepConfig, path, overrides, defaults={"path": str(path)})
-    spec.points  # noqa: B018 - validates the grid
+    for name, point in spec.all_points:
+        read_train_config(spec.base, [*_overrides(point), f"out={Path(spec.out) / name}"])
     return spec
 
 
@@ -97,52 +128,99 @@ def _overrides(mapping: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in mapping.items()]
 
 
-def read_results(path: str | Path) -> list[dict]:
-    return read_rows(path, RESULT_COLUMNS)
+def read_results(spec: SweepConfig) -> list[dict]:
+    return read_rows(spec.results, spec.columns)
 
 
-def _snr_text(snr: float | None) -> str:
-    return "clean" if snr is None else f"{float(snr):g}"
+def _blank_unused(cfg: TrainConfig) -> tuple:
+    mode = cfg.model.mode
+    return (cfg.model.k_audio if mode != "vsr" else "", cfg.model.k_video if mode != "asr" else "")
+
+
+def _point_row(spec: SweepConfig, name: str, overrides: dict, cfg: TrainConfig, run_dir: Path,
+               done: dict) -> dict:
+    k_audio, k_video = _blank_unused(cfg)
+    history = done["history"]
+    row = {"point": name, "mode": cfg.model.mode, "compression": cfg.model.compression, "k_audio": k_audio,
+           "k_video": k_video, "decorrelation": cfg.decorrelation, "seed": cfg.seed, "epochs": cfg.epochs,
+           "val_wer_by_epoch": " ".join(f"{h['wer']:.4f}" for h in history),
+           "ce_last": f"{history[-1]['ce']:.4f}", "decorrelation_last": f"{history[-1].get('decorrelation', 0):.5f}",
+           "train_minutes": f"{done['train_minutes']:.1f}", "run": str(run_dir),
+           "trace": str(run_dir / "trace") if spec.record["n"] else "",
+           "overrides": json.dumps(overrides, sort_keys=True), "sweep": spec.path,
+           "config_hash": config_hash(cfg, ignore=("out",)), "command": command_line()}
+    for tag in spec.tags:
+        scored = done["eval"].get(tag)
+        for m in ("wer", "cer", "n"):
+            row[f"{m}_{tag}"] = "" if scored is None else (scored[m] if m == "n" else f"{scored[m]:.6f}")
+    for key, value in done.get("stats", {}).items():
+        row[key] = f"{value:.4f}" if isinstance(value, float) else value
+    return row
+
+
+def run_point(spec: SweepConfig, name: str, overrides: dict, log: Callable[[str], None] = print,
+              progress: Callable | None = None, until_epoch: int | None = None) -> dict | None:
+    """Train, score, record and summarise one point; returns its row, or None when training stopped early.
+    Every step that finished is kept in RUN/sweep_point.json and not redone."""
+    from sinkscope.analysis import sink_statistics
+    from sinkscope.eval import EvalConfig, run_eval
+    from sinkscope.record.run import RecordConfig, run_record
+    from sinkscope.trace import Trace
+
+    run_dir = Path(spec.out) / name
+    cfg = read_train_config(spec.base, [*_overrides(overrides), f"out={run_dir}"])
+    marker = run_dir / "sweep_point.json"
+    done = json.loads(marker.read_text()) if marker.is_file() else {"eval": {}}
+    if done.get("config_hash") not in (None, config_hash(cfg, ignore=("out",))):
+        raise SinkscopeError(f"{marker}: made with another config of point {name}; move {run_dir} away")
+    done["config_hash"] = config_hash(cfg, ignore=("out",))
+    start = time.time()
+    state = train(cfg, log=log, progress=progress, until_epoch=until_epoch, verb="sweep")
+    if state["epoch"] < cfg.epochs:
+        log(f"{name}: stopped after epoch {state['epoch']} of {cfg.epochs}")
+        return None
+    done["history"] = state["history"]
+    done["train_minutes"] = sum(h.get("seconds", 0.0) for h in state["history"]) / 60 or (time.time() - start) / 60
+
+    def save() -> None:
+        atomic_write_text(marker, json.dumps(done, indent=2))
+
+    save()
+    for snr, tag in zip(spec.eval["snr"], spec.tags, strict=True):
+        if tag in done["eval"] or (snr is not None and cfg.model.mode == "vsr"):
+            continue
+        result = run_eval(EvalConfig(checkpoint=str(run_dir), data=cfg.data, split=spec.eval["split"], snr=snr,
+                                     limit=spec.eval["limit"], batch_size=cfg.batch_size,
+                                     max_new_tokens=cfg.max_new_tokens, out=str(run_dir / f"eval-{tag}")))
+        done["eval"][tag] = {k: result[k] for k in ("wer", "cer", "n")}
+        save()
+        log(f"{name} {tag}: WER {result['wer']:.3f}, CER {result['cer']:.3f} on {result['n']}")
+    if spec.record["n"] and "stats" not in done:
+        run_record(RecordConfig(out=str(run_dir / "trace"), checkpoint=str(run_dir), data=cfg.data,
+                                split=spec.record["split"], n=int(spec.record["n"]), batch_size=8, resume=True))
+        done["stats"] = sink_statistics(Trace.load(run_dir / "trace"))
+        save()
+    return _point_row(spec, name, overrides, cfg, run_dir, done)
 
 
 def run_sweep(spec: SweepConfig, log: Callable[[str], None] = print, progress: Callable | None = None,
-              until_epoch: int | None = None, model_factory: Callable | None = None) -> list[dict]:
-    """Train and evaluate every grid point that has no result yet; returns all result rows.
-
-    `until_epoch` trains every point only that far (no evaluation until a point has finished its schedule).
-    `model_factory(cfg)` builds the model (tests pass tiny ones); by default `AVSRModel(cfg.model)`."""
+              until_epoch: int | None = None, only: list[str] | None = None) -> list[dict]:
+    """Run every point that has no row yet (or those named in `only`); returns all rows."""
     write_run_files(spec.out, "sweep", spec)
-    results = Path(spec.results)
-    done = {(r["point"], r["snr"]) for r in read_results(results)}
-    total = len(spec.points)
-    for k, (name, overrides) in enumerate(spec.points, start=1):
-        snrs = [None if s is None else float(s) for s in spec.eval["snr"]]
-        todo = [s for s in snrs if (name, _snr_text(s)) not in done]
-        if not todo:
-            log(f"[{k}/{total}] {name}: done")
+    points = spec.all_points
+    if only:
+        unknown = sorted(set(only) - {n for n, _ in points})
+        if unknown:
+            raise SinkscopeError(f"{spec.path}: no point named {unknown}; the points are {[n for n, _ in points]}")
+    rows = {r["point"]: r for r in read_results(spec)}
+    for k, (name, overrides) in enumerate(points, start=1):
+        if name in rows or (only and name not in only):
+            log(f"[{k}/{len(points)}] {name}: " + ("done" if name in rows else "skipped"))
             continue
-        run_dir = Path(spec.out) / name
-        cfg = read_train_config(spec.base, [*_overrides(overrides), f"out={run_dir}"])
-        log(f"[{k}/{total}] {name}: training into {run_dir}")
-        state = train(cfg, log=log, progress=progress, until_epoch=until_epoch, model_factory=model_factory,
-                      verb="sweep")
-        if state["epoch"] < cfg.epochs:
-            log(f"[{k}/{total}] {name}: stopped after epoch {state['epoch']} of {cfg.epochs}")
-            continue
-        if model_factory is None:
-            model = load_trained(run_dir)[0]
-        else:
-            model = model_factory(cfg)
-            load_trainable(model, load_weights(run_dir)[1], run_dir)
-        for snr in todo:
-            test = dataset_for(cfg.model, cfg.data, "test", snr=snr, limit=spec.eval.get("limit"))
-            metrics = evaluate(model, test, cfg.batch_size, cfg.max_new_tokens)
-            row = {"point": name, "overrides": json.dumps(overrides, sort_keys=True), "mode": cfg.model.mode,
-                   "compression": cfg.model.compression, "k_audio": cfg.model.k_audio, "k_video": cfg.model.k_video,
-                   "decorrelation": cfg.decorrelation, "seed": cfg.seed, "epochs": cfg.epochs,
-                   "snr": _snr_text(snr), "n": metrics["n"], "wer": f"{metrics['wer']:.6f}",
-                   "cer": f"{metrics['cer']:.6f}", "run": str(run_dir), "sweep": spec.path,
-                   "config_hash": config_hash(cfg, ignore=("out",)), "command": command_line()}
-            append_row(results, row, RESULT_COLUMNS)
-            log(f"[{k}/{total}] {name} {_snr_text(snr)}: WER {metrics['wer']:.3f}")
-    return read_results(results)
+        log(f"[{k}/{len(points)}] {name}: training into {Path(spec.out) / name}")
+        row = run_point(spec, name, overrides, log, progress, until_epoch)
+        if row is not None:
+            append_row(spec.results, row, spec.columns)
+            rows[name] = row
+            log(f"[{k}/{len(points)}] {name}: row written to {spec.results}")
+    return read_results(spec)

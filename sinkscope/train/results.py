@@ -1,5 +1,6 @@
 """Result tables of training experiments: rows appended atomically (one CSV row per finished measurement, never
-duplicated), read back with a check of their columns, and drawn (`sweep_figure`)."""
+duplicated), read back with a check of their columns, and drawn (`decorrelation_wer_figure`,
+`decorrelation_sinks_figure`)."""
 
 from __future__ import annotations
 

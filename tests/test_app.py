@@ -174,3 +174,81 @@ def test_malformed_trace_and_path_outside_root(app, root):
     at.run()
     assert not at.exception
     assert any("outside the trace root" in e.value for e in at.error)
+
+
+def _opened_during(fn) -> list[str]:
+    """Every path the process opened (audit hook `open`) while `fn` ran."""
+    import sys
+
+    seen, active = [], [True]
+
+    def hook(event, args):
+        if active[0] and event == "open" and isinstance(args[0], str | bytes):
+            seen.append(str(args[0]))
+
+    sys.addaudithook(hook)  # hooks cannot be removed; this one goes quiet after `fn`
+    try:
+        fn()
+    finally:
+        active[0] = False
+    return seen
+
+
+@pytest.mark.parametrize("link", ["arrays", "meta", "manifest", "sample_dir", "trace_dir"])
+def test_the_app_opens_nothing_outside_its_root(tmp_path, monkeypatch, link):
+    """A trace under the root whose files (or directories) are symlinks to outside files is refused with a
+    message, and the outside files are never opened (checked with an audit hook on `open`)."""
+    import shutil
+
+    outside = tmp_path / "outside"
+    good = write_av_trace(outside / "victim", seed=3, n=1)
+    secret = outside / "secret.txt"
+    secret.write_text("not for the app")
+    root = tmp_path / "root"
+    root.mkdir()
+    trace = root / "t"
+    if link == "trace_dir":
+        trace.symlink_to(good, target_is_directory=True)
+    else:
+        shutil.copytree(good, trace)
+        sample = trace / "samples" / "000000"
+        if link == "arrays":
+            (sample / "arrays.safetensors").unlink()
+            (sample / "arrays.safetensors").symlink_to(secret)
+        elif link == "meta":
+            (sample / "meta.json").unlink()
+            (sample / "meta.json").symlink_to(good / "samples" / "000000" / "meta.json")
+        elif link == "manifest":
+            (trace / "manifest.json").unlink()
+            (trace / "manifest.json").symlink_to(good / "manifest.json")
+        else:
+            shutil.rmtree(sample)
+            sample.symlink_to(good / "samples" / "000000", target_is_directory=True)
+    monkeypatch.setenv("SINKSCOPE_ROOT", str(root))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=60)
+    if link in ("manifest", "trace_dir"):  # not even listed: the root shows no trace
+        opened = _opened_during(at.run)
+        assert "No traces under" in " ".join(i.value for i in at.info)
+    else:
+        def run():
+            at.run()
+            at.sidebar.radio(key="view").set_value("Massive activations").run()
+
+        opened = _opened_during(run)
+        assert any("outside the trace root" in e.value for e in at.error), [e.value for e in at.error]
+    assert not at.exception, at.exception
+    assert not [p for p in opened if Path(p).resolve().is_relative_to(outside)], opened
+
+
+def test_query_parameters_are_checked(root, monkeypatch):
+    monkeypatch.setenv("SINKSCOPE_ROOT", str(root))
+    for bad in ("av-a\x00x", "../../etc", "nope"):
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(APP, default_timeout=60)
+        at.query_params["trace"] = bad
+        at.run()
+        assert not at.exception, (bad, at.exception)
+        assert at.error, f"?trace={bad!r} was accepted silently"

@@ -60,6 +60,18 @@ def _mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise TraceError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
 
 
+def confined(path: Path, root: Path | None) -> Path:
+    """`path`, after checking that it resolves (symlinks followed) inside `root` when a root is given."""
+    if root is not None:
+        try:
+            real = path.resolve()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise TraceError(f"{path}: cannot be resolved ({exc})") from exc
+        if not real.is_relative_to(root):
+            raise TraceError(f"{path} resolves to {real}, outside the trace root {root}; it is not opened")
+    return path
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise TraceError(f"{path} is missing: {what}")
@@ -75,10 +87,11 @@ def _read_json(path: Path, what: str) -> dict:
 class TraceSample:
     """A sample of a trace on disk. Arrays are read lazily and memory-mapped."""
 
-    def __init__(self, directory: Path, manifest: dict):
+    def __init__(self, directory: Path, manifest: dict, root: Path | None = None):
         self.directory = directory
         self._manifest = manifest
-        meta = _read_json(directory / "meta.json", "every sample needs its meta.json")
+        self._root = root
+        meta = _read_json(self._file("meta.json"), "every sample needs its meta.json")
         for key in ("id", "tokens", "segments"):
             if key not in meta:
                 raise TraceError(f"{directory / 'meta.json'} has no field '{key}'")
@@ -89,18 +102,22 @@ class TraceSample:
         except (TypeError, ValueError) as exc:
             raise TraceError(f"{directory / 'meta.json'}: field 'segments' must be [name, start, end] rows") from exc
         self.extra: dict = dict(meta.get("extra", {}))
-        if not (directory / "arrays.safetensors").is_file():
+        if not self._file("arrays.safetensors").is_file():
             raise TraceError(f"{directory / 'arrays.safetensors'} is missing")
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def _file(self, name: str) -> Path:
+        """A file of this sample; under a root (the app), refused when it resolves outside it."""
+        return confined(self.directory / name, self._root)
 
     def __repr__(self) -> str:
         return f"TraceSample(id={self.sample_id!r}, T={len(self)})"
 
     @cached_property
     def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = _mmap_safetensors(self.directory / "arrays.safetensors")
+        arrays = _mmap_safetensors(self._file("arrays.safetensors"))
         L, H, T = self._manifest["n_layers"], self._manifest["n_heads"], len(self.tokens)
         expected = {"attention_received": (L, H, T), "bos_cosine": (L, T), "max_abs": (L, T), "median_abs": (L,)}
         for name, shape in expected.items():
@@ -127,7 +144,7 @@ class TraceSample:
 
     @cached_property
     def massive(self) -> pd.DataFrame:
-        path = self.directory / "massive.parquet"
+        path = self._file("massive.parquet")
         if not path.is_file():
             raise TraceError(f"{path} is missing")
         try:
@@ -141,7 +158,7 @@ class TraceSample:
 
     @cached_property
     def attention_maps(self) -> dict[tuple[int, int], np.ndarray]:
-        path = self.directory / "attention_maps.safetensors"
+        path = self._file("attention_maps.safetensors")
         if not path.exists():
             return {}
         out = {}
@@ -152,7 +169,7 @@ class TraceSample:
 
     @cached_property
     def hidden_states(self) -> dict[int, np.ndarray]:
-        path = self.directory / "hidden_states.safetensors"
+        path = self._file("hidden_states.safetensors")
         if not path.exists():
             return {}
         return {int(name.removeprefix("L")): arr for name, arr in _mmap_safetensors(path).items()}
@@ -161,24 +178,29 @@ class TraceSample:
 class Trace:
     """A recorded trace directory. `Trace.load(path)` validates it; samples are read lazily."""
 
-    def __init__(self, path: Path, manifest: dict, sample_dirs: list[Path]):
+    def __init__(self, path: Path, manifest: dict, sample_dirs: list[Path], root: Path | None = None):
         self.path = path
         self.manifest = manifest
+        self._root = root
         self._dirs = sample_dirs
         self._samples: dict[int, TraceSample] = {}
         self.sample_ids: list[str] = [self[i].sample_id for i in range(len(sample_dirs))]
         self._index = {sid: i for i, sid in enumerate(self.sample_ids)}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Trace:
+    def load(cls, path: str | os.PathLike, root: str | os.PathLike | None = None) -> Trace:
+        """Open the trace at `path`. With `root` (what the app passes), every file read must resolve, symlinks
+        followed, inside `root`; anything that links outside is refused with a TraceError."""
         path = Path(path)
+        root = None if root is None else Path(root).resolve()
+        confined(path, root)
         if not path.is_dir():
             raise TraceError(f"{path} is not a directory; a trace is a directory with a {MANIFEST}")
-        manifest = read_manifest(path)
-        sample_root = path / SAMPLES
+        manifest = read_manifest(path, root)
+        sample_root = confined(path / SAMPLES, root)
         dirs = sorted(p for p in sample_root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if sample_root.is_dir() else []
-        return cls(path, manifest, dirs)
+        return cls(path, manifest, dirs, root)
 
     def __len__(self) -> int:
         return len(self._dirs)
@@ -188,7 +210,7 @@ class Trace:
             raise IndexError(f"trace {self.path} has {len(self)} samples; index {i} is out of range")
         i %= len(self)
         if i not in self._samples:
-            self._samples[i] = TraceSample(self._dirs[i], self.manifest)
+            self._samples[i] = TraceSample(confined(self._dirs[i], self._root), self.manifest, self._root)
         return self._samples[i]
 
     def __iter__(self) -> Iterator[TraceSample]:
@@ -203,9 +225,9 @@ class Trace:
         return f"Trace({str(self.path)!r}, model={self.manifest.get('model')!r}, samples={len(self)})"
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path, root: Path | None = None) -> dict:
     """Read and validate `path/manifest.json`; raise TraceError naming the file and field otherwise."""
-    file = path / MANIFEST
+    file = confined(path / MANIFEST, root)
     if not file.is_file():
         raise TraceError(f"{path} is not a sinkscope trace: it has no {MANIFEST}")
     manifest = _read_json(file, "the trace manifest")

@@ -39,6 +39,9 @@ def main() -> None:
         st.info(f"No traces under {root}. Record one with `sinkscope record --text-file examples/prompts.txt "
                 f"--out {root}/demo`, or point the app elsewhere with `sinkscope app --root DIR`.")
         return
+    if requested is not None and requested not in traces:
+        st.error(f"?trace={requested}: no such trace under {root}. The traces there: {', '.join(traces)}. "
+                 "Pick one in the sidebar.")
     default = traces.index(requested) if requested in traces else 0
     name = st.sidebar.selectbox("Trace", traces, index=default, key="trace")
     view = st.sidebar.radio("View", VIEWS, key="view")

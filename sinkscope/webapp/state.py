@@ -21,7 +21,12 @@ def get_root() -> Path:
 
 def resolve_under_root(root: Path, name: str) -> Path:
     """The trace directory `name` (relative to `root`); refuse anything that resolves outside the root."""
-    path = (root / name).resolve()
+    if not isinstance(name, str) or "\x00" in name or len(name) > 1024:
+        raise TraceError(f"{name!r} is not a trace name (a path relative to the trace root {root})")
+    try:
+        path = (root / name).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise TraceError(f"{name!r} cannot be resolved under the trace root {root} ({exc})") from exc
     if not path.is_relative_to(root):
         raise TraceError(f"'{name}' is outside the trace root {root}; only traces under the root can be opened")
     return path
@@ -36,7 +41,8 @@ def list_traces(root: str) -> list[str]:
     found = []
     for manifest in sorted(base.glob(f"**/{MANIFEST}")):
         rel = manifest.parent.relative_to(base)
-        if len(rel.parts) <= 3 and not any(part.startswith(".") for part in rel.parts):
+        if len(rel.parts) <= 3 and not any(part.startswith(".") for part in rel.parts) \
+                and manifest.resolve().is_relative_to(base.resolve()):  # no links out of the root
             found.append(str(rel))
     return found
 
@@ -48,7 +54,7 @@ def mtime(path: Path) -> float:
 
 @st.cache_resource(show_spinner="Opening trace...", max_entries=8)
 def _load(path: str, mtime: float) -> Trace:
-    return Trace.load(path)
+    return Trace.load(path, root=get_root())
 
 
 def load_trace(root: Path, name: str) -> Trace:

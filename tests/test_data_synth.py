@@ -142,3 +142,23 @@ def test_resuming_with_other_arguments_is_refused(corpus):
     with pytest.raises(SinkscopeError, match="--vocab must be grid or open, not 'klingon'"):
         synthesize(corpus, SynthConfig(n=N, seed=0, vocab="klingon"))
     assert digest(corpus) == before
+
+
+def test_a_corpus_never_shrinks_and_foreign_directories_are_refused(corpus, tmp_path):
+    before = {**digest(corpus), "config": (corpus / "synth_config.json").read_bytes()}
+    with pytest.raises(SinkscopeError, match=rf"holds a corpus of {N} utterances; --n 3 would shrink it"):
+        synthesize(corpus, SynthConfig(n=3, seed=0))
+    assert {**digest(corpus), "config": (corpus / "synth_config.json").read_bytes()} == before
+    # a user's own directory (their manifest, their notes) is left as it was
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.jsonl").write_text('{"id": "my-own"}\n')
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SinkscopeError, match=r"is not empty \(manifest.jsonl, notes.txt.*not a corpus"):
+        synthesize(mine, SynthConfig(n=4, seed=0))
+    assert sorted(p.name for p in mine.iterdir()) == ["manifest.jsonl", "notes.txt"]
+    assert (mine / "manifest.jsonl").read_text() == '{"id": "my-own"}\n'
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(SinkscopeError, match="is a file, not a corpus directory"):
+        synthesize(a_file, SynthConfig(n=4, seed=0))

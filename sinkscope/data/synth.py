@@ -181,21 +181,35 @@ def synthesize(out: str | os.PathLike, cfg: SynthConfig, workers: int = 1,
     """Generate (or resume) the corpus at `out`; return (utterances generated now, already there)."""
     cfg.check()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config_file = out / "synth_config.json"
+    if out.exists() and not out.is_dir():
+        raise SinkscopeError(f"--out {out} is a file, not a corpus directory; choose another --out")
+    if out.is_dir() and not config_file.is_file() and any(out.iterdir()):
+        found = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise SinkscopeError(f"--out {out} is not empty ({found}, ...) and is not a corpus of `sinkscope data synth` "
+                             "(no synth_config.json): nothing was written; choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
     wanted = {"sinkscope_version": __version__, **asdict(cfg)}
     if cfg.vocab == "open":
         from importlib.metadata import version
 
         wanted["wordfreq_version"] = version("wordfreq")
     if config_file.exists():
-        previous = json.loads(config_file.read_text(encoding="utf-8"))
+        try:
+            previous = json.loads(config_file.read_text(encoding="utf-8"))
+            had = int(previous.get("n", 0))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+            raise SinkscopeError(f"{config_file}: not readable ({exc}); nothing was changed") from exc
         for key in ("seed", "vocab"):
             if previous.get(key) != wanted[key]:
                 raise SinkscopeError(f"{config_file}: this corpus was generated with {key}={previous.get(key)!r}, "
                                      f"not {wanted[key]!r}; use another --out (nothing was changed)")
-        wanted["n"] = max(cfg.n, int(previous.get("n", 0)))
-    config_file.write_text(json.dumps(wanted, indent=2), encoding="utf-8")
+        if cfg.n < had:
+            raise SinkscopeError(f"{out} holds a corpus of {had} utterances; --n {cfg.n} would shrink it. Pass "
+                                 f"--n {had} or more to resume or extend it, or choose another --out "
+                                 "(nothing was changed)")
+    _tmp(config_file).write_text(json.dumps(wanted, indent=2), encoding="utf-8")
+    os.replace(_tmp(config_file), config_file)
     for stale in out.glob("*/*/.*.tmp"):
         stale.unlink(missing_ok=True)
     rows: dict[int, dict] = {}

@@ -93,9 +93,11 @@ class AVSRConfig:
 
 
 def dataset_for(cfg: AVSRConfig, root, split: str | None = "test", **kwargs):
-    """The corpus split as a model of config `cfg` takes it (its A/V crop; see `AVSRConfig.video_multiple`)."""
+    """The corpus split as a model of config `cfg` takes it: its A/V crop (see `AVSRConfig.video_multiple`), and
+    only the features of the modalities it uses (a VSR model skips the log-mel and the noise)."""
     from sinkscope.data.dataset import AVSRDataset
 
+    kwargs.setdefault("load", MODALITIES[cfg.mode])
     return AVSRDataset(root, split, video_multiple=cfg.video_multiple, **kwargs)
 
 

@@ -1,0 +1,49 @@
+"""The README's table of the decorrelation experiment, from experiments/results/decorrelation.csv (markdown).
+
+    python experiments/decorrelation_table.py [RESULTS_CSV]
+
+One line per (mode, rates, lambda): WER (and CER) clean and at babble 0 dB as the mean over seeds with each
+seed's value, the validation WER after each epoch, intermediate sinks per utterance, mean cos-to-BOS of the
+non-BOS input tokens at the last layer, and the largest massive activation with the segment it sits on.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decorrelation.csv"
+GROUPS = ("delimiter", "audio", "video", "prompt")
+
+
+def _values(series: pd.Series) -> str:
+    values = pd.to_numeric(series, errors="coerce").dropna()
+    if values.empty:
+        return "–"
+    text = f"{values.mean():.1%}"
+    return text + (f" ({', '.join(f'{v:.1%}' for v in values)})" if len(values) > 1 else "")
+
+
+def main(path: Path = RESULTS) -> None:
+    if not path.is_file():
+        sys.exit(f"{path}: no results yet (run sinkscope sweep --config experiments/configs/sweep_decorrelation.yaml)")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df["lam"] = pd.to_numeric(df["decorrelation"])
+    df["rate"] = [f"K_a={a}" if m == "asr" else f"K_v={v}" if m == "vsr" else f"K_a={a}, K_v={v}"
+                  for m, a, v in zip(df["mode"], df["k_audio"], df["k_video"], strict=True)]
+    print("| mode | rate | λ | seeds | WER clean | CER clean | WER 0 dB | val. WER by epoch | sinks / utt | "
+          "cos-to-BOS, last layer | largest massive (segment) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (mode, rate, lam), g in df.groupby(["mode", "rate", "lam"], sort=False):
+        sinks = sum(pd.to_numeric(g[f"sinks_per_utt_{x}"]).mean() for x in GROUPS if f"sinks_per_utt_{x}" in g)
+        cos = pd.concat([pd.to_numeric(g[f"cos_last_{x}"], errors="coerce") for x in GROUPS]).mean()
+        peak = g.iloc[0]
+        print(f"| {mode.upper()} | {rate} | {lam:g} | {', '.join(g['seed'])} | {_values(g['wer_clean'])} | "
+              f"{_values(g['cer_clean'])} | {_values(g['wer_snr0'])} | {' / '.join(g['val_wer_by_epoch'])} | "
+              f"{sinks:.2f} | {cos:.3f} | {float(peak['massive_max']):.0f} ({peak['massive_max_segment']}) |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -122,3 +125,36 @@ def test_train_and_eval_from_the_command_line(corpus, tmp_path):
     (tmp_path / "run" / "state.json").write_text("{broken")
     res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus)])
     assert res.exit_code == 1 and "state.json is not readable JSON" in res.output
+
+
+@pytest.mark.parametrize("override,message", [
+    ("epochs=0", "epochs must be >= 1, not 0"),
+    ("batch_size=-4", "batch_size must be >= 1, not -4"),
+    ("max_train=-3", "max_train must be >= 1"),
+    ("decorrelation=-1", "decorrelation, warmup_steps >= 0"),
+    ("decorrelation=.nan", "decorrelation: expected a finite number"),
+    ("epochs=ten", "epochs: expected an integer, got 'ten'"),
+    ("lr=fast", "lr: expected a number, got 'fast'"),
+    ("lr=-0.001", "lr must be > 0"),
+    ("model.k_video=-2", "k_video must be >= 1, not -2"),
+    ("model.lora_r=0", "lora_r must be >= 1, not 0"),
+    ("model=5", "model: expected a mapping of fields, got 5"),
+    ("model.k_audio=[1, 2]", "k_audio: expected an integer, got [1, 2]"),
+    ("model.mode=asrr", "mode must be one of"),
+])
+def test_training_config_values_are_checked(override, message):
+    with pytest.raises(SinkscopeError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_yaml_aliases_are_refused_at_once(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}]" for i in range(1, 10)]
+    lines.append("snr: *a9")
+    bomb.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(SinkscopeError, match=r"bomb\.yaml: not valid YAML .*aliases"):
+        load_config(bomb)
+    assert time.perf_counter() - start < 1.0

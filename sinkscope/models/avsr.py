@@ -90,6 +90,14 @@ class AVSRConfig:
             raise ValueError(f"mode must be one of {sorted(MODALITIES)}, not {self.mode!r}")
         if self.compression not in ("stack", "avgpool"):
             raise ValueError(f"compression must be 'stack' or 'avgpool', not {self.compression!r}")
+        for name in ("k_audio", "k_video", "projector_hidden", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_alpha must be > 0 and lora_dropout in [0, 1) (got {self.lora_alpha}, "
+                             f"{self.lora_dropout})")
+        if not self.lora_targets:
+            raise ValueError("lora_targets must name at least one module, e.g. [q_proj, v_proj]")
 
 
 def dataset_for(cfg: AVSRConfig, root, split: str | None = "test", **kwargs):
@@ -145,7 +153,13 @@ class AVSRModel(nn.Module):
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_targets))
         with _quiet():
-            self.llm = get_peft_model(llm, lora)
+            try:
+                self.llm = get_peft_model(llm, lora)
+            except ValueError as exc:  # peft: target modules not found in the LLM
+                from sinkscope.errors import SinkscopeError
+
+                raise SinkscopeError(f"model: lora_targets {list(cfg.lora_targets)} do not fit {cfg.llm} "
+                                     f"({str(exc).splitlines()[0][:200]})") from exc
         self.tokenizer = tokenizer
         d_llm = llm.config.get_text_config().hidden_size
         self.audio_encoder = AudioEncoder(cfg.audio) if "audio" in MODALITIES[cfg.mode] else None

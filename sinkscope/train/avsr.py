@@ -44,6 +44,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("max_train", "max_eval", "max_new_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or null for max_train/max_eval), not {getattr(self, name)}")
         if self.lr <= 0 or self.decorrelation < 0 or self.warmup_steps < 0:
             raise ValueError(f"lr must be > 0 and decorrelation, warmup_steps >= 0 (got lr={self.lr}, "
                              f"decorrelation={self.decorrelation}, warmup_steps={self.warmup_steps})")

@@ -104,6 +104,10 @@ def test_user_errors_are_clear(tmp_path, tiny_dir):
         assert message in " ".join(res.output.split()), (args, res.output)
     res = runner.invoke(app, ["summary", str(tmp_path)])
     assert res.exit_code == 1 and "not a sinkscope trace" in res.output
+    for eps in ("nan", "-1", "2"):
+        res = runner.invoke(app, ["summary", str(tmp_path), "--eps", eps])
+        text = " ".join(res.output.split())
+        assert res.exit_code != 0 and "--eps" in text and ("in [0, 1]" in text or "Invalid value" in text), text
 
 
 def test_help_lists_the_verbs():

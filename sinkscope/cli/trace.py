@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sinkscope.cli.common import CONFIG_OPTION, SET_OPTION, clean_errors, console, job_config, progress_bar
+from sinkscope.cli.common import CONFIG_OPTION, SET_OPTION, clean_errors, console, fail, job_config, progress_bar
 from sinkscope.metrics import SINK_EPS
 
 
@@ -56,6 +56,8 @@ def summary(
     from sinkscope.analysis import layer_summary
     from sinkscope.trace import Trace
 
+    if not 0.0 <= eps <= 1.0:  # also refuses nan
+        fail(f"--eps {eps}: the sink threshold is an attention weight, in [0, 1]")
     with clean_errors():
         tr = Trace.load(trace)
         table_data = layer_summary(tr, eps=eps)

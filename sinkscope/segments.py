@@ -12,12 +12,13 @@ SEGMENTS = ("bos", "audio_start", "audio", "audio_end", "video_start", "video", 
 OUTPUT_SEGMENTS = frozenset({"bos", "transcript", "eos"})
 """Segments that are not model input context: the decorrelation loss leaves them out."""
 
-SEGMENT_COLORS = {
-    "bos": "#d62728",
-    "audio_start": "#6a51a3", "audio": "#1f77b4", "audio_end": "#bcbddc",
-    "video_start": "#8c564b", "video": "#2ca02c", "video_end": "#d9b38c",
-    "prompt": "#ff7f0e", "transcript": "#e377c2", "eos": "#525252", "text": "#17becf",
-}
+SEGMENT_COLORS = dict(zip(SEGMENTS, (
+    "#d62728",  # bos
+    "#6a51a3", "#1f77b4", "#bcbddc",  # audio_start, audio, audio_end
+    "#8c564b", "#2ca02c", "#d9b38c",  # video_start, video, video_end
+    "#ff7f0e", "#e377c2", "#525252",  # prompt, transcript, eos
+    "#17becf",  # text
+), strict=True))
 OTHER_COLOR = "#bcbd22"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sinkscope.config import build, load_config, write_results
+from sinkscope.config import load_config, write_results
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import evaluate
 from sinkscope.models.avsr import AVSRConfig, AVSRModel, dataset_for
@@ -113,8 +113,3 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Progre
                         "val_wer": last.get("wer"), "val_cer": last.get("cer"), "val_n": last.get("n"),
                         "history": state["history"]}, cfg)
     return state
-
-
-def config_from_run(config: dict, where: str) -> TrainConfig:
-    """The TrainConfig of a run directory's config.yaml mapping."""
-    return build(TrainConfig, config, where)

@@ -246,6 +246,36 @@ def provenance(verb: str) -> dict:
             "git_commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[str, ...] = ()) -> Path:
+    """Check, before any work starts, that a job may write into `out`, and create it.
+
+    Accepted: a missing or empty directory, or one this kind of job wrote before (its `run.json` names one of
+    `verbs`, or it holds one of `markers`, e.g. a checkpoint's `state.json`). Refused with a message: a file, a
+    directory of other files (they are never overwritten), a directory that cannot be written."""
+    out = Path(out)
+    verbs = (verbs,) if isinstance(verbs, str) else tuple(verbs)
+    if out.exists() and not out.is_dir():
+        raise SinkscopeError(f"output {out}: exists and is not a directory; `sinkscope {verbs[0]}` writes a "
+                             "directory there; choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            verb = json.loads((out / RUN_FILE).read_text(encoding="utf-8")).get("verb")
+        except (OSError, ValueError, AttributeError):
+            verb = None
+        if verb not in verbs and not any((out / m).exists() for m in markers):
+            raise SinkscopeError(f"output {out}: holds files that `sinkscope {verbs[0]}` did not write (its "
+                                 f"{RUN_FILE} is missing or names another command); they are left untouched; "
+                                 "choose a new or empty directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SinkscopeError(f"output {out}: cannot be written ({exc.strerror or exc})") from exc
+    return out
+
+
 def write_run_files(out: str | Path, verb: str, cfg: Any, config_name: str = CONFIG_FILE) -> dict:
     """Write the resolved config and `run.json` (verb, command, version, commit) into `out`; return the latter.
     The commands of earlier invocations on the same directory (a resumed run) are kept under `earlier`."""

@@ -7,6 +7,7 @@ with an AVSR model; training, `sinkscope eval`, sweeps, notebooks and interventi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -84,8 +85,11 @@ class EvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 24
     out: str | None = None  # directory for hypotheses.csv + provenance (default: see `default_out`)
+    skip_bad: bool = False  # skip (and count, in skipped.csv) unusable or too long utterances instead of stopping
 
     def __post_init__(self) -> None:
+        if self.snr is not None and not math.isfinite(self.snr):
+            raise ValueError(f"snr must be a finite number of dB, not {self.snr}")
         if self.beam < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("beam, batch_size and max_new_tokens must be >= 1")
         if self.limit is not None and self.limit < 1:
@@ -107,22 +111,22 @@ class EvalConfig:
 def run_eval(cfg: EvalConfig) -> dict:
     """Decode and score as `cfg` says; writes `hypotheses.csv`, config.yaml, run.json and results.json into the
     output directory and returns the results (wer, cer, n, mode, ...)."""
-    from sinkscope.config import write_results, write_run_files
+    from sinkscope.config import claim_output, write_results, write_run_files
     from sinkscope.models.avsr import dataset_for
     from sinkscope.models.pretrained import load_trained
 
     if not cfg.checkpoint or not cfg.data:
         raise SinkscopeError("eval needs a checkpoint and data (--checkpoint RUN --data CORPUS)")
-    out = Path(cfg.out) if cfg.out else cfg.default_out()
-    if out.exists() and not out.is_dir():
-        raise SinkscopeError(f"--out {out}: exists and is not a directory (eval writes a directory: "
-                             "hypotheses.csv, config.yaml, run.json, results.json)")
+    out = claim_output(Path(cfg.out) if cfg.out else cfg.default_out(), "eval")
     model, _ = load_trained(cfg.checkpoint)
-    dataset = dataset_for(model.cfg, cfg.data, cfg.split, snr=cfg.snr, limit=cfg.limit)
+    dataset = dataset_for(model.cfg, cfg.data, cfg.split, snr=cfg.snr, limit=cfg.limit, skip_bad=cfg.skip_bad)
     result = evaluate(model, dataset, cfg.batch_size, cfg.max_new_tokens, cfg.beam)
     write_run_files(out, "eval", cfg)
     result["hypotheses"].to_csv(out / "hypotheses.csv", index=False)
-    summary = {"wer": result["wer"], "cer": result["cer"], "n": result["n"], "mode": model.cfg.mode,
+    if dataset.bad:
+        pd.DataFrame(dataset.bad, columns=["id", "reason"]).to_csv(out / "skipped.csv", index=False)
+    summary = {"wer": result["wer"], "cer": result["cer"], "n": result["n"], "skipped": len(dataset.bad),
+               "mode": model.cfg.mode,
                "snr": cfg.snr, "beam": cfg.beam, "split": cfg.split, "checkpoint": cfg.checkpoint, "out": str(out)}
     write_results(out, summary, cfg)
     return summary

@@ -166,7 +166,7 @@ def test_compare_and_dataset_views(app, root):
 def test_malformed_trace_and_path_outside_root(app, root):
     app.sidebar.selectbox(key="trace").set_value("broken").run()
     assert not app.exception
-    assert any("manifest.json is not valid JSON" in e.value for e in app.error)
+    assert any("manifest.json: not valid JSON" in e.value for e in app.error)
 
     st.cache_data.clear()
     at = AppTest.from_file(APP, default_timeout=60)

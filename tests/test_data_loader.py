@@ -196,7 +196,7 @@ def test_transcript_problems(copy, tmp_path):
     with pytest.raises(DataError, match=r"u1\.txt: transcript is empty"):
         AVSRDataset(root, "test")[0]
     vid.with_suffix(".txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    with pytest.raises(DataError, match=r"u1\.txt: transcript is not UTF-8"):
+    with pytest.raises(DataError, match=r"u1\.txt: transcript: not UTF-8"):
         AVSRDataset(root, "test")[0]
 
 

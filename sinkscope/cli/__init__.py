@@ -13,7 +13,7 @@ from typer.core import TyperGroup
 from sinkscope import __version__
 from sinkscope.cli import trace as trace_verbs
 from sinkscope.cli import train as train_verbs
-from sinkscope.cli.common import clean_errors, console, err_console, fail, progress_bar
+from sinkscope.cli.common import DEBUG, clean_errors, console, err_console, fail, progress_bar
 from sinkscope.config import set_command
 from sinkscope.errors import SinkscopeError
 
@@ -34,6 +34,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback when a command fails.")):
+    DEBUG["on"] = debug
+
+
 data_app = typer.Typer(help="Build and inspect corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 trace_verbs.register(app)
@@ -117,8 +124,22 @@ def run_app(
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m sinkscope`
+    """Every failure ends in one message; a traceback only under `--debug`. An exception that is not a
+    SinkscopeError is a bug in sinkscope (its input checks missed a case), and says so."""
     try:
         app()
     except SinkscopeError as exc:
+        if DEBUG["on"]:
+            raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; finished work is kept (rerun the command to resume where it can)")
+        sys.exit(130)
+    except Exception as exc:
+        if DEBUG["on"]:
+            raise
+        err_console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc}\n"
+                          "This is a sinkscope bug: its input checks missed this case. Rerun with `sinkscope "
+                          "--debug ...` for the traceback and report it.", highlight=False)
+        sys.exit(2)

@@ -85,10 +85,16 @@ def progress_bar(label: str, total: int | None = None) -> Iterator[Bar]:
         yield Bar(progress, progress.add_task(label, total=total))
 
 
+DEBUG = {"on": False}
+"""Set by `sinkscope --debug`: errors show their traceback."""
+
+
 @contextmanager
 def clean_errors() -> Iterator[None]:
-    """User errors end the command with a message that names the input, not a traceback."""
+    """User errors end the command with a message that names the input, not a traceback (`--debug` shows it)."""
     try:
         yield
     except SinkscopeError as exc:
+        if DEBUG["on"]:
+            raise
         fail(str(exc))

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from sinkscope.cli.common import CONFIG_OPTION, SET_OPTION, clean_errors, console, fail, job_config, progress_bar
+from sinkscope.cli.common import (
+    CONFIG_OPTION,
+    SET_OPTION,
+    clean_errors,
+    console,
+    err_console,
+    fail,
+    job_config,
+    progress_bar,
+)
 from sinkscope.metrics import SINK_EPS
 
 
@@ -62,6 +71,8 @@ def summary(
         tr = Trace.load(trace)
         table_data = layer_summary(tr, eps=eps)
     m = tr.manifest
+    for name, why in tr.skipped:
+        err_console.print(f"[yellow]warning:[/] {trace}/samples/{name} is not read: {why}", highlight=False)
     console.print(f"[bold]{trace}[/]: {len(tr)} samples of {m['model']} "
                   f"({m['n_layers']} layers x {m['n_heads']} heads)")
     console.print("top_sinks: the tokens with the largest head-mean attention received, as token@position "

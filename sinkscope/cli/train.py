@@ -78,18 +78,22 @@ def evaluate(
     limit: int = typer.Option(None, min=1, help="Only the first N utterances."),
     out: Path = typer.Option(None, help="Output directory (default CHECKPOINT/eval-TAG, or ./eval-NAME-TAG)."),
     as_json: bool = typer.Option(False, "--json", help="End with one JSON line: wer, cer, n, mode, snr, ..."),
+    skip_bad: bool = typer.Option(None, "--skip-bad", help="Skip unusable or too long utterances (listed in "
+                                  "OUT/skipped.csv and counted) instead of stopping at the first."),
 ) -> None:
     """Decode a split with the trained model and compute WER/CER (jiwer, lower-cased)."""
     from sinkscope.eval import EvalConfig, run_eval
 
     with clean_errors():
         cfg = job_config(EvalConfig, config, sets, checkpoint=checkpoint, data=data, split=split, snr=snr, beam=beam,
-                         limit=limit, out=out)
+                         limit=limit, out=out, skip_bad=skip_bad)
         result = run_eval(cfg)
+    skipped = f"; {result['skipped']} skipped (see {result['out']}/skipped.csv)" if result["skipped"] else ""
     console.print(f"{result['mode']} {cfg.tag}: WER {result['wer']:.3f}, CER {result['cer']:.3f} on {result['n']} "
-                  f"utterances (hypotheses in {result['out']}/hypotheses.csv)")
+                  f"utterances (hypotheses in {result['out']}/hypotheses.csv){skipped}")
     if as_json:
-        print(json.dumps({k: result[k] for k in ("wer", "cer", "n", "mode", "snr", "beam", "split", "checkpoint")}))
+        keys = ("wer", "cer", "n", "skipped", "mode", "snr", "beam", "split", "checkpoint")
+        print(json.dumps({k: result[k] for k in keys}, allow_nan=False))
 
 
 def export(

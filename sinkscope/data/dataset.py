@@ -21,7 +21,6 @@ time: training samples the SNR from {-5, 0, 5, 10, 15, 20, clean}; evaluation fi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -71,12 +70,16 @@ class AVSRDataset(Dataset):
         load: the modalities to return ("audio" features and/or "video"); both files are always checked.
         limit: keep only the first `limit` utterances of the split (None: all); babble is still drawn from
             the whole split.
+        max_seconds: the longest audio the model takes (its encoder window); a longer utterance is refused
+            naming its file and length, or skipped and counted under `skip_bad`. When the corpus lists
+            durations (the synthetic manifest), they are checked before anything is decoded.
     """
 
     def __init__(self, root: str | Path, split: str | None = "train", layout: str = "auto", snr=None,
                  noise: str = "babble", n_mels: int = 80, video_multiple: int = 1, max_av_mismatch: float = 0.1,
                  allow_resample: bool = True, skip_bad: bool = False, seed: int = 0,
-                 load: tuple[str, ...] = ("audio", "video"), limit: int | None = None):
+                 load: tuple[str, ...] = ("audio", "video"), limit: int | None = None,
+                 max_seconds: float | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: corpus directory does not exist")
@@ -88,7 +91,8 @@ class AVSRDataset(Dataset):
             raise DataError(f"{self.root}: no utterances in split {split!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise DataError(f"limit must be a positive number of utterances, not {limit!r}")
-        if snr not in (None, "train") and not isinstance(snr, int | float):
+        if snr not in (None, "train") and (isinstance(snr, bool) or not isinstance(snr, int | float)
+                                           or not math.isfinite(snr)):
             raise DataError(f"snr must be None, 'train' or a number of dB, not {snr!r}")
         if noise not in ("babble", "white"):
             raise DataError(f"noise must be 'babble' or 'white', not {noise!r}")
@@ -107,12 +111,37 @@ class AVSRDataset(Dataset):
         self.noise_pool = self.items if len(self.items) > 4 else lister(self.root, None)
         if limit is not None:  # after the noise pool: babble still comes from the whole split
             self.items = self.items[:limit]
+        self.max_seconds = max_seconds
+        self._refuse_long()
         from transformers import WhisperFeatureExtractor
 
         self.features = WhisperFeatureExtractor(feature_size=n_mels)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _too_long(self, item: Item, seconds: float) -> str:
+        return (f"{item.audio}: audio lasts {seconds:.2f} s, longer than the {self.max_seconds:g} s this model's "
+                "audio encoder takes (its window, `model.audio.max_seconds`); skip such utterances with "
+                "--skip-bad, or train a model with a longer window")
+
+    def _refuse_long(self) -> None:
+        """Utterances the corpus lists as longer than `max_seconds`: refused up front, or dropped and counted."""
+        if self.max_seconds is None:
+            return
+        long = [item for item in self.items if item.duration is not None and item.duration > self.max_seconds]
+        if not long:
+            return
+        if not self.skip_bad:
+            raise DataError(f"{len(long)} of {len(self.items)} utterances are too long; the first: "
+                            + self._too_long(long[0], long[0].duration))
+        for item in long:
+            self.bad.append((item.id, self._too_long(item, item.duration)))
+        log.warning("skipping %d utterances longer than %g s", len(long), self.max_seconds)
+        self.items = [item for item in self.items if item.duration is None or item.duration <= self.max_seconds]
+        if not self.items:
+            raise DataError(f"{self.root}: every utterance of split {self.split!r} is longer than "
+                            f"{self.max_seconds:g} s")
 
     def set_epoch(self, epoch: int) -> None:
         """Training noise changes every epoch, reproducibly."""
@@ -138,6 +167,9 @@ class AVSRDataset(Dataset):
         item = self.items[index]
         transcript = read_transcript(item)
         audio = read_wav(item.audio, self.allow_resample)
+        if self.max_seconds is not None and "audio" in self.load_modalities \
+                and len(audio) > self.max_seconds * SAMPLE_RATE:
+            raise DataError(self._too_long(item, len(audio) / SAMPLE_RATE))
         video = read_video(item.video)
         a_dur, v_dur = len(audio) / SAMPLE_RATE, len(video) / FPS
         if abs(a_dur - v_dur) > self.max_av_mismatch:
@@ -178,10 +210,7 @@ class AVSRDataset(Dataset):
         """A length per item for bucketing, without decoding: the manifest's n_frames for the synthetic
         corpus, the video file size (bytes) for LRS trees."""
         if self.layout == "synth":
-            rows = [json.loads(line) for line in
-                    (self.root / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-            frames = {str(r["id"]): int(r.get("n_frames", 0)) for r in rows}
-            return [frames[item.id] for item in self.items]
+            return [item.n_frames for item in self.items]
         return [item.video.stat().st_size if item.video.exists() else 0 for item in self.items]
 
 

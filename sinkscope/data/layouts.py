@@ -3,12 +3,40 @@ Auto-AVSR layout, and reading transcripts. See `sinkscope.data.dataset` for the 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from sinkscope.data.media import DataError
+from sinkscope.validation import check_record, clean_text, decode_utf8, parse_json
+
+MAX_MANIFEST_BYTES = 1 << 30
+Name = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+class ManifestRow(BaseModel):
+    """One line of a synthetic corpus's `manifest.jsonl` (strict types: a number is not an id)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    id: Name
+    split: Name
+    speaker: str = ""
+    video: Name
+    audio: Name
+    transcript: str
+    duration: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    n_frames: int | None = Field(default=None, ge=1, le=10**7)
+
+    @field_validator("video", "audio")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts or "\x00" in value:
+            raise ValueError("must be a path relative to the corpus directory, without '..'")
+        return value
 
 
 @dataclass(frozen=True)
@@ -23,28 +51,39 @@ class Item:
     transcript: str | None = None  # None: read from `text`
     text: Path | None = None
     source: str = ""  # where the row came from (manifest line), for error messages
+    n_frames: int = 0  # video frames, when the corpus lists them (0: unknown)
+    duration: float | None = None  # seconds, when the corpus lists it
 
 
-def list_synth(root: Path, split: str | None) -> list[Item]:
+def read_manifest_rows(root: Path) -> list[tuple[str, ManifestRow]]:
+    """Every row of `root/manifest.jsonl`, validated, with its `file:line`; duplicate ids are refused."""
     manifest = root / "manifest.jsonl"
-    items = []
-    for k, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    if not manifest.is_file():
+        raise DataError(f"{manifest} is missing")
+    if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+        raise DataError(f"{manifest}: larger than {MAX_MANIFEST_BYTES} bytes; not a sinkscope manifest")
+    text = decode_utf8(manifest.read_bytes(), str(manifest), DataError)
+    rows, seen = [], {}
+    for k, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{manifest}:{k}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc})") from exc
-        for key in ("id", "split", "video", "audio", "transcript"):
-            if key not in row:
-                raise DataError(f"{where}: field '{key}' is missing")
-        if split is not None and row["split"] != split:
-            continue
-        items.append(Item(id=str(row["id"]), split=row["split"], speaker=str(row.get("speaker", "")),
-                          video=root / row["video"], audio=root / row["audio"], transcript=row["transcript"],
-                          source=where))
-    return items
+        data = parse_json(line, where, DataError)
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: a manifest line must be a JSON object, not {type(data).__name__}")
+        row = check_record(ManifestRow, data, where, DataError)
+        if row.id in seen:
+            raise DataError(f"{where}: field 'id' is {row.id!r}, already used at line {seen[row.id]}; ids must be "
+                            "unique (a duplicate would be scored twice)")
+        seen[row.id] = k
+        rows.append((where, row))
+    return rows
+
+
+def list_synth(root: Path, split: str | None) -> list[Item]:
+    return [Item(id=row.id, split=row.split, speaker=row.speaker, video=root / row.video, audio=root / row.audio,
+                 transcript=row.transcript, source=where, n_frames=row.n_frames or 0, duration=row.duration)
+            for where, row in read_manifest_rows(root) if split is None or row.split == split]
 
 
 def list_lrs(root: Path, split: str | None) -> list[Item]:
@@ -80,15 +119,10 @@ def read_transcript(item: Item) -> str:
         path = item.text
         if path is None or not path.is_file():
             raise DataError(f"{path}: transcript file is missing (for video {item.video})")
-        raw = path.read_bytes()
-        try:
-            decoded = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: transcript is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+        if path.stat().st_size > 1 << 20:
+            raise DataError(f"{path}: {path.stat().st_size} bytes; a transcript file is at most 1 MiB")
+        decoded = decode_utf8(path.read_bytes(), f"{path}: transcript", DataError)
         first = decoded.strip().splitlines()[0] if decoded.strip() else ""
         text = re.sub(r"^Text:\s*", "", first)
         where = str(path)
-    text = " ".join(text.lower().split())
-    if not text:
-        raise DataError(f"{where}: transcript is empty")
-    return text
+    return clean_text(text, where, DataError)

@@ -25,6 +25,10 @@ VIDEO_MEAN, VIDEO_STD = 0.421, 0.165
 """Normalisation of ROI pixels in [0, 1] (the AV-HuBERT / Auto-AVSR values)."""
 
 
+MIN_RATE, MAX_RATE = 8000, 192000
+"""Sample rates a WAV may declare (it is resampled to SAMPLE_RATE); anything else is a corrupt header."""
+
+
 class DataError(SinkscopeError):
     """A corpus file or manifest row is unusable; the message names the file and the field."""
 
@@ -36,8 +40,15 @@ def read_wav(path: Path, allow_resample: bool = True) -> np.ndarray:
     try:
         with wave.open(str(path), "rb") as w:
             rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            if not MIN_RATE <= rate <= MAX_RATE:  # checked before reading: resampling 1 Hz audio takes gigabytes
+                raise DataError(f"{path}: header field 'sample rate' is {rate} Hz; expected {MIN_RATE}-{MAX_RATE} Hz "
+                                f"(speech at {SAMPLE_RATE} Hz)")
+            if not 1 <= channels <= 8:
+                raise DataError(f"{path}: header field 'channels' is {channels}; expected 1-8")
             raw = w.readframes(n)
-    except (wave.Error, EOFError, OSError) as exc:
+    except DataError:
+        raise
+    except (wave.Error, EOFError, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable WAV file ({exc})") from exc
     if width != 2:
         raise DataError(f"{path}: {8 * width}-bit samples; expected 16-bit PCM")

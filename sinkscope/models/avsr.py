@@ -101,11 +101,14 @@ class AVSRConfig:
 
 
 def dataset_for(cfg: AVSRConfig, root, split: str | None = "test", **kwargs):
-    """The corpus split as a model of config `cfg` takes it: its A/V crop (see `AVSRConfig.video_multiple`), and
-    only the features of the modalities it uses (a VSR model skips the log-mel and the noise)."""
+    """The corpus split as a model of config `cfg` takes it: its A/V crop (see `AVSRConfig.video_multiple`), only
+    the features of the modalities it uses (a VSR model skips the log-mel and the noise), and its audio window
+    (longer utterances are refused by name, or skipped and counted with `skip_bad=True`)."""
     from sinkscope.data.dataset import AVSRDataset
 
     kwargs.setdefault("load", MODALITIES[cfg.mode])
+    if "audio" in MODALITIES[cfg.mode]:
+        kwargs.setdefault("max_seconds", cfg.audio.max_seconds)
     return AVSRDataset(root, split, video_multiple=cfg.video_multiple, **kwargs)
 
 

@@ -40,7 +40,14 @@ class AudioEncoder(nn.Module):
         if cfg.name_or_path:
             from transformers import WhisperModel
 
-            self.encoder = WhisperModel.from_pretrained(cfg.name_or_path).get_encoder()
+            from sinkscope.errors import SinkscopeError
+            from sinkscope.train.checkpoint import refusal
+
+            try:
+                self.encoder = WhisperModel.from_pretrained(cfg.name_or_path).get_encoder()
+            except Exception as exc:  # transformers raises OSError, ValueError, UnpicklingError, ...
+                raise SinkscopeError(f"audio encoder {cfg.name_or_path!r} (model.audio.name_or_path): not loadable "
+                                     f"as a Whisper model ({refusal(exc)})") from exc
         else:
             config = WhisperConfig(
                 num_mel_bins=cfg.n_mels, d_model=cfg.d_model, encoder_layers=cfg.layers,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from sinkscope.config import build, read_yaml_mapping
 from sinkscope.errors import SinkscopeError
 from sinkscope.models.avsr import AVSRConfig, AVSRModel
-from sinkscope.train.checkpoint import load_weights, save_half
+from sinkscope.train.checkpoint import check_finite, load_weights, save_half
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINTS = {"demo": REPO / "experiments" / "weights" / "demo"}
@@ -57,6 +57,7 @@ def load_encoders(model: AVSRModel, path: str | Path) -> None:
                 weights = _float(load_file(exported))
             except Exception as exc:
                 raise SinkscopeError(f"{exported}: not a readable safetensors file ({exc})") from exc
+            check_finite(weights, exported)
         elif (path / modality / "state.json").is_file():
             _, weights = load_weights(path / modality)
         else:

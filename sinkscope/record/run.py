@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,8 @@ class RecordConfig:
             raise ValueError("batch_size and n must be >= 1")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, not {self.max_length}")
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, not {self.device!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
         if self.checkpoint is not None:
@@ -217,9 +220,10 @@ def _device(name: str) -> torch.device:
 def run_record(cfg: RecordConfig, progress: Callable | None = None, total: Callable | None = None) -> dict:
     """Record as `cfg` says; writes config.yaml, run.json and results.json into the trace directory too.
     `total(n)` is told how many samples the run covers; `progress(k)` after every batch."""
-    from sinkscope.config import to_dict, write_results, write_run_files
+    from sinkscope.config import claim_output, to_dict, write_results, write_run_files
 
     device = _device(cfg.device)
+    claim_output(cfg.out, "record", markers=(MANIFEST,))
     maps, layers = parse_attention_maps(cfg.attention_maps), parse_layers(cfg.hidden_states)
     config = to_dict(cfg)
     if cfg.checkpoint is not None:

@@ -11,7 +11,8 @@ Layout of a trace directory:
 
 Each sample is written into a temporary directory and renamed into place, then the manifest is replaced
 atomically, so a killed writer leaves every finished sample readable and a resumed writer appends.
-Arrays are memory-mapped when read. Nothing is ever pickled.
+Arrays are read lazily through the official safetensors library, and their values are checked against the
+ranges a recorder can produce. Nothing is ever pickled.
 """
 
 from sinkscope.trace.read import Trace, TraceSample, read_manifest

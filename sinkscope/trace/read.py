@@ -1,63 +1,74 @@
 """Reading traces: `Trace.load(path)` validates the manifest; samples are read lazily and their arrays are
-memory-mapped."""
+read through the official safetensors library and range-checked."""
 
 from __future__ import annotations
 
-import json
 import os
-import struct
+import re
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from safetensors import safe_open
 
 from sinkscope import __version__
 from sinkscope.errors import TraceError
 from sinkscope.trace.schema import (
-    _ST_DTYPES,
     FORMAT,
     MANIFEST,
     REQUIRED_MANIFEST_FIELDS,
     SAMPLES,
     SCHEMA_VERSION,
 )
+from sinkscope.validation import check_record, read_json_file
+
+SAMPLE_DIR = re.compile(r"\d{6}")
+"""How the writer names sample directories; anything else under samples/ is not a sample."""
+MAX_TOKENS = 1 << 20
 
 
-def _mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file as a read-only numpy array (format: u64 header size,
-    JSON header with dtype/shape/data_offsets, then the raw little-endian buffer)."""
+class TraceManifest(BaseModel):
+    """The fields of manifest.json that readers rely on; sizes are bounded before anything is allocated."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    format: str
+    schema_version: int
+    model: str
+    n_layers: int = Field(ge=1, le=4096)
+    n_heads: int = Field(ge=1, le=4096)
+    hidden_size: int = Field(ge=1, le=1 << 20)
+
+
+Segment = tuple[Annotated[StrictStr, StringConstraints(min_length=1, max_length=64)],
+                Annotated[StrictInt, Field(ge=0)], Annotated[StrictInt, Field(ge=0)]]
+
+
+class SampleMeta(BaseModel):
+    """A sample's meta.json (strict scalars: a string of T characters is not T tokens; JSON lists are rows)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: Annotated[StrictStr, StringConstraints(min_length=1, max_length=1024)]
+    tokens: list[StrictStr] = Field(min_length=1, max_length=MAX_TOKENS)
+    segments: list[Segment] = Field(max_length=4096)
+    extra: dict = Field(default_factory=dict)
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, read by the official library (which checks the header, the dtypes
+    and that the tensors' byte ranges tile the buffer exactly: no overlap, no gap, nothing past the end)."""
     if not path.is_file():
         raise TraceError(f"{path} is missing")
-    size = path.stat().st_size
     try:
-        with path.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(fh.read(n))
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"tensor '{name}' has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            shape = tuple(info["shape"])
-            if 8 + n + end > size or end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-                raise ValueError(f"tensor '{name}' runs past the end of the file (truncated?)")
-            if end == start:
-                out[name] = np.zeros(shape, dtype=dtype)
-            else:
-                out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
-        return out
-    except TraceError:
-        raise
-    except Exception as exc:
-        raise TraceError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        with safe_open(str(path), framework="numpy") as fh:
+            return {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # the library raises SafetensorError, OSError, ValueError, ... for corrupt files
+        raise TraceError(f"{path} is not a readable safetensors file, truncated or corrupt ({type(exc).__name__}: "
+                         f"{exc})") from exc
 
 
 def confined(path: Path, root: Path | None) -> Path:
@@ -73,35 +84,64 @@ def confined(path: Path, root: Path | None) -> Path:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise TraceError(f"{path} is missing: {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TraceError(f"{path} is not valid JSON ({exc}); {what}") from exc
-    if not isinstance(data, dict):
-        raise TraceError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
+    return read_json_file(path, what, TraceError)
+
+
+def read_meta(path: Path) -> SampleMeta:
+    """A sample's meta.json, validated: segments within the tokens."""
+    meta = check_record(SampleMeta, _read_json(path, "every sample needs its meta.json"), str(path), TraceError)
+    T = len(meta.tokens)
+    for k, (name, start, end) in enumerate(meta.segments):
+        if not start <= end <= T:
+            raise TraceError(f"{path}: field 'segments.{k}' is [{name!r}, {start}, {end}]: a span must satisfy "
+                             f"0 <= start <= end <= {T} (the number of tokens)")
+    return meta
+
+
+def _bad_values(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Mask of entries that are not finite or fall outside [low, high]."""
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(array) | (array < low) | (array > high)
+
+
+def check_values(arrays: dict[str, np.ndarray], where: Path, hidden_size: int) -> None:
+    """Refuse values no recorder can produce: alpha outside [0, 1], cosines outside [-1, 1], negative or non-finite
+    magnitudes, feature indices outside [0, hidden_size). The message names the field, the count and the first
+    offending entry, so that nothing out of range is ever plotted."""
+    tol = 1e-3
+    ranges = {"attention_received": (-tol, 1 + tol), "bos_cosine": (-1 - tol, 1 + tol), "max_abs": (0, np.inf),
+              "median_abs": (0, np.inf), "feature_max_abs": (0, np.inf), "mlp_feature_max_abs": (0, np.inf),
+              "top_values": (-np.inf, np.inf), "mlp_top_values": (-np.inf, np.inf),
+              "top_features": (0, hidden_size - 1), "mlp_top_features": (0, hidden_size - 1)}
+    for name, (low, high) in ranges.items():
+        if name not in arrays:
+            continue
+        array = arrays[name]
+        if array.dtype.kind not in "fiu":
+            raise TraceError(f"{where}: field '{name}' has dtype {array.dtype}; expected numbers")
+        if name.endswith("top_features") and array.dtype.kind == "f":
+            raise TraceError(f"{where}: field '{name}' holds floats; feature indices are integers")
+        bad = _bad_values(array.astype(np.float64, copy=False), low, high)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            value = array[first]
+            raise TraceError(f"{where}: field '{name}' has {int(bad.sum())} values outside [{low:g}, {high:g}] "
+                             f"or not finite (first: {value!r} at index {list(first)}); the trace is corrupt, "
+                             "re-record it")
 
 
 class TraceSample:
-    """A sample of a trace on disk. Arrays are read lazily and memory-mapped."""
+    """A sample of a trace on disk. Arrays are read lazily, on first use, and range-checked."""
 
     def __init__(self, directory: Path, manifest: dict, root: Path | None = None):
         self.directory = directory
         self._manifest = manifest
         self._root = root
-        meta = _read_json(self._file("meta.json"), "every sample needs its meta.json")
-        for key in ("id", "tokens", "segments"):
-            if key not in meta:
-                raise TraceError(f"{directory / 'meta.json'} has no field '{key}'")
-        self.sample_id: str = str(meta["id"])
-        self.tokens: list[str] = list(meta["tokens"])
-        try:
-            self.segments: list[tuple[str, int, int]] = [(str(n), int(s), int(e)) for n, s, e in meta["segments"]]
-        except (TypeError, ValueError) as exc:
-            raise TraceError(f"{directory / 'meta.json'}: field 'segments' must be [name, start, end] rows") from exc
-        self.extra: dict = dict(meta.get("extra", {}))
+        meta = read_meta(self._file("meta.json"))
+        self.sample_id: str = meta.id
+        self.tokens: list[str] = list(meta.tokens)
+        self.segments: list[tuple[str, int, int]] = [tuple(seg) for seg in meta.segments]
+        self.extra: dict = dict(meta.extra)
         if not self._file("arrays.safetensors").is_file():
             raise TraceError(f"{directory / 'arrays.safetensors'} is missing")
 
@@ -117,15 +157,25 @@ class TraceSample:
 
     @cached_property
     def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = _mmap_safetensors(self._file("arrays.safetensors"))
+        path = self._file("arrays.safetensors")
+        arrays = read_safetensors(path)
         L, H, T = self._manifest["n_layers"], self._manifest["n_heads"], len(self.tokens)
+        D = self._manifest["hidden_size"]
         expected = {"attention_received": (L, H, T), "bos_cosine": (L, T), "max_abs": (L, T), "median_abs": (L,)}
         for name, shape in expected.items():
             if name not in arrays:
-                raise TraceError(f"{self.directory / 'arrays.safetensors'} has no field '{name}'")
+                raise TraceError(f"{path} has no field '{name}'")
             if arrays[name].shape != shape:
-                raise TraceError(f"{self.directory / 'arrays.safetensors'}: field '{name}' has shape "
-                                 f"{arrays[name].shape}, expected {shape} from the manifest and tokens")
+                raise TraceError(f"{path}: field '{name}' has shape {arrays[name].shape}, expected {shape} from "
+                                 "the manifest and tokens")
+        for name in ("feature_max_abs", "mlp_feature_max_abs"):
+            if name in arrays and arrays[name].shape != (L, D):
+                raise TraceError(f"{path}: field '{name}' has shape {arrays[name].shape}, expected {(L, D)}")
+        for pair in (("top_features", "top_values"), ("mlp_top_features", "mlp_top_values")):
+            shapes = {arrays[n].shape for n in pair if n in arrays}
+            if shapes and (len(shapes) > 1 or any(s[:2] != (L, T) or len(s) != 3 for s in shapes)):
+                raise TraceError(f"{path}: fields {list(pair)} have shapes {sorted(shapes)}, expected [{L}, {T}, k]")
+        check_values(arrays, path, D)
         return arrays
 
     def _get(self, name: str) -> np.ndarray | None:
@@ -154,6 +204,16 @@ class TraceSample:
         missing = [c for c in ("layer", "token", "feature", "value", "attn_share", "mlp_share") if c not in df]
         if missing:
             raise TraceError(f"{path} lacks the columns {missing}")
+        bounds = {"layer": self._manifest["n_layers"], "token": len(self), "feature": self._manifest["hidden_size"]}
+        for column, bound in bounds.items():
+            values = pd.to_numeric(df[column], errors="coerce")
+            bad = values.isna() | (values < 0) | (values >= bound) | (values != values.round())
+            if bad.any():
+                raise TraceError(f"{path}: column '{column}' has {int(bad.sum())} entries that are not indices in "
+                                 f"[0, {bound}) (first: {df[column][bad].iloc[0]!r}); the trace is corrupt")
+        values = pd.to_numeric(df["value"], errors="coerce")
+        if (~np.isfinite(values.to_numpy(dtype=float))).any():
+            raise TraceError(f"{path}: column 'value' holds non-finite or non-numeric entries; the trace is corrupt")
         return df
 
     @cached_property
@@ -162,9 +222,12 @@ class TraceSample:
         if not path.exists():
             return {}
         out = {}
-        for name, arr in _mmap_safetensors(path).items():
-            layer, head = name.removeprefix("L").split(".H")
-            out[(int(layer), int(head))] = arr
+        for name, arr in read_safetensors(path).items():
+            match = re.fullmatch(r"L(\d+)\.H(\d+)", name)
+            if match is None or arr.shape != (len(self), len(self)):
+                raise TraceError(f"{path}: tensor '{name}' {arr.shape} is not an attention map 'L<layer>.H<head>' "
+                                 f"of shape ({len(self)}, {len(self)})")
+            out[(int(match[1]), int(match[2]))] = arr
         return out
 
     @cached_property
@@ -172,7 +235,13 @@ class TraceSample:
         path = self._file("hidden_states.safetensors")
         if not path.exists():
             return {}
-        return {int(name.removeprefix("L")): arr for name, arr in _mmap_safetensors(path).items()}
+        out = {}
+        for name, arr in read_safetensors(path).items():
+            if re.fullmatch(r"L\d+", name) is None or arr.ndim != 2 or arr.shape[0] != len(self):
+                raise TraceError(f"{path}: tensor '{name}' {arr.shape} is not hidden states 'L<layer>' of shape "
+                                 f"({len(self)}, D)")
+            out[int(name[1:])] = arr
+        return out
 
 
 class Trace:
@@ -183,6 +252,7 @@ class Trace:
         self.manifest = manifest
         self._root = root
         self._dirs = sample_dirs
+        self.skipped: list[tuple[str, str]] = []  # (entry under samples/, why it is not read as a sample)
         self._samples: dict[int, TraceSample] = {}
         self.sample_ids: list[str] = [self[i].sample_id for i in range(len(sample_dirs))]
         self._index = {sid: i for i, sid in enumerate(self.sample_ids)}
@@ -197,10 +267,10 @@ class Trace:
         if not path.is_dir():
             raise TraceError(f"{path} is not a directory; a trace is a directory with a {MANIFEST}")
         manifest = read_manifest(path, root)
-        sample_root = confined(path / SAMPLES, root)
-        dirs = sorted(p for p in sample_root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if sample_root.is_dir() else []
-        return cls(path, manifest, dirs, root)
+        dirs, skipped = sample_dirs(confined(path / SAMPLES, root))
+        trace = cls(path, manifest, dirs, root)
+        trace.skipped = skipped
+        return trace
 
     def __len__(self) -> int:
         return len(self._dirs)
@@ -225,6 +295,26 @@ class Trace:
         return f"Trace({str(self.path)!r}, model={self.manifest.get('model')!r}, samples={len(self)})"
 
 
+def sample_dirs(samples: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The sample directories under `samples` (numbered by the writer and holding meta.json), and every other
+    entry with the reason it is not a sample, so that readers can say what they left out."""
+    if not samples.exists():
+        return [], []
+    if not samples.is_dir():
+        raise TraceError(f"{samples} is not a directory; a trace keeps its samples there")
+    dirs, skipped = [], []
+    for entry in sorted(samples.iterdir()):
+        if entry.name.startswith("."):
+            continue  # the writer's temporary directories
+        if not SAMPLE_DIR.fullmatch(entry.name) or not entry.is_dir():
+            skipped.append((entry.name, "not a numbered sample directory"))
+        elif not (entry / "meta.json").exists():
+            skipped.append((entry.name, "no meta.json (incomplete or foreign)"))
+        else:
+            dirs.append(entry)
+    return dirs, skipped
+
+
 def read_manifest(path: Path, root: Path | None = None) -> dict:
     """Read and validate `path/manifest.json`; raise TraceError naming the file and field otherwise."""
     file = confined(path / MANIFEST, root)
@@ -242,7 +332,5 @@ def read_manifest(path: Path, root: Path | None = None) -> dict:
     for key in REQUIRED_MANIFEST_FIELDS:
         if key not in manifest:
             raise TraceError(f"{file} has no field '{key}'")
-    for key in ("n_layers", "n_heads", "hidden_size"):
-        if not isinstance(manifest[key], int) or manifest[key] <= 0:
-            raise TraceError(f"{file}: field '{key}' must be a positive integer, not {manifest[key]!r}")
+    check_record(TraceManifest, manifest, str(file), TraceError)
     return manifest

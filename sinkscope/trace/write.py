@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from sinkscope import __version__
 from sinkscope.errors import TraceError
 from sinkscope.metrics import MASSIVE_COLUMNS
-from sinkscope.trace.read import _read_json, read_manifest
+from sinkscope.trace.read import SAMPLE_DIR, read_manifest, read_meta, sample_dirs
 from sinkscope.trace.schema import (
     ARRAY_FIELDS,
     FORMAT,
@@ -45,6 +45,8 @@ class TraceWriter:
         base = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "sinkscope_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         base.update(manifest)
+        if self.path.exists() and not self.path.is_dir():
+            raise TraceError(f"{self.path} is a file; a trace is a directory; choose another path")
         if (self.path / MANIFEST).exists():
             existing = read_manifest(self.path)
             for key in ("model", "n_layers", "n_heads", "hidden_size"):
@@ -61,15 +63,16 @@ class TraceWriter:
         (self.path / SAMPLES).mkdir(exist_ok=True)
         for stale in (self.path / SAMPLES).glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        self._dirs = sorted(p for p in (self.path / SAMPLES).iterdir() if p.is_dir() and not p.name.startswith("."))
-        self.sample_ids = {_read_json(d / "meta.json", "sample meta")["id"] for d in self._dirs
-                           if (d / "meta.json").is_file()}
+        self._dirs, self.skipped = sample_dirs(self.path / SAMPLES)  # stray entries stay, untouched
+        self.sample_ids = {read_meta(d / "meta.json").id for d in self._dirs}
+        numbered = [int(p.name) for p in (self.path / SAMPLES).iterdir() if SAMPLE_DIR.fullmatch(p.name)]
+        self._next = max(numbered, default=-1) + 1
 
     def append(self, sample: SampleRecord) -> Path:
         """Write one sample atomically and bump the manifest's sample_count."""
         if sample.sample_id in self.sample_ids:
             raise TraceError(f"{self.path}: a sample with id '{sample.sample_id}' is already in the trace")
-        index = int(self._dirs[-1].name) + 1 if self._dirs else 0
+        index, self._next = self._next, self._next + 1
         tmp = self.path / SAMPLES / f".tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:

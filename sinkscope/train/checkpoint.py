@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.validation import read_json_file
 
 
 def save_checkpoint(out: Path, name: str, weights: dict[str, torch.Tensor], optimiser, state: dict) -> None:
@@ -38,10 +40,12 @@ def save_half(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, 
 
 
 def read_state(out: Path) -> dict:
-    try:
-        return json.loads((out / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SinkscopeError(f"{out / 'state.json'} is not readable JSON ({exc})") from exc
+    state = read_json_file(out / "state.json", "a checkpoint's state")
+    name = state.get("checkpoint")
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
+        raise SinkscopeError(f"{out / 'state.json'}: field 'checkpoint' is {name!r}; expected the name of a weights "
+                             "file in the same directory")
+    return state
 
 
 def load_weights(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -49,9 +53,29 @@ def load_weights(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     state = read_state(out)
     path = out / f"{state.get('checkpoint')}.safetensors"
     try:
-        return state, load_file(path)
+        weights = load_file(path)
     except Exception as exc:
         raise SinkscopeError(f"{path} is missing or not a safetensors file ({type(exc).__name__}: {exc})") from exc
+    check_finite(weights, path)
+    return state, weights
+
+
+def refusal(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in our words: torch's own text suggests unsafe loading,
+    which sinkscope never does."""
+    if isinstance(exc, __import__("pickle").UnpicklingError) or "weights_only" in str(exc).lower():
+        return ("it holds pickled Python objects, not only tensors; sinkscope never unpickles code "
+                "(it reads safetensors, or torch files with weights_only=True)")
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+
+
+def check_finite(weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse NaN or Inf in floating-point weights (a diverged run or a corrupt file), naming the tensor."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise SinkscopeError(f"{where}: tensor '{name}' holds {bad} NaN or Inf values; the checkpoint is "
+                                 "corrupt or its training diverged; it is not used")
 
 
 def load_checkpoint(out: Path, optimiser) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -63,7 +87,6 @@ def load_checkpoint(out: Path, optimiser) -> tuple[dict, dict[str, torch.Tensor]
         optimiser.load_state_dict(extra["optimiser"])
         torch.set_rng_state(extra["rng"])
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise SinkscopeError(f"{path}: not an optimiser checkpoint of this run ({type(exc).__name__}: {first}); "
-                             "delete the run directory to start over") from exc
+        raise SinkscopeError(f"{path}: not an optimiser checkpoint of this run ({refusal(exc)}); delete the run "
+                             "directory to start over") from exc
     return state, weights

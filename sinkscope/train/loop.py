@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sinkscope.config import CONFIG_FILE, changed_fields, to_dict, write_run_files
+from sinkscope.config import CONFIG_FILE, changed_fields, claim_output, to_dict, write_run_files
 from sinkscope.data.dataset import BucketBatchSampler, collate
 from sinkscope.errors import SinkscopeError
 from sinkscope.train.checkpoint import load_checkpoint, save_checkpoint
@@ -94,8 +94,8 @@ def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def prepare_run(out: Path, cfg: Any, verb: str, ignore: tuple[str, ...] = ("epochs", "out")) -> None:
     """Create `out` and write the resolved config and `run.json`; refuse a run directory that holds a checkpoint
-    made with other settings."""
-    out.mkdir(parents=True, exist_ok=True)
+    made with other settings, or a directory of files that no training job wrote."""
+    claim_output(out, (verb, "train", "sweep"), markers=("state.json",))
     resolved = to_dict(cfg)
     config_file = out / CONFIG_FILE
     if config_file.exists() and (out / "state.json").exists():

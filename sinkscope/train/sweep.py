@@ -31,7 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sinkscope.config import atomic_write_text, command_line, config_hash, load_config, write_run_files
+from sinkscope.config import (
+    atomic_write_text,
+    claim_output,
+    command_line,
+    config_hash,
+    load_config,
+    write_run_files,
+)
 from sinkscope.errors import SinkscopeError
 from sinkscope.train.avsr import TrainConfig, read_train_config, train
 from sinkscope.train.results import append_row, read_rows
@@ -206,6 +213,7 @@ def run_point(spec: SweepConfig, name: str, overrides: dict, log: Callable[[str]
 def run_sweep(spec: SweepConfig, log: Callable[[str], None] = print, progress: Callable | None = None,
               until_epoch: int | None = None, only: list[str] | None = None) -> list[dict]:
     """Run every point that has no row yet (or those named in `only`); returns all rows."""
+    claim_output(spec.out, "sweep")
     write_run_files(spec.out, "sweep", spec)
     points = spec.all_points
     if only:

@@ -50,6 +50,8 @@ def main() -> None:
         tr = load_trace(root, name)
         st.sidebar.caption(f"{tr.manifest.get('model')} | {tr.manifest['n_layers']} layers x "
                            f"{tr.manifest['n_heads']} heads | {len(tr)} samples")
+        for entry, why in tr.skipped:
+            st.sidebar.warning(f"samples/{entry} is not read: {why}")
         if len(tr) == 0:
             st.warning(f"Trace {name} holds no samples yet.")
             return

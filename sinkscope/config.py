@@ -36,18 +36,26 @@ CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
 
 
 class _Loader(yaml.SafeLoader):
-    """A safe loader that refuses aliases: a config never needs them, and nested aliases can expand
-    exponentially (a "billion laughs" file hangs the reader)."""
+    """A safe loader that refuses aliases (a config never needs them, and nested aliases can expand
+    exponentially: a "billion laughs" file hangs the reader) and nesting deeper than MAX_YAML_DEPTH."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in configs",
                                               event.start_mark)
-        return super().compose_node(parent, index)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def parse_yaml(text: str, where: str) -> Any:

@@ -117,6 +117,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     if not cfg.checkpoint or not cfg.data:
         raise SinkscopeError("eval needs a checkpoint and data (--checkpoint RUN --data CORPUS)")
+    if not Path(cfg.data).is_dir():  # before the model is loaded: a typo costs no time
+        raise SinkscopeError(f"--data {cfg.data}: corpus directory does not exist")
     out = claim_output(Path(cfg.out) if cfg.out else cfg.default_out(), "eval")
     model, _ = load_trained(cfg.checkpoint)
     dataset = dataset_for(model.cfg, cfg.data, cfg.split, snr=cfg.snr, limit=cfg.limit, skip_bad=cfg.skip_bad)

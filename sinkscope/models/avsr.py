@@ -28,6 +28,8 @@ PROMPTS = {
 }
 MODALITIES = {"asr": ("audio",), "vsr": ("video",), "avsr": ("audio", "video")}
 DELIMITERS = ("<audio>", "</audio>", "<video>", "</video>")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear layers of a Llama-family decoder block that LoRA can target."""
 
 
 def compress(x: torch.Tensor, lengths: torch.Tensor, k: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +100,19 @@ class AVSRConfig:
                              f"{self.lora_dropout})")
         if not self.lora_targets:
             raise ValueError("lora_targets must name at least one module, e.g. [q_proj, v_proj]")
+        unknown = sorted(set(self.lora_targets) - set(LORA_MODULES))
+        if unknown:
+            raise ValueError(f"lora_targets {unknown} are not modules of a Llama-family decoder block; choose from "
+                             f"{list(LORA_MODULES)}")
+        if not 0 < self.audio.max_seconds <= 30:
+            raise ValueError(f"audio.max_seconds must be in (0, 30] (Whisper's window is 30 s), not "
+                             f"{self.audio.max_seconds}")
+        for name in ("n_mels", "d_model", "layers", "heads", "ffn"):
+            if getattr(self.audio, name) < 1:
+                raise ValueError(f"audio.{name} must be >= 1, not {getattr(self.audio, name)}")
+        for name in ("channels", "d_model", "layers", "heads"):
+            if getattr(self.video, name) < 1:
+                raise ValueError(f"video.{name} must be >= 1, not {getattr(self.video, name)}")
 
 
 def dataset_for(cfg: AVSRConfig, root, split: str | None = "test", **kwargs):

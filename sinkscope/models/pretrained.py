@@ -64,7 +64,12 @@ def load_encoders(model: AVSRModel, path: str | Path) -> None:
             raise SinkscopeError(f"{path}: no {modality} encoder ({exported.name}, or {modality}/state.json of a "
                                  "`sinkscope pretrain-encoders` run)")
         state = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = encoder.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # size mismatches
+            lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+            raise SinkscopeError(f"{path}: the {modality} encoder weights do not fit this model's {modality} encoder "
+                                 f"({lines[0] if lines else exc}); check `model.{modality}` in the config") from exc
         if missing or unexpected:
             raise SinkscopeError(f"{path}: the {modality} encoder weights do not fit this model's {modality} encoder "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]}); check the encoder config")
@@ -122,12 +127,23 @@ def _refuse_overwrite(source: Path, out: Path) -> None:
                              "choose a directory outside it")
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SinkscopeError(f"export: {out} is a file; the export is a directory (model.safetensors, config.yaml, "
+                             "state.json); choose another path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SinkscopeError(f"export: {out} cannot be created ({exc.strerror or exc})") from exc
+
+
 def export_run(run: str | Path, out: str | Path, encoders: str | None = None) -> list[Path]:
     """Copy a training run's latest checkpoint for sharing: its trainable weights in fp16 (`model.safetensors`),
     its config (with `encoders` replaced when given, e.g. by a path relative to `out`) and its history. The
     optimiser state is left behind. Files already in `out` are replaced; nothing else there is touched."""
     run, out = Path(run), Path(out)
     _refuse_overwrite(run, out)
+    _check_out(out)
     state, weights = load_weights(run)
     cfg = read_yaml_mapping(run / "config.yaml", "training config")
     if encoders is not None:
@@ -151,6 +167,7 @@ def export_encoders(run: str | Path, out: str | Path) -> list[Path]:
     can refresh the audio encoder of a directory that keeps its video encoder."""
     run, out = Path(run), Path(out)
     _refuse_overwrite(run, out)
+    _check_out(out)
     modalities = [m for m in ("audio", "video") if (run / m / "state.json").is_file()]
     if not modalities:
         raise SinkscopeError(f"{run}: not a `sinkscope pretrain-encoders` run (no audio/state.json or "

@@ -117,10 +117,10 @@ def check_values(arrays: dict[str, np.ndarray], where: Path, hidden_size: int) -
         if name not in arrays:
             continue
         array = arrays[name]
-        if array.dtype.kind not in "fiu":
-            raise TraceError(f"{where}: field '{name}' has dtype {array.dtype}; expected numbers")
-        if name.endswith("top_features") and array.dtype.kind == "f":
-            raise TraceError(f"{where}: field '{name}' holds floats; feature indices are integers")
+        expected = "iu" if name.endswith("top_features") else "f"
+        if array.dtype.kind not in expected:
+            kind = "integer feature indices" if expected == "iu" else "floating-point values"
+            raise TraceError(f"{where}: field '{name}' has dtype {array.dtype}; expected {kind}")
         bad = _bad_values(array.astype(np.float64, copy=False), low, high)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -267,7 +267,7 @@ class Trace:
         if not path.is_dir():
             raise TraceError(f"{path} is not a directory; a trace is a directory with a {MANIFEST}")
         manifest = read_manifest(path, root)
-        dirs, skipped = sample_dirs(confined(path / SAMPLES, root))
+        dirs, skipped = sample_dirs(confined(path / SAMPLES, root), root)
         trace = cls(path, manifest, dirs, root)
         trace.skipped = skipped
         return trace
@@ -295,9 +295,10 @@ class Trace:
         return f"Trace({str(self.path)!r}, model={self.manifest.get('model')!r}, samples={len(self)})"
 
 
-def sample_dirs(samples: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+def sample_dirs(samples: Path, root: Path | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
     """The sample directories under `samples` (numbered by the writer and holding meta.json), and every other
-    entry with the reason it is not a sample, so that readers can say what they left out."""
+    entry with the reason it is not a sample, so that readers can say what they left out. Under a `root`, an
+    entry that resolves outside it is refused before anything in it is looked at."""
     if not samples.exists():
         return [], []
     if not samples.is_dir():
@@ -306,6 +307,7 @@ def sample_dirs(samples: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     for entry in sorted(samples.iterdir()):
         if entry.name.startswith("."):
             continue  # the writer's temporary directories
+        confined(entry, root)
         if not SAMPLE_DIR.fullmatch(entry.name) or not entry.is_dir():
             skipped.append((entry.name, "not a numbered sample directory"))
         elif not (entry / "meta.json").exists():

@@ -8,6 +8,7 @@ decorrelation term (mean cos^2 to BOS, measured also when its weight is 0) are l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ class TrainConfig:
         if self.lr <= 0 or self.decorrelation < 0 or self.warmup_steps < 0:
             raise ValueError(f"lr must be > 0 and decorrelation, warmup_steps >= 0 (got lr={self.lr}, "
                              f"decorrelation={self.decorrelation}, warmup_steps={self.warmup_steps})")
+        if self.snr not in ("train", None) and (isinstance(self.snr, str) or not math.isfinite(self.snr)):
+            raise ValueError(f"snr must be 'train' (sampled per utterance), null (clean) or a number of dB, not "
+                             f"{self.snr!r}")
         self.model.check()
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,7 +84,9 @@ def load_checkpoint(out: Path, optimiser) -> tuple[dict, dict[str, torch.Tensor]
     state, weights = load_weights(out)
     path = out / f"{state['checkpoint']}.pt"
     try:  # weights_only: a foreign or tampered file can hold tensors and plain containers, never code
-        extra = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol notice says nothing to a user
+            warnings.simplefilter("ignore", UserWarning)
+            extra = torch.load(path, weights_only=True)
         optimiser.load_state_dict(extra["optimiser"])
         torch.set_rng_state(extra["rng"])
     except Exception as exc:

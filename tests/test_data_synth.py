@@ -162,3 +162,35 @@ def test_a_corpus_never_shrinks_and_foreign_directories_are_refused(corpus, tmp_
     a_file.write_text("x")
     with pytest.raises(SinkscopeError, match="is a file, not a corpus directory"):
         synthesize(a_file, SynthConfig(n=4, seed=0))
+
+
+def _alive_in_group(pgid: int) -> list[str]:
+    """Processes of a process group that are still running (zombies waiting to be reaped do not count)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(stat.parent.name)
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_main_process_leaves_no_worker_running(tmp_path):
+    out = tmp_path / "orphans"
+    cmd = [sys.executable, "-m", "sinkscope", "data", "synth", "--out", str(out), "--n", "40", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("*/*/*.json"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # the main process only, as `kill -9 PID` does
+    proc.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline and _alive_in_group(proc.pid):
+        time.sleep(0.1)
+    assert not _alive_in_group(proc.pid), "workers outlived the killed main process"
+    written = len(list(out.glob("*/*/*.json")))
+    time.sleep(1.0)
+    assert len(list(out.glob("*/*/*.json"))) == written, "utterances were still written after the kill"

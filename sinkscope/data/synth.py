@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import wave
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 
@@ -162,17 +165,64 @@ def _finished(out: Path, index: int) -> dict | None:
     return None
 
 
-def _shard(args: tuple) -> list[dict]:
-    """Speak every utterance of one shard in order, in a fresh process; write the unfinished ones."""
-    out, shard, cfg_dict, todo, queue = args
-    cfg = SynthConfig(**cfg_dict)
-    rows = []
-    for i in range(shard, cfg.n, SHARDS):
-        if i in todo:
-            rows.append(write_utterance(Path(out), utterance(i, cfg)))
-            queue.put(1)
-        else:
-            utterance(i, cfg, render=False)  # replays espeak's hidden state
+def _die_with(parent: int) -> None:
+    """In a worker: die with the main process, so that a `kill -9` of `data synth` leaves no worker writing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
+
+
+def _shard(out: str, shard: int, cfg_dict: dict, todo: set[int], queue, parent: int) -> None:
+    """Speak every utterance of one shard in order, in a fresh process (espeak's state must start clean); write
+    the unfinished ones and send their manifest rows to the main process."""
+    _die_with(parent)
+    try:
+        cfg = SynthConfig(**cfg_dict)
+        for i in range(shard, cfg.n, SHARDS):
+            if i in todo:
+                queue.put(("row", write_utterance(Path(out), utterance(i, cfg))))
+            else:
+                utterance(i, cfg, render=False)  # replays espeak's hidden state
+        queue.put(("done", shard))
+    except BaseException as exc:
+        queue.put(("error", f"shard {shard}: {type(exc).__name__}: {exc}"))
+        raise
+
+
+def _run_shards(jobs: list[tuple], workers: int, progress: Callable[[int], None] | None) -> list[dict]:
+    """Run the shards in at most `workers` processes (each started by this thread, so that they die with it)."""
+    context = get_context("fork")
+    queue = context.Queue()
+    pending, running, rows = list(jobs), {}, []
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                proc = context.Process(target=_shard, args=(*job, queue, os.getpid()), daemon=True)
+                proc.start()
+                running[job[1]] = proc
+            try:
+                kind, value = queue.get(timeout=1.0)
+            except Empty:
+                dead = {k: p.exitcode for k, p in running.items() if p.exitcode not in (None, 0)}
+                if dead:
+                    raise SinkscopeError(f"synth workers died with exit codes {dead}; rerun to resume") from None
+                continue
+            if kind == "row":
+                rows.append(value)
+                if progress is not None:
+                    progress(1)
+            elif kind == "done":
+                running.pop(value).join()
+            else:
+                raise SinkscopeError(f"a synth worker failed ({value}); rerun to resume")
+    finally:
+        for proc in running.values():
+            proc.kill()
+            proc.join()
     return rows
 
 
@@ -222,24 +272,10 @@ def synthesize(out: str | os.PathLike, cfg: SynthConfig, workers: int = 1,
             rows[i] = row
     if progress is not None and rows:
         progress(len(rows))
-    context = get_context("fork")
-    with context.Manager() as manager:
-        queue = manager.Queue()
-        todo_set = set(todo)
-        jobs = [(str(out), k, asdict(cfg), {i for i in todo_set if i % SHARDS == k}, queue) for k in range(SHARDS)]
-        jobs = [job for job in jobs if job[3]]
-        # a fresh process per shard (maxtasksperchild=1): espeak state must start clean
-        with context.Pool(max(1, min(workers, len(jobs) or 1)), maxtasksperchild=1) as pool:
-            pending = pool.map_async(_shard, jobs, chunksize=1)
-            done = 0
-            while done < len(todo):
-                queue.get()
-                done += 1
-                if progress is not None:
-                    progress(1)
-            for shard_rows in pending.get():
-                for row in shard_rows:
-                    rows[int(row["id"])] = row
+    todo_set = set(todo)
+    jobs = [(str(out), k, asdict(cfg), {i for i in todo_set if i % SHARDS == k}) for k in range(SHARDS)]
+    for row in _run_shards([job for job in jobs if job[3]], max(1, workers), progress):
+        rows[int(row["id"])] = row
     lines = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
     _tmp(out / "manifest.jsonl").write_text(lines, encoding="utf-8")
     os.replace(_tmp(out / "manifest.jsonl"), out / "manifest.jsonl")

@@ -33,8 +33,15 @@ def config(corpus, out, epochs):
     return cfg
 
 
-def test_loss_falls_and_resume_is_identical(corpus, tmp_path):
-    full = train(config(corpus, tmp_path / "full", 3), log=lambda m: None, model_factory=TINY)
+@pytest.fixture(scope="module")
+def full_run(corpus, tmp_path_factory):
+    """An uninterrupted 3-epoch run: what every interrupted and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    return out, train(config(corpus, out, 3), log=lambda m: None, model_factory=TINY)
+
+
+def test_loss_falls_and_resume_is_identical(corpus, full_run, tmp_path):
+    full_dir, full = full_run
     ce = [h["ce"] for h in full["history"]]
     assert ce[-1] < ce[0], ce
     assert all(h["decorrelation"] > 0 for h in full["history"])
@@ -51,7 +58,7 @@ def test_loss_falls_and_resume_is_identical(corpus, tmp_path):
     assert sliced["epoch"] == 2
     resumed = train(config(corpus, tmp_path / "split", 3), log=lambda m: None, model_factory=TINY)
     assert [h["ce"] for h in resumed["history"]] == pytest.approx(ce, rel=1e-5)
-    a = load_file(tmp_path / "full" / "epoch-003.safetensors")
+    a = load_file(full_dir / "epoch-003.safetensors")
     b = load_file(tmp_path / "split" / "epoch-003.safetensors")
     assert a.keys() == b.keys() and all("projector" in k or "lora_" in k for k in a)
     for k in a:
@@ -124,7 +131,7 @@ def test_train_and_eval_from_the_command_line(corpus, tmp_path):
     assert s.extra["mode"] == "avsr" and tr.manifest["config"]["k_audio"] == 4
     (tmp_path / "run" / "state.json").write_text("{broken")
     res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus)])
-    assert res.exit_code == 1 and "state.json is not readable JSON" in res.output
+    assert res.exit_code == 1 and "state.json: not valid JSON" in res.output
 
 
 @pytest.mark.parametrize("override,message", [
@@ -158,3 +165,35 @@ def test_yaml_aliases_are_refused_at_once(tmp_path):
     with pytest.raises(SinkscopeError, match=r"bomb\.yaml: not valid YAML .*aliases"):
         load_config(bomb)
     assert time.perf_counter() - start < 1.0
+
+
+KILLER = """
+import os, signal, sys
+from tests.test_avsr_train import TINY, config
+from sinkscope.train.avsr import train
+calls = []
+def progress(*args):
+    calls.append(1)
+    if len(calls) == 5:  # the second step of epoch 2 (3 steps per epoch), after epoch 1's checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+train(config(sys.argv[1], sys.argv[2], 3), log=lambda m: None, progress=progress, model_factory=TINY)
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_is_identical(corpus, full_run, tmp_path):
+    """kill -9 in the middle of epoch 2, then the same command: the checkpoints of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(corpus), str(killed)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (killed / "epoch-001.safetensors").exists() and not (killed / "epoch-002.safetensors").exists()
+    resumed = train(config(corpus, killed, 3), log=lambda m: None, model_factory=TINY)
+    full_dir, full = full_run
+    assert [h["ce"] for h in resumed["history"]] == pytest.approx([h["ce"] for h in full["history"]], rel=1e-5)
+    a, b = load_file(full_dir / "epoch-003.safetensors"), load_file(killed / "epoch-003.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

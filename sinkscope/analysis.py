@@ -86,6 +86,27 @@ def top_activations(sample, k: int = 3) -> pd.DataFrame:
     return frame
 
 
+def ranked_features(sample, k: int = 16, mlp: bool = False) -> np.ndarray:
+    """The `k` features with the largest max |h| (or |mlp_out|) over layers and tokens, largest first."""
+    values = np.asarray(sample.mlp_feature_max_abs if mlp else sample.feature_max_abs)  # [L, D]
+    return np.argsort(-values.max(axis=0), kind="stable")[:k]
+
+
+def feature_values(sample, features, mlp: bool = False) -> np.ndarray:
+    """|h| (or |mlp_out|) of `features` at every layer and token, `[L, T, F]`. Exact at layers whose full hidden
+    state the trace holds; elsewhere from the recorded top-k features of each token, NaN where a feature was not
+    among a token's top k (then its |h| is below the token's k-th largest)."""
+    idx = np.asarray(sample.mlp_top_features if mlp else sample.top_features)  # [L, T, k]
+    val = np.abs(np.asarray(sample.mlp_top_values if mlp else sample.top_values, dtype=np.float32))
+    features = np.asarray(features, dtype=np.int64)
+    hit = idx[..., None, :] == features[:, None]  # [L, T, F, k]
+    out = np.where(hit.any(-1), (val[..., None, :] * hit).sum(-1), np.nan).astype(np.float32)
+    if not mlp:
+        for layer, h in sample.hidden_states.items():
+            out[layer] = np.abs(np.asarray(h, dtype=np.float32)[:, features])
+    return out
+
+
 def sample_findings(sample, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> dict:
     """What a reader wants first: sink tokens (with how many layers), massive features and their origin."""
     flags = sink_layers(sample.attention_received, eps, head_fraction)  # [L, T]
@@ -198,3 +219,57 @@ def sink_statistics(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HE
     out.update(massive_max=peak, massive_max_segment=peak_segment, massive_on_non_bos=non_bos,
                massive_features=" ".join(f"{f}({c})" for f, c in features.most_common()))
     return out
+
+
+# ------------------------------------------------------------------------------------------------ two traces
+def trace_profile(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> dict:
+    """A trace summarised per layer over its samples, for comparing two traces that need not share a sample
+    (decorrelation off vs on, one rate vs another, fp32 vs bf16). Each table has one row per (sample, layer[,
+    segment]); `profile_mean` averages them with a spread.
+
+    - `sink_rate`: share of a segment's tokens that are sinks (`metrics.sink_layers`) at a layer, in %;
+    - `activations`: the largest |h| over tokens and the median |h| at a layer;
+    - `cosine`: mean cos-to-BOS of a segment's tokens at a layer (BOS itself left out);
+    - `sink_positions`: every sink (sample, position, relative position, segment), as `dataset_sinks`;
+    - `massive_features`: per feature, the share of samples in which it is massive.
+    """
+    rate_rows, act_rows, cos_rows = [], [], []
+    for s in trace:
+        names = token_segments(s.segments, len(s.tokens))
+        flags = sink_layers(s.attention_received, eps, head_fraction)  # [L, T]
+        bos_cos = np.asarray(s.bos_cosine)
+        max_abs = np.asarray(s.max_abs)
+        median = np.asarray(s.median_abs)
+        for segment in dict.fromkeys(names[1:]):
+            if not segment:
+                continue
+            where = np.flatnonzero(names == segment)
+            where = where[where > 0]
+            rate = 100.0 * flags[:, where].mean(axis=1)
+            cos = bos_cos[:, where].mean(axis=1)
+            rate_rows += [(s.sample_id, layer, segment, float(v)) for layer, v in enumerate(rate)]
+            cos_rows += [(s.sample_id, layer, segment, float(v)) for layer, v in enumerate(cos)]
+        act_rows += [(s.sample_id, layer, float(m), float(d)) for layer, (m, d) in
+                     enumerate(zip(max_abs.max(axis=1), median, strict=True))]
+    features = dataset_massive_features(trace)
+    features["share"] = features["samples"] / max(1, len(trace))
+    return {"sink_rate": pd.DataFrame(rate_rows, columns=["sample", "layer", "segment", "value"]),
+            "activations": pd.DataFrame(act_rows, columns=["sample", "layer", "top", "median"]),
+            "cosine": pd.DataFrame(cos_rows, columns=["sample", "layer", "segment", "value"]),
+            "sink_positions": dataset_sinks(trace, eps, head_fraction),
+            "massive_features": features[["feature", "samples", "share", "max_abs"]],
+            "samples": len(trace)}
+
+
+def profile_mean(table: pd.DataFrame, value: str = "value", by: tuple[str, ...] = ("segment", "layer")) -> pd.DataFrame:
+    """Mean, standard deviation and sample count of `value` over samples, per `by`."""
+    return (table.groupby(list(by))[value].agg(mean="mean", std="std", n="count").reset_index()
+            .fillna({"std": 0.0}))
+
+
+def feature_set_overlap(a: pd.DataFrame, b: pd.DataFrame, min_share: float = 0.5) -> dict:
+    """The massive features present in at least `min_share` of each trace's samples, and their Jaccard
+    (undefined, NaN, when both sets are empty)."""
+    set_a = set(map(int, a.loc[a["share"] >= min_share, "feature"]))
+    set_b = set(map(int, b.loc[b["share"] >= min_share, "feature"]))
+    return {"a": sorted(set_a), "b": sorted(set_b), "both": sorted(set_a & set_b), "jaccard": jaccard(set_a, set_b)}

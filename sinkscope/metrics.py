@@ -146,15 +146,17 @@ def massive_feature_sets(massive: pd.DataFrame, tokens: Iterable[int] | None = N
 
 
 def jaccard(a: set, b: set) -> float:
-    """`|a & b| / |a | b|` (1.0 for two empty sets)."""
+    """`|a & b| / |a | b|`; undefined (NaN) for two empty sets: tokens without massive features do not share a
+    feature set."""
     union = a | b
-    return 1.0 if not union else len(a & b) / len(union)
+    return float("nan") if not union else len(a & b) / len(union)
 
 
 def mean_pairwise_jaccard(sets: Sequence[set]) -> float:
-    """Mean Jaccard over all pairs of sets: consistency of massive features across tokens or prompts."""
-    pairs = list(combinations(sets, 2))
-    return float(np.mean([jaccard(a, b) for a, b in pairs])) if pairs else 1.0
+    """Mean Jaccard over the pairs of sets where it is defined (not both empty): consistency of massive features
+    across tokens or prompts; NaN when no pair is defined."""
+    values = [v for v in (jaccard(a, b) for a, b in combinations(sets, 2)) if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def origin_table(massive: pd.DataFrame) -> pd.DataFrame:

@@ -26,14 +26,14 @@ def av_tokens() -> list[str]:
     return tokens
 
 
-def write_av_trace(path: Path, seed: int = 0, n: int = 3, attention_maps=((1, 0),)) -> Path:
+def write_av_trace(path: Path, seed: int = 0, n: int = 3, attention_maps=((1, 0),), prefix: str = "utt") -> Path:
     model = tiny_llama(seed=seed)
     gen = torch.Generator().manual_seed(100)
     ids = torch.randint(3, 128, (n, T_AV), generator=gen)
     ids[:, 0] = 1
     with Recorder(model, attention_maps=attention_maps, hidden_states=[2], abs_threshold=0.01,
                   rel_threshold=3.0) as rec:
-        rec.annotate_next(sample_ids=[f"utt{i:02d}" for i in range(n)], tokens=[av_tokens()] * n,
+        rec.annotate_next(sample_ids=[f"{prefix}{i:02d}" for i in range(n)], tokens=[av_tokens()] * n,
                           segments=[AV_SEGMENTS] * n,
                           extra=[{"transcript": t} for t in ["bin blue at f two now", "lay red by g five again",
                                                              "set white in k nine soon"][:n]])

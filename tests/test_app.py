@@ -22,6 +22,7 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("traces")
     write_av_trace(root / "av-a", seed=0)
     write_av_trace(root / "av-b", seed=1)
+    write_av_trace(root / "av-renamed", seed=1, prefix="other")  # other ids, the same transcripts
     broken = root / "broken"
     write_av_trace(broken, seed=2, n=1)
     (broken / "manifest.json").write_text('{"format": "sinkscope-trace", "schema_version": 1, "model"')
@@ -85,7 +86,7 @@ def goto(at, view: str, trace: str = "av-a"):
 
 
 def test_trace_picker_lists_traces_under_root(app):
-    assert app.sidebar.selectbox(key="trace").options == ["av-a", "av-b", "broken"]
+    assert app.sidebar.selectbox(key="trace").options == ["av-a", "av-b", "av-renamed", "broken"]
     search = app.sidebar.text_input(key="main_search")
     search.set_value("red by").run()
     sample = app.sidebar.selectbox(key="main_sample")
@@ -133,13 +134,33 @@ def test_overview_massive_and_cosine_views(app, root):
     assert any("Findings" in h.value for h in app.subheader)
 
     goto(app, "Massive activations")
-    heat = by_title(app, "Largest |h| of each feature")
-    np.testing.assert_allclose(np.asarray(heat.data[0]["customdata"]), s.feature_max_abs, rtol=1e-5)
+    # the top-k view: its columns are the trace's largest features, largest first, with their values
+    top = by_title(app, "The 16 features with the largest |h|")
+    peak = np.asarray(s.feature_max_abs).max(axis=0)
+    expected = np.argsort(-peak, kind="stable")[:16]
+    assert top.data[0]["x"] == [f"f{f}" for f in expected]
+    assert np.all(np.diff(peak[expected]) <= 0) and expected[0] == int(np.argmax(peak))
+    np.testing.assert_allclose(np.asarray(top.data[0]["customdata"]), s.feature_max_abs[:, expected], rtol=1e-5)
+    # the selected feature's trajectory across layers for the tokens carrying massive activations
+    feature = int(expected[0])
+    traj = by_title(app, f"|h| of feature {feature} across layers")
+    tokens = sorted(set(map(int, s.massive["token"])))[:4] or [0]
+    assert [t["name"].split()[0] for t in traj.data] == [f"t{t}" for t in tokens]
+    for t, line in zip(tokens, traj.data, strict=True):
+        hit = s.top_features[:, t, :] == feature
+        want = np.where(hit.any(axis=1), np.abs((s.top_values[:, t, :] * hit).sum(axis=1)), np.nan)
+        for layer, h in s.hidden_states.items():  # exact where the full state was recorded
+            want[layer] = abs(h[t, feature])
+        np.testing.assert_allclose(np.asarray(line["y"], dtype=float), want, rtol=1e-5)
+    tokmap = by_title(app, "|h| at layer")
+    assert tokmap.data[0]["y"][0] == f"f{feature}"
     table = app.dataframe[0].value
     assert len(table) == len(s.massive) and {"layer", "token", "feature", "value", "attn_share"} <= set(table)
     app.toggle(key="mass_mlp").set_value(True).run()
-    np.testing.assert_allclose(np.asarray(by_title(app, "Largest |mlp_out|").data[0]["customdata"]),
-                               s.mlp_feature_max_abs, rtol=1e-5)
+    mlp_top = by_title(app, "The 16 features with the largest |mlp_out|")
+    mlp_expected = np.argsort(-np.asarray(s.mlp_feature_max_abs).max(axis=0), kind="stable")[:16]
+    np.testing.assert_allclose(np.asarray(mlp_top.data[0]["customdata"]), s.mlp_feature_max_abs[:, mlp_expected],
+                               rtol=1e-5)
 
     goto(app, "Cosine to BOS")
     z = np.asarray(by_title(app, "Cosine to BOS").data[0]["z"])
@@ -153,6 +174,29 @@ def test_compare_and_dataset_views(app, root):
     diff = by_title(app, "attention_received: B - A")
     expected = np.asarray(b.attention_received).mean(axis=1) - np.asarray(a.attention_received).mean(axis=1)
     np.testing.assert_allclose(np.asarray(diff.data[0]["z"]), expected, atol=1e-6)
+
+    # whole-trace comparison: each curve is the mean over the trace's samples of the per-sample values
+    cos = by_title(app, "Mean cos-to-BOS by segment")
+    for label, trace in (("A: av-a", Trace.load(root / "av-a")), ("B: av-b", Trace.load(root / "av-b"))):
+        curve = next(t for t in cos.data if t["name"] == f"{label}: audio")
+        per_sample = [np.asarray(s.bos_cosine)[:, 2:30].mean(axis=1) for s in trace]
+        np.testing.assert_allclose(curve["y"], np.mean(per_sample, axis=0), rtol=1e-5)
+        np.testing.assert_allclose(curve["error_y"]["array"], np.std(per_sample, axis=0, ddof=1), rtol=1e-4,
+                                   atol=1e-7)
+    acts = by_title(app, "Largest |h| over tokens vs the median")
+    top = next(t for t in acts.data if t["name"] == "A: av-a: top")
+    np.testing.assert_allclose(top["y"], np.mean([np.asarray(s.max_abs).max(axis=1) for s in
+                                                  Trace.load(root / "av-a")], axis=0), rtol=1e-5)
+    rate = by_title(app, "Sinks by segment")
+    assert {t["name"] for t in rate.data} >= {"A: av-a: audio", "B: av-b: video"}
+    # disjoint ids: samples are paired by transcript
+    app.selectbox(key="cmp_other").set_value("av-renamed").run()
+    assert not app.exception and not app.error
+    pairs = app.selectbox(key="cmp_sample").options
+    assert len(pairs) == 3 and pairs[0].startswith("utt00 ~ other00")
+    panel = by_title(app, "Attention received, mean over heads")
+    assert panel.layout["coloraxis"]["cmin"] <= panel.layout["coloraxis"]["cmax"]
+    assert all(t.get("coloraxis") == "coloraxis" for t in panel.data), "one colour scale for both panels"
 
     goto(app, "Dataset")
     assert len(app.dataframe[0].value) == Trace.load(root / "av-a").manifest["n_layers"]

@@ -82,6 +82,10 @@ def test_feature_sets_and_jaccard():
     assert metrics.massive_feature_sets(df, tokens=[5]) == {2: {7}}
     assert metrics.jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
     assert metrics.mean_pairwise_jaccard([{1, 2}, {1, 2}, {1}]) == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert np.isnan(metrics.jaccard(set(), set())), "two empty sets share nothing: undefined, not 1"
+    assert metrics.jaccard(set(), {1}) == 0.0
+    assert metrics.mean_pairwise_jaccard([set(), set(), {1}]) == 0.0  # the one undefined pair is left out
+    assert np.isnan(metrics.mean_pairwise_jaccard([set(), set()]))
 
 
 def test_bos_cosine_and_segments():

@@ -7,7 +7,8 @@ always kept at full resolution; pass `token_range` to zoom to full resolution.
 
     axes        token bins, pooling, hover labels, segment bands, the layer x token heatmap
     attention   attention received, head grid, full maps, sink rate by segment
-    massive     top activations, layer x feature map, tokens x features surface, Jaccard, origin
+    massive     top activations, ranked top-k features x layers, a feature's trajectory across layers, tokens x
+                features, Jaccard, origin
     cosine      cosine to BOS
     compare     differences between two traces
     dataset     whole-trace distributions
@@ -16,21 +17,29 @@ always kept at full resolution; pass `token_range` to zoom to full resolution.
 from sinkscope.segments import SEGMENT_COLORS, segment_color
 from sinkscope.viz.attention import attention_map, head_grid, received_attention_heatmap, sink_rate_by_segment_figure
 from sinkscope.viz.axes import add_segment_bands, esc, pool_tokens, token_bins, token_labels
-from sinkscope.viz.compare import difference_heatmap, side_by_side
+from sinkscope.viz.compare import (
+    difference_heatmap,
+    massive_feature_comparison,
+    profile_figure,
+    side_by_side,
+    sink_position_comparison,
+)
 from sinkscope.viz.cosine import cosine_by_segment_figure, cosine_heatmap
 from sinkscope.viz.dataset import cosine_distribution_figure, massive_feature_histogram, sink_positions_figure
 from sinkscope.viz.massive import (
-    feature_heatmap,
+    feature_trajectory_figure,
     jaccard_figure,
     origin_figure,
-    token_feature_surface,
+    token_feature_heatmap,
     top_activations_figure,
+    top_features_figure,
 )
 
 __all__ = [
-    "SEGMENT_COLORS", "add_segment_bands", "attention_map", "cosine_by_segment_figure", "cosine_distribution_figure",
-    "cosine_heatmap", "difference_heatmap", "esc", "feature_heatmap", "head_grid", "jaccard_figure",
-    "massive_feature_histogram", "origin_figure", "pool_tokens", "received_attention_heatmap", "segment_color",
-    "side_by_side", "sink_positions_figure", "sink_rate_by_segment_figure", "token_bins", "token_feature_surface",
-    "token_labels", "top_activations_figure",
+    "SEGMENT_COLORS", "add_segment_bands", "attention_map", "cosine_by_segment_figure",
+    "cosine_distribution_figure", "cosine_heatmap", "difference_heatmap", "esc", "feature_trajectory_figure",
+    "head_grid", "jaccard_figure", "massive_feature_comparison", "massive_feature_histogram", "origin_figure",
+    "pool_tokens", "profile_figure", "received_attention_heatmap", "segment_color", "side_by_side",
+    "sink_position_comparison", "sink_positions_figure", "sink_rate_by_segment_figure", "token_bins",
+    "token_feature_heatmap", "token_labels", "top_activations_figure", "top_features_figure",
 ]

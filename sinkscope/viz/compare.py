@@ -1,12 +1,15 @@
-"""Two traces side by side: the signed difference of a field for one sample, and paired panels."""
+"""Two traces compared: per-layer profiles over all samples (no shared sample needed), sink positions and
+massive-feature shares; for a sample in both, the signed difference of a field and paired panels."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from sinkscope.viz.axes import add_segment_bands, esc, layer_axis, pool_tokens, token_bins, token_labels
+from sinkscope.segments import SEGMENT_COLORS, segment_color
+from sinkscope.viz.axes import add_segment_bands, esc, layer_axis, layer_xaxis, pool_tokens, token_bins, token_labels
 
 
 def difference_heatmap(a, b, field: str = "attention_received", max_tokens: int = 256) -> go.Figure:
@@ -34,10 +37,80 @@ def difference_heatmap(a, b, field: str = "attention_received", max_tokens: int 
     return fig
 
 def side_by_side(fig_a: go.Figure, fig_b: go.Figure, titles: tuple[str, str]) -> go.Figure:
-    """Two single-panel figures of the same kind in one row."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=titles, shared_yaxes=True)
+    """Two single-panel figures of the same kind in one row, labelled like the single views: axis titles kept,
+    one legend, and heatmaps on one shared colour scale (its range spans both panels)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[esc(t) for t in titles], shared_yaxes=True,
+                        horizontal_spacing=0.05)
+    heatmaps = [t for f in (fig_a, fig_b) for t in f.data if t.type == "heatmap"]
+    if heatmaps:
+        values = np.concatenate([np.asarray(t.z, dtype=float).ravel() for t in heatmaps])
+        first = heatmaps[0]
+        axis = {"colorscale": first.colorscale, "cmin": float(np.nanmin(values)), "cmax": float(np.nanmax(values)),
+                "colorbar": {"title": first.colorbar.title.text if first.colorbar.title else None}}
+        if first.zmid is not None:
+            axis["cmid"] = first.zmid
+            axis.pop("cmin"), axis.pop("cmax")
+        fig.update_layout(coloraxis=axis)
     for col, src in ((1, fig_a), (2, fig_b)):
         for trace in src.data:
+            if trace.type == "heatmap":
+                trace.update(coloraxis="coloraxis")
+            elif col == 2:
+                trace.update(showlegend=False)
             fig.add_trace(trace, row=1, col=col)
-    fig.update_layout(height=420, showlegend=False)
+        fig.update_xaxes(title_text=src.layout.xaxis.title.text, row=1, col=col)
+        for shape in src.layout.shapes:  # segment bands
+            fig.add_shape(shape, row=1, col=col)
+    fig.update_yaxes(title_text=fig_a.layout.yaxis.title.text, row=1, col=1)
+    fig.update_layout(height=440, title=fig_a.layout.title.text, margin={"t": 90})
+    return fig
+
+
+def profile_figure(mean_a: pd.DataFrame, mean_b: pd.DataFrame, names: tuple[str, str], title: str,
+                   yaxis_title: str, group: str = "segment", log: bool = False) -> go.Figure:
+    """Per-layer curves of two traces from `analysis.profile_mean` tables: A solid, B dashed, one colour per
+    segment (or curve), error bars of one standard deviation over samples."""
+    fig = go.Figure()
+    for label, table, dash in ((names[0], mean_a, "solid"), (names[1], mean_b, "dash")):
+        for key, rows in table.groupby(group, sort=False):
+            color = segment_color(key) if key in SEGMENT_COLORS else CURVE_COLORS.get(key)
+            fig.add_trace(go.Scatter(
+                x=rows["layer"], y=rows["mean"], mode="lines+markers", name=f"{esc(label)}: {esc(key)}",
+                legendgroup=str(key), line={"color": color, "dash": dash},
+                error_y={"type": "data", "array": rows["std"], "visible": True, "thickness": 1},
+                customdata=rows["n"], hovertemplate=f"{esc(label)}, {esc(key)}<br>layer %{{x}}: %{{y:.4g}} "
+                                                    "(± sd over %{customdata} samples)<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=yaxis_title, height=420,
+                      yaxis_type="log" if log else None, legend={"font": {"size": 10}})
+    layer_xaxis(fig, int(max(mean_a["layer"].max(), mean_b["layer"].max())) + 1)
+    return fig
+
+
+CURVE_COLORS = {"top": "#d62728", "median": "#7f7f7f"}
+
+
+def sink_position_comparison(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str]) -> go.Figure:
+    """Where sinks sit, relative to each sample's length (0 = BOS, 1 = last token), for two traces."""
+    fig = go.Figure()
+    for label, table, color in ((names[0], a, "#1f77b4"), (names[1], b, "#ff7f0e")):
+        fig.add_trace(go.Histogram(x=table["relative_position"], name=esc(label), histnorm="probability",
+                                   xbins={"start": 0, "end": 1.0001, "size": 0.05}, marker_color=color,
+                                   opacity=0.6))
+    fig.update_layout(barmode="overlay", title="Sink positions relative to the sample's length",
+                      xaxis_title="relative position (0 = BOS, 1 = last token)", yaxis_title="share of sinks",
+                      height=380)
+    return fig
+
+
+def massive_feature_comparison(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str], top: int = 12) -> go.Figure:
+    """Share of samples in which each massive feature appears, for the features most common in either trace."""
+    shares = pd.merge(a[["feature", "share"]], b[["feature", "share"]], on="feature", how="outer",
+                      suffixes=("_a", "_b")).fillna(0.0)
+    shares = shares.assign(peak=shares[["share_a", "share_b"]].max(axis=1)).nlargest(top, "peak")
+    labels = [f"f{int(f)}" for f in shares["feature"]]
+    fig = go.Figure([go.Bar(x=labels, y=100 * shares["share_a"], name=esc(names[0]), marker_color="#1f77b4"),
+                     go.Bar(x=labels, y=100 * shares["share_b"], name=esc(names[1]), marker_color="#ff7f0e")])
+    fig.update_layout(barmode="group", title="Massive features: share of samples in which each is massive",
+                      xaxis_title="feature", yaxis_title="% of samples", yaxis_range=[0, 105], height=380,
+                      xaxis_type="category")
     return fig

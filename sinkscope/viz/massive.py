@@ -1,5 +1,5 @@
-"""Massive activations: top |h| per layer, the layer x feature map, tokens x features, feature-set Jaccard and
-the attention/MLP origin of each massive entry."""
+"""Massive activations: top |h| per layer, the ranked top-k features across layers, one feature's trajectory
+across layers, tokens x features, feature-set Jaccard and the attention/MLP origin of each massive entry."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from sinkscope.analysis import top_activations
-from sinkscope.viz.axes import esc, layer_axis, layer_xaxis, pool_tokens, token_bins
+from sinkscope.analysis import feature_values, ranked_features, top_activations
+from sinkscope.viz.axes import add_segment_bands, esc, layer_axis, layer_xaxis, pool_tokens, token_bins, token_labels
 
 
 def top_activations_figure(sample) -> go.Figure:
@@ -25,53 +25,76 @@ def top_activations_figure(sample) -> go.Figure:
     layer_xaxis(fig, len(table))
     return fig
 
-def feature_heatmap(sample, mlp: bool = False, top_features: int | None = None) -> go.Figure:
-    """Layer x feature heatmap of the largest |h| (or |mlp_out|) of each feature over tokens, log colour."""
-    values = np.asarray(sample.mlp_feature_max_abs if mlp else sample.feature_max_abs)  # [L, D]
-    features = np.arange(values.shape[1])
-    if top_features is not None and top_features < values.shape[1]:
-        features = np.sort(np.argsort(-values.max(axis=0))[:top_features])
-        values = values[:, features]
-    z = np.log10(np.maximum(values, 1e-6))
+def top_features_figure(sample, k: int = 16, mlp: bool = False) -> go.Figure:
+    """Layer x feature heatmap of the `k` features with the largest |h| (or |mlp_out|), ranked left to right,
+    labelled columns, log colour: the massive features stand out however wide the model is."""
+    features = ranked_features(sample, k, mlp)
+    values = np.asarray(sample.mlp_feature_max_abs if mlp else sample.feature_max_abs)[:, features]  # [L, k]
     name = "|mlp_out|" if mlp else "|h|"
+    labels = [f"f{f}" for f in features]
     fig = go.Figure(go.Heatmap(
-        z=z, x=[str(f) for f in features], y=np.arange(values.shape[0]), colorscale="Magma",
+        z=np.log10(np.maximum(values, 1e-6)), x=labels, y=np.arange(values.shape[0]), colorscale="Magma",
         customdata=values, colorbar={"title": f"log10 max {name}"},
-        hovertemplate="layer %{y}, feature %{x}<br>max " + name + " %{customdata:.1f}<extra></extra>",
+        hovertemplate="layer %{y}, feature %{x}<br>max " + name + " over tokens %{customdata:.4g}<extra></extra>",
     ))
-    fig.update_layout(title=f"Largest {name} of each feature over tokens", xaxis_title="feature",
-                      yaxis_title="layer", height=420, xaxis_type="category" if top_features else None)
+    fig.update_layout(title=f"The {len(features)} features with the largest {name} (ranked; max over tokens)",
+                      xaxis_title="feature (largest first)", yaxis_title="layer", height=420,
+                      xaxis_type="category")
     layer_axis(fig, values.shape[0])
     return fig
 
-def token_feature_surface(sample, layer: int, max_tokens: int = 128) -> go.Figure:
-    """3D |h| over tokens x features at one layer: the full state where the trace holds it, else the
-    per-token top features (zeros elsewhere)."""
-    n = len(sample.tokens)
-    if layer in sample.hidden_states:
-        z = np.abs(np.asarray(sample.hidden_states[layer], dtype=np.float32))  # [T, D]
-        source = "full hidden state"
-    else:
-        idx = np.asarray(sample.top_features)[layer]  # [T, k]
-        val = np.abs(np.asarray(sample.top_values)[layer])
-        z = np.zeros((n, int(np.asarray(sample.feature_max_abs).shape[1])), dtype=np.float32)
-        np.put_along_axis(z, idx.astype(np.int64), val, axis=1)
-        source = f"top {idx.shape[1]} features per token"
-    starts = token_bins(n, max_tokens)
-    z = pool_tokens(z, starts, axis=0)
-    fig = go.Figure(go.Surface(z=z, x=np.arange(z.shape[1]), y=starts, colorscale="Magma",
-                               colorbar={"title": "|h|"}))
-    fig.update_layout(title=f"|h| at layer {layer}, tokens x features ({source})", height=560,
-                      scene={"xaxis_title": "feature", "yaxis_title": "token", "zaxis_title": "|h|"})
+
+def feature_trajectory_figure(sample, feature: int, tokens: Sequence[int], mlp: bool = False) -> go.Figure:
+    """|h[feature]| across layers for chosen tokens, log scale (Sun et al., 2024, Fig. 1). Gaps: layers where the
+    feature was not among the token's recorded top-k (its value is then below the token's k-th largest)."""
+    values = feature_values(sample, [feature], mlp)[:, :, 0]  # [L, T]
+    fig = go.Figure()
+    for t in tokens:
+        fig.add_trace(go.Scatter(x=np.arange(values.shape[0]), y=values[:, t], mode="lines+markers",
+                                 name=f"t{t} {esc(repr(sample.tokens[t]))}", connectgaps=False))
+    name = "|mlp_out|" if mlp else "|h|"
+    fig.update_layout(title=f"{name} of feature {feature} across layers", xaxis_title="layer",
+                      yaxis_title=f"{name}[{feature}]", yaxis_type="log", height=420, legend_title="token")
+    layer_xaxis(fig, values.shape[0])
     return fig
 
+
+def token_feature_heatmap(sample, layer: int, features: Sequence[int], max_tokens: int = 512,
+                          mlp: bool = False) -> go.Figure:
+    """Tokens x chosen features at one layer, log colour, max-pooled along tokens (spikes survive on a
+    2,048-token trace); blank where a feature was not among a token's recorded top-k."""
+    values = feature_values(sample, features, mlp)[layer]  # [T, F]
+    n = values.shape[0]
+    starts = token_bins(n, max_tokens)
+    pooled = pool_tokens(np.nan_to_num(values, nan=0.0), starts, axis=0)
+    z = np.where(pooled > 0, np.log10(np.maximum(pooled, 1e-6)), np.nan)
+    labels = token_labels(sample.tokens, sample.segments, starts)
+    name = "|mlp_out|" if mlp else "|h|"
+    hover = np.broadcast_to(np.array(labels, dtype=object), (len(features), len(starts)))
+    fig = go.Figure(go.Heatmap(
+        z=z.T, x=np.arange(len(starts)), y=[f"f{f}" for f in features], colorscale="Magma", text=hover,
+        customdata=pooled.T, colorbar={"title": f"log10 {name}"},
+        hovertemplate="%{text}<br>feature %{y}: " + name + " %{customdata:.4g}<extra></extra>",
+    ))
+    add_segment_bands(fig, sample.segments, starts)
+    fig.update_layout(title=f"{name} at layer {layer}, tokens x the top features"
+                      + (f" (max over bins of {n} tokens)" if len(starts) < n else ""),
+                      xaxis_title="token (bin)", yaxis_title="feature", height=380, yaxis_type="category",
+                      margin={"t": 80})
+    return fig
+
+
 def jaccard_figure(labels: list[str], matrix: np.ndarray) -> go.Figure:
-    """Pairwise Jaccard of massive-feature sets between sink tokens."""
+    """Pairwise Jaccard of massive-feature sets between sink tokens; cells where both sets are empty are undefined
+    and drawn blank with the word "undefined"."""
     labels = [esc(x) for x in labels]
+    matrix = np.asarray(matrix, dtype=float)
+    text = np.where(np.isnan(matrix), "undefined (no massive features)", np.char.mod("%.2f", np.nan_to_num(matrix)))
     fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
-                               colorbar={"title": "Jaccard"},
-                               hovertemplate="%{y}<br>%{x}<br>Jaccard %{z:.2f}<extra></extra>"))
-    fig.update_layout(title="Massive-feature sets: Jaccard between sink tokens", height=380)
+                               colorbar={"title": "Jaccard"}, text=text,
+                               hovertemplate="%{y}<br>%{x}<br>Jaccard %{text}<extra></extra>"))
+    fig.update_layout(title="Massive-feature sets: Jaccard between sink tokens (blank: both sets empty)",
+                      height=380)
     return fig
 
 def origin_figure(origin: pd.DataFrame, tokens: Sequence[str]) -> go.Figure:

@@ -80,6 +80,11 @@ def dataset_tables(path: str, mtime: float, eps: float) -> tuple[pd.DataFrame, p
     return analysis.dataset_sinks(tr, eps), analysis.dataset_massive_features(tr), analysis.layer_summary(tr, eps)
 
 
+@st.cache_data(show_spinner="Profiling the trace...", max_entries=16)
+def trace_profile(path: str, mtime: float, eps: float) -> dict:
+    return analysis.trace_profile(_load(path, mtime), eps)
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
 def dataset_cosine(path: str, mtime: float, layer: int) -> pd.DataFrame:
     return analysis.dataset_cosine(_load(path, mtime), layer)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 from sinkscope import analysis, viz
 from sinkscope.errors import SinkscopeError
 from sinkscope.trace import Trace
-from sinkscope.webapp.state import dataset_cosine, dataset_tables, load_trace, mtime, show, token_window
+from sinkscope.webapp.state import (
+    dataset_cosine,
+    dataset_tables,
+    load_trace,
+    mtime,
+    show,
+    token_window,
+    trace_profile,
+)
 
 
 def view_overview(tr: Trace, s, eps: float) -> None:
@@ -70,14 +79,30 @@ def view_attention(tr: Trace, s, eps: float) -> None:
 
 
 def view_massive(tr: Trace, s, eps: float) -> None:
+    n_layers = tr.manifest["n_layers"]
     c1, c2 = st.columns(2)
     with c1:
-        mlp = st.toggle("MLP output instead of the residual stream", key="mass_mlp")
-        show(viz.feature_heatmap(s, mlp=mlp), "mass_heat")
+        mlp = st.toggle("MLP output instead of the residual stream", key="mass_mlp",
+                        help="|mlp_out| of each block instead of the residual stream |h| (Sun et al., 2024 find the "
+                             "massive activations written by an early MLP).")
+        k = st.slider("Top features", 4, 64, 16, 4, key="mass_k",
+                      help="The features ranked by their largest |value| over layers and tokens.")
+        features = [int(f) for f in analysis.ranked_features(s, k, mlp)]
+        show(viz.top_features_figure(s, k, mlp), "mass_topk")
     with c2:
-        layer = st.slider("Layer for the 3D view", 0, tr.manifest["n_layers"] - 1,
-                          int(s.massive["layer"].min()) if len(s.massive) else 0, key="mass_layer")
-        show(viz.token_feature_surface(s, layer), "mass_surface")
+        peak = np.asarray(s.mlp_feature_max_abs if mlp else s.feature_max_abs).max(axis=0)
+        feature = st.selectbox("Feature (selects it in the views below)", features, key="mass_feature",
+                               format_func=lambda f: f"f{f} (max {peak[f]:,.0f})")
+        massive_tokens = sorted(set(map(int, s.massive["token"]))) if len(s.massive) else []
+        default = (massive_tokens or [0])[:4]
+        chosen = st.multiselect("Tokens", list(range(len(s.tokens))), default=default, key="mass_tokens",
+                                format_func=lambda t: f"{t}: {s.tokens[t]!r}",
+                                help="Default: the tokens that carry massive activations.")
+        show(viz.feature_trajectory_figure(s, int(feature), chosen or default, mlp), "mass_traj")
+    layer = st.slider("Layer for tokens x features", 0, n_layers - 1,
+                      int(s.massive["layer"].min()) if len(s.massive) else 0, key="mass_layer")
+    shown = [feature] + [f for f in features if f != feature][:7]
+    show(viz.token_feature_heatmap(s, layer, shown, mlp=mlp), "mass_tokens_map")
     st.subheader("Massive activations")
     if len(s.massive):
         table = s.massive.copy()
@@ -99,6 +124,24 @@ def view_cosine(tr: Trace, s) -> None:
     show(viz.cosine_by_segment_figure(s), "cos_curves")
 
 
+def _content(sample) -> str:
+    return str(sample.extra.get("text") or sample.extra.get("transcript") or "")
+
+
+def sample_pairs(a: Trace, b: Trace) -> list[tuple[str, str, str]]:
+    """(label, id in A, id in B): samples with the same id, else with the same text or transcript."""
+    shared = set(b.sample_ids)
+    pairs = [(sid, sid, sid) for sid in a.sample_ids if sid in shared]
+    if pairs:
+        return pairs
+    by_content = {}
+    for s in b:
+        by_content.setdefault(_content(s), s.sample_id)
+    by_content.pop("", None)
+    return [(f"{s.sample_id} ~ {by_content[_content(s)]}: {_content(s)[:40]}", s.sample_id, by_content[_content(s)])
+            for s in a if _content(s) in by_content]
+
+
 def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float) -> None:
     others = [t for t in traces if t != name] or traces
     mine = set(tr.sample_ids)
@@ -117,27 +160,61 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
     except SinkscopeError as exc:
         st.error(str(exc))
         return
-    shared = [sid for sid in tr.sample_ids if sid in set(other.sample_ids)]
-    st.caption(f"A = {name} ({len(tr)} samples), B = {other_name} ({len(other)} samples); {len(shared)} shared ids.")
-    if not shared:
-        st.warning("The two traces share no sample ids, so there is nothing to compare sample by sample.")
-        return
-    sid = st.selectbox("Shared sample", shared, key="cmp_sample")
-    a, b = tr.sample(sid), other.sample(sid)
-    show(viz.side_by_side(viz.received_attention_heatmap(a), viz.received_attention_heatmap(b),
-                          (f"A: {name}", f"B: {other_name}")), "cmp_heat")
+    names = (f"A: {name}", f"B: {other_name}")
+    st.subheader("Whole traces")
+    st.caption(f"A = {name} ({len(tr)} samples, {tr.manifest.get('model')}), B = {other_name} ({len(other)} "
+               f"samples, {other.manifest.get('model')}). Means over each trace's samples, error bars one standard "
+               "deviation; the traces need not share a sample.")
+    pa, pb = trace_profile(str(tr.path), mtime(tr.path), eps), trace_profile(str(other.path), mtime(other.path), eps)
     c1, c2 = st.columns(2)
     with c1:
-        show(viz.side_by_side(viz.sink_rate_by_segment_figure(a, eps), viz.sink_rate_by_segment_figure(b, eps),
-                              ("A: sink rate by segment", "B")), "cmp_sink")
+        show(viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]),
+                                names, f"Sinks by segment (alpha > {eps} in at least half of the heads)",
+                                "% of the segment's tokens"), "cmp_rate")
     with c2:
-        show(viz.side_by_side(viz.cosine_by_segment_figure(a), viz.cosine_by_segment_figure(b),
-                              ("A: cos-to-BOS by segment", "B")), "cmp_cos")
+        show(viz.profile_figure(analysis.profile_mean(pa["cosine"]), analysis.profile_mean(pb["cosine"]), names,
+                                "Mean cos-to-BOS by segment", "cos to BOS"), "cmp_cosine")
+    c3, c4 = st.columns(2)
+    with c3:
+        acts = [analysis.profile_mean(p["activations"].melt(["sample", "layer"], var_name="curve"),
+                                      by=("curve", "layer")) for p in (pa, pb)]
+        show(viz.profile_figure(*acts, names, "Largest |h| over tokens vs the median |h|", "|h|", group="curve",
+                                log=True), "cmp_acts")
+    with c4:
+        show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names), "cmp_features")
+        overlap_sets = analysis.feature_set_overlap(pa["massive_features"], pb["massive_features"])
+        jac = overlap_sets["jaccard"]
+        def listed(features: list[int]) -> str:
+            return ", ".join(map(str, features[:12])) + (f" and {len(features) - 12} more" if len(features) > 12
+                                                         else "") if features else "none"
+
+        st.caption(f"Massive in at least half of the samples: A: {listed(overlap_sets['a'])}; B: "
+                   f"{listed(overlap_sets['b'])}. "
+                   + ("Jaccard undefined (both sets empty)." if np.isnan(jac) else f"Jaccard {jac:.2f}."))
+    show(viz.sink_position_comparison(pa["sink_positions"], pb["sink_positions"], names), "cmp_positions")
+
+    st.subheader("One sample in both")
+    pairs = sample_pairs(tr, other)
+    if not pairs:
+        st.info("No sample of A has the same id, text or transcript as a sample of B: compare the traces above.")
+        return
+    label = st.selectbox(f"Paired sample ({len(pairs)} pairs, by id or by content)", [p[0] for p in pairs],
+                         key="cmp_sample")
+    _, id_a, id_b = next(p for p in pairs if p[0] == label)
+    a, b = tr.sample(id_a), other.sample(id_b)
+    show(viz.side_by_side(viz.received_attention_heatmap(a), viz.received_attention_heatmap(b), names),
+         "cmp_heat")
+    c5, c6 = st.columns(2)
+    with c5:
+        show(viz.side_by_side(viz.sink_rate_by_segment_figure(a, eps), viz.sink_rate_by_segment_figure(b, eps),
+                              names), "cmp_sink")
+    with c6:
+        show(viz.side_by_side(viz.cosine_by_segment_figure(a), viz.cosine_by_segment_figure(b), names), "cmp_cos")
     if len(a.tokens) == len(b.tokens):
         show(viz.difference_heatmap(a, b, "attention_received"), "cmp_diff_alpha")
         show(viz.difference_heatmap(a, b, "bos_cosine"), "cmp_diff_cos")
     else:
-        st.info(f"Sample {sid} has {len(a.tokens)} tokens in A and {len(b.tokens)} in B: no token-wise difference.")
+        st.info(f"The pair has {len(a.tokens)} tokens in A and {len(b.tokens)} in B: no token-wise difference.")
 
 
 def view_dataset(tr: Trace, eps: float) -> None:

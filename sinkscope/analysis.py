@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from sinkscope.metrics import (
+    MIN_QUERIES,
     SINK_EPS,
     SINK_HEAD_FRACTION,
     cosine_by_segment,
@@ -107,9 +108,10 @@ def feature_values(sample, features, mlp: bool = False) -> np.ndarray:
     return out
 
 
-def sample_findings(sample, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> dict:
+def sample_findings(sample, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION,
+                    min_queries: int = MIN_QUERIES) -> dict:
     """What a reader wants first: sink tokens (with how many layers), massive features and their origin."""
-    flags = sink_layers(sample.attention_received, eps, head_fraction)  # [L, T]
+    flags = sink_layers(sample.attention_received, eps, head_fraction, min_queries)  # [L, T]
     counts = flags.sum(axis=0)
     names = token_segments(sample.segments, len(sample.tokens))
     sinks = [{"position": int(k), "token": sample.tokens[k], "segment": names[k], "layers": int(counts[k])}
@@ -122,11 +124,12 @@ def sample_findings(sample, eps: float = SINK_EPS, head_fraction: float = SINK_H
             pd.DataFrame()}
 
 
-def sink_token_jaccard(sample, eps: float = SINK_EPS) -> tuple[list[str], np.ndarray]:
+def sink_token_jaccard(sample, eps: float = SINK_EPS, min_queries: int = MIN_QUERIES) -> tuple[list[str], np.ndarray]:
     """Jaccard of the massive-feature sets (all layers) between the tokens that are sinks or carry massive
     activations. Returns token labels and the square matrix."""
     massive = sample.massive
-    tokens = sorted(set(map(int, massive["token"])) | set(sink_tokens(sample.attention_received, eps)))
+    tokens = sorted(set(map(int, massive["token"])) | set(sink_tokens(sample.attention_received, eps,
+                                                                                    min_queries=min_queries)))
     sets = {t: set(map(int, massive.loc[massive["token"] == t, "feature"])) for t in tokens}
     labels = [f"{t}: {sample.tokens[t]!r}" for t in tokens]
     matrix = np.array([[jaccard(sets[a], sets[b]) for b in tokens] for a in tokens], dtype=float)
@@ -134,11 +137,12 @@ def sink_token_jaccard(sample, eps: float = SINK_EPS) -> tuple[list[str], np.nda
 
 
 # ------------------------------------------------------------------------------------------------ whole trace
-def dataset_sinks(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> pd.DataFrame:
+def dataset_sinks(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION,
+                  min_queries: int = MIN_QUERIES) -> pd.DataFrame:
     """Every (sample, token) that is a sink in at least one layer: position, relative position, segment."""
     rows = []
     for s in trace:
-        flags = sink_layers(s.attention_received, eps, head_fraction)
+        flags = sink_layers(s.attention_received, eps, head_fraction, min_queries)
         counts = flags.sum(axis=0)
         names = token_segments(s.segments, len(s.tokens))
         n = len(s.tokens)
@@ -222,7 +226,8 @@ def sink_statistics(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HE
 
 
 # ------------------------------------------------------------------------------------------------ two traces
-def trace_profile(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION) -> dict:
+def trace_profile(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION,
+                  min_queries: int = MIN_QUERIES) -> dict:
     """A trace summarised per layer over its samples, for comparing two traces that need not share a sample
     (decorrelation off vs on, one rate vs another, fp32 vs bf16). Each table has one row per (sample, layer[,
     segment]); `profile_mean` averages them with a spread.
@@ -236,7 +241,7 @@ def trace_profile(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD
     rate_rows, act_rows, cos_rows = [], [], []
     for s in trace:
         names = token_segments(s.segments, len(s.tokens))
-        flags = sink_layers(s.attention_received, eps, head_fraction)  # [L, T]
+        flags = sink_layers(s.attention_received, eps, head_fraction, min_queries)  # [L, T]
         bos_cos = np.asarray(s.bos_cosine)
         max_abs = np.asarray(s.max_abs)
         median = np.asarray(s.median_abs)
@@ -256,7 +261,7 @@ def trace_profile(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD
     return {"sink_rate": pd.DataFrame(rate_rows, columns=["sample", "layer", "segment", "value"]),
             "activations": pd.DataFrame(act_rows, columns=["sample", "layer", "top", "median"]),
             "cosine": pd.DataFrame(cos_rows, columns=["sample", "layer", "segment", "value"]),
-            "sink_positions": dataset_sinks(trace, eps, head_fraction),
+            "sink_positions": dataset_sinks(trace, eps, head_fraction, min_queries),
             "massive_features": features[["feature", "samples", "share", "max_abs"]],
             "samples": len(trace)}
 

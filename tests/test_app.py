@@ -11,6 +11,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from sinkscope import analysis
 from sinkscope.trace import Trace
 from tests.av_trace import AV_SEGMENTS, write_av_trace
 
@@ -205,6 +206,14 @@ def test_compare_and_dataset_views(app, root):
     positions = by_title(app, "Sink tokens by relative position")
     bos = next(t for t in positions.data if t["name"] == "bos")
     assert list(bos["x"]) == [0.0, 0.0, 0.0], "BOS of each of the 3 samples sinks at eps=0.05"
+    # no sink at a position seen by fewer queries than the sidebar's minimum
+    n_tokens = len(Trace.load(root / "av-a")[0].tokens)
+    for minimum in (8, 40):
+        app.sidebar.number_input(key="min_queries").set_value(minimum).run()
+        table = analysis.dataset_sinks(Trace.load(root / "av-a"), 0.05, min_queries=minimum)
+        assert (n_tokens - table["position"] >= minimum).all()
+        shown = [x for t in by_title(app, "Sink tokens by relative position").data for x in t["x"]]
+        assert max(shown) <= (n_tokens - minimum) / (n_tokens - 1) + 1e-9 and len(shown) == len(table)
 
 
 def test_malformed_trace_and_path_outside_root(app, root):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.metrics import SINK_EPS
+from sinkscope.metrics import MIN_QUERIES, SINK_EPS
 from sinkscope.webapp.state import get_root, list_traces, load_trace, pick_sample, resolve_under_root
 from sinkscope.webapp.views import (
     view_attention,
@@ -45,7 +45,15 @@ def main() -> None:
     default = traces.index(requested) if requested in traces else 0
     name = st.sidebar.selectbox("Trace", traces, index=default, key="trace")
     view = st.sidebar.radio("View", VIEWS, key="view")
-    eps = st.sidebar.slider("Sink threshold eps", 0.05, 0.9, SINK_EPS, 0.05, key="eps")
+    eps = st.sidebar.slider(
+        "Sink threshold eps", 0.05, 0.9, SINK_EPS, 0.05, key="eps",
+        help="alpha (attention received) of a key = its attention weight averaged over the queries that see it. "
+             "A token is a sink in a layer when at least half of the heads give it alpha > eps (Gu et al., 2025, "
+             "'When attention sink emerges'; Sink^eps of position 0 is their metric).")
+    min_queries = st.sidebar.number_input(
+        "Min. queries per sink", 1, 256, MIN_QUERIES, key="min_queries",
+        help="A key seen by fewer queries (the last positions: alpha there averages over 1-3 queries) is never "
+             "called a sink; its alpha is still shown.")
     try:
         tr = load_trace(root, name)
         st.sidebar.caption(f"{tr.manifest.get('model')} | {tr.manifest['n_layers']} layers x "
@@ -57,19 +65,19 @@ def main() -> None:
             return
         st.header(f"{view}: {name}")
         if view == "Dataset":
-            view_dataset(tr, eps)
+            view_dataset(tr, eps, int(min_queries))
             return
         if view == "Compare":
-            view_compare(root, tr, traces, name, eps)
+            view_compare(root, tr, traces, name, eps, int(min_queries))
             return
         s = tr[pick_sample(tr, "main")]
         st.caption(f"sample {s.sample_id}: " + " ".join(f"[{seg} {a}-{b - 1}]" for seg, a, b in s.segments))
         if view == "Overview":
-            view_overview(tr, s, eps)
+            view_overview(tr, s, eps, int(min_queries))
         elif view == "Attention":
             view_attention(tr, s, eps)
         elif view == "Massive activations":
-            view_massive(tr, s, eps)
+            view_massive(tr, s, eps, int(min_queries))
         elif view == "Cosine to BOS":
             view_cosine(tr, s)
     except SinkscopeError as exc:

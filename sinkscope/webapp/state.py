@@ -75,14 +75,16 @@ def sample_index(tr: Trace) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner="Aggregating over the trace...", max_entries=16)
-def dataset_tables(path: str, mtime: float, eps: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def dataset_tables(path: str, mtime: float, eps: float, min_queries: int
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     tr = _load(path, mtime)
-    return analysis.dataset_sinks(tr, eps), analysis.dataset_massive_features(tr), analysis.layer_summary(tr, eps)
+    return (analysis.dataset_sinks(tr, eps, min_queries=min_queries), analysis.dataset_massive_features(tr),
+            analysis.layer_summary(tr, eps))
 
 
 @st.cache_data(show_spinner="Profiling the trace...", max_entries=16)
-def trace_profile(path: str, mtime: float, eps: float) -> dict:
-    return analysis.trace_profile(_load(path, mtime), eps)
+def trace_profile(path: str, mtime: float, eps: float, min_queries: int) -> dict:
+    return analysis.trace_profile(_load(path, mtime), eps, min_queries=min_queries)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

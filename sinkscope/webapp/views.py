@@ -21,7 +21,7 @@ from sinkscope.webapp.state import (
 )
 
 
-def view_overview(tr: Trace, s, eps: float) -> None:
+def view_overview(tr: Trace, s, eps: float, min_queries: int) -> None:
     c1, c2 = st.columns(2)
     with c1:
         show(viz.sink_rate_by_segment_figure(s, eps), "ov_sinkrate")
@@ -31,13 +31,14 @@ def view_overview(tr: Trace, s, eps: float) -> None:
     with c3:
         show(viz.cosine_by_segment_figure(s), "ov_cos")
     with c4:
-        findings = analysis.sample_findings(s, eps)
+        findings = analysis.sample_findings(s, eps, min_queries=min_queries)
         st.subheader("Findings")
         sinks = findings["sinks"][:6]
         if sinks:
-            st.markdown("**Sink tokens** (layers in which at least half of the heads give alpha > "
-                        f"{eps}):\n" + "\n".join(f"- position {d['position']} {d['token']!r} [{d['segment']}]: "
-                                                 f"{d['layers']} of {tr.manifest['n_layers']} layers" for d in sinks))
+            lines = [f"- position {d['position']} {d['token']!r} [{d['segment']}]: {d['layers']} of "
+                     f"{tr.manifest['n_layers']} layers" for d in sinks]
+            st.markdown(f"**Sink tokens** (layers in which at least half of the heads give alpha > {eps}, keys seen "
+                        f"by at least {min_queries} queries):\n" + "\n".join(lines))
         else:
             st.markdown("**Sink tokens:** none at this threshold.")
         feats = findings["massive_features"]
@@ -78,7 +79,7 @@ def view_attention(tr: Trace, s, eps: float) -> None:
         st.caption("This trace holds no full attention maps (record with --attention-maps L:H,...).")
 
 
-def view_massive(tr: Trace, s, eps: float) -> None:
+def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
     n_layers = tr.manifest["n_layers"]
     c1, c2 = st.columns(2)
     with c1:
@@ -110,10 +111,11 @@ def view_massive(tr: Trace, s, eps: float) -> None:
         st.dataframe(table, width="stretch", height=240)
         c3, c4 = st.columns(2)
         with c3:
-            labels, matrix = analysis.sink_token_jaccard(s, eps)
+            labels, matrix = analysis.sink_token_jaccard(s, eps, min_queries)
             show(viz.jaccard_figure(labels, matrix), "mass_jaccard")
         with c4:
-            show(viz.origin_figure(analysis.sample_findings(s, eps)["origin"], s.tokens), "mass_origin")
+            show(viz.origin_figure(analysis.sample_findings(s, eps, min_queries=min_queries)["origin"], s.tokens),
+                 "mass_origin")
     else:
         st.info("No massive activations in this sample at the trace's thresholds.")
 
@@ -142,7 +144,7 @@ def sample_pairs(a: Trace, b: Trace) -> list[tuple[str, str, str]]:
             for s in a if _content(s) in by_content]
 
 
-def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float) -> None:
+def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float, min_queries: int) -> None:
     others = [t for t in traces if t != name] or traces
     mine = set(tr.sample_ids)
 
@@ -165,7 +167,7 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
     st.caption(f"A = {name} ({len(tr)} samples, {tr.manifest.get('model')}), B = {other_name} ({len(other)} "
                f"samples, {other.manifest.get('model')}). Means over each trace's samples, error bars one standard "
                "deviation; the traces need not share a sample.")
-    pa, pb = trace_profile(str(tr.path), mtime(tr.path), eps), trace_profile(str(other.path), mtime(other.path), eps)
+    pa, pb = (trace_profile(str(t.path), mtime(t.path), eps, min_queries) for t in (tr, other))
     c1, c2 = st.columns(2)
     with c1:
         show(viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]),
@@ -217,10 +219,10 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
         st.info(f"The pair has {len(a.tokens)} tokens in A and {len(b.tokens)} in B: no token-wise difference.")
 
 
-def view_dataset(tr: Trace, eps: float) -> None:
+def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:
     st.caption(f"Aggregates over all {len(tr)} samples.")
     key = (str(tr.path), mtime(tr.path))
-    sinks, features, summary = dataset_tables(*key, eps)
+    sinks, features, summary = dataset_tables(*key, eps, min_queries)
     c1, c2 = st.columns(2)
     with c1:
         if sinks.empty:

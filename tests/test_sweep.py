@@ -122,3 +122,38 @@ def test_sweep_file_errors(tmp_path):
     foreign.write_text("a,b\n1,2\n")
     with pytest.raises(SinkscopeError, match="not a sweep results file"):
         results_mod.read_rows(foreign, ["point"])
+
+
+def test_sigkilled_sweep_resumes_to_the_uninterrupted_rows(spec_file, tmp_path):
+    """kill -9 of `sinkscope sweep` while the second point trains, then the same command: the rows of a sweep
+    that was never killed (the finished point is not redone; the killed one restarts from its last checkpoint)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    points = ["--point", "ka2-kv1-dec0", "--point", "ka2-kv1-dec100"]
+    cmd = [sys.executable, "-m", "sinkscope", "sweep", "--config", str(spec_file), *points]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    second = tmp_path / "runs" / "ka2-kv1-dec100"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (second / "run.json").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    spec = load_sweep(spec_file)
+    assert [r["point"] for r in read_results(spec)] == ["ka2-kv1-dec0"], "killed during the second point"
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    resumed = read_results(spec)
+
+    whole_file = tmp_path / "whole.yaml"
+    whole = yaml.safe_load(spec_file.read_text())
+    whole.update(out=str(tmp_path / "runs-whole"), results=str(tmp_path / "whole.csv"))
+    whole_file.write_text(yaml.safe_dump(whole, sort_keys=False))
+    assert subprocess.run([sys.executable, "-m", "sinkscope", "sweep", "--config", str(whole_file), *points],
+                          capture_output=True, timeout=600).returncode == 0
+    uninterrupted = read_results(load_sweep(whole_file))
+    varying = {"train_minutes", "run", "trace", "sweep", "command"}
+    assert [{k: v for k, v in r.items() if k not in varying} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in varying} for r in uninterrupted]

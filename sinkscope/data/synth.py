@@ -238,7 +238,13 @@ def synthesize(out: str | os.PathLike, cfg: SynthConfig, workers: int = 1,
         found = ", ".join(sorted(p.name for p in out.iterdir())[:5])
         raise SinkscopeError(f"--out {out} is not empty ({found}, ...) and is not a corpus of `sinkscope data synth` "
                              "(no synth_config.json): nothing was written; choose an empty or new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SinkscopeError(f"--out {out}: cannot be written ({exc.strerror or exc}); nothing was generated") from exc
     wanted = {"sinkscope_version": __version__, **asdict(cfg)}
     if cfg.vocab == "open":
         from importlib.metadata import version

@@ -133,8 +133,11 @@ def _check_out(out: Path) -> None:
                              "state.json); choose another path")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as exc:
-        raise SinkscopeError(f"export: {out} cannot be created ({exc.strerror or exc})") from exc
+        raise SinkscopeError(f"export: {out} cannot be written ({exc.strerror or exc})") from exc
 
 
 def export_run(run: str | Path, out: str | Path, encoders: str | None = None) -> list[Path]:

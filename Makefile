@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sinkscope-installed
 DEMO_TRACE ?= traces/demo-prompts
+BF16_TRACE ?= traces/demo-prompts-bf16
 AV_TRACE   ?= traces/demo-avsr
 AV_CORPUS  ?= corpora/demo
 export HF_HUB_OFFLINE := 1
@@ -24,10 +25,13 @@ setup: $(STAMP)
 llm: setup
 	$(VENV)/bin/sinkscope prepare --model smollm2-135m
 
-# Text prompts through SmolLM2, then held-out-speaker utterances through the shipped AVSR model (`--checkpoint demo`).
+# Text prompts through SmolLM2 in float32 and in bfloat16 (a pair for the app's Compare view), then
+# held-out-speaker utterances through the shipped AVSR model (`--checkpoint demo`).
 demo: llm
 	$(VENV)/bin/sinkscope record --model smollm2-135m --text-file examples/prompts.txt --out $(DEMO_TRACE) --resume
 	$(VENV)/bin/sinkscope summary $(DEMO_TRACE)
+	$(VENV)/bin/sinkscope record --model smollm2-135m --text-file examples/prompts.txt --dtype bfloat16 \
+	  --out $(BF16_TRACE) --resume
 	$(VENV)/bin/sinkscope data synth --out $(AV_CORPUS) --n 100 --seed 0 --workers 2
 	$(VENV)/bin/sinkscope record --checkpoint demo --data $(AV_CORPUS) --split test --n 16 --out $(AV_TRACE) --resume
 	$(VENV)/bin/sinkscope summary $(AV_TRACE)

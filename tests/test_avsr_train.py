@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.eval import score
 from sinkscope.train.avsr import read_train_config as load_config
 from sinkscope.train.avsr import train
 from sinkscope.train.losses import context_mask
@@ -129,6 +130,10 @@ def test_train_and_eval_from_the_command_line(corpus, tmp_path):
                      "transcript", "eos"]
     assert s.tokens[1] == "<audio>" and s.tokens[2] == "A0" and len(tr) == 3
     assert s.extra["mode"] == "avsr" and tr.manifest["config"]["k_audio"] == 4
+    # each sample carries the model's greedy hypothesis and its WER against the reference
+    for sample in tr:
+        assert isinstance(sample.extra["hypothesis"], str) and 0 <= sample.extra["wer"]
+        assert sample.extra["wer"] == score([sample.extra["transcript"]], [sample.extra["hypothesis"]])["wer"]
     (tmp_path / "run" / "state.json").write_text("{broken")
     res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus)])
     assert res.exit_code == 1 and "state.json: not valid JSON" in res.output

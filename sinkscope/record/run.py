@@ -130,8 +130,11 @@ def record_texts(
 
 def record_avsr(model, dataset, out: str | os.PathLike, batch_size: int = 4,
                 attention_maps: Sequence[tuple[int, int]] = (), hidden_states: Sequence[int] = (),
-                resume: bool = False, config: dict | None = None, progress: Callable | None = None) -> tuple[int, int]:
-    """Record AVSR samples (prompt + reference transcript, teacher-forced) with their segments and tokens."""
+                resume: bool = False, config: dict | None = None, progress: Callable | None = None,
+                decode: bool = True, max_new_tokens: int = 24) -> tuple[int, int]:
+    """Record AVSR samples (prompt + reference transcript, teacher-forced) with their segments and tokens. With
+    `decode`, each sample's `extra` also holds the model's greedy hypothesis and its WER and CER against the
+    reference (decoded before recording, without the recorder's hooks)."""
     from torch.utils.data import DataLoader
 
     from sinkscope.data.dataset import collate
@@ -142,22 +145,28 @@ def record_avsr(model, dataset, out: str | os.PathLike, batch_size: int = 4,
     todo = [i for i in items if dataset.items[i].id not in done]
     loader = DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size, collate_fn=collate)
     recorded = 0
-    with Recorder(model.llm, attention_maps, hidden_states) as rec:
-        for batch in loader:
-            if batch is None:
-                continue
-            with torch.no_grad():
-                built = model.build(batch)
-                lengths = built["attention_mask"].sum(dim=1).tolist()
-                rec.annotate_next(sample_ids=batch["ids"], tokens=[t[:k] for t, k in zip(built["tokens"], lengths,
-                                                                                         strict=True)],
-                                  segments=built["segments"],
-                                  extra=[{"transcript": t, "mode": model.cfg.mode} for t in batch["transcripts"]])
-                model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
-            rec.save(out, config)
-            recorded += len(batch["ids"])
-            if progress is not None:
-                progress(len(batch["ids"]))
+    for batch in loader:
+        if batch is None:
+            continue
+        extra = [{"transcript": t, "mode": model.cfg.mode} for t in batch["transcripts"]]
+        if decode:  # greedy hypothesis and its WER, before the recorder's hooks go on (they refuse cached decoding)
+            from sinkscope.eval import score
+
+            hyps = model.generate(batch, max_new_tokens=max_new_tokens)
+            for info, hyp in zip(extra, hyps, strict=True):
+                result = score([info["transcript"]], [hyp])
+                info.update(hypothesis=hyp, wer=result["wer"], cer=result["cer"])
+        with Recorder(model.llm, attention_maps, hidden_states) as rec, torch.no_grad():
+            built = model.build(batch)
+            lengths = built["attention_mask"].sum(dim=1).tolist()
+            rec.annotate_next(sample_ids=batch["ids"], tokens=[t[:k] for t, k in zip(built["tokens"], lengths,
+                                                                                     strict=True)],
+                              segments=built["segments"], extra=extra)
+            model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
+        rec.save(out, config)
+        recorded += len(batch["ids"])
+        if progress is not None:
+            progress(len(batch["ids"]))
     return recorded, len(items) - len(todo)
 
 

@@ -72,6 +72,14 @@ def main() -> None:
             return
         s = tr[pick_sample(tr, "main")]
         st.caption(f"sample {s.sample_id}: " + " ".join(f"[{seg} {a}-{b - 1}]" for seg, a, b in s.segments))
+        if "transcript" in s.extra:
+            line = f"**Reference:** {s.extra['transcript']}"
+            if "hypothesis" in s.extra:
+                line += (f" · **Hypothesis** (greedy): {s.extra['hypothesis'] or '(empty)'} · **WER** "
+                         f"{100 * float(s.extra['wer']):.1f} %")
+            else:
+                line += " · (no hypothesis in this trace: record it again with this sinkscope to store one)"
+            st.markdown(line)
         if view == "Overview":
             view_overview(tr, s, eps, int(min_queries))
         elif view == "Attention":

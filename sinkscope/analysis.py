@@ -165,6 +165,17 @@ def dataset_massive_features(trace) -> pd.DataFrame:
             .reset_index().sort_values("samples", ascending=False, ignore_index=True))
 
 
+def dataset_massive_records(trace) -> pd.DataFrame:
+    """Every massive-activation record of the trace, with its sample id and token text."""
+    frames = [s.massive.assign(sample=s.sample_id, token_text=[s.tokens[t] for t in s.massive["token"]])
+              for s in trace if len(s.massive)]
+    if not frames:
+        return pd.DataFrame(columns=["sample", "layer", "token", "token_text", "feature", "value"])
+    table = pd.concat(frames, ignore_index=True)
+    first = ["sample", "layer", "token", "token_text", "feature", "value"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
 def dataset_cosine(trace, layer: int) -> pd.DataFrame:
     """cos-to-BOS of every token at one layer, with its segment, over all samples (position 0 excluded)."""
     frames = []

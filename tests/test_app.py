@@ -200,6 +200,11 @@ def test_compare_and_dataset_views(app, root):
     assert all(t.get("coloraxis") == "coloraxis" for t in panel.data), "one colour scale for both panels"
 
     goto(app, "Dataset")
+    labels = [b.proto.label for b in app.get("download_button")]
+    assert len(labels) == 6 and any(label.startswith("Massive-activation records") for label in labels)
+    records = analysis.dataset_massive_records(Trace.load(root / "av-a"))
+    assert len(records) == sum(len(s.massive) for s in Trace.load(root / "av-a"))
+    assert list(records.columns[:6]) == ["sample", "layer", "token", "token_text", "feature", "value"]
     assert len(app.dataframe[0].value) == Trace.load(root / "av-a").manifest["n_layers"]
     assert any("No sink tokens" in i.value for i in app.info), "random tiny models have no sink at eps=0.3"
     app.sidebar.slider(key="eps").set_value(0.05).run()

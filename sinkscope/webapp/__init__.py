@@ -50,6 +50,8 @@ def main() -> None:
         help="alpha (attention received) of a key = its attention weight averaged over the queries that see it. "
              "A token is a sink in a layer when at least half of the heads give it alpha > eps (Gu et al., 2025, "
              "'When attention sink emerges'; Sink^eps of position 0 is their metric).")
+    st.sidebar.radio("Figure download format", ["png", "svg"], horizontal=True, key="fig_format",
+                     help="What the camera button above each figure saves.")
     min_queries = st.sidebar.number_input(
         "Min. queries per sink", 1, 256, MIN_QUERIES, key="min_queries",
         help="A key seen by fewer queries (the last positions: alpha there averages over 1-3 queries) is never "

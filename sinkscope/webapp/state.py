@@ -76,10 +76,10 @@ def sample_index(tr: Trace) -> pd.DataFrame:
 
 @st.cache_data(show_spinner="Aggregating over the trace...", max_entries=16)
 def dataset_tables(path: str, mtime: float, eps: float, min_queries: int
-                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     tr = _load(path, mtime)
     return (analysis.dataset_sinks(tr, eps, min_queries=min_queries), analysis.dataset_massive_features(tr),
-            analysis.layer_summary(tr, eps))
+            analysis.layer_summary(tr, eps), analysis.dataset_massive_records(tr))
 
 
 @st.cache_data(show_spinner="Profiling the trace...", max_entries=16)
@@ -120,4 +120,20 @@ def token_window(n: int, key: str) -> tuple[int, int] | None:
 
 
 def show(fig, key: str) -> None:
-    st.plotly_chart(fig, width="stretch", key=key)
+    """A figure; its camera button downloads it in the sidebar's format (PNG or SVG), named after the view."""
+    fmt = st.session_state.get("fig_format", "png")
+    st.plotly_chart(fig, width="stretch", key=key,
+                    config={"toImageButtonOptions": {"format": fmt, "filename": f"sinkscope-{key}", "scale": 2}})
+
+
+def download_table(table: pd.DataFrame, name: str, label: str) -> None:
+    """CSV and Parquet download buttons for one table."""
+    import io
+
+    c1, c2 = st.columns(2)
+    c1.download_button(f"{label} (CSV)", table.to_csv(index=False).encode(), f"{name}.csv", "text/csv",
+                       key=f"dl_{name}_csv")
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    c2.download_button(f"{label} (Parquet)", buffer.getvalue(), f"{name}.parquet", "application/octet-stream",
+                       key=f"dl_{name}_parquet")

@@ -13,6 +13,7 @@ from sinkscope.trace import Trace
 from sinkscope.webapp.state import (
     dataset_cosine,
     dataset_tables,
+    download_table,
     load_trace,
     mtime,
     show,
@@ -93,7 +94,7 @@ def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
     with c2:
         peak = np.asarray(s.mlp_feature_max_abs if mlp else s.feature_max_abs).max(axis=0)
         feature = st.selectbox("Feature (selects it in the views below)", features, key="mass_feature",
-                               format_func=lambda f: f"f{f} (max {peak[f]:,.0f})")
+                               format_func=lambda f: f"f{f} (max {peak[f]:,.4g})")
         massive_tokens = sorted(set(map(int, s.massive["token"]))) if len(s.massive) else []
         default = (massive_tokens or [0])[:4]
         chosen = st.multiselect("Tokens", list(range(len(s.tokens))), default=default, key="mass_tokens",
@@ -222,7 +223,7 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
 def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:
     st.caption(f"Aggregates over all {len(tr)} samples.")
     key = (str(tr.path), mtime(tr.path))
-    sinks, features, summary = dataset_tables(*key, eps, min_queries)
+    sinks, features, summary, records = dataset_tables(*key, eps, min_queries)
     c1, c2 = st.columns(2)
     with c1:
         if sinks.empty:
@@ -239,3 +240,8 @@ def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:
     show(viz.cosine_distribution_figure(dataset_cosine(*key, layer), layer), "ds_cos")
     st.subheader("Per-layer summary")
     st.dataframe(summary, width="stretch", height=320)
+    st.subheader("Download")
+    stem = Path(str(tr.path)).name
+    download_table(summary, f"{stem}-layer-summary", "Per-layer summary")
+    download_table(records, f"{stem}-massive-records", f"Massive-activation records ({len(records)})")
+    download_table(sinks, f"{stem}-sink-tokens", f"Sink tokens at eps={eps} ({len(sinks)})")

@@ -165,8 +165,12 @@ def build(cls: type[C], data: dict, where: str = "config") -> C:
     kwargs = {}
     for key, value in data.items():
         kind = hints[key]
+        optional = [k for k in typing.get_args(kind) if dataclasses.is_dataclass(k)] \
+            if typing.get_origin(kind) in (typing.Union, types.UnionType) else []
         if dataclasses.is_dataclass(kind):
             kwargs[key] = build(kind, value or {}, f"{where}: {key}")
+        elif optional and value is not None:  # an optional section, e.g. `mome:`
+            kwargs[key] = build(optional[0], value or {}, f"{where}: {key}")
         else:
             kwargs[key] = _check_scalar(value, kind, f"{where}: {key}")
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs

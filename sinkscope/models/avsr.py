@@ -12,6 +12,7 @@ per sample the segment spans and token strings that the recorder writes into tra
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from sinkscope.models.encoders import AudioEncoder, AudioEncoderConfig, VideoEncoder, VideoEncoderConfig
+from sinkscope.models.mome import MoMEConfig, MoMELayers
 
 PROMPTS = {
     "asr": "Transcribe speech to text.",
@@ -79,13 +81,25 @@ class AVSRConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # Matryoshka: the compression rates one model is trained at, as [k_audio, k_video] pairs (the unused one is
+    # ignored for ASR/VSR); empty: the single rate (k_audio, k_video). Needs `avgpool`: one projector serves every
+    # rate (avgpool keeps the feature width, so the projector sees the same input space at each rate).
+    rates: tuple[tuple[int, ...], ...] = ()
+    rate_weights: tuple[float, ...] = ()  # weight of each rate's cross-entropy (default 1 each)
+    mome: MoMEConfig | None = None  # mixture-of-experts adapters in the LLM (sinkscope.models.mome)
+
+    @property
+    def rate_set(self) -> list[tuple[int, int]]:
+        """The (k_audio, k_video) pairs this model runs at; the first is its default."""
+        return [(int(r[0]), int(r[1])) for r in self.rates] or [(self.k_audio, self.k_video)]
 
     @property
     def video_multiple(self) -> int:
         """The A/V crop this model was trained with: video cut to a multiple of this many frames and the audio to
-        the same duration, before features are computed (`AVSRDataset(video_multiple=...)`). AVSR models use K_v;
-        without the crop the demo model's held-out WER moves from 9.7 % to 12.2 % (measured on 409 utterances)."""
-        return self.k_video if self.mode == "avsr" else 1
+        the same duration, before features are computed (`AVSRDataset(video_multiple=...)`). AVSR models use K_v
+        (the least common multiple over a Matryoshka rate set, so that every rate sees the same frames); without
+        the crop the demo model's held-out WER moves from 9.7 % to 12.2 % (measured on 409 utterances)."""
+        return math.lcm(*(kv for _, kv in self.rate_set)) if self.mode == "avsr" else 1
 
     def check(self) -> None:
         if self.mode not in MODALITIES:
@@ -107,6 +121,17 @@ class AVSRConfig:
         if not 0 < self.audio.max_seconds <= 30:
             raise ValueError(f"audio.max_seconds must be in (0, 30] (Whisper's window is 30 s), not "
                              f"{self.audio.max_seconds}")
+        if self.rates:
+            if self.compression != "avgpool":
+                raise ValueError("a Matryoshka rate set needs compression: avgpool (one projector for all rates)")
+            bad = [list(r) for r in self.rates if len(r) != 2 or min(r) < 1]
+            if bad:
+                raise ValueError(f"rates must be [k_audio, k_video] pairs of rates >= 1; not {bad}")
+        if self.rate_weights and (len(self.rate_weights) != len(self.rate_set) or min(self.rate_weights) < 0):
+            raise ValueError(f"rate_weights must give one weight >= 0 per rate ({len(self.rate_set)}), not "
+                             f"{list(self.rate_weights)}")
+        if self.mome is not None:
+            self.mome.check()
         for name in ("n_mels", "d_model", "layers", "heads", "ffn"):
             if getattr(self.audio, name) < 1:
                 raise ValueError(f"audio.{name} must be >= 1, not {getattr(self.audio, name)}")
@@ -193,6 +218,24 @@ class AVSRModel(nn.Module):
                     p.requires_grad_(False)
         self.delimiter_ids = {d: tokenizer.convert_tokens_to_ids(d) for d in DELIMITERS}
         self._token_texts: dict[int, str] = {}
+        self.rate_index = 0
+        self.mome = None
+        if cfg.mome is not None:
+            from sinkscope.record.blocks import find_decoder_layers
+
+            self.mome = MoMELayers(find_decoder_layers(self.llm)[1], d_llm, cfg.mome, len(cfg.rate_set))
+
+    def set_rate(self, index: int) -> None:
+        """Run at rate `index` of the model's rate set (compression and, for MoME, the router)."""
+        if not 0 <= index < len(self.cfg.rate_set):
+            raise ValueError(f"rate index {index} is outside the model's {len(self.cfg.rate_set)} rates")
+        self.rate_index = index
+        if self.mome is not None:
+            self.mome.rate = index
+
+    @property
+    def rate(self) -> tuple[int, int]:
+        return self.cfg.rate_set[self.rate_index]
 
     # ------------------------------------------------------------------------------------------- inputs
     def _embed_ids(self, ids: list[int], device) -> torch.Tensor:
@@ -205,12 +248,12 @@ class AVSRModel(nn.Module):
         if self.audio_encoder is not None:
             with torch.set_grad_enabled(_trainable(self.audio_encoder)):
                 feats, lengths = self.audio_encoder(batch["audio_features"].to(device), batch["audio_lengths"])
-            feats, lengths = compress(feats, lengths, self.cfg.k_audio, self.cfg.compression)
+            feats, lengths = compress(feats, lengths, self.rate[0], self.cfg.compression)
             out["audio"] = (self.audio_projector(feats), lengths)
         if self.video_encoder is not None:
             with torch.set_grad_enabled(_trainable(self.video_encoder)):
                 feats, lengths = self.video_encoder(batch["video"].to(device), batch["video_lengths"])
-            feats, lengths = compress(feats, lengths, self.cfg.k_video, self.cfg.compression)
+            feats, lengths = compress(feats, lengths, self.rate[1], self.cfg.compression)
             out["video"] = (self.video_projector(feats), lengths)
         return out
 
@@ -306,7 +349,35 @@ class AVSRModel(nn.Module):
     def forward(self, batch: dict, output_hidden_states: bool = False) -> dict:
         """Training step: `{"loss", "hidden_states", "segments", "tokens"}` (through `forward`, so that a DDP
         wrapper sees the call and averages the gradients across processes)."""
+        if len(self.cfg.rate_set) == 1 and self.mome is None:
+            return self._forward_at_rate(batch, output_hidden_states)
+        # Matryoshka: one forward per rate; the loss is the weighted sum of the per-rate cross-entropies (plus the
+        # MoME load-balancing loss, weighted by `mome.balance`)
+        weights = self.cfg.rate_weights or (1.0,) * len(self.cfg.rate_set)
+        start = self.rate_index
+        per_rate = []
+        try:
+            for index in range(len(self.cfg.rate_set)):
+                self.set_rate(index)
+                per_rate.append(self._forward_at_rate(batch, output_hidden_states))
+        finally:
+            self.set_rate(start)
+        out = dict(per_rate[0])
+        out["loss"] = sum(w * r["loss"] for w, r in zip(weights, per_rate, strict=True))
+        out["per_rate"] = per_rate
+        if self.mome is not None:
+            out["balance"] = torch.stack([r["balance"] for r in per_rate]).mean()
+            out["loss"] = out["loss"] + self.cfg.mome.balance * out["balance"]
+        return out
+
+    def _forward_at_rate(self, batch: dict, output_hidden_states: bool) -> dict:
         built = self.build(batch)
+        if self.mome is not None:
+            self.mome.mask = built["attention_mask"]
+            self.mome.routing.clear()
         loss, res = self.transcript_loss(built, output_hidden_states)
-        return {"loss": loss, "hidden_states": res.hidden_states, "segments": built["segments"],
-                "width": built["inputs_embeds"].shape[1], "n_tokens": built["attention_mask"].sum()}
+        out = {"loss": loss, "hidden_states": res.hidden_states, "segments": built["segments"],
+               "width": built["inputs_embeds"].shape[1], "n_tokens": built["attention_mask"].sum()}
+        if self.mome is not None:
+            out["balance"] = self.mome.balance()
+        return out

@@ -87,13 +87,20 @@ class AVSRTask:
     def loss(self, model: AVSRModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         lam = self.cfg.decorrelation
         result = model(batch, output_hidden_states=True)
-        ce = loss = result["loss"]
-        context = context_mask(result["segments"], result["width"])
+        loss = result["loss"]
+        runs = result.get("per_rate", [result])  # a Matryoshka model: one forward per rate
+        weights = model.cfg.rate_weights or (1.0,) * len(runs)
         with torch.set_grad_enabled(lam > 0 and torch.is_grad_enabled()):  # logged also when it is off
-            dec = decorrelation_loss(result["hidden_states"], context)
+            dec = sum(w * decorrelation_loss(r["hidden_states"], context_mask(r["segments"], r["width"]))
+                      for w, r in zip(weights, runs, strict=True))
         if lam > 0:
             loss = loss + lam * dec
-        logs = {"ce": float(ce.detach()), "decorrelation": float(dec.detach()), "tokens": float(result["n_tokens"])}
+        ce = sum(w * r["loss"].detach() for w, r in zip(weights, runs, strict=True))
+        logs = {"ce": float(ce), "decorrelation": float(dec.detach()), "tokens": float(result["n_tokens"])}
+        if len(runs) > 1:
+            logs.update({f"ce_rate{k}": float(r["loss"].detach()) for k, r in enumerate(runs)})
+        if "balance" in result:
+            logs["balance"] = float(result["balance"].detach())
         return loss, logs
 
     def evaluate(self, model: AVSRModel) -> dict:

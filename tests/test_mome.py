@@ -167,3 +167,37 @@ def test_the_recorder_sees_the_adapters_and_matches_eager():
     with Recorder(base.llm) as base_rec, torch.no_grad():
         base.llm(inputs_embeds=base_built["inputs_embeds"], attention_mask=base_built["attention_mask"])
     assert not np.allclose(base_rec.samples[0].max_abs, rec.samples[0].max_abs)
+
+
+def test_a_killed_mome_training_run_resumes_identically(make_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from sinkscope.train.avsr import read_train_config, train
+
+    corpus = make_corpus(16, 7)
+
+    def factory(cfg):
+        return tiny(MoMEConfig(experts=3, shared=1, top_k=2, bottleneck=8))
+
+    def config(out):
+        cfg = read_train_config(None, [f"data={corpus}", f"out={out}", "epochs=2", "batch_size=4", "lr=0.003",
+                                       "warmup_steps=1", "max_train=8", "max_eval=2", "max_new_tokens=3"])
+        cfg.model = factory(None).cfg
+        return cfg
+
+    full = train(config(tmp_path / "full"), log=lambda m: None, model_factory=factory)
+    assert all("balance" in h and "ce_rate1" in h for h in full["history"])
+
+    def killed(message: str) -> None:
+        if message.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "split"), log=killed, model_factory=factory)
+    resumed = train(config(tmp_path / "split"), log=lambda m: None, model_factory=factory)
+    assert [h["ce"] for h in resumed["history"]] == pytest.approx([h["ce"] for h in full["history"]], rel=1e-5)
+    a = load_file(tmp_path / "full" / "epoch-002.safetensors")
+    b = load_file(tmp_path / "split" / "epoch-002.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("mome.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

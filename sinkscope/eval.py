@@ -86,6 +86,7 @@ class EvalConfig:
     max_new_tokens: int = 24
     out: str | None = None  # directory for hypotheses.csv + provenance (default: see `default_out`)
     skip_bad: bool = False  # skip (and count, in skipped.csv) unusable or too long utterances instead of stopping
+    rate: str | None = None  # a Matryoshka model's rate to score: "K_a,K_v" (AVSR), "K_a" (ASR) or "K_v" (VSR)
 
     def __post_init__(self) -> None:
         if self.snr is not None and not math.isfinite(self.snr):
@@ -97,7 +98,8 @@ class EvalConfig:
 
     @property
     def tag(self) -> str:
-        return f"{self.split}-{'clean' if self.snr is None else f'snr{self.snr:g}'}-beam{self.beam}"
+        rate = f"-rate{self.rate.replace(',', 'x')}" if self.rate else ""
+        return f"{self.split}-{'clean' if self.snr is None else f'snr{self.snr:g}'}-beam{self.beam}{rate}"
 
     def default_out(self) -> Path:
         """`CHECKPOINT/eval-TAG` for a run directory given as a path; `eval-NAME-TAG` in the working directory for
@@ -106,6 +108,20 @@ class EvalConfig:
         if path.is_dir():
             return path / f"eval-{self.tag}"
         return Path(f"eval-{path.name}-{self.tag}")
+
+
+def rate_index(cfg, rate: str) -> int:
+    """The index in `cfg.rate_set` of `rate` ("K_a,K_v" for AVSR, "K_a" for ASR, "K_v" for VSR)."""
+    try:
+        wanted = tuple(int(k) for k in str(rate).split(","))
+    except ValueError:
+        wanted = ()
+    pick = {"avsr": lambda r: r, "asr": lambda r: r[:1], "vsr": lambda r: r[1:]}[cfg.mode]
+    for index, pair in enumerate(cfg.rate_set):
+        if pick(pair) == wanted:
+            return index
+    known = [",".join(map(str, pick(r))) for r in cfg.rate_set]
+    raise SinkscopeError(f"--rate {rate}: this {cfg.mode} model runs at {known}")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -121,6 +137,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise SinkscopeError(f"--data {cfg.data}: corpus directory does not exist")
     out = claim_output(Path(cfg.out) if cfg.out else cfg.default_out(), "eval")
     model, _ = load_trained(cfg.checkpoint)
+    if cfg.rate is not None:
+        model.set_rate(rate_index(model.cfg, cfg.rate))
     dataset = dataset_for(model.cfg, cfg.data, cfg.split, snr=cfg.snr, limit=cfg.limit, skip_bad=cfg.skip_bad)
     result = evaluate(model, dataset, cfg.batch_size, cfg.max_new_tokens, cfg.beam)
     write_run_files(out, "eval", cfg)
@@ -128,7 +146,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if dataset.bad:
         pd.DataFrame(dataset.bad, columns=["id", "reason"]).to_csv(out / "skipped.csv", index=False)
     summary = {"wer": result["wer"], "cer": result["cer"], "n": result["n"], "skipped": len(dataset.bad),
-               "mode": model.cfg.mode,
+               "mode": model.cfg.mode, "rate": list(model.rate),
                "snr": cfg.snr, "beam": cfg.beam, "split": cfg.split, "checkpoint": cfg.checkpoint, "out": str(out)}
     write_results(out, summary, cfg)
     return summary

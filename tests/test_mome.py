@@ -201,3 +201,16 @@ def test_a_killed_mome_training_run_resumes_identically(make_corpus, tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("mome.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_eval_rate_picks_one_rate_of_the_set():
+    from sinkscope.eval import rate_index
+
+    cfg = AVSRConfig(compression="avgpool", rates=((4, 2), (16, 5)))
+    assert rate_index(cfg, "16,5") == 1 and rate_index(cfg, "4,2") == 0
+    with pytest.raises(SinkscopeError, match=r"runs at \['4,2', '16,5'\]"):
+        rate_index(cfg, "8,2")
+    asr = AVSRConfig(mode="asr", compression="avgpool", rates=((4, 1), (32, 1)))
+    assert rate_index(asr, "32") == 1
+    with pytest.raises(SinkscopeError, match="runs at"):
+        rate_index(asr, "fast")

@@ -80,13 +80,15 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="End with one JSON line: wer, cer, n, mode, snr, ..."),
     skip_bad: bool = typer.Option(None, "--skip-bad", help="Skip unusable or too long utterances (listed in "
                                   "OUT/skipped.csv and counted) instead of stopping at the first."),
+    rate: str = typer.Option(None, "--rate", help="Rate of a Matryoshka (MoME) model to score: K_a,K_v (AVSR), K_a "
+                             "(ASR) or K_v (VSR); default its first."),
 ) -> None:
     """Decode a split with the trained model and compute WER/CER (jiwer, lower-cased)."""
     from sinkscope.eval import EvalConfig, run_eval
 
     with clean_errors():
         cfg = job_config(EvalConfig, config, sets, checkpoint=checkpoint, data=data, split=split, snr=snr, beam=beam,
-                         limit=limit, out=out, skip_bad=skip_bad)
+                         limit=limit, out=out, skip_bad=skip_bad, rate=rate)
         result = run_eval(cfg)
     skipped = f"; {result['skipped']} skipped (see {result['out']}/skipped.csv)" if result["skipped"] else ""
     console.print(f"{result['mode']} {cfg.tag}: WER {result['wer']:.3f}, CER {result['cer']:.3f} on {result['n']} "

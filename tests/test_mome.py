@@ -214,3 +214,27 @@ def test_eval_rate_picks_one_rate_of_the_set():
     assert rate_index(asr, "32") == 1
     with pytest.raises(SinkscopeError, match="runs at"):
         rate_index(asr, "fast")
+
+
+def test_router_fields_round_trip_through_a_trace(tmp_path):
+    from sinkscope.trace import Trace
+
+    b = batch()
+    model = tiny(MoMEConfig(experts=4, top_k=2))
+    for adapter in model.mome.adapters:
+        torch.nn.init.normal_(adapter.routers[0].weight)
+    built = model.build(b)
+    with Recorder(model.llm, routing=model.mome) as rec, torch.no_grad():
+        rec.annotate_next(sample_ids=b["ids"], segments=built["segments"])
+        model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
+    expected = {i: model.mome.routing[i] for i in range(3)}
+    rec.save(tmp_path / "tr")
+    tr = Trace.load(tmp_path / "tr")
+    for k, sample in enumerate(tr):
+        T = len(sample)
+        assert sample.router_ids.shape == (3, T, 2) and sample.router_gates.shape == (3, T, 2)
+        np.testing.assert_allclose(sample.router_gates.sum(-1), 1.0, rtol=1e-5)
+        for layer in range(3):
+            np.testing.assert_array_equal(sample.router_ids[layer], expected[layer]["ids"][k, :T].numpy())
+    plain = Recorder(tiny().llm)  # a model without MoME: no router fields, and the trace stays valid
+    assert plain.routing is None

@@ -53,6 +53,9 @@ class Recorder:
         hidden_dtype: dtype of the kept hidden states (float16 halves their size).
         compile: fuse the column-sum arithmetic with torch.compile (faster at long context; the first call
             compiles for a few seconds, and a C++ compiler or Triton must be available).
+        routing: a MoME model's adapters (`sinkscope.models.mome.MoMELayers`), whose `routing[layer]` holds the
+            top-k expert ids and gates of the last forward; they are kept per sample as `router_ids` and
+            `router_gates` `[L, T, k]` (optional trace fields).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class Recorder:
         rel_threshold: float = MASSIVE_REL,
         hidden_dtype: torch.dtype = torch.float32,
         compile: bool = False,
+        routing=None,
     ):
         self.model = model
         self.hf_model = find_hf_model(model)
@@ -89,6 +93,7 @@ class Recorder:
         self.rel_threshold = float(rel_threshold)
         self.hidden_dtype = hidden_dtype
         self.compile = bool(compile)
+        self.routing = routing
         self.samples: list[SampleRecord] = []
         self._saved: dict[str, int] = {}  # trace path -> samples already written there by this recorder
         self._counter = 0
@@ -230,6 +235,12 @@ class Recorder:
         meta = self._next
         self._next = {}
         input_ids = None if cur["input_ids"] is None else cur["input_ids"].cpu().numpy()
+        if self.routing is not None:
+            missing = [i for i in range(self.n_layers) if i not in self.routing.routing]
+            if missing:
+                raise RecorderError(f"the MoME router of layers {missing} did not run in this forward")
+            cur["router"] = tuple(torch.stack([self.routing.routing[i][key] for i in range(self.n_layers)])
+                                  .cpu().numpy() for key in ("ids", "gates"))  # [L, B, T, k] each
         for b in range(valid_np.shape[0]):
             self.samples.append(self._sample(b, valid_np[b], alpha, per_layer, massive, cur, input_ids, meta))
         self._cur = None
@@ -266,6 +277,8 @@ class Recorder:
             attention_maps=maps,
             hidden_states=hidden,
             extra=dict(_pick(meta, "extra", b) or {}),
+            router_ids=None if "router" not in cur else cur["router"][0][:, b][:, idx].astype(np.int32),
+            router_gates=None if "router" not in cur else cur["router"][1][:, b][:, idx].astype(np.float32),
         )
 
     def _tokens(self, b: int, n: int, ids, meta) -> list[str]:

@@ -156,7 +156,8 @@ def record_avsr(model, dataset, out: str | os.PathLike, batch_size: int = 4,
             for info, hyp in zip(extra, hyps, strict=True):
                 result = score([info["transcript"]], [hyp])
                 info.update(hypothesis=hyp, wer=result["wer"], cer=result["cer"])
-        with Recorder(model.llm, attention_maps, hidden_states) as rec, torch.no_grad():
+        with Recorder(model.llm, attention_maps, hidden_states, routing=getattr(model, "mome", None)) as rec, \
+                torch.no_grad():
             built = model.build(batch)
             lengths = built["attention_mask"].sum(dim=1).tolist()
             rec.annotate_next(sample_ids=batch["ids"], tokens=[t[:k] for t, k in zip(built["tokens"], lengths,

@@ -112,12 +112,13 @@ def check_values(arrays: dict[str, np.ndarray], where: Path, hidden_size: int) -
     ranges = {"attention_received": (-tol, 1 + tol), "bos_cosine": (-1 - tol, 1 + tol), "max_abs": (0, np.inf),
               "median_abs": (0, np.inf), "feature_max_abs": (0, np.inf), "mlp_feature_max_abs": (0, np.inf),
               "top_values": (-np.inf, np.inf), "mlp_top_values": (-np.inf, np.inf),
-              "top_features": (0, hidden_size - 1), "mlp_top_features": (0, hidden_size - 1)}
+              "top_features": (0, hidden_size - 1), "mlp_top_features": (0, hidden_size - 1),
+              "router_ids": (0, np.inf), "router_gates": (-tol, 1 + tol)}
     for name, (low, high) in ranges.items():
         if name not in arrays:
             continue
         array = arrays[name]
-        expected = "iu" if name.endswith("top_features") else "f"
+        expected = "iu" if name.endswith(("top_features", "_ids")) else "f"
         if array.dtype.kind not in expected:
             kind = "integer feature indices" if expected == "iu" else "floating-point values"
             raise TraceError(f"{where}: field '{name}' has dtype {array.dtype}; expected {kind}")
@@ -171,7 +172,8 @@ class TraceSample:
         for name in ("feature_max_abs", "mlp_feature_max_abs"):
             if name in arrays and arrays[name].shape != (L, D):
                 raise TraceError(f"{path}: field '{name}' has shape {arrays[name].shape}, expected {(L, D)}")
-        for pair in (("top_features", "top_values"), ("mlp_top_features", "mlp_top_values")):
+        for pair in (("top_features", "top_values"), ("mlp_top_features", "mlp_top_values"),
+                     ("router_ids", "router_gates")):
             shapes = {arrays[n].shape for n in pair if n in arrays}
             if shapes and (len(shapes) > 1 or any(s[:2] != (L, T) or len(s) != 3 for s in shapes)):
                 raise TraceError(f"{path}: fields {list(pair)} have shapes {sorted(shapes)}, expected [{L}, {T}, k]")
@@ -191,6 +193,8 @@ class TraceSample:
     top_values = property(lambda self: self._get("top_values"))
     mlp_top_features = property(lambda self: self._get("mlp_top_features"))
     mlp_top_values = property(lambda self: self._get("mlp_top_values"))
+    router_ids = property(lambda self: self._get("router_ids"))
+    router_gates = property(lambda self: self._get("router_gates"))
 
     @cached_property
     def massive(self) -> pd.DataFrame:

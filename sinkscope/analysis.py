@@ -289,3 +289,37 @@ def feature_set_overlap(a: pd.DataFrame, b: pd.DataFrame, min_share: float = 0.5
     set_a = set(map(int, a.loc[a["share"] >= min_share, "feature"]))
     set_b = set(map(int, b.loc[b["share"] >= min_share, "feature"]))
     return {"a": sorted(set_a), "b": sorted(set_b), "both": sorted(set_a & set_b), "jaccard": jaccard(set_a, set_b)}
+
+
+# ------------------------------------------------------------------------------------------------ MoME experts
+def expert_usage(trace, layer: int, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION,
+                 min_queries: int = MIN_QUERIES) -> pd.DataFrame:
+    """For a MoME trace, the share of each segment's gate mass that each routed expert receives at `layer`
+    (rows: segments, then `sinks`: the tokens that are sinks at this layer, whatever their segment; columns:
+    experts; each row sums to 1) with the number of tokens behind each row in column `tokens`. Empty when the
+    trace holds no router fields."""
+    mass: dict[str, Counter] = defaultdict(Counter)
+    tokens: Counter = Counter()
+    n_experts = 0
+    for s in trace:
+        ids, gates = s.router_ids, s.router_gates
+        if ids is None or gates is None:
+            continue
+        ids, gates = np.asarray(ids)[layer], np.asarray(gates)[layer]  # [T, k]
+        n_experts = max(n_experts, int(ids.max()) + 1)
+        names = token_segments(s.segments, len(s.tokens))
+        sinks = sink_layers(s.attention_received, eps, head_fraction, min_queries)[layer]
+        for t in range(len(s.tokens)):
+            rows = [names[t] or "(none)"] + (["sinks"] if sinks[t] else [])
+            for row in rows:
+                tokens[row] += 1
+                for e, g in zip(ids[t], gates[t], strict=True):
+                    mass[row][int(e)] += float(g)
+    if not mass:
+        return pd.DataFrame()
+    order = [r for r in mass if r != "sinks"] + (["sinks"] if "sinks" in mass else [])
+    table = pd.DataFrame([[mass[r][e] for e in range(n_experts)] for r in order], index=order,
+                         columns=[f"expert {e}" for e in range(n_experts)])
+    table = table.div(table.sum(axis=1), axis=0)
+    table["tokens"] = [tokens[r] for r in order]
+    return table

@@ -238,3 +238,36 @@ def test_router_fields_round_trip_through_a_trace(tmp_path):
             np.testing.assert_array_equal(sample.router_ids[layer], expected[layer]["ids"][k, :T].numpy())
     plain = Recorder(tiny().llm)  # a model without MoME: no router fields, and the trace stays valid
     assert plain.routing is None
+
+
+def test_expert_usage_by_segment_and_for_sink_tokens(tmp_path):
+    from sinkscope import analysis, viz
+    from sinkscope.trace import Trace
+
+    b = batch()
+    model = tiny(MoMEConfig(experts=4, top_k=2))
+    for adapter in model.mome.adapters:
+        torch.nn.init.normal_(adapter.routers[0].weight)
+    built = model.build(b)
+    with Recorder(model.llm, routing=model.mome) as rec, torch.no_grad():
+        rec.annotate_next(sample_ids=b["ids"], segments=built["segments"])
+        model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
+    rec.save(tmp_path / "tr")
+    tr = Trace.load(tmp_path / "tr")
+    table = analysis.expert_usage(tr, layer=1, eps=0.05)
+    experts = [c for c in table.columns if c != "tokens"]
+    np.testing.assert_allclose(table[experts].sum(axis=1), 1.0, rtol=1e-6)
+    s = tr[0]  # the audio row by hand, for sample 0 alone
+    one = analysis.expert_usage([s], layer=1, eps=0.05)
+    audio = [t for t, (name, a, e) in enumerate(s.segments) for t in range(a, e) if name == "audio"]
+    mass = np.zeros(len(experts))
+    for t in audio:
+        for e, g in zip(s.router_ids[1, t], s.router_gates[1, t], strict=True):
+            mass[e] += g
+    np.testing.assert_allclose(one.loc["audio", experts].to_numpy(dtype=float), mass / mass.sum(), rtol=1e-5)
+    assert one.loc["audio", "tokens"] == len(audio)
+    if "sinks" in table.index:
+        assert table.index[-1] == "sinks"
+    fig = viz.expert_usage_figure(table, 1)
+    assert list(fig.data[0].x) == experts
+    assert analysis.expert_usage(Trace.load(tmp_path / "tr"), 0).shape[0] >= 1

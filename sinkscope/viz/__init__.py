@@ -27,6 +27,7 @@ from sinkscope.viz.compare import (
 from sinkscope.viz.cosine import cosine_by_segment_figure, cosine_heatmap
 from sinkscope.viz.dataset import cosine_distribution_figure, massive_feature_histogram, sink_positions_figure
 from sinkscope.viz.massive import (
+    expert_usage_figure,
     feature_trajectory_figure,
     jaccard_figure,
     origin_figure,
@@ -36,6 +37,7 @@ from sinkscope.viz.massive import (
 )
 
 __all__ = [
+    "expert_usage_figure",
     "SEGMENT_COLORS", "add_segment_bands", "attention_map", "cosine_by_segment_figure",
     "cosine_distribution_figure", "cosine_heatmap", "difference_heatmap", "esc", "feature_trajectory_figure",
     "head_grid", "jaccard_figure", "massive_feature_comparison", "massive_feature_histogram", "origin_figure",

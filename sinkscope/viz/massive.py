@@ -108,3 +108,16 @@ def origin_figure(origin: pd.DataFrame, tokens: Sequence[str]) -> go.Figure:
     fig.update_layout(barmode="relative", title="Where massive activations come from (share of the jump at the "
                       "origin layer)", yaxis_title="share of h[l]-h[l-1]", height=360)
     return fig
+
+
+def expert_usage_figure(table: pd.DataFrame, layer: int) -> go.Figure:
+    """Segments (and the sink tokens) x routed experts: the share of each row's gate mass per expert."""
+    experts = [c for c in table.columns if c != "tokens"]
+    labels = [f"{esc(r)} ({n} tok)" for r, n in zip(table.index, table["tokens"], strict=True)]
+    fig = go.Figure(go.Heatmap(z=table[experts].to_numpy(), x=experts, y=labels, zmin=0, zmax=1, colorscale="Blues",
+                               text=np.round(table[experts].to_numpy(), 2), texttemplate="%{text}",
+                               colorbar={"title": "share of gate mass"},
+                               hovertemplate="%{y}<br>%{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"Which experts each segment routes to, layer {layer} (last row: sink tokens)",
+                      xaxis_title="routed expert", height=80 + 36 * len(labels), yaxis_autorange="reversed")
+    return fig

@@ -16,11 +16,12 @@ from sinkscope.webapp.views import (
     view_compare,
     view_cosine,
     view_dataset,
+    view_experts,
     view_massive,
     view_overview,
 )
 
-VIEWS = ["Overview", "Attention", "Massive activations", "Cosine to BOS", "Compare", "Dataset"]
+VIEWS = ["Overview", "Attention", "Massive activations", "Cosine to BOS", "Experts", "Compare", "Dataset"]
 
 
 def main() -> None:
@@ -90,6 +91,8 @@ def main() -> None:
             view_massive(tr, s, eps, int(min_queries))
         elif view == "Cosine to BOS":
             view_cosine(tr, s)
+        elif view == "Experts":
+            view_experts(tr, s, eps, int(min_queries))
     except SinkscopeError as exc:
         st.error(f"Cannot show trace '{name}': {exc}")
 

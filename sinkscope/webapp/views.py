@@ -127,6 +127,23 @@ def view_cosine(tr: Trace, s) -> None:
     show(viz.cosine_by_segment_figure(s), "cos_curves")
 
 
+def view_experts(tr: Trace, s, eps: float, min_queries: int) -> None:
+    if s.router_ids is None:
+        st.info("This trace holds no router fields: it was recorded from a model without MoME adapters "
+                "(`model.mome` in the training config). Record a MoME checkpoint with `sinkscope record "
+                "--checkpoint RUN` to see which experts each segment and the sink tokens use.")
+        return
+    layer = st.slider("Layer", 0, tr.manifest["n_layers"] - 1, 0, key="exp_layer",
+                      help="MoME routes every token to its top-k experts in every block (arXiv 2510.04136).")
+    scope = st.radio("Over", ["this sample", "the whole trace"], horizontal=True, key="exp_scope")
+    samples = [s] if scope == "this sample" else tr
+    table = analysis.expert_usage(samples, layer, eps, min_queries=min_queries)
+    show(viz.expert_usage_figure(table, layer), "exp_usage")
+    st.caption(f"Each row: the share of the segment's gate mass per routed expert (shared experts are always on "
+               f"and not shown). 'sinks': tokens that are sinks at layer {layer} (alpha > {eps} in at least half of "
+               f"the heads, seen by at least {min_queries} queries).")
+
+
 def _content(sample) -> str:
     return str(sample.extra.get("text") or sample.extra.get("transcript") or "")
 

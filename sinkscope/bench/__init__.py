@@ -8,6 +8,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="sinkscope be
 
 
 def main() -> None:
-    from sinkscope.bench import loss, padding, record, speed, synth  # noqa: F401 - registers the commands
+    from sinkscope.bench import loss, mome, padding, record, speed, synth  # noqa: F401 - registers the commands
 
     app()

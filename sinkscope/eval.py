@@ -8,6 +8,7 @@ with an AVSR model; training, `sinkscope eval`, sweeps, notebooks and interventi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -89,6 +90,8 @@ class EvalConfig:
     rate: str | None = None  # a Matryoshka model's rate to score: "K_a,K_v" (AVSR), "K_a" (ASR) or "K_v" (VSR)
 
     def __post_init__(self) -> None:
+        if self.rate is not None and not re.fullmatch(r"\d+(,\d+)?", str(self.rate)):
+            raise ValueError(f"rate must be K_a,K_v (AVSR), K_a (ASR) or K_v (VSR), e.g. 16,5; not {self.rate!r}")
         if self.snr is not None and not math.isfinite(self.snr):
             raise ValueError(f"snr must be a finite number of dB, not {self.snr}")
         if self.beam < 1 or self.batch_size < 1 or self.max_new_tokens < 1:

@@ -37,6 +37,8 @@ def record(
     hidden_states: str = typer.Option(None, "--hidden-states", help="Layers whose residual stream is kept, e.g. 3,5."),
     max_length: int = typer.Option(None, "--max-length", min=2, help="Truncate prompts to this many tokens."),
     resume: bool = typer.Option(False, "--resume", help="Continue a trace, skipping samples already in it."),
+    rate: str = typer.Option(None, "--rate", help="With a Matryoshka (MoME) checkpoint: the rate to record at, "
+                             "K_a,K_v (AVSR), K_a (ASR) or K_v (VSR); default its first."),
 ) -> None:
     """Record a trace of attention sinks and massive activations: text prompts, or AV utterances (--checkpoint)."""
     from sinkscope.record.run import RecordConfig, run_record
@@ -45,7 +47,7 @@ def record(
         cfg = job_config(RecordConfig, config, sets, out=out, model=model, checkpoint=checkpoint, data=data,
                          split=split, n=n, text=text or None, text_file=text_file, device=device, dtype=dtype,
                          batch_size=batch_size, attention_maps=attention_maps, hidden_states=hidden_states,
-                         max_length=max_length, resume=resume or None)
+                         max_length=max_length, resume=resume or None, rate=rate)
         with progress_bar("recording") as bar:
             result = run_record(cfg, progress=bar.advance, total=lambda k: bar.update(0, k))
     kind = "AV samples" if cfg.checkpoint else "samples"

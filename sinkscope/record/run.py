@@ -190,6 +190,7 @@ class RecordConfig:
     attention_maps: str | None = None  # "5:0,12:3"
     hidden_states: str | None = None  # "3,5"
     resume: bool = False
+    rate: str | None = None  # AV recording of a Matryoshka (MoME) model: "K_a,K_v", "K_a" (ASR) or "K_v" (VSR)
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -214,6 +215,10 @@ class RecordConfig:
             if self.dtype != "float32":
                 raise ValueError("AV recording runs in float32 (the encoders take float32 features); "
                                  f"dtype {self.dtype!r} is for text recording")
+        elif self.rate is not None:
+            raise ValueError("rate is for AV recording of a Matryoshka checkpoint (--checkpoint RUN)")
+        if self.rate is not None and not re.fullmatch(r"\d+(,\d+)?", str(self.rate)):
+            raise ValueError(f"rate must be K_a,K_v (AVSR), K_a (ASR) or K_v (VSR), e.g. 16,5; not {self.rate!r}")
         elif self.data is not None:
             raise ValueError("data is for AV recording: give a checkpoint (--checkpoint RUN or demo) as well")
 
@@ -241,9 +246,13 @@ def run_record(cfg: RecordConfig, progress: Callable | None = None, total: Calla
         from sinkscope.models.pretrained import load_trained
 
         model, run_config = load_trained(cfg.checkpoint)
+        if cfg.rate is not None:
+            from sinkscope.eval import rate_index
+
+            model.set_rate(rate_index(model.cfg, cfg.rate))
         dataset = dataset_for(model.cfg, cfg.data, cfg.split, limit=cfg.n)
         config.update(model=f"{model.cfg.llm} + AVSR ({cfg.checkpoint})", mode=model.cfg.mode,
-                      compression=model.cfg.compression, k_audio=model.cfg.k_audio, k_video=model.cfg.k_video,
+                      compression=model.cfg.compression, k_audio=model.rate[0], k_video=model.rate[1],
                       decorrelation=run_config.get("decorrelation"))
         if total is not None:
             total(len(dataset))

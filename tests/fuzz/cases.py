@@ -792,7 +792,8 @@ def cli_cases() -> list[Case]:
                         "device-meta": ["--device", "meta"], "n-zero": ["--n", "0"], "n-negative": ["--n", "-1"],
                         "batch-zero": ["--batch-size", "0"], "dtype-int8": ["--dtype", "int8"],
                         "maps-garbage": ["--attention-maps", "x:y"], "hidden-garbage": ["--hidden-states", "a,b"],
-                        "checkpoint-without-data": ["--checkpoint", "demo"]}.items():
+                        "checkpoint-without-data": ["--checkpoint", "demo"],
+                        "rate-without-checkpoint": ["--rate", "4,2"]}.items():
         cases.append(Case("cli", f"record-{label}", lambda d: d / "out",
                           lambda out, args=args: cli(*record, "--out", out, *args)))
     cases.append(Case("cli", "record-out-is-a-file", lambda d: _with_files(d) / "notes.txt",
@@ -804,7 +805,8 @@ def cli_cases() -> list[Case]:
     for label, args in {"snr-nan": ["--snr", "nan"], "snr-minus-inf": ["--snr", "-inf"], "limit-negative":
                         ["--limit", "-1"], "beam-zero": ["--beam", "0"], "no-data": [],
                         "data-missing": ["--data", "/nonexistent/corpus"],
-                        "checkpoint-missing": ["--checkpoint", "/nonexistent/run"]}.items():
+                        "checkpoint-missing": ["--checkpoint", "/nonexistent/run"],
+                        "rate-not-a-number": ["--rate", "x,y"]}.items():
         cases.append(Case("cli", f"eval-{label}", lambda d: _copy("corpus", d),
                           lambda corpus, args=args, label=label: cli(*ev, *([] if "data" in label else
                                                                         ["--data", corpus]), *args)))

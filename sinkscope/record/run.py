@@ -217,10 +217,10 @@ class RecordConfig:
                                  f"dtype {self.dtype!r} is for text recording")
         elif self.rate is not None:
             raise ValueError("rate is for AV recording of a Matryoshka checkpoint (--checkpoint RUN)")
-        if self.rate is not None and not re.fullmatch(r"\d+(,\d+)?", str(self.rate)):
-            raise ValueError(f"rate must be K_a,K_v (AVSR), K_a (ASR) or K_v (VSR), e.g. 16,5; not {self.rate!r}")
         elif self.data is not None:
             raise ValueError("data is for AV recording: give a checkpoint (--checkpoint RUN or demo) as well")
+        if self.rate is not None and not re.fullmatch(r"\d+(,\d+)?", str(self.rate)):
+            raise ValueError(f"rate must be K_a,K_v (AVSR), K_a (ASR) or K_v (VSR), e.g. 16,5; not {self.rate!r}")
 
 
 def _device(name: str) -> torch.device:

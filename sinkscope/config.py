@@ -278,13 +278,19 @@ def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[s
             raise SinkscopeError(f"output {out}: holds files that `sinkscope {verbs[0]}` did not write (its "
                                  f"{RUN_FILE} is missing or names another command); they are left untouched; "
                                  "choose a new or empty directory")
+    return make_writable_dir(out, f"output {out}")
+
+
+def make_writable_dir(out: Path, label: str) -> Path:
+    """Create `out` (with parents) and check that a file can be written there; a SinkscopeError naming `label`
+    otherwise (a read-only location, a file in the way), before any work starts."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise SinkscopeError(f"output {out}: cannot be written ({exc.strerror or exc})") from exc
+        raise SinkscopeError(f"{label}: cannot be written ({exc.strerror or exc})") from exc
     return out
 
 

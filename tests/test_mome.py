@@ -216,9 +216,8 @@ def test_eval_rate_picks_one_rate_of_the_set():
         rate_index(asr, "fast")
 
 
-def test_router_fields_round_trip_through_a_trace(tmp_path):
-    from sinkscope.trace import Trace
-
+def _recorded_mome(path):
+    """A tiny MoME model with random routers, one batch recorded into a trace at `path`; returns the model."""
     b = batch()
     model = tiny(MoMEConfig(experts=4, top_k=2))
     for adapter in model.mome.adapters:
@@ -227,8 +226,15 @@ def test_router_fields_round_trip_through_a_trace(tmp_path):
     with Recorder(model.llm, routing=model.mome) as rec, torch.no_grad():
         rec.annotate_next(sample_ids=b["ids"], segments=built["segments"])
         model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
+    rec.save(path)
+    return model
+
+
+def test_router_fields_round_trip_through_a_trace(tmp_path):
+    from sinkscope.trace import Trace
+
+    model = _recorded_mome(tmp_path / "tr")
     expected = {i: model.mome.routing[i] for i in range(3)}
-    rec.save(tmp_path / "tr")
     tr = Trace.load(tmp_path / "tr")
     for k, sample in enumerate(tr):
         T = len(sample)
@@ -244,15 +250,7 @@ def test_expert_usage_by_segment_and_for_sink_tokens(tmp_path):
     from sinkscope import analysis, viz
     from sinkscope.trace import Trace
 
-    b = batch()
-    model = tiny(MoMEConfig(experts=4, top_k=2))
-    for adapter in model.mome.adapters:
-        torch.nn.init.normal_(adapter.routers[0].weight)
-    built = model.build(b)
-    with Recorder(model.llm, routing=model.mome) as rec, torch.no_grad():
-        rec.annotate_next(sample_ids=b["ids"], segments=built["segments"])
-        model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
-    rec.save(tmp_path / "tr")
+    _recorded_mome(tmp_path / "tr")
     tr = Trace.load(tmp_path / "tr")
     table = analysis.expert_usage(tr, layer=1, eps=0.05)
     experts = [c for c in table.columns if c != "tokens"]

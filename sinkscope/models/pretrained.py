@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sinkscope.config import build, read_yaml_mapping
+from sinkscope.config import build, make_writable_dir, read_yaml_mapping
 from sinkscope.errors import SinkscopeError
 from sinkscope.models.avsr import AVSRConfig, AVSRModel
 from sinkscope.train.checkpoint import check_finite, load_weights, save_half
@@ -131,13 +131,7 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise SinkscopeError(f"export: {out} is a file; the export is a directory (model.safetensors, config.yaml, "
                              "state.json); choose another path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise SinkscopeError(f"export: {out} cannot be written ({exc.strerror or exc})") from exc
+    make_writable_dir(out, f"export: {out}")
 
 
 def export_run(run: str | Path, out: str | Path, encoders: str | None = None) -> list[Path]:

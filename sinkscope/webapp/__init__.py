@@ -22,6 +22,20 @@ from sinkscope.webapp.views import (
 )
 
 VIEWS = ["Overview", "Attention", "Massive activations", "Cosine to BOS", "Experts", "Compare", "Dataset"]
+VIEW_HELP = {
+    "Overview": "One sample at a glance: how often each segment is a sink per layer, the largest |h| against the "
+                "median (massive activations, Sun et al., 2024), mean cosine to BOS per segment, and the findings.",
+    "Attention": "alpha = the attention a key receives, averaged over the queries that see it (Gu et al., 2025); "
+                 "sinks are the keys with large alpha in most heads (Xiao et al., 2024, attention sinks).",
+    "Massive activations": "Activations far above the median (|h| >= 100 and >= 1000 x median, Sun et al., 2024) "
+                           "sit at a few fixed feature indices; pick a feature to follow it across layers and tokens.",
+    "Cosine to BOS": "Cosine between each token's residual stream and BOS's: sink tokens are almost parallel to BOS "
+                     "(the AVSR sinks paper), which its decorrelation loss penalises (cos^2).",
+    "Experts": "MoME models (arXiv 2510.04136): which routed experts each segment, and the sink tokens, use.",
+    "Compare": "Two traces: whole-trace profiles (no shared sample needed), then one sample paired by id or text.",
+    "Dataset": "Aggregates over every sample of the trace, with CSV/Parquet downloads.",
+}
+"""One line per view, shown under its title: what it shows and the paper behind it."""
 
 
 def main() -> None:
@@ -67,6 +81,7 @@ def main() -> None:
             st.warning(f"Trace {name} holds no samples yet.")
             return
         st.header(f"{view}: {name}")
+        st.caption(VIEW_HELP[view])
         if view == "Dataset":
             view_dataset(tr, eps, int(min_queries))
             return

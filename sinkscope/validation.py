@@ -4,7 +4,6 @@ naming the file, the field, the bad value and what was expected, and text checks
 from __future__ import annotations
 
 import json
-import math
 import unicodedata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,8 +108,3 @@ def clean_text(text: str, where: str, error: type[SinkscopeError] = SinkscopeErr
         raise error(f"{where}: transcript is empty")
     return text
 
-
-def finite(value: float, name: str, error: type[SinkscopeError] = SinkscopeError) -> float:
-    if not math.isfinite(value):
-        raise error(f"{name} must be a finite number, not {value}")
-    return value

@@ -16,15 +16,7 @@ import torch
 import typer
 
 from sinkscope.bench import app
-
-
-def _step(model, optimiser, batch) -> float:
-    start = time.perf_counter()
-    loss = model(batch)["loss"]
-    optimiser.zero_grad()
-    loss.backward()
-    optimiser.step()
-    return time.perf_counter() - start
+from sinkscope.bench.loss import _step
 
 
 @app.command("mome")
@@ -60,10 +52,10 @@ def mome(
         built[name] = (model, torch.optim.AdamW(params, lr=1e-6), sum(p.numel() for p in params))
     times = {name: [] for name in built}
     for model, opt, _ in built.values():  # warm-up
-        _step(model, opt, batch)
+        _step(model, opt, batch, "ce")
     for _ in range(reps):
         for name, (model, opt, _) in built.items():
-            times[name].append(_step(model, opt, batch))
+            times[name].append(_step(model, opt, batch, "ce"))
     rows = []
     for name, (model, _, trainable) in built.items():
         active = trainable

@@ -221,6 +221,48 @@ def test_compare_and_dataset_views(app, root):
         assert max(shown) <= (n_tokens - minimum) / (n_tokens - 1) + 1e-9 and len(shown) == len(table)
 
 
+def test_a_selected_feature_is_selected_in_every_view(app, root):
+    from sinkscope.webapp.state import clicked_feature
+
+    tr = Trace.load(root / "av-a")
+    s = tr[0]
+    peak = np.asarray(s.feature_max_abs).max(axis=0)
+    ranked = np.argsort(-peak, kind="stable")
+    # what a click on the bar of the third-ranked feature sends (plotly selection event, as Streamlit passes it)
+    third = int(ranked[2])
+    event = {"selection": {"points": [{"x": f"f{third}", "y": float(peak[third]), "curve_number": 1}]}}
+    assert clicked_feature(event) == third
+    assert clicked_feature({"selection": {"points": []}}) is None and clicked_feature(None) is None
+    app.session_state["selected_feature"] = third
+    goto(app, "Massive activations")
+    assert app.selectbox(key="mass_feature").value == third
+    top = by_title(app, "The 16 features with the largest |h|")
+    bars = top.data[1]
+    assert bars["type"] == "bar" and bars["x"] == [f"f{f}" for f in ranked[:16]]
+    np.testing.assert_allclose(np.asarray(bars["y"]), peak[ranked[:16]], rtol=1e-5)
+    assert [c for c in bars["marker"]["color"]].count("#d62728") == 1 and bars["marker"]["color"][2] == "#d62728"
+    outline = [sh for sh in top.shapes if sh.get("type") == "rect"]
+    assert len(outline) == 1 and outline[0]["x0"] == 1.5 and outline[0]["x1"] == 2.5
+    by_title(app, f"|h| of feature {third} across layers")
+    assert by_title(app, "|h| at layer").data[0]["y"][0] == f"f{third}"
+    # a feature outside the top 16 selected elsewhere is offered and followed too
+    outside = int(ranked[40])
+    app.session_state["selected_feature"] = outside
+    app.run()
+    assert app.selectbox(key="mass_feature").value == outside
+    by_title(app, f"|h| of feature {outside} across layers")
+    # picking one in the Massive view selects it in the Dataset view
+    app.selectbox(key="mass_feature").set_value(int(ranked[1])).run()
+    assert app.session_state["selected_feature"] == int(ranked[1])
+    goto(app, "Dataset")
+    app.sidebar.slider(key="eps").set_value(0.3).run()
+    features = analysis.dataset_massive_features(tr)
+    if len(features):
+        hist = by_title(app, "Massive feature indices over the trace")
+        want = ["#d62728" if int(f) == int(ranked[1]) else "#1f77b4" for f in features["feature"]]
+        assert list(hist.data[0]["marker"]["color"]) == want
+
+
 def test_malformed_trace_and_path_outside_root(app, root):
     app.sidebar.selectbox(key="trace").set_value("broken").run()
     assert not app.exception

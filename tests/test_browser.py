@@ -47,3 +47,30 @@ def test_every_view_renders_without_exceptions(server, tmp_path):
             seen.append(view)
         browser.close()
     assert seen == VIEWS
+
+
+def test_clicking_a_feature_bar_selects_the_feature(server, tmp_path):
+    """A real click on the top-k view's bar of the second-ranked feature selects it: the trajectory follows."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        for _ in walk_views(page, server, ["Massive activations"]):
+            pass
+        chart = page.locator('[data-testid="stPlotlyChart"]').first
+        labels = [t for t in chart.locator(".xaxislayer-above text").all_text_contents() if t.startswith("f")]
+        second = labels[1]
+        assert second.startswith("f"), labels
+        bar = chart.locator(".barlayer .point path").nth(1)
+        box = bar.bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + 4  # near its top: a log-scale bar runs below the plot
+        page.mouse.move(x, y - 3)
+        page.mouse.move(x, y, steps=3)  # plotly clicks the point under its last hover
+        page.wait_for_timeout(200)
+        page.mouse.click(x, y)
+        page.wait_for_function(f"document.body.innerText.includes('|h| of feature {second[1:]} across layers')",
+                               timeout=30_000)
+        page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        browser.close()

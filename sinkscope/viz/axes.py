@@ -80,8 +80,8 @@ def add_segment_bands(fig: go.Figure, segments, starts: np.ndarray, axis: str = 
             fig.add_hrect(y0=b0 - 0.5, y1=b1 + 0.5, x0=-0.04, x1=-0.005, **kwargs)
     return fig
 
-def layer_axis(fig: go.Figure, n_layers: int) -> None:
-    fig.update_yaxes(tickmode="linear", dtick=max(1, n_layers // 15))
+def layer_axis(fig: go.Figure, n_layers: int, **subplot) -> None:
+    fig.update_yaxes(tickmode="linear", dtick=max(1, n_layers // 15), **subplot)
 
 def layer_xaxis(fig: go.Figure, n_layers: int) -> None:
     fig.update_xaxes(tickmode="linear", dtick=max(1, n_layers // 15))

@@ -102,15 +102,20 @@ def sink_position_comparison(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str,
     return fig
 
 
-def massive_feature_comparison(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str], top: int = 12) -> go.Figure:
-    """Share of samples in which each massive feature appears, for the features most common in either trace."""
+def massive_feature_comparison(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str], top: int = 12,
+                               selected: int | None = None) -> go.Figure:
+    """Share of samples in which each massive feature appears, for the features most common in either trace;
+    the `selected` feature's label is marked."""
     shares = pd.merge(a[["feature", "share"]], b[["feature", "share"]], on="feature", how="outer",
                       suffixes=("_a", "_b")).fillna(0.0)
     shares = shares.assign(peak=shares[["share_a", "share_b"]].max(axis=1)).nlargest(top, "peak")
     labels = [f"f{int(f)}" for f in shares["feature"]]
+    ticks = [f"<b>[{label}]</b>" if int(f) == selected else label for label, f in zip(labels, shares["feature"],
+                                                                                        strict=True)]
     fig = go.Figure([go.Bar(x=labels, y=100 * shares["share_a"], name=esc(names[0]), marker_color="#1f77b4"),
                      go.Bar(x=labels, y=100 * shares["share_b"], name=esc(names[1]), marker_color="#ff7f0e")])
     fig.update_layout(barmode="group", title="Massive features: share of samples in which each is massive",
                       xaxis_title="feature", yaxis_title="% of samples", yaxis_range=[0, 105], height=380,
                       xaxis_type="category")
+    fig.update_xaxes(tickvals=labels, ticktext=ticks)
     return fig

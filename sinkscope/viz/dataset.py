@@ -18,10 +18,11 @@ def sink_positions_figure(sinks: pd.DataFrame) -> go.Figure:
                       xaxis_title="position / (T - 1)", yaxis_title="sink tokens", height=360)
     return fig
 
-def massive_feature_histogram(features: pd.DataFrame) -> go.Figure:
-    """How many samples show each massive feature index."""
-    fig = go.Figure(go.Bar(x=features["feature"].astype(str), y=features["samples"],
-                           customdata=features["max_abs"],
+def massive_feature_histogram(features: pd.DataFrame, selected: int | None = None) -> go.Figure:
+    """How many samples show each massive feature index; `selected` in red (in the app, a click selects one)."""
+    colours = ["#d62728" if int(f) == selected else "#1f77b4" for f in features["feature"]]
+    fig = go.Figure(go.Bar(x=[f"f{int(f)}" for f in features["feature"]], y=features["samples"],
+                           customdata=features["max_abs"], marker_color=colours,
                            hovertemplate="feature %{x}<br>%{y} samples<br>max |h| %{customdata:.0f}<extra></extra>"))
     fig.update_layout(title="Massive feature indices over the trace", xaxis_title="feature",
                       yaxis_title="samples", xaxis_type="category", height=360)

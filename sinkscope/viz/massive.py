@@ -25,22 +25,39 @@ def top_activations_figure(sample) -> go.Figure:
     layer_xaxis(fig, len(table))
     return fig
 
-def top_features_figure(sample, k: int = 16, mlp: bool = False) -> go.Figure:
-    """Layer x feature heatmap of the `k` features with the largest |h| (or |mlp_out|), ranked left to right,
-    labelled columns, log colour: the massive features stand out however wide the model is."""
+def top_features_figure(sample, k: int = 16, mlp: bool = False, selected: int | None = None) -> go.Figure:
+    """The `k` features with the largest |h| (or |mlp_out|), ranked left to right: their peak over layers and
+    tokens as bars (log scale; in the app a click on a bar selects the feature), and a layer x feature heatmap
+    below with labelled columns and log colour, so the massive features stand out however wide the model is.
+    `selected` is outlined. `data[0]` is the heatmap, `data[1]` the bars."""
+    from plotly.subplots import make_subplots
+
     features = ranked_features(sample, k, mlp)
     values = np.asarray(sample.mlp_feature_max_abs if mlp else sample.feature_max_abs)[:, features]  # [L, k]
     name = "|mlp_out|" if mlp else "|h|"
     labels = [f"f{f}" for f in features]
-    fig = go.Figure(go.Heatmap(
+    peak = values.max(axis=0)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.28, 0.72], vertical_spacing=0.04)
+    fig.add_trace(go.Heatmap(
         z=np.log10(np.maximum(values, 1e-6)), x=labels, y=np.arange(values.shape[0]), colorscale="Magma",
-        customdata=values, colorbar={"title": f"log10 max {name}"},
+        customdata=values, colorbar={"title": f"log10 max {name}", "len": 0.72, "y": 0.36},
         hovertemplate="layer %{y}, feature %{x}<br>max " + name + " over tokens %{customdata:.4g}<extra></extra>",
-    ))
+    ), row=2, col=1)
+    colours = ["#d62728" if f == selected else "#7f7f7f" for f in features]
+    fig.add_trace(go.Bar(x=labels, y=peak, marker_color=colours, showlegend=False,
+                         hovertemplate="feature %{x}: peak " + name + " %{y:.4g}<br>click to select<extra></extra>"),
+                  row=1, col=1)
+    if selected is not None and int(selected) in {int(f) for f in features}:
+        i = [int(f) for f in features].index(int(selected))
+        fig.add_shape(type="rect", x0=i - 0.5, x1=i + 0.5, y0=-0.5, y1=values.shape[0] - 0.5, row=2, col=1,
+                      line={"color": "#d62728", "width": 2})
     fig.update_layout(title=f"The {len(features)} features with the largest {name} (ranked; max over tokens)",
-                      xaxis_title="feature (largest first)", yaxis_title="layer", height=420,
-                      xaxis_type="category")
-    layer_axis(fig, values.shape[0])
+                      height=520, clickmode="event+select")
+    fig.update_xaxes(type="category", row=1, col=1)
+    fig.update_xaxes(type="category", title_text="feature (largest first; click a bar to select it)", row=2, col=1)
+    fig.update_yaxes(type="log", title_text=f"peak {name}", row=1, col=1)
+    fig.update_yaxes(title_text="layer", row=2, col=1)
+    layer_axis(fig, values.shape[0], row=2, col=1)
     return fig
 
 

@@ -119,11 +119,39 @@ def token_window(n: int, key: str) -> tuple[int, int] | None:
     return None if (lo, hi) == (0, n) else (lo, max(hi, lo + 1))
 
 
-def show(fig, key: str) -> None:
-    """A figure; its camera button downloads it in the sidebar's format (PNG or SVG), named after the view."""
+def show(fig, key: str, select_feature: bool = False) -> None:
+    """A figure; its camera button downloads it in the sidebar's format (PNG or SVG), named after the view.
+    With `select_feature`, a click on a bar labelled fN selects feature N in every view (`selected_feature`)."""
     fmt = st.session_state.get("fig_format", "png")
+    extra = {"on_select": lambda: _feature_clicked(key), "selection_mode": "points"} if select_feature else {}
     st.plotly_chart(fig, width="stretch", key=key,
-                    config={"toImageButtonOptions": {"format": fmt, "filename": f"sinkscope-{key}", "scale": 2}})
+                    config={"toImageButtonOptions": {"format": fmt, "filename": f"sinkscope-{key}", "scale": 2}},
+                    **extra)
+
+
+def clicked_feature(event) -> int | None:
+    """The feature N of the first clicked point labelled fN in a plotly selection event, if any."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return None
+    for point in points or []:
+        label = str(point.get("x", ""))
+        if label.startswith("f") and label[1:].isdigit():
+            return int(label[1:])
+    return None
+
+
+def _feature_clicked(key: str) -> None:
+    feature = clicked_feature(st.session_state.get(key))
+    if feature is not None:
+        st.session_state["selected_feature"] = feature
+
+
+def selected_feature() -> int | None:
+    """The feature selected in any view (a click on a feature bar, or the Massive view's picker)."""
+    value = st.session_state.get("selected_feature")
+    return None if value is None else int(value)
 
 
 def download_table(table: pd.DataFrame, name: str, label: str) -> None:

@@ -16,6 +16,7 @@ from sinkscope.webapp.state import (
     download_table,
     load_trace,
     mtime,
+    selected_feature,
     show,
     token_window,
     trace_profile,
@@ -90,11 +91,22 @@ def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
         k = st.slider("Top features", 4, 64, 16, 4, key="mass_k",
                       help="The features ranked by their largest |value| over layers and tokens.")
         features = [int(f) for f in analysis.ranked_features(s, k, mlp)]
-        show(viz.top_features_figure(s, k, mlp), "mass_topk")
+        chosen_feature = selected_feature()
+        if chosen_feature is not None and chosen_feature not in features \
+                and chosen_feature < tr.manifest["hidden_size"]:
+            features.append(chosen_feature)  # selected elsewhere (Dataset, Compare): offered here too
+        if chosen_feature in features:  # the picker follows a selection made anywhere
+            st.session_state["mass_feature"] = chosen_feature
+        elif st.session_state.get("mass_feature") not in features:
+            st.session_state["mass_feature"] = features[0]
+        show(viz.top_features_figure(s, k, mlp, selected=st.session_state["mass_feature"]), "mass_topk",
+             select_feature=True)
     with c2:
         peak = np.asarray(s.mlp_feature_max_abs if mlp else s.feature_max_abs).max(axis=0)
-        feature = st.selectbox("Feature (selects it in the views below)", features, key="mass_feature",
-                               format_func=lambda f: f"f{f} (max {peak[f]:,.4g})")
+        feature = st.selectbox("Feature (click a bar on the left, or pick here; selects it in every view)", features,
+                               key="mass_feature", format_func=lambda f: f"f{f} (max {peak[f]:,.4g})",
+                               on_change=lambda: st.session_state.update(
+                                   selected_feature=st.session_state["mass_feature"]))
         massive_tokens = sorted(set(map(int, s.massive["token"]))) if len(s.massive) else []
         default = (massive_tokens or [0])[:4]
         chosen = st.multiselect("Tokens", list(range(len(s.tokens))), default=default, key="mass_tokens",
@@ -201,7 +213,8 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
         show(viz.profile_figure(*acts, names, "Largest |h| over tokens vs the median |h|", "|h|", group="curve",
                                 log=True), "cmp_acts")
     with c4:
-        show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names), "cmp_features")
+        show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names,
+                                            selected=selected_feature()), "cmp_features", select_feature=True)
         overlap_sets = analysis.feature_set_overlap(pa["massive_features"], pb["massive_features"])
         jac = overlap_sets["jaccard"]
         def listed(features: list[int]) -> str:
@@ -251,7 +264,7 @@ def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:
         if features.empty:
             st.info("No massive activations in this trace.")
         else:
-            show(viz.massive_feature_histogram(features), "ds_features")
+            show(viz.massive_feature_histogram(features, selected_feature()), "ds_features", select_feature=True)
     layer = st.slider("Layer for the cosine distribution", 0, tr.manifest["n_layers"] - 1,
                       min(5, tr.manifest["n_layers"] - 1), key="ds_layer")
     show(viz.cosine_distribution_figure(dataset_cosine(*key, layer), layer), "ds_cos")

@@ -27,21 +27,26 @@ def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
     top_alpha: list[defaultdict] = [defaultdict(list) for _ in range(n_layers)]
     sink0 = np.zeros(n_layers)
     features: list[Counter] = [Counter() for _ in range(n_layers)]
-    cos_frames = []
+    cos_sum: dict[str, np.ndarray] = {}  # segment -> sum over samples of the sample's per-layer mean
+    cos_count: Counter = Counter()  # segment -> samples that have it
     for s in trace:
         alpha = np.asarray(s.attention_received)  # [L, H, T]
         mean_alpha = alpha.mean(axis=1)  # [L, T]
         sink0 += (alpha[:, :, 0] > eps).mean(axis=1) * 100.0
+        best = np.argsort(-mean_alpha, axis=1)[:, :top]  # [L, top]
         for layer in range(n_layers):
-            for k in np.argsort(-mean_alpha[layer])[:top]:
+            for k in best[layer]:
                 key = f"{s.tokens[k]!r}@{k}"
                 top_tokens[layer][key] += 1
                 top_alpha[layer][key].append(float(mean_alpha[layer, k]))
-        for layer, group in s.massive.groupby("layer"):
-            features[int(layer)].update(set(map(int, group["feature"])))
-        cos_frames.append(cosine_by_segment(s.bos_cosine, s.segments))
+        for segment, mean in cosine_by_segment(s.bos_cosine, s.segments, frame=False).items():
+            cos_sum[segment] = cos_sum.get(segment, 0.0) + mean
+            cos_count[segment] += 1
+    records = trace_massive(trace)
+    for (layer, feature), count in records.groupby(["layer", "feature"])["sample"].nunique().items():
+        features[int(layer)][int(feature)] = int(count)
     n = max(1, len(trace))
-    cos = pd.concat(cos_frames).groupby(level=0).mean() if cos_frames else pd.DataFrame(index=range(n_layers))
+    cos = {segment: total / cos_count[segment] for segment, total in cos_sum.items()}
     rows = []
     for layer in range(n_layers):
         best = top_tokens[layer].most_common(top)
@@ -50,7 +55,7 @@ def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
             "top_sinks": "  ".join(f"{k} {np.mean(top_alpha[layer][k]):.2f} ({c})" for k, c in best),
             "sink_rate_pos0": sink0[layer] / n,
             "massive_features": " ".join(f"{f} ({c})" for f, c in sorted(features[layer].items())),
-            **{f"cos:{seg}": float(cos.loc[layer, seg]) for seg in cos.columns if seg != "bos"},
+            **{f"cos:{seg}": float(values[layer]) for seg, values in cos.items() if seg != "bos"},
         })
     return pd.DataFrame(rows)
 
@@ -152,26 +157,45 @@ def dataset_sinks(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD
     return pd.DataFrame(rows, columns=["sample", "position", "relative_position", "segment", "token", "layers"])
 
 
-def dataset_massive_features(trace) -> pd.DataFrame:
-    """How many samples show each massive feature index, and its largest |value|."""
-    rows = []
+def trace_massive(trace) -> pd.DataFrame:
+    """Every massive-activation record of the trace in one table, with its `sample` id (one concatenation, so
+    that trace-level statistics are single group-bys rather than one per sample)."""
+    ids, frames = [], []
     for s in trace:
-        m = s.massive
-        for feature, group in m.groupby("feature"):
-            peak = float(np.abs(group["value"]).max())
-            rows.append({"feature": int(feature), "sample": s.sample_id, "max_abs": peak})
-    frame = pd.DataFrame(rows, columns=["feature", "sample", "max_abs"])
+        columns = s.massive_columns
+        if len(columns["layer"]):
+            ids.append(s.sample_id)
+            frames.append(columns)
+    if not frames:
+        return pd.DataFrame({"layer": pd.Series(dtype=int), "token": pd.Series(dtype=int),
+                             "feature": pd.Series(dtype=int), "value": pd.Series(dtype=float),
+                             "sample": pd.Series(dtype=object)})
+    names = [c for c in frames[0] if all(c in f for f in frames)]
+    table = {c: np.concatenate([f[c] for f in frames]) for c in names}
+    table["sample"] = np.repeat(np.asarray(ids, dtype=object), [len(f["layer"]) for f in frames])
+    return pd.DataFrame(table)
+
+
+def dataset_massive_features(trace, records: pd.DataFrame | None = None) -> pd.DataFrame:
+    """How many samples show each massive feature index, and its largest |value| (`records`: `trace_massive`'s
+    table, when already at hand)."""
+    m = trace_massive(trace) if records is None else records
+    frame = m[["feature", "sample"]].assign(max_abs=np.abs(m["value"].to_numpy(dtype=float)))
     return (frame.groupby("feature").agg(samples=("sample", "nunique"), max_abs=("max_abs", "max"))
-            .reset_index().sort_values("samples", ascending=False, ignore_index=True))
+            .reset_index().sort_values("samples", ascending=False, ignore_index=True, kind="stable"))
 
 
 def dataset_massive_records(trace) -> pd.DataFrame:
     """Every massive-activation record of the trace, with its sample id and token text."""
-    frames = [s.massive.assign(sample=s.sample_id, token_text=[s.tokens[t] for t in s.massive["token"]])
-              for s in trace if len(s.massive)]
-    if not frames:
+    table = trace_massive(trace)
+    if not len(table):
         return pd.DataFrame(columns=["sample", "layer", "token", "token_text", "feature", "value"])
-    table = pd.concat(frames, ignore_index=True)
+    texts = {s.sample_id: np.asarray(s.tokens, dtype=object) for s in trace}
+    token = table["token"].to_numpy(dtype=int)
+    token_text = np.empty(len(table), dtype=object)
+    for sid, where in table.groupby("sample", sort=False).indices.items():
+        token_text[where] = texts[sid][token[where]]
+    table["token_text"] = token_text
     first = ["sample", "layer", "token", "token_text", "feature", "value"]
     return table[first + [c for c in table.columns if c not in first]]
 
@@ -249,29 +273,41 @@ def trace_profile(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD
     - `sink_positions`: every sink (sample, position, relative position, segment), as `dataset_sinks`;
     - `massive_features`: per feature, the share of samples in which it is massive.
     """
-    rate_rows, act_rows, cos_rows = [], [], []
+    seg_ids, seg_names, rates, coss = [], [], [], []  # one entry per (sample, segment): [L] arrays
+    act_ids, tops, medians = [], [], []
     for s in trace:
         names = token_segments(s.segments, len(s.tokens))
         flags = sink_layers(s.attention_received, eps, head_fraction, min_queries)  # [L, T]
         bos_cos = np.asarray(s.bos_cosine)
-        max_abs = np.asarray(s.max_abs)
-        median = np.asarray(s.median_abs)
         for segment in dict.fromkeys(names[1:]):
             if not segment:
                 continue
             where = np.flatnonzero(names == segment)
             where = where[where > 0]
-            rate = 100.0 * flags[:, where].mean(axis=1)
-            cos = bos_cos[:, where].mean(axis=1)
-            rate_rows += [(s.sample_id, layer, segment, float(v)) for layer, v in enumerate(rate)]
-            cos_rows += [(s.sample_id, layer, segment, float(v)) for layer, v in enumerate(cos)]
-        act_rows += [(s.sample_id, layer, float(m), float(d)) for layer, (m, d) in
-                     enumerate(zip(max_abs.max(axis=1), median, strict=True))]
+            seg_ids.append(s.sample_id)
+            seg_names.append(segment)
+            rates.append(100.0 * flags[:, where].mean(axis=1))
+            coss.append(bos_cos[:, where].mean(axis=1))
+        act_ids.append(s.sample_id)
+        tops.append(np.asarray(s.max_abs).max(axis=1))
+        medians.append(np.asarray(s.median_abs))
+    n_layers = int(trace.manifest["n_layers"])
+    layers = np.arange(n_layers)
+
+    def per_layer(ids: list, values: dict[str, list], segments: list | None = None) -> pd.DataFrame:
+        table = {"sample": np.repeat(np.asarray(ids, dtype=object), n_layers),
+                 "layer": np.tile(layers, len(ids))}
+        if segments is not None:
+            table["segment"] = np.repeat(np.asarray(segments, dtype=object), n_layers)
+        for name, arrays in values.items():
+            table[name] = np.concatenate(arrays).astype(float) if arrays else np.zeros(0)
+        return pd.DataFrame(table)
+
     features = dataset_massive_features(trace)
     features["share"] = features["samples"] / max(1, len(trace))
-    return {"sink_rate": pd.DataFrame(rate_rows, columns=["sample", "layer", "segment", "value"]),
-            "activations": pd.DataFrame(act_rows, columns=["sample", "layer", "top", "median"]),
-            "cosine": pd.DataFrame(cos_rows, columns=["sample", "layer", "segment", "value"]),
+    return {"sink_rate": per_layer(seg_ids, {"value": rates}, seg_names),
+            "activations": per_layer(act_ids, {"top": tops, "median": medians}),
+            "cosine": per_layer(seg_ids, {"value": coss}, seg_names),
             "sink_positions": dataset_sinks(trace, eps, head_fraction, min_queries),
             "massive_features": features[["feature", "samples", "share", "max_abs"]],
             "samples": len(trace)}

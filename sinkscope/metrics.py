@@ -176,13 +176,17 @@ def bos_cosine(hidden) -> np.ndarray:
     return (num / den).astype(np.float32)
 
 
-def cosine_by_segment(bos_cos, segments: Sequence[tuple[str, int, int]]) -> pd.DataFrame:
-    """Mean cos-to-BOS per layer (rows) and segment name (columns); segments of one name are pooled."""
+def cosine_by_segment(bos_cos, segments: Sequence[tuple[str, int, int]], frame: bool = True
+                      ) -> pd.DataFrame | dict[str, np.ndarray]:
+    """Mean cos-to-BOS per layer (rows) and segment name (columns); segments of one name are pooled.
+    `frame=False` returns the columns as a dict of `[L]` arrays (cheaper inside loops over samples)."""
     c = _np(bos_cos)
     names: dict[str, list[int]] = {}
     for name, start, end in segments:
         names.setdefault(name, []).extend(range(start, end))
     data = {name: c[:, idx].mean(axis=1) for name, idx in names.items() if idx}
+    if not frame:
+        return data
     frame = pd.DataFrame(data)
     frame.index.name = "layer"
     return frame

@@ -1,6 +1,7 @@
 """Benchmarks, one module per subject: `record` (the recorder against SDPA, eager and TransformerLens 4),
-`speed` (app speed and cold start), `synth` (corpus generation), `padding` (batch dependence of recorded numbers),
-`loss` (the decorrelation loss's share of a training step). Run `python -m sinkscope.bench --help`."""
+`speed` (app speed and cold start, AppTest), `browser` (every interaction of the app in headless Chromium),
+`synth` (corpus generation), `padding` (batch dependence of recorded numbers), `loss` (the decorrelation loss's
+share of a training step), `mome`. Run `python -m sinkscope.bench --help`."""
 
 import typer
 
@@ -8,6 +9,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="sinkscope be
 
 
 def main() -> None:
-    from sinkscope.bench import loss, mome, padding, record, speed, synth  # noqa: F401 - registers the commands
+    from sinkscope.bench import browser, loss, mome, padding, record, speed, synth  # noqa: F401 - registers the commands
 
     app()

@@ -18,8 +18,9 @@ from sinkscope.bench import app
 ENTRY = Path(__file__).resolve().parents[1] / "_app_entry.py"
 
 
-def write_prompt_trace(path: Path, n: int, model_name: str = "smollm2-135m", batch_size: int = 8) -> Path:
-    """A real trace of `n` short generated prompts (resumable), for the app benchmark."""
+def write_prompt_trace(path: Path, n: int, model_name: str = "smollm2-135m", batch_size: int = 8,
+                       dtype=None) -> Path:
+    """A real trace of `n` short generated prompts (resumable), for the app benchmarks; `dtype` e.g. bfloat16."""
     from sinkscope.models.llm import load_llm
     from sinkscope.record.run import record_texts
 
@@ -28,8 +29,9 @@ def write_prompt_trace(path: Path, n: int, model_name: str = "smollm2-135m", bat
     objects = ["the bridge at dawn", "a long list of numbers", "the quiet garden", "seven red boxes",
                "the final report", "an unexpected visitor"]
     texts = [f"{subjects[i % 6]} {verbs[(i // 6) % 6]} {objects[(i // 36) % 6]} on day {i}." for i in range(n)]
-    llm, tok = load_llm(model_name)
-    record_texts(llm, tok, texts, path, batch_size=batch_size, resume=True, config={"model": model_name})
+    llm, tok = load_llm(model_name, **({} if dtype is None else {"dtype": dtype}))
+    config = {"model": model_name, **({} if dtype is None else {"dtype": str(dtype).removeprefix("torch.")})}
+    record_texts(llm, tok, texts, path, batch_size=batch_size, resume=True, config=config)
     return path
 
 

@@ -115,9 +115,11 @@ def run_app(
         if not root.is_dir():
             fail(f"--root {root} is not a directory")
         env["SINKSCOPE_ROOT"] = str(root.resolve())
+    from sinkscope.browser import STREAMLIT_OPTIONS
+
     script = Path(__file__).with_name("_app_entry.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
-           "--server.address", "localhost", "--browser.gatherUsageStats", "false",
+           "--server.address", "localhost", "--browser.gatherUsageStats", "false", *STREAMLIT_OPTIONS,
            "--server.headless", "true" if headless else "false"]
     console.print(f"sinkscope app on http://localhost:{port} (traces under {env.get('SINKSCOPE_ROOT', 'traces/')})")
     raise typer.Exit(subprocess.call(cmd, env=env))

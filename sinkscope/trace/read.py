@@ -198,27 +198,40 @@ class TraceSample:
 
     @cached_property
     def massive(self) -> pd.DataFrame:
+        """The sample's massive-activation records (one row per layer, token and feature above the thresholds)."""
+        return pd.DataFrame(self.massive_columns, copy=False)
+
+    @cached_property
+    def massive_columns(self) -> dict[str, np.ndarray]:
+        """`massive` as plain arrays, column by column (fast to concatenate over thousands of samples)."""
         path = self._file("massive.parquet")
         if not path.is_file():
             raise TraceError(f"{path} is missing")
         try:
-            df = pq.read_table(path).to_pandas()
+            table = pq.ParquetFile(path).read(use_threads=False)  # tiny files: threads cost more than they save
         except Exception as exc:
             raise TraceError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc})") from exc
-        missing = [c for c in ("layer", "token", "feature", "value", "attn_share", "mlp_share") if c not in df]
+        missing = [c for c in ("layer", "token", "feature", "value", "attn_share", "mlp_share")
+                   if c not in table.column_names]
         if missing:
             raise TraceError(f"{path} lacks the columns {missing}")
         bounds = {"layer": self._manifest["n_layers"], "token": len(self), "feature": self._manifest["hidden_size"]}
         for column, bound in bounds.items():
-            values = pd.to_numeric(df[column], errors="coerce")
-            bad = values.isna() | (values < 0) | (values >= bound) | (values != values.round())
+            raw = table.column(column).to_numpy(zero_copy_only=False)
+            if raw.dtype.kind in "iu":
+                bad = (raw < 0) | (raw >= bound)
+            else:  # floats or objects written by someone else: the slow, careful path
+                values = pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(dtype=float)
+                bad = np.isnan(values) | (values < 0) | (values >= bound) | (values != np.round(values))
             if bad.any():
                 raise TraceError(f"{path}: column '{column}' has {int(bad.sum())} entries that are not indices in "
-                                 f"[0, {bound}) (first: {df[column][bad].iloc[0]!r}); the trace is corrupt")
-        values = pd.to_numeric(df["value"], errors="coerce")
-        if (~np.isfinite(values.to_numpy(dtype=float))).any():
+                                 f"[0, {bound}) (first: {raw[np.flatnonzero(bad)[0]]!r}); the trace is corrupt")
+        raw = table.column("value").to_numpy(zero_copy_only=False)
+        values = raw if raw.dtype.kind == "f" else pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(float)
+        if (~np.isfinite(values)).any():
             raise TraceError(f"{path}: column 'value' holds non-finite or non-numeric entries; the trace is corrupt")
-        return df
+        # one column at a time: Table.to_pandas costs twice the read itself on files this small
+        return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
     @cached_property
     def attention_maps(self) -> dict[tuple[int, int], np.ndarray]:

@@ -32,19 +32,37 @@ def resolve_under_root(root: Path, name: str) -> Path:
     return path
 
 
+MAX_DEPTH = 3
+
+
 @st.cache_data(ttl=10, show_spinner=False)
 def list_traces(root: str) -> list[str]:
-    """Trace directories under `root` (a directory holding manifest.json), up to three levels deep."""
+    """Trace directories under `root` (a directory holding manifest.json), up to MAX_DEPTH levels deep. A trace's
+    own directory is not searched further (its thousands of sample directories are never walked), hidden
+    directories are skipped, and links that leave the root are not followed."""
     base = Path(root)
     if not base.is_dir():
         return []
+    resolved = base.resolve()
     found = []
-    for manifest in sorted(base.glob(f"**/{MANIFEST}")):
-        rel = manifest.parent.relative_to(base)
-        if len(rel.parts) <= 3 and not any(part.startswith(".") for part in rel.parts) \
-                and manifest.resolve().is_relative_to(base.resolve()):  # no links out of the root
-            found.append(str(rel))
-    return found
+
+    def walk(directory: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            path = Path(entry.path)
+            if (path / MANIFEST).is_file():
+                if (path / MANIFEST).resolve().is_relative_to(resolved):
+                    found.append(str(path.relative_to(base)))
+            elif depth < MAX_DEPTH and path.resolve().is_relative_to(resolved):
+                walk(path, depth + 1)
+
+    walk(base, 1)
+    return sorted(found)
 
 
 def mtime(path: Path) -> float:
@@ -62,7 +80,7 @@ def load_trace(root: Path, name: str) -> Trace:
     return _load(str(path), mtime(path))
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner=False, max_entries=8)
 def _sample_index(path: str, mtime: float) -> pd.DataFrame:
     tr = _load(path, mtime)
     return pd.DataFrame({"id": tr.sample_ids,
@@ -74,7 +92,9 @@ def sample_index(tr: Trace) -> pd.DataFrame:
     return _sample_index(str(tr.path), mtime(tr.path))
 
 
-@st.cache_data(show_spinner="Aggregating over the trace...", max_entries=16)
+# The derived tables are cached as resources (shared, never copied): the views only read them, and copying a
+# 1,000-sample profile out of st.cache_data on every rerun cost more than drawing it.
+@st.cache_resource(show_spinner="Aggregating over the trace...", max_entries=16)
 def dataset_tables(path: str, mtime: float, eps: float, min_queries: int
                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     tr = _load(path, mtime)
@@ -82,12 +102,12 @@ def dataset_tables(path: str, mtime: float, eps: float, min_queries: int
             analysis.layer_summary(tr, eps), analysis.dataset_massive_records(tr))
 
 
-@st.cache_data(show_spinner="Profiling the trace...", max_entries=16)
+@st.cache_resource(show_spinner="Profiling the trace...", max_entries=16)
 def trace_profile(path: str, mtime: float, eps: float, min_queries: int) -> dict:
     return analysis.trace_profile(_load(path, mtime), eps, min_queries=min_queries)
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_resource(show_spinner=False, max_entries=32)
 def dataset_cosine(path: str, mtime: float, layer: int) -> pd.DataFrame:
     return analysis.dataset_cosine(_load(path, mtime), layer)
 
@@ -155,13 +175,16 @@ def selected_feature() -> int | None:
 
 
 def download_table(table: pd.DataFrame, name: str, label: str) -> None:
-    """CSV and Parquet download buttons for one table."""
+    """CSV and Parquet download buttons for one table; the files are written when a button is clicked."""
     import io
 
+    def parquet() -> bytes:
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        return buffer.getvalue()
+
     c1, c2 = st.columns(2)
-    c1.download_button(f"{label} (CSV)", table.to_csv(index=False).encode(), f"{name}.csv", "text/csv",
+    c1.download_button(f"{label} (CSV)", lambda: table.to_csv(index=False).encode(), f"{name}.csv", "text/csv",
                        key=f"dl_{name}_csv")
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    c2.download_button(f"{label} (Parquet)", buffer.getvalue(), f"{name}.parquet", "application/octet-stream",
+    c2.download_button(f"{label} (Parquet)", parquet, f"{name}.parquet", "application/octet-stream",
                        key=f"dl_{name}_parquet")

@@ -1,0 +1,223 @@
+"""The app's speed in a real browser (`python -m sinkscope.bench browser`): `streamlit run` on a free port, driven
+by headless Chromium through playwright, over three real SmolLM2 traces (made once, resumable, under
+`traces/bench/`):
+
+- `long-2048`: one 2,048-token sample;
+- `prompts-1000` and `prompts-1000-bf16`: the same 1,000 short prompts in float32 and in bfloat16 (a Compare pair).
+
+An interaction is timed from the click or key press to the end of the script run it triggers (Streamlit's
+`script_finished` message on the page's websocket) plus two animation frames, so that the browser has laid out
+and painted what the run sent. The first render is timed from `page.goto` on a freshly started server (empty
+caches) to the end of the first run. Targets (issue 14): every interaction <= 1 s, the first render <= 3 s."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from sinkscope.bench import app
+from sinkscope.bench.speed import write_prompt_trace
+
+LONG_TEXT = ("Attention sinks form at the first token of a sequence, and massive activations appear in a few fixed "
+             "feature dimensions of the residual stream. Speech recognition with a large language model compresses "
+             "audio and video into tokens before the decoder reads them; the decoder then writes the transcript. ")
+
+
+def write_long_trace(path: Path, n_tokens: int = 2048, model_name: str = "smollm2-135m") -> Path:
+    """A real trace of one `n_tokens`-token text (repeated prose, truncated), resumable."""
+    from sinkscope.models.llm import load_llm
+    from sinkscope.record.run import record_texts
+
+    llm, tok = load_llm(model_name)
+    text = LONG_TEXT * (4 * n_tokens // len(tok(LONG_TEXT)["input_ids"]) + 1)
+    record_texts(llm, tok, [text], path, resume=True, max_length=n_tokens, config={"model": model_name})
+    return path
+
+
+def make_traces(root: Path, samples: int, long_tokens: int) -> dict[str, Path]:
+    import torch
+
+    traces = {"long": root / f"long-{long_tokens}", "many_a": root / f"prompts-{samples}",
+              "many_b": root / f"prompts-{samples}-bf16"}
+    write_long_trace(traces["long"], long_tokens)
+    write_prompt_trace(traces["many_a"], samples)
+    write_prompt_trace(traces["many_b"], samples, dtype=torch.bfloat16)
+    return traces
+
+
+class Page:
+    """A playwright page on the app that counts finished script runs (websocket `script_finished` messages)."""
+
+    def __init__(self, browser, url: str):
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        self.finished = 0
+        self.page = browser.new_page(viewport={"width": 1500, "height": 1100})
+
+        self.bytes = 0
+
+        def on_frame(payload) -> None:
+            if isinstance(payload, str):
+                return
+            self.bytes += len(payload)
+            msg = ForwardMsg()
+            try:
+                msg.ParseFromString(payload)
+            except Exception:  # noqa: BLE001 - other binary frames are not ours to read
+                return
+            if msg.WhichOneof("type") == "script_finished":
+                self.finished += 1
+
+        self.page.on("websocket", lambda ws: ws.on("framereceived", on_frame))
+        self.url = url
+
+    def settle(self) -> None:
+        self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+    def timed(self, action: Callable[[], None], timeout: float = 120.0) -> float:
+        """Seconds from `action` to the end of the script run it starts, painted."""
+        before = self.finished
+        self.bytes = 0
+        start = time.perf_counter()
+        action()
+        while self.finished <= before:
+            if time.perf_counter() - start > timeout:
+                raise RuntimeError(f"no script run finished within {timeout:.0f} s")
+            self.page.wait_for_timeout(5)
+        self.last_run_s = time.perf_counter() - start
+        self.settle()
+        elapsed = time.perf_counter() - start
+        self.check()
+        return elapsed
+
+    def check(self) -> None:
+        if self.page.locator('[data-testid="stException"]').count():
+            raise RuntimeError("the app shows an exception: " + self.page.locator('[data-testid="stException"]')
+                               .first.inner_text()[:2000])
+
+    # the app's controls
+    def view(self, name: str) -> None:
+        self.page.locator('[data-testid="stSidebar"]').get_by_text(name, exact=True).click()
+
+    def select(self, label_start: str, option: str, sidebar: bool = False) -> None:
+        scope = self.page.locator('[data-testid="stSidebar"]') if sidebar else self.page
+        box = scope.locator('[data-testid="stSelectbox"]').filter(has_text=label_start).first
+        box.click()
+        self.page.keyboard.type(option)  # filters the options (long lists are virtualised)
+        self.page.get_by_role("option").filter(has_text=option).first.click()
+
+    def slider_step(self, label_start: str, key: str = "ArrowRight") -> None:
+        slider = self.page.locator('[data-testid="stSlider"]').filter(has_text=label_start).first
+        slider.get_by_role("slider").first.press(key)
+
+    def toggle(self, label_start: str) -> None:
+        self.page.locator('[data-testid="stCheckbox"]').filter(has_text=label_start).first.click()
+
+    def click_bar(self, index: int) -> None:
+        chart = self.page.locator('[data-testid="stPlotlyChart"]').first
+        box = chart.locator(".barlayer .point path").nth(index).bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + 4
+        self.page.mouse.move(x, y - 3)
+        self.page.mouse.move(x, y, steps=3)
+        self.page.mouse.click(x, y)
+
+
+def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
+    """The interactions, in order: (label, action). Each starts one script run."""
+    long, a, b = names["long"], names["many_a"], names["many_b"]
+    steps: list[tuple[str, Callable[[Page], None]]] = []
+    for view in ("Attention", "Massive activations"):
+        steps.append((f"{long}: view {view}", lambda p, v=view: p.view(v)))
+    steps += [
+        (f"{long}: Massive, click the 2nd feature bar", lambda p: p.click_bar(1)),
+        (f"{long}: Massive, layer slider +1", lambda p: p.slider_step("Layer for tokens")),
+        (f"{long}: Massive, MLP toggle", lambda p: p.toggle("MLP output")),
+        (f"{long}: Massive, top features +4", lambda p: p.slider_step("Top features")),
+    ]
+    for view in ("Cosine to BOS", "Overview", "Dataset"):
+        steps.append((f"{long}: view {view}", lambda p, v=view: p.view(v)))
+    steps += [
+        (f"switch trace to {a} (Dataset)", lambda p: p.select("Trace", a, sidebar=True)),
+        (f"{a}: Dataset, cosine layer +1", lambda p: p.slider_step("Layer for the cosine")),
+        (f"{a}: view Overview", lambda p: p.view("Overview")),
+        (f"{a}: next sample", lambda p: p.select("Sample", "00001-", sidebar=True)),
+        (f"{a}: view Massive activations", lambda p: p.view("Massive activations")),
+        (f"{a}: view Compare (B = {b})", lambda p: p.view("Compare")),
+        (f"{a} vs {b}: sink threshold +0.05", lambda p: p.slider_step("Sink threshold", "ArrowRight")),
+        (f"{a} vs {b}: sink threshold back", lambda p: p.slider_step("Sink threshold", "ArrowLeft")),
+        (f"{a} vs {b}: paired sample", lambda p: p.select("Paired sample", "00002-")),
+        ("switch trace to long (Compare)", lambda p: p.select("Trace", long, sidebar=True)),
+        (f"{long}: view Overview", lambda p: p.view("Overview")),
+    ]
+    return steps
+
+
+def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    from sinkscope.browser import CHROMIUM_ARGS, serve_app
+
+    first, rounds, details = [], [], []
+    steps = script(names)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        for rep in range(reps):
+            with serve_app(root) as url:  # a fresh server: empty caches
+                page = Page(browser, url)
+                first.append(page.timed(lambda pg=page: pg.page.goto(url)))
+                page.page.wait_for_selector('[data-testid="stSidebar"]')
+                times, seen = {}, {}
+                for label, action in steps:
+                    times[label] = page.timed(lambda a=action, pg=page: a(pg))
+                    seen[label] = (page.last_run_s, page.bytes)
+                    print(f"  rep {rep + 1}: {label}: {times[label]:.2f} s (run reported finished after "
+                          f"{page.last_run_s:.2f} s; {page.bytes / 1e6:.2f} MB received)", flush=True)
+                rounds.append(times)
+                details.append(seen)
+                page.page.close()
+        browser.close()
+    labels = [label for label, _ in steps]
+    table = [{"interaction": label, "first_round_s": rounds[0][label],
+              "median_s": statistics.median(r[label] for r in rounds), "max_s": max(r[label] for r in rounds),
+              "finished_median_s": statistics.median(d[label][0] for d in details),
+              "received_mb": round(statistics.median(d[label][1] for d in details) / 1e6, 3)}
+             for label in labels]
+    return {"first_render_s": first, "first_render_median_s": statistics.median(first), "interactions": table}
+
+
+@app.command("browser")
+def browser_speed(
+    root: Path = typer.Option(Path("traces/bench"), help="Where the benchmark traces are (made if missing)."),
+    samples: int = typer.Option(1000, min=2, help="Samples in each of the two Compare traces."),
+    long_tokens: int = typer.Option(2048, min=64, help="Tokens of the long trace."),
+    reps: int = typer.Option(3, min=1, help="Rounds, each on a freshly started server."),
+    chromium: str = typer.Option("/usr/bin/chromium", help="The Chromium executable."),
+    out: Path = typer.Option(Path("experiments/results/bench_browser.json"), help="Write JSON here."),
+) -> None:
+    """Every interaction of the app in headless Chromium, timed (target <= 1 s; first render <= 3 s)."""
+    import os
+
+    from sinkscope.config import command_line
+
+    traces = make_traces(root, samples, long_tokens)
+    names = {k: str(p.relative_to(root)) for k, p in traces.items()}
+    result = run_browser(root, names, reps, chromium)
+    inter = result["interactions"]
+    slow = [row for row in inter if row["median_s"] > 1.0]
+    result.update(command=command_line(), date=time.strftime("%Y-%m-%d %H:%M"), reps=reps, cpus=os.cpu_count(),
+                  traces=names, over_1s=len(slow), slowest_median_s=max(r["median_s"] for r in inter))
+    print(f"\nfirst render: median {result['first_render_median_s']:.2f} s over {reps} fresh servers "
+          f"(target <= 3 s)")
+    print(f"{'interaction':<60} {'median':>7} {'max':>7}  (round 1: cold caches)")
+    for row in inter:
+        mark = "  > 1 s" if row["median_s"] > 1.0 else ""
+        print(f"{row['interaction']:<60} {row['median_s']:7.2f} {row['max_s']:7.2f}  ({row['first_round_s']:.2f})"
+              f"{mark}")
+    print(f"{len(slow)} of {len(inter)} interactions over 1 s (median)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))

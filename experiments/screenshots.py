@@ -25,7 +25,7 @@ def main() -> None:
     with serve_app(args.root) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        for view in walk_views(page, url + (f"/?trace={args.trace}" if args.trace else ""), settle_ms=1500):
+        for view in walk_views(page, url + (f"/?trace={args.trace}" if args.trace else ""), settle_ms=3000):
             page.screenshot(path=str(out / f"{view.lower().replace(' ', '_')}.png"))
         browser.close()
 

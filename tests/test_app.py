@@ -190,6 +190,10 @@ def test_compare_and_dataset_views(app, root):
                                                   Trace.load(root / "av-a")], axis=0), rtol=1e-5)
     rate = by_title(app, "Sinks by segment")
     assert {t["name"] for t in rate.data} >= {"A: av-a: audio", "B: av-b: video"}
+    for curve in rate.data:  # error bars are one sd, cut at 0 and 100 %
+        y = np.asarray(curve["y"], dtype=float)
+        assert np.all(y + np.asarray(curve["error_y"]["array"]) <= 100 + 1e-9)
+        assert np.all(y - np.asarray(curve["error_y"]["arrayminus"]) >= -1e-9)
     # disjoint ids: samples are paired by transcript
     app.selectbox(key="cmp_other").set_value("av-renamed").run()
     assert not app.exception and not app.error

@@ -67,9 +67,10 @@ def side_by_side(fig_a: go.Figure, fig_b: go.Figure, titles: tuple[str, str]) ->
 
 
 def profile_figure(mean_a: pd.DataFrame, mean_b: pd.DataFrame, names: tuple[str, str], title: str,
-                   yaxis_title: str, group: str = "segment", log: bool = False) -> go.Figure:
+                   yaxis_title: str, group: str = "segment", log: bool = False,
+                   bounds: tuple[float, float] | None = None) -> go.Figure:
     """Per-layer curves of two traces from `analysis.profile_mean` tables: A solid, B dashed, one colour per
-    segment (or curve), error bars of one standard deviation over samples."""
+    segment (or curve), error bars of one standard deviation over samples, cut at `bounds` (e.g. 0-100 %)."""
     fig = go.Figure()
     for label, table, dash in ((names[0], mean_a, "solid"), (names[1], mean_b, "dash")):
         for key, rows in table.groupby(group, sort=False):
@@ -77,7 +78,7 @@ def profile_figure(mean_a: pd.DataFrame, mean_b: pd.DataFrame, names: tuple[str,
             fig.add_trace(go.Scatter(
                 x=rows["layer"], y=rows["mean"], mode="lines+markers", name=f"{esc(label)}: {esc(key)}",
                 legendgroup=str(key), line={"color": color, "dash": dash},
-                error_y={"type": "data", "array": rows["std"], "visible": True, "thickness": 1},
+                error_y=_error_bars(rows, bounds),
                 customdata=rows["n"], hovertemplate=f"{esc(label)}, {esc(key)}<br>layer %{{x}}: %{{y:.4g}} "
                                                     "(± sd over %{customdata} samples)<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title=yaxis_title, height=420,
@@ -87,6 +88,15 @@ def profile_figure(mean_a: pd.DataFrame, mean_b: pd.DataFrame, names: tuple[str,
 
 
 CURVE_COLORS = {"top": "#d62728", "median": "#7f7f7f"}
+
+
+def _error_bars(rows: pd.DataFrame, bounds: tuple[float, float] | None) -> dict:
+    std = rows["std"].to_numpy(dtype=float)
+    if bounds is None:
+        return {"type": "data", "array": std, "visible": True, "thickness": 1}
+    mean = rows["mean"].to_numpy(dtype=float)
+    return {"type": "data", "symmetric": False, "array": np.minimum(std, bounds[1] - mean),
+            "arrayminus": np.minimum(std, mean - bounds[0]), "visible": True, "thickness": 1}
 
 
 def sink_position_comparison(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str]) -> go.Figure:

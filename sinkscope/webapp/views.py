@@ -202,7 +202,7 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
     with c1:
         show(viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]),
                                 names, f"Sinks by segment (alpha > {eps} in at least half of the heads)",
-                                "% of the segment's tokens"), "cmp_rate")
+                                "% of the segment's tokens", bounds=(0.0, 100.0)), "cmp_rate")
     with c2:
         show(viz.profile_figure(analysis.profile_mean(pa["cosine"]), analysis.profile_mean(pb["cosine"]), names,
                                 "Mean cos-to-BOS by segment", "cos to BOS"), "cmp_cosine")

@@ -17,6 +17,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sinkscope.errors import RecorderError
+from sinkscope.record import kernels
 
 ATTN_IMPLEMENTATION = "sinkscope"
 CHUNK_BYTES = 16 * 2**20
@@ -159,6 +160,15 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out, lse = sdpa_with_lse(query, key, value, attention_mask, scale)
+    window = getattr(getattr(module, "config", None), "sliding_window", None)
+    if lse is not None and not request.map_heads and (window is None or window >= query.shape[2]) \
+            and kernels.available(query.device):
+        # the device path: one Triton pass over the causal triangle (the mask is causal + padding, which the
+        # recorder's 2D mask gives as request.query_valid)
+        with torch.no_grad():
+            colsum = kernels.colsum_triton(query.detach(), key.detach(), lse.detach(), scale, request.query_valid)
+        request.deliver(colsum, {})
+        return out.transpose(1, 2).contiguous(), None
     with torch.no_grad():
         colsum, maps = column_sums(query.detach(), key.detach(), None if lse is None else lse.detach(),
                                    attention_mask, request.query_valid, scale, request.map_heads,

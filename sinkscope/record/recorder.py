@@ -205,7 +205,8 @@ class Recorder:
         if a is None or m is None:
             raise RecorderError(f"block {layer} did not run its self_attn and mlp submodules through forward()")
         stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
-                                      self.abs_threshold, self.rel_threshold)
+                                      self.abs_threshold, self.rel_threshold,
+                                      device_path=attn_fn.kernels.available(h.device))
         if massive is not None:
             cur["massive"].append((layer, *massive))
         cur["layers"][layer] = stats
@@ -230,8 +231,7 @@ class Recorder:
                      for k in cur["layers"][0]}
         alpha = alpha.cpu().numpy()
         valid_np = valid.cpu().numpy()
-        massive = [tuple(x.cpu().numpy() if isinstance(x, torch.Tensor) else x for x in rec)
-                   for rec in cur["massive"]]
+        massive = [_massive_to_numpy(rec) for rec in cur["massive"]]
         meta = self._next
         self._next = {}
         input_ids = None if cur["input_ids"] is None else cur["input_ids"].cpu().numpy()
@@ -319,6 +319,25 @@ class Recorder:
             writer.append(sample)
             self._saved[key] = self._saved.get(key, 0) + 1
         return writer.path
+
+
+def _massive_to_numpy(rec: tuple) -> tuple:
+    """(layer, batch, token, feature, value, attn_out, mlp_out) as numpy. A device-path record (a fixed-size buffer
+    padded with batch index -1, plus the entry count) is cut to its entries, or refused when it overflowed."""
+    layer, *arrays = rec
+    arrays = [x.cpu().numpy() for x in arrays]
+    if len(arrays) == 7:
+        *arrays, count = arrays
+        if int(count) > len(arrays[0]):
+            from sinkscope.record.reduce import MASSIVE_PER_TOKEN
+
+            raise RecorderError(
+                f"layer {layer} has {int(count)} massive entries, more than the {len(arrays[0])} the device path "
+                f"keeps ({MASSIVE_PER_TOKEN} per token on average): raise the thresholds (abs_threshold, "
+                "rel_threshold) or record with SINKSCOPE_TRITON=0")
+        keep = arrays[0] >= 0
+        arrays = [x[keep] for x in arrays]
+    return (layer, *arrays)
 
 
 def _pick(meta: dict, key: str, b: int):

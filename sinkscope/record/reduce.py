@@ -48,26 +48,51 @@ def massive_threshold(median: torch.Tensor, abs_threshold: float, rel_threshold:
     return torch.clamp(median * rel_threshold, min=abs_threshold)
 
 
+MASSIVE_PER_TOKEN = 8
+"""On the device path the massive entries of a layer are gathered into a fixed-size buffer (no host sync) of
+MASSIVE_PER_TOKEN entries per token on average (at least 4096); more than that is refused with a message at the
+end of the forward (Sun et al. find 2-4 massive features per token)."""
+
+
 @torch.no_grad()
 def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor, padded: bool,
-                 top_k: int, abs_threshold: float, rel_threshold: float) -> tuple[dict, tuple | None]:
+                 top_k: int, abs_threshold: float, rel_threshold: float, device_path: bool = False
+                 ) -> tuple[dict, tuple | None]:
     """Reductions of one block output `h[B, T, D]` (with the block's `attn_out`, `mlp_out` of the same shape and
     `valid[B, T]`, True on real tokens). Returns the per-layer fields (torch, on the device) and the massive
     entries as `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors, or None when there are
-    none."""
+    none.
+
+    `device_path` (CUDA): the median by the Triton radix select and the massive entries into a fixed-size buffer,
+    so that nothing waits for the GPU; the buffer's rows past the entry count have batch index -1 and the tuple
+    carries a seventh element, the count, checked once per forward by the recorder."""
+    if device_path:
+        from sinkscope.record.kernels import median_abs_triton
+
+        med = median_abs_triton(h, valid if padded else None)  # [B], exact, from h in its own dtype
     h = h.float()  # [B, T, D]
     b = h.shape[0]
     habs = h.abs()
     top_v, top_i = habs.topk(top_k, dim=-1)  # [B, T, k], sorted: top_v[..., 0] is max_abs
-    med = torch.stack([median_nonneg((habs[i][valid[i]] if padded else habs[i]).reshape(-1))
-                       for i in range(b)])  # [B]
+    if not device_path:
+        med = torch.stack([median_nonneg((habs[i][valid[i]] if padded else habs[i]).reshape(-1))
+                           for i in range(b)])  # [B]
     first = valid.float().argmax(dim=1)  # first real position of each row
     h0 = h[torch.arange(b, device=h.device), first]  # [B, D]
     cos = F.cosine_similarity(h, h0[:, None, :], dim=-1, eps=1e-12)  # [B, T]
     thr = massive_threshold(med, abs_threshold, rel_threshold)  # [B]
     a, m = attn_out.float(), mlp_out.float()
     massive = None
-    if bool((top_v[..., 0] >= thr[:, None]).any()):
+    if device_path:
+        hit = habs >= thr[:, None, None]
+        if padded:
+            hit &= valid[..., None]
+        cap = max(4096, MASSIVE_PER_TOKEN * h.shape[0] * h.shape[1])
+        idx = torch.nonzero_static(hit, size=cap, fill_value=-1)  # [cap, 3]
+        bi, ti, ji = idx.unbind(1)
+        safe = (bi.clamp(min=0), ti.clamp(min=0), ji.clamp(min=0))
+        massive = (bi, ti, ji, h[safe], a[safe], m[safe], hit.sum())
+    elif bool((top_v[..., 0] >= thr[:, None]).any()):
         hit = habs >= thr[:, None, None]
         if padded:
             hit &= valid[..., None]

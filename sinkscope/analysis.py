@@ -176,10 +176,9 @@ def trace_massive(trace) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def dataset_massive_features(trace, records: pd.DataFrame | None = None) -> pd.DataFrame:
-    """How many samples show each massive feature index, and its largest |value| (`records`: `trace_massive`'s
-    table, when already at hand)."""
-    m = trace_massive(trace) if records is None else records
+def dataset_massive_features(trace) -> pd.DataFrame:
+    """How many samples show each massive feature index, and its largest |value|."""
+    m = trace_massive(trace)
     frame = m[["feature", "sample"]].assign(max_abs=np.abs(m["value"].to_numpy(dtype=float)))
     return (frame.groupby("feature").agg(samples=("sample", "nunique"), max_abs=("max_abs", "max"))
             .reset_index().sort_values("samples", ascending=False, ignore_index=True, kind="stable"))

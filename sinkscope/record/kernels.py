@@ -6,9 +6,9 @@
   needs no atomics and O(1) extra memory; it is the column-sum counterpart of a flash-attention pass (about half
   the causal attention work, since only the causal triangle is visited).
 - `median_abs_triton`: the exact median of |h| over each sample's real tokens and all features, by radix
-  selection on the fp32 bit pattern (|h| >= 0, so the bits order like the values): four passes of an 8-bit
-  histogram, each reading h once, all on the device, with no host synchronisation. The mean of the two middle
-  values is taken for an even count, as numpy does.
+  selection on the fp32 bit pattern (|h| >= 0, so the bits order like the values): for each of the two middle
+  ranks, four passes of an 8-bit histogram, each reading h once, all on the device, with no host
+  synchronisation. The mean of the two middle values is taken for an even count, as numpy does.
 
 Both run on the CPU under `TRITON_INTERPRET=1`, which is how the tests check them against the torch reference
 on machines without a GPU.

@@ -26,7 +26,8 @@ llm: setup
 	$(VENV)/bin/sinkscope prepare --model smollm2-135m
 
 # Text prompts through SmolLM2 in float32 and in bfloat16 (a pair for the app's Compare view), then
-# held-out-speaker utterances through the shipped AVSR model (`--checkpoint demo`).
+# held-out-speaker utterances through the shipped AVSR model (`--checkpoint demo`), then the shipped traces of the
+# decorrelation experiment's off/on checkpoints (a second Compare pair).
 demo: llm
 	$(VENV)/bin/sinkscope record --model smollm2-135m --text-file examples/prompts.txt --out $(DEMO_TRACE) --resume
 	$(VENV)/bin/sinkscope summary $(DEMO_TRACE)
@@ -35,6 +36,9 @@ demo: llm
 	$(VENV)/bin/sinkscope data synth --out $(AV_CORPUS) --n 100 --seed 0 --workers 2
 	$(VENV)/bin/sinkscope record --checkpoint demo --data $(AV_CORPUS) --split test --n 16 --out $(AV_TRACE) --resume
 	$(VENV)/bin/sinkscope summary $(AV_TRACE)
+	@# the decorrelation experiment's off/on pair (issue 12), for the Compare view; an existing copy is kept
+	@mkdir -p traces && for t in decorrelation-off decorrelation-on; do \
+	  [ -e traces/$$t ] || cp -r experiments/traces/$$t traces/$$t; done
 	$(VENV)/bin/sinkscope app --root traces
 
 # Debian's Chromium for the real-browser test (skipped, with the reason, when it cannot be installed).

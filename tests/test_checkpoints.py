@@ -183,3 +183,27 @@ def test_cli_records_and_scores_the_demo(make_corpus, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["verb"] == "record" and "--checkpoint demo" in run["command"]
     assert json.loads((out / "results.json").read_text())["recorded"] == 2
+
+
+DECORRELATION = DEMO_DIR.parent / "decorrelation"
+DECORRELATION_TRACES = DEMO_DIR.parents[1] / "traces"
+
+
+def test_shipped_decorrelation_pair_loads_and_differs_inside():
+    """The off/on checkpoints of the decorrelation experiment (issue 12) load as exported, and their shipped traces
+    show what the loss does: cos-to-BOS of the video tokens at the last layer near 0 with it, clearly above without."""
+    from sinkscope.analysis import sink_statistics
+    from sinkscope.trace import Trace
+
+    stats = {}
+    for name, lam in (("off", 0.0), ("on", 10000.0)):
+        weights = load_file(DECORRELATION / name / "model.safetensors")
+        assert all(v.dtype == torch.float16 for v in weights.values())
+        assert sum(f.stat().st_size for f in (DECORRELATION / name).iterdir()) < 12 * 2**20
+        model, config = load_trained(DECORRELATION / name)
+        assert config["decorrelation"] == lam and model.cfg.mode == "vsr" and model.cfg.k_video == 5
+        trace = Trace.load(DECORRELATION_TRACES / f"decorrelation-{name}")
+        assert len(trace) == 16 and all("hypothesis" in s.extra for s in trace)
+        stats[name] = sink_statistics(trace)
+    assert stats["off"]["cos_last_video"] > 0.1 > 0.05 > abs(stats["on"]["cos_last_video"])
+    assert stats["off"]["cos_last_delimiter"] > 0.3 > 0.05 > abs(stats["on"]["cos_last_delimiter"])

@@ -55,7 +55,7 @@ def _kernels() -> SimpleNamespace:
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                        UPCAST: tl.constexpr):
         pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 at B=16, T=32768
         b = pid_bh // H
         h = pid_bh % H
         kvh = h // GROUP
@@ -96,8 +96,8 @@ def _kernels() -> SimpleNamespace:
                                 SHIFT: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
         """One radix pass: for the entries of row b whose higher bits equal prefix[b], count each 8-bit digit at
         SHIFT into hist[b, 256]."""
-        pid = tl.program_id(0)
-        b = tl.program_id(1)
+        pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows of T * D entries at large B
+        b = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         if HAS_VALID:  # a token's D features share its validity
@@ -112,8 +112,6 @@ def _kernels() -> SimpleNamespace:
         tl.atomic_add(hist_ptr + b * 256 + tl.arange(0, 256), hist)
 
     return SimpleNamespace(triton=triton, colsum=_colsum_kernel, digit_histogram=_digit_histogram_kernel)
-
-
 
 
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,

@@ -157,3 +157,29 @@ def test_sigkilled_sweep_resumes_to_the_uninterrupted_rows(spec_file, tmp_path):
     varying = {"train_minutes", "run", "trace", "sweep", "command"}
     assert [{k: v for k, v in r.items() if k not in varying} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in varying} for r in uninterrupted]
+
+
+def test_a_matryoshka_point_gives_one_row_per_rate(spec_file, tmp_path):
+    """A MoME point (issue 15) trains once, then is scored and recorded at each rate of its set: one row each."""
+    from sinkscope.trace import Trace
+
+    sweep = yaml.safe_load(spec_file.read_text())
+    sweep.update(results=str(tmp_path / "mome.csv"), out=str(tmp_path / "mome-runs"), grid={},
+                 eval={"snr": [None], "limit": 3},
+                 points=[{"model.rates": [[2, 1], [8, 4]], "seed": 2,
+                          "model.mome": {"experts": 2, "shared": 1, "top_k": 1, "bottleneck": 8}}])
+    (tmp_path / "mome.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    spec = load_sweep(tmp_path / "mome.yaml")
+    [(name, _)] = spec.all_points
+    rows = run_sweep(spec, log=lambda m: None)
+    assert [r["point"] for r in rows] == [f"{name}-ka2-kv1", f"{name}-ka8-kv4"]
+    assert [(r["k_audio"], r["k_video"]) for r in rows] == [("2", "1"), ("8", "4")]
+    assert all(r["n_clean"] == "3" and r["trace_samples"] == "2" for r in rows)
+    assert rows[0]["run"] == rows[1]["run"] and rows[0]["val_wer_by_epoch"] == rows[1]["val_wer_by_epoch"]
+    for row in rows:  # each trace recorded at its own rate, with its router
+        assert Trace.load(row["trace"])[0].router_ids is not None
+    lengths = [sum(e - s for seg, s, e in Trace.load(r["trace"])[0].segments if seg == "video") for r in rows]
+    assert lengths[0] == 4 * lengths[1], "K_v = 1 gives four times the video tokens of K_v = 4"
+    messages: list[str] = []
+    assert [r["point"] for r in run_sweep(spec, log=messages.append)] == [r["point"] for r in rows]
+    assert messages == [f"[1/1] {name}: done"]

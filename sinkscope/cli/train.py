@@ -123,14 +123,15 @@ def sweep(
     """Run a resumable grid of training runs (rates x decorrelation): train, score, record and summarise every
     point, one results row each, then draw the WER and sink figures next to the results file."""
     from sinkscope.train.results import decorrelation_sinks_figure, decorrelation_wer_figure, write_figure
-    from sinkscope.train.sweep import load_sweep, read_results, run_sweep
+    from sinkscope.train.sweep import load_sweep, read_results, row_names, run_sweep
 
     with clean_errors():
         spec = load_sweep(config, sets or [])
         if list_points:
             done = {r["point"] for r in read_results(spec)}
             for name, overrides in spec.all_points:
-                console.print(f"{'done ' if name in done else 'to do'}  {name}  {json.dumps(overrides)}")
+                finished = all(n in done for n in row_names(spec, name, overrides))
+                console.print(f"{'done ' if finished else 'to do'}  {name}  {json.dumps(overrides)}")
             return
         with progress_bar("train") as bar:
             rows = run_sweep(spec, log=bar.log, progress=_train_progress(bar), until_epoch=until_epoch,

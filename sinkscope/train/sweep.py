@@ -24,6 +24,7 @@ where it stopped. A row names the sweep file, the point's config hash and the co
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -113,9 +114,17 @@ def _short(key: str) -> str:
 
 
 def point_name(overrides: dict) -> str:
-    """A run-directory name from a point's overrides, e.g. `asr-ka32-dec10000-seed1`."""
+    """A run-directory name from a point's overrides, e.g. `asr-ka32-dec10000-seed1`; a rate set reads
+    `rates4x1+16x1`, and a mapping (e.g. `model.mome`) its key plus a short hash of its content."""
     def text(v) -> str:
-        return f"{v:g}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:g}"
+        if isinstance(v, dict):
+            return hashlib.sha1(json.dumps(v, sort_keys=True).encode()).hexdigest()[:6]
+        if isinstance(v, list | tuple):
+            return "+".join("x".join(text(x) for x in item) if isinstance(item, list | tuple) else text(item)
+                            for item in v)
+        return str(v)
     return "-".join(f"{_short(k)}{text(v)}" for k, v in overrides.items()) or "base"
 
 
@@ -139,36 +148,51 @@ def read_results(spec: SweepConfig) -> list[dict]:
     return read_rows(spec.results, spec.columns)
 
 
-def _blank_unused(cfg: TrainConfig) -> tuple:
-    mode = cfg.model.mode
-    return (cfg.model.k_audio if mode != "vsr" else "", cfg.model.k_video if mode != "asr" else "")
+def _blank_unused(mode: str, k_audio: int, k_video: int) -> tuple:
+    return (k_audio if mode != "vsr" else "", k_video if mode != "asr" else "")
+
+
+def point_rates(cfg: TrainConfig) -> list[tuple[str | None, str, int, int]]:
+    """`(rate, suffix, k_audio, k_video)` for each row a point gives: one, for a single-rate model (rate None, no
+    suffix); one per rate of a Matryoshka (MoME) model's rate set, each scored and recorded at that rate, with the
+    `eval --rate` string and a suffix such as `-ka16` (ASR), `-kv5` (VSR) or `-ka16-kv5` (AVSR) for its row."""
+    if not cfg.model.rates:
+        return [(None, "", cfg.model.k_audio, cfg.model.k_video)]
+    out = []
+    for k_audio, k_video in cfg.model.rate_set:
+        parts = {"asr": [("ka", k_audio)], "vsr": [("kv", k_video)],
+                 "avsr": [("ka", k_audio), ("kv", k_video)]}[cfg.model.mode]
+        out.append((",".join(str(k) for _, k in parts), "".join(f"-{a}{k}" for a, k in parts), k_audio, k_video))
+    return out
 
 
 def _point_row(spec: SweepConfig, name: str, overrides: dict, cfg: TrainConfig, run_dir: Path,
-               done: dict) -> dict:
-    k_audio, k_video = _blank_unused(cfg)
+               done: dict, suffix: str = "", k_audio: int | None = None, k_video: int | None = None) -> dict:
+    k_audio, k_video = _blank_unused(cfg.model.mode, cfg.model.k_audio if k_audio is None else k_audio,
+                                     cfg.model.k_video if k_video is None else k_video)
     history = done["history"]
-    row = {"point": name, "mode": cfg.model.mode, "compression": cfg.model.compression, "k_audio": k_audio,
+    row = {"point": name + suffix, "mode": cfg.model.mode, "compression": cfg.model.compression, "k_audio": k_audio,
            "k_video": k_video, "decorrelation": cfg.decorrelation, "seed": cfg.seed, "epochs": cfg.epochs,
            "val_wer_by_epoch": " ".join(f"{h['wer']:.4f}" for h in history),
            "ce_last": f"{history[-1]['ce']:.4f}", "decorrelation_last": f"{history[-1].get('decorrelation', 0):.5f}",
            "train_minutes": f"{done['train_minutes']:.1f}", "run": str(run_dir),
-           "trace": str(run_dir / "trace") if spec.record["n"] else "",
+           "trace": str(run_dir / f"trace{suffix}") if spec.record["n"] else "",
            "overrides": json.dumps(overrides, sort_keys=True), "sweep": spec.path,
            "config_hash": config_hash(cfg, ignore=("out",)), "command": command_line()}
     for tag in spec.tags:
-        scored = done["eval"].get(tag)
+        scored = done["eval"].get(tag + suffix)
         for m in ("wer", "cer", "n"):
             row[f"{m}_{tag}"] = "" if scored is None else (scored[m] if m == "n" else f"{scored[m]:.6f}")
-    for key, value in done.get("stats", {}).items():
+    for key, value in done.get("stats" + suffix, {}).items():
         row[key] = f"{value:.4f}" if isinstance(value, float) else value
     return row
 
 
 def run_point(spec: SweepConfig, name: str, overrides: dict, log: Callable[[str], None] = print,
-              progress: Callable | None = None, until_epoch: int | None = None) -> dict | None:
-    """Train, score, record and summarise one point; returns its row, or None when training stopped early.
-    Every step that finished is kept in RUN/sweep_point.json and not redone."""
+              progress: Callable | None = None, until_epoch: int | None = None) -> list[dict] | None:
+    """Train, score, record and summarise one point; returns its rows (one, or one per rate of a Matryoshka
+    model), or None when training stopped early. Every step that finished is kept in RUN/sweep_point.json and not
+    redone."""
     from sinkscope.analysis import sink_statistics
     from sinkscope.eval import EvalConfig, run_eval
     from sinkscope.record.run import RecordConfig, run_record
@@ -193,21 +217,31 @@ def run_point(spec: SweepConfig, name: str, overrides: dict, log: Callable[[str]
         atomic_write_text(marker, json.dumps(done, indent=2))
 
     save()
-    for snr, tag in zip(spec.eval["snr"], spec.tags, strict=True):
-        if tag in done["eval"] or (snr is not None and cfg.model.mode == "vsr"):
-            continue
-        result = run_eval(EvalConfig(checkpoint=str(run_dir), data=cfg.data, split=spec.eval["split"], snr=snr,
-                                     limit=spec.eval["limit"], batch_size=cfg.batch_size,
-                                     max_new_tokens=cfg.max_new_tokens, out=str(run_dir / f"eval-{tag}")))
-        done["eval"][tag] = {k: result[k] for k in ("wer", "cer", "n")}
-        save()
-        log(f"{name} {tag}: WER {result['wer']:.3f}, CER {result['cer']:.3f} on {result['n']}")
-    if spec.record["n"] and "stats" not in done:
-        run_record(RecordConfig(out=str(run_dir / "trace"), checkpoint=str(run_dir), data=cfg.data,
-                                split=spec.record["split"], n=int(spec.record["n"]), batch_size=8, resume=True))
-        done["stats"] = sink_statistics(Trace.load(run_dir / "trace"))
-        save()
-    return _point_row(spec, name, overrides, cfg, run_dir, done)
+    rows = []
+    for rate, suffix, k_audio, k_video in point_rates(cfg):
+        for snr, tag in zip(spec.eval["snr"], spec.tags, strict=True):
+            if tag + suffix in done["eval"] or (snr is not None and cfg.model.mode == "vsr"):
+                continue
+            result = run_eval(EvalConfig(checkpoint=str(run_dir), data=cfg.data, split=spec.eval["split"], snr=snr,
+                                         limit=spec.eval["limit"], batch_size=cfg.batch_size, rate=rate,
+                                         max_new_tokens=cfg.max_new_tokens, out=str(run_dir / f"eval-{tag}{suffix}")))
+            done["eval"][tag + suffix] = {k: result[k] for k in ("wer", "cer", "n")}
+            save()
+            log(f"{name}{suffix} {tag}: WER {result['wer']:.3f}, CER {result['cer']:.3f} on {result['n']}")
+        if spec.record["n"] and "stats" + suffix not in done:
+            run_record(RecordConfig(out=str(run_dir / f"trace{suffix}"), checkpoint=str(run_dir), data=cfg.data,
+                                    split=spec.record["split"], n=int(spec.record["n"]), batch_size=8, resume=True,
+                                    rate=rate))
+            done["stats" + suffix] = sink_statistics(Trace.load(run_dir / f"trace{suffix}"))
+            save()
+        rows.append(_point_row(spec, name, overrides, cfg, run_dir, done, suffix, k_audio, k_video))
+    return rows
+
+
+def row_names(spec: SweepConfig, name: str, overrides: dict) -> list[str]:
+    """The rows a point writes: its name, or its name with each rate's suffix for a Matryoshka model."""
+    cfg = read_train_config(spec.base, [*_overrides(overrides), f"out={Path(spec.out) / name}"])
+    return [name + suffix for _, suffix, _, _ in point_rates(cfg)]
 
 
 def run_sweep(spec: SweepConfig, log: Callable[[str], None] = print, progress: Callable | None = None,
@@ -222,13 +256,16 @@ def run_sweep(spec: SweepConfig, log: Callable[[str], None] = print, progress: C
             raise SinkscopeError(f"{spec.path}: no point named {unknown}; the points are {[n for n, _ in points]}")
     rows = {r["point"]: r for r in read_results(spec)}
     for k, (name, overrides) in enumerate(points, start=1):
-        if name in rows or (only and name not in only):
-            log(f"[{k}/{len(points)}] {name}: " + ("done" if name in rows else "skipped"))
+        finished = all(n in rows for n in row_names(spec, name, overrides))
+        if finished or (only and name not in only):
+            log(f"[{k}/{len(points)}] {name}: " + ("done" if finished else "skipped"))
             continue
         log(f"[{k}/{len(points)}] {name}: training into {Path(spec.out) / name}")
-        row = run_point(spec, name, overrides, log, progress, until_epoch)
-        if row is not None:
+        new_rows = run_point(spec, name, overrides, log, progress, until_epoch)
+        for row in new_rows or []:
+            if row["point"] in rows:
+                continue
             append_row(spec.results, row, spec.columns)
-            rows[name] = row
-            log(f"[{k}/{len(points)}] {name}: row written to {spec.results}")
+            rows[row["point"]] = row
+            log(f"[{k}/{len(points)}] {row['point']}: row written to {spec.results}")
     return read_results(spec)

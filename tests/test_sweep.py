@@ -183,3 +183,25 @@ def test_a_matryoshka_point_gives_one_row_per_rate(spec_file, tmp_path):
     messages: list[str] = []
     assert [r["point"] for r in run_sweep(spec, log=messages.append)] == [r["point"] for r in rows]
     assert messages == [f"[1/1] {name}: done"]
+
+
+def test_mome_comparison_figure_puts_each_rate_against_its_single_rate_model():
+    from sinkscope.train.results import mome_comparison_figure
+
+    mome = [{"point": f"seed0-ka{k}", "mode": "asr", "k_audio": str(k), "k_video": "", "decorrelation": "0.0",
+             "seed": "0", "wer_clean": str(w), "wer_snr0": str(w + 0.2)} for k, w in ((4, 0.10), (16, 0.15), (32, 0.2))]
+    single = [{"point": "asr-ka32-dec0", "mode": "asr", "k_audio": "32", "k_video": "", "decorrelation": "0.0",
+               "seed": "0", "wer_clean": "0.24", "wer_snr0": "0.46"},
+              {"point": "asr-ka32-dec0-seed1", "mode": "asr", "k_audio": "32", "k_video": "", "decorrelation": "0.0",
+               "seed": "1", "wer_clean": "0.26", "wer_snr0": "0.48"},
+              {"point": "asr-ka32-dec10000", "mode": "asr", "k_audio": "32", "k_video": "",
+               "decorrelation": "10000.0", "seed": "0", "wer_clean": "0.51", "wer_snr0": "0.66"},
+              {"point": "vsr-kv5-dec0", "mode": "vsr", "k_audio": "", "k_video": "5", "decorrelation": "0.0",
+               "seed": "0", "wer_clean": "0.14", "wer_snr0": ""}]
+    fig = mome_comparison_figure(mome, single)
+    assert [a.text for a in fig.layout.annotations] == ["ASR, clean", "ASR, babble 0 dB"]
+    mome_clean, single_clean = fig.data[0], fig.data[1]
+    assert list(mome_clean.x) == ["K_a=4", "K_a=16", "K_a=32"] and list(mome_clean.y) == [0.10, 0.15, 0.2]
+    # single-rate: only lambda = 0 rows of the same mode, mean over seeds
+    assert list(single_clean.x) == ["K_a=32"] and single_clean.y[0] == pytest.approx(0.25)
+    assert fig.data[3].y[0] == pytest.approx(0.47)

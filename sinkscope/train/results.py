@@ -1,6 +1,6 @@
 """Result tables of training experiments: rows appended atomically (one CSV row per finished measurement, never
 duplicated), read back with a check of their columns, and drawn (`decorrelation_wer_figure`,
-`decorrelation_sinks_figure`)."""
+`decorrelation_sinks_figure`, `mome_comparison_figure`)."""
 
 from __future__ import annotations
 
@@ -143,6 +143,38 @@ def decorrelation_sinks_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure
                       "(traces of the same held-out utterances; mean over seeds)", legend={"title": "decorrelation"})
     fig.update_yaxes(title_text="sinks / utterance", row=1, col=1)
     fig.update_yaxes(title_text="cos to BOS", range=[-1, 1], row=1, col=2)
+    return fig
+
+
+def mome_comparison_figure(mome_rows: Sequence[dict] | pd.DataFrame, single_rows: Sequence[dict] | pd.DataFrame,
+                           mode: str = "asr") -> go.Figure:
+    """WER against compression rate for one Matryoshka (MoME) model against the single-rate models at the same
+    rates (the λ = 0 rows of the decorrelation sweep): clean (left) and babble 0 dB (right, where scored); single-
+    rate lines through the mean over seeds, a marker per seed. Rates with no single-rate row show MoME alone."""
+    mome = _frame(mome_rows)
+    mome = mome[mome["mode"] == mode]
+    single = _frame(single_rows)
+    single = single[(single["mode"] == mode) & (single["decorrelation"] == 0)]
+    tags = [t for t in ("clean", "snr0") if f"wer_{t}" in mome and mome[f"wer_{t}"].notna().any()]
+    order = [x for _, x in sorted({(o, r) for o, r in zip(pd.concat([mome["order"], single["order"]]),
+                                                          pd.concat([mome["rate"], single["rate"]]), strict=True)})]
+    order = [r for r in order if r in set(mome["rate"])]
+    fig = make_subplots(rows=1, cols=len(tags), subplot_titles=[f"{mode.upper()}, "
+                                                                + ("clean" if t == "clean" else "babble 0 dB")
+                                                                for t in tags])
+    for c_i, tag in enumerate(tags, start=1):
+        for name, table, color in (("MoME (one model)", mome, "#9467bd"), ("single-rate models", single, "#7f7f7f")):
+            table = table[table["rate"].isin(order) & table[f"wer_{tag}"].notna()]
+            mean = table.groupby("rate")[f"wer_{tag}"].mean().reindex(order).dropna()
+            fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines+markers", name=name, legendgroup=name,
+                                     showlegend=c_i == 1, line={"color": color}, marker={"size": 9},
+                                     hovertemplate="%{x}<br>WER %{y:.1%}<extra>" + html.escape(name) + "</extra>"),
+                          row=1, col=c_i)
+        fig.update_xaxes(categoryorder="array", categoryarray=order, title_text="compression rate", row=1, col=c_i)
+        fig.update_yaxes(tickformat=".0%", title_text="WER" if c_i == 1 else None, rangemode="tozero", row=1,
+                         col=c_i)
+    fig.update_layout(title="One MoME model across rates vs one model per rate (same encoders, epochs, test set)",
+                      height=420)
     return fig
 
 

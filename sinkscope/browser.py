@@ -34,8 +34,9 @@ def serve_app(root: str | os.PathLike, timeout: float = 60.0) -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, SINKSCOPE_ROOT=str(Path(root).resolve()))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port), "--server.address",
-         "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false", *STREAMLIT_OPTIONS],
+        [sys.executable, "-m", "sinkscope.webapp.serve", "run", str(APP), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         *STREAMLIT_OPTIONS],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

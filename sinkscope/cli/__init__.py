@@ -118,7 +118,7 @@ def run_app(
     from sinkscope.browser import STREAMLIT_OPTIONS
 
     script = Path(__file__).with_name("_app_entry.py")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+    cmd = [sys.executable, "-m", "sinkscope.webapp.serve", "run", str(script), "--server.port", str(port),
            "--server.address", "localhost", "--browser.gatherUsageStats", "false", *STREAMLIT_OPTIONS,
            "--server.headless", "true" if headless else "false"]
     console.print(f"sinkscope app on http://localhost:{port} (traces under {env.get('SINKSCOPE_ROOT', 'traces/')})")

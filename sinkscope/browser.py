@@ -5,19 +5,15 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sinkscope.appserver import command
 from sinkscope.webapp import VIEWS
 
-APP = Path(__file__).with_name("_app_entry.py")
-STREAMLIT_OPTIONS = ["--runner.postScriptGC", "false"]
-"""Streamlit's full garbage collection after every script run cost 1-3 s per click with 1,000-sample traces
-cached (it runs before the run is reported finished); Python's own generational GC still runs."""
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -34,9 +30,7 @@ def serve_app(root: str | os.PathLike, timeout: float = 60.0) -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, SINKSCOPE_ROOT=str(Path(root).resolve()))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sinkscope.webapp.serve", "run", str(APP), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         *STREAMLIT_OPTIONS],
+        command(port, "127.0.0.1"),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

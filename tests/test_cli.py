@@ -151,3 +151,34 @@ def test_sigkilled_record_resumes_to_the_uninterrupted_trace(tmp_path, tiny_dir)
         assert a.tokens == b.tokens
         for name in ("attention_received", "bos_cosine", "max_abs", "top_features"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_sinkscope_app_serves(tmp_path):
+    """`sinkscope app` starts the server (it once pointed at a file that had moved) and answers its health check."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sinkscope.browser import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sinkscope", "app", "--root", str(tmp_path), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as reply:
+                    assert reply.status == 200
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"sinkscope app exited: {proc.stdout.read().decode(errors='replace')[-2000:]}")
+                assert time.time() < deadline, "sinkscope app did not answer within 90 s"
+                time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import typer
 
+from sinkscope.appserver import ENTRY
 from sinkscope.bench import app
-
-ENTRY = Path(__file__).resolve().parents[1] / "_app_entry.py"
 
 
 def write_prompt_trace(path: Path, n: int, model_name: str = "smollm2-135m", batch_size: int = 8,

@@ -115,12 +115,9 @@ def run_app(
         if not root.is_dir():
             fail(f"--root {root} is not a directory")
         env["SINKSCOPE_ROOT"] = str(root.resolve())
-    from sinkscope.browser import STREAMLIT_OPTIONS
+    from sinkscope.appserver import command
 
-    script = Path(__file__).with_name("_app_entry.py")
-    cmd = [sys.executable, "-m", "sinkscope.webapp.serve", "run", str(script), "--server.port", str(port),
-           "--server.address", "localhost", "--browser.gatherUsageStats", "false", *STREAMLIT_OPTIONS,
-           "--server.headless", "true" if headless else "false"]
+    cmd = command(port, "localhost", headless)
     console.print(f"sinkscope app on http://localhost:{port} (traces under {env.get('SINKSCOPE_ROOT', 'traces/')})")
     raise typer.Exit(subprocess.call(cmd, env=env))
 

@@ -162,7 +162,7 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
     out, lse = sdpa_with_lse(query, key, value, attention_mask, scale)
     window = getattr(getattr(module, "config", None), "sliding_window", None)
     if lse is not None and not request.map_heads and (window is None or window >= query.shape[2]) \
-            and kernels.available(query.device):
+            and request.device_path:
         # the device path: one Triton pass over the causal triangle (the mask is causal + padding, which the
         # recorder's 2D mask gives as request.query_valid)
         with torch.no_grad():

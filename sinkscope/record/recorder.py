@@ -38,6 +38,7 @@ class _Request:
     map_heads: tuple[int, ...]
     deliver: Any
     compile: bool = False
+    device_path: bool = False  # the Triton kernels (kernels.available), decided once per forward
 
 
 class Recorder:
@@ -162,6 +163,7 @@ class Recorder:
         self._cur = {
             "valid": valid,
             "query_valid": None if bool(valid.all()) else valid,
+            "device_path": attn_fn.kernels.available(ref.device),
             "input_ids": None if input_ids is None else input_ids.detach(),
             "colsum": [None] * self.n_layers,
             "maps": {},
@@ -182,7 +184,7 @@ class Recorder:
             for h, m in maps.items():
                 self._cur["maps"][(layer, h)] = m.cpu()
 
-        return _Request(self._cur["query_valid"], heads, deliver, self.compile)
+        return _Request(self._cur["query_valid"], heads, deliver, self.compile, self._cur["device_path"])
 
     def _store(self, name: str, layer: int):
         def hook(module, args, output):
@@ -206,7 +208,7 @@ class Recorder:
             raise RecorderError(f"block {layer} did not run its self_attn and mlp submodules through forward()")
         stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
                                       self.abs_threshold, self.rel_threshold,
-                                      device_path=attn_fn.kernels.available(h.device))
+                                      device_path=cur["device_path"])
         if massive is not None:
             cur["massive"].append((layer, *massive))
         cur["layers"][layer] = stats

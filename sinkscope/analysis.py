@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -11,64 +12,50 @@ from sinkscope.metrics import (
     MIN_QUERIES,
     SINK_EPS,
     SINK_HEAD_FRACTION,
-    cosine_by_segment,
     jaccard,
     origin_table,
     sink_layers,
     sink_tokens,
 )
+from sinkscope.trace.columns import TraceColumns, token_segments, trace_columns
 
 
 def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
     """One row per layer: the tokens that receive most attention, Sink^eps of position 0, the massive
     features (with how many samples show each), and mean cos-to-BOS per segment (columns `cos:<segment>`)."""
     n_layers = trace.manifest["n_layers"]
-    top_tokens: list[Counter] = [Counter() for _ in range(n_layers)]
-    top_alpha: list[defaultdict] = [defaultdict(list) for _ in range(n_layers)]
-    sink0 = np.zeros(n_layers)
+    c = trace_columns(trace)
+    n = max(1, len(trace))
+    sink0 = (c.alpha_first > eps).mean(axis=2).sum(axis=0) * 100.0 / n  # [L]
+    # the `top` tokens of each (sample, layer) by head-mean alpha, as (layer, token) pairs in sample order
+    best = [np.argsort(-c.mean_alpha[:, a:b], axis=1)[:, :top] + a for a, b in pairwise(c.start)]
+    layer_of = np.concatenate([np.repeat(np.arange(n_layers), x.shape[1]) for x in best] or [np.zeros(0, int)])
+    token_of = np.concatenate([x.ravel() for x in best] or [np.zeros(0, int)])
+    picks = pd.DataFrame({"layer": layer_of, "key": [f"{c.token[k]!r}@{c.position[k]}" for k in token_of],
+                          "alpha": c.mean_alpha[layer_of, token_of].astype(float)})
+    counted = picks.groupby(["layer", "key"], sort=False)["alpha"].agg(["size", "mean"]).reset_index()
+    tops = {layer: "  ".join(f"{row.key} {row.mean:.2f} ({row.size})" for row in group.sort_values(
+                "size", ascending=False, kind="stable").head(top).itertuples())
+            for layer, group in counted.groupby("layer", sort=False)}
     features: list[Counter] = [Counter() for _ in range(n_layers)]
-    cos_sum: dict[str, np.ndarray] = {}  # segment -> sum over samples of the sample's per-layer mean
-    cos_count: Counter = Counter()  # segment -> samples that have it
-    for s in trace:
-        alpha = np.asarray(s.attention_received)  # [L, H, T]
-        mean_alpha = alpha.mean(axis=1)  # [L, T]
-        sink0 += (alpha[:, :, 0] > eps).mean(axis=1) * 100.0
-        best = np.argsort(-mean_alpha, axis=1)[:, :top]  # [L, top]
-        for layer in range(n_layers):
-            for k in best[layer]:
-                key = f"{s.tokens[k]!r}@{k}"
-                top_tokens[layer][key] += 1
-                top_alpha[layer][key].append(float(mean_alpha[layer, k]))
-        for segment, mean in cosine_by_segment(s.bos_cosine, s.segments, frame=False).items():
-            cos_sum[segment] = cos_sum.get(segment, 0.0) + mean
-            cos_count[segment] += 1
     records = trace_massive(trace)
     for (layer, feature), count in records.groupby(["layer", "feature"])["sample"].nunique().items():
         features[int(layer)][int(feature)] = int(count)
-    n = max(1, len(trace))
-    cos = {segment: total / cos_count[segment] for segment, total in cos_sum.items()}
+    samples, segments, means = _group_means(c, c.segment != "", c.bos_cosine)  # per (sample, segment): [L]
+    cos = {seg: means[segments == seg].mean(axis=0) for seg in dict.fromkeys(segments)}
     rows = []
     for layer in range(n_layers):
-        best = top_tokens[layer].most_common(top)
         rows.append({
             "layer": layer,
-            "top_sinks": "  ".join(f"{k} {np.mean(top_alpha[layer][k]):.2f} ({c})" for k, c in best),
-            "sink_rate_pos0": sink0[layer] / n,
-            "massive_features": " ".join(f"{f} ({c})" for f, c in sorted(features[layer].items())),
+            "top_sinks": tops.get(layer, ""),
+            "sink_rate_pos0": float(sink0[layer]),
+            "massive_features": " ".join(f"{f} ({k})" for f, k in sorted(features[layer].items())),
             **{f"cos:{seg}": float(values[layer]) for seg, values in cos.items() if seg != "bos"},
         })
     return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------------------------ per sample
-def token_segments(segments, n_tokens: int) -> np.ndarray:
-    """The segment name of every position (`""` where no segment covers it)."""
-    names = np.full(n_tokens, "", dtype=object)
-    for name, start, end in segments:
-        names[start:end] = name
-    return names
-
-
 def sink_rate_by_segment(alpha, segments, eps: float = SINK_EPS) -> pd.DataFrame:
     """Per layer (rows) and segment (columns): 100 * share of (head, token) pairs in the segment with alpha > eps."""
     a = np.asarray(alpha)
@@ -145,34 +132,21 @@ def sink_token_jaccard(sample, eps: float = SINK_EPS, min_queries: int = MIN_QUE
 def dataset_sinks(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_FRACTION,
                   min_queries: int = MIN_QUERIES) -> pd.DataFrame:
     """Every (sample, token) that is a sink in at least one layer: position, relative position, segment."""
-    rows = []
-    for s in trace:
-        flags = sink_layers(s.attention_received, eps, head_fraction, min_queries)
-        counts = flags.sum(axis=0)
-        names = token_segments(s.segments, len(s.tokens))
-        n = len(s.tokens)
-        for k in np.flatnonzero(counts):
-            rows.append({"sample": s.sample_id, "position": int(k), "relative_position": k / max(1, n - 1),
-                         "segment": names[k], "token": s.tokens[k], "layers": int(counts[k])})
-    return pd.DataFrame(rows, columns=["sample", "position", "relative_position", "segment", "token", "layers"])
+    c = trace_columns(trace, head_fraction)
+    counts = c.sink_flags(eps, min_queries).sum(axis=0)
+    k = np.flatnonzero(counts)
+    return pd.DataFrame({"sample": c.ids[c.sample[k]], "position": c.position[k],
+                         "relative_position": c.position[k] / np.maximum(1, c.length[k] - 1),
+                         "segment": c.segment[k], "token": c.token[k], "layers": counts[k]},
+                        columns=["sample", "position", "relative_position", "segment", "token", "layers"])
 
 
 def trace_massive(trace) -> pd.DataFrame:
     """Every massive-activation record of the trace in one table, with its `sample` id (one concatenation, so
     that trace-level statistics are single group-bys rather than one per sample)."""
-    ids, frames = [], []
-    for s in trace:
-        columns = s.massive_columns
-        if len(columns["layer"]):
-            ids.append(s.sample_id)
-            frames.append(columns)
-    if not frames:
-        return pd.DataFrame({"layer": pd.Series(dtype=int), "token": pd.Series(dtype=int),
-                             "feature": pd.Series(dtype=int), "value": pd.Series(dtype=float),
-                             "sample": pd.Series(dtype=object)})
-    names = [c for c in frames[0] if all(c in f for f in frames)]
-    table = {c: np.concatenate([f[c] for f in frames]) for c in names}
-    table["sample"] = np.repeat(np.asarray(ids, dtype=object), [len(f["layer"]) for f in frames])
+    c = trace_columns(trace)
+    table = {name: column for name, column in c.massive.items() if name != "sample"}
+    table["sample"] = c.ids[c.massive["sample"]] if len(c.ids) else np.zeros(0, dtype=object)
     return pd.DataFrame(table)
 
 
@@ -201,12 +175,10 @@ def dataset_massive_records(trace) -> pd.DataFrame:
 
 def dataset_cosine(trace, layer: int) -> pd.DataFrame:
     """cos-to-BOS of every token at one layer, with its segment, over all samples (position 0 excluded)."""
-    frames = []
-    for s in trace:
-        names = token_segments(s.segments, len(s.tokens))
-        frames.append(pd.DataFrame({"sample": s.sample_id, "segment": names[1:],
-                                    "cos": np.asarray(s.bos_cosine)[layer, 1:]}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["sample", "segment", "cos"])
+    c = trace_columns(trace)
+    where = c.position > 0
+    return pd.DataFrame({"sample": c.ids[c.sample[where]], "segment": c.segment[where],
+                         "cos": c.bos_cosine[layer, where]})
 
 
 SEGMENT_GROUPS = {"delimiter": ("audio_start", "audio_end", "video_start", "video_end"), "audio": ("audio",),
@@ -272,41 +244,27 @@ def trace_profile(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD
     - `sink_positions`: every sink (sample, position, relative position, segment), as `dataset_sinks`;
     - `massive_features`: per feature, the share of samples in which it is massive.
     """
-    seg_ids, seg_names, rates, coss = [], [], [], []  # one entry per (sample, segment): [L] arrays
-    act_ids, tops, medians = [], [], []
-    for s in trace:
-        names = token_segments(s.segments, len(s.tokens))
-        flags = sink_layers(s.attention_received, eps, head_fraction, min_queries)  # [L, T]
-        bos_cos = np.asarray(s.bos_cosine)
-        for segment in dict.fromkeys(names[1:]):
-            if not segment:
-                continue
-            where = np.flatnonzero(names == segment)
-            where = where[where > 0]
-            seg_ids.append(s.sample_id)
-            seg_names.append(segment)
-            rates.append(100.0 * flags[:, where].mean(axis=1))
-            coss.append(bos_cos[:, where].mean(axis=1))
-        act_ids.append(s.sample_id)
-        tops.append(np.asarray(s.max_abs).max(axis=1))
-        medians.append(np.asarray(s.median_abs))
+    c = trace_columns(trace, head_fraction)
     n_layers = int(trace.manifest["n_layers"])
     layers = np.arange(n_layers)
+    where = (c.position > 0) & (c.segment != "")  # BOS itself and uncovered positions left out
+    groups, seg_names, rates = _group_means(c, where, c.sink_flags(eps, min_queries))
+    _, _, coss = _group_means(c, where, c.bos_cosine)
 
-    def per_layer(ids: list, values: dict[str, list], segments: list | None = None) -> pd.DataFrame:
-        table = {"sample": np.repeat(np.asarray(ids, dtype=object), n_layers),
-                 "layer": np.tile(layers, len(ids))}
+    def per_layer(samples: np.ndarray, values: dict[str, np.ndarray], segments=None) -> pd.DataFrame:
+        table = {"sample": np.repeat(c.ids[samples], n_layers), "layer": np.tile(layers, len(samples))}
         if segments is not None:
             table["segment"] = np.repeat(np.asarray(segments, dtype=object), n_layers)
-        for name, arrays in values.items():
-            table[name] = np.concatenate(arrays).astype(float) if arrays else np.zeros(0)
+        for name, array in values.items():
+            table[name] = array.reshape(-1).astype(float)
         return pd.DataFrame(table)
 
+    everyone = np.arange(len(trace))
     features = dataset_massive_features(trace)
     features["share"] = features["samples"] / max(1, len(trace))
-    return {"sink_rate": per_layer(seg_ids, {"value": rates}, seg_names),
-            "activations": per_layer(act_ids, {"top": tops, "median": medians}),
-            "cosine": per_layer(seg_ids, {"value": coss}, seg_names),
+    return {"sink_rate": per_layer(groups, {"value": 100.0 * rates}, seg_names),
+            "activations": per_layer(everyone, {"top": c.top_abs, "median": c.median_abs}),
+            "cosine": per_layer(groups, {"value": coss}, seg_names),
             "sink_positions": dataset_sinks(trace, eps, head_fraction, min_queries),
             "massive_features": features[["feature", "samples", "share", "max_abs"]],
             "samples": len(trace)}
@@ -358,3 +316,20 @@ def expert_usage(trace, layer: int, eps: float = SINK_EPS, head_fraction: float 
     table = table.div(table.sum(axis=1), axis=0)
     table["tokens"] = [tokens[r] for r in order]
     return table
+
+
+def _group_means(columns: TraceColumns, where: np.ndarray, values: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (sample, segment) group of the tokens in `where`, in order of the group's first token: the sample
+    index, the segment name and the `[G, L]` mean of `values[:, token]` over the group's tokens."""
+    tokens = np.flatnonzero(where)
+    if not len(tokens):
+        return np.zeros(0, int), np.zeros(0, dtype=object), np.zeros((0, values.shape[0]))
+    names, codes = np.unique(columns.segment[tokens].astype(str), return_inverse=True)
+    key = columns.sample[tokens] * len(names) + codes
+    keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # groups in order of first appearance, as a loop over samples
+    counts = np.bincount(inverse, minlength=len(keys)).astype(float)
+    sums = np.stack([np.bincount(inverse, weights=values[layer, tokens].astype(float), minlength=len(keys))
+                     for layer in range(values.shape[0])], axis=1)  # [G, L]
+    return keys[order] // len(names), names[keys[order] % len(names)].astype(object), (sums / counts[:, None])[order]

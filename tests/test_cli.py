@@ -12,6 +12,7 @@ from sinkscope.cli import app
 from sinkscope.models.llm import load_llm
 from sinkscope.record.run import record_texts
 from sinkscope.trace import Trace
+from sinkscope.trace.columns import trace_columns
 from tests.tiny_models import tiny_llama
 
 runner = CliRunner()
@@ -47,6 +48,8 @@ def test_record_then_summary(tmp_path, tiny_dir, prompts):
     assert tr[1].tokens == ["<s>", "a", "dog", "ran", "."]
     assert tr[1].segments == [("bos", 0, 1), ("text", 1, 5)]
     assert tr[0].attention_maps[(1, 0)].shape == (8, 8) and tr[0].hidden_states[2].shape == (8, 64)
+    assert (out / "index.safetensors").is_file(), "a recording run ends by writing the trace's index"
+    assert trace_columns(tr).mean_alpha.shape == (3, sum(len(s) for s in tr)) and tr.index_note is None
     res = runner.invoke(app, ["summary", str(out)])
     assert res.exit_code == 0, res.output
     assert "4 samples" in res.output and "Sink^0.3 pos0 %" in res.output

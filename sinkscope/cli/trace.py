@@ -75,6 +75,8 @@ def summary(
     m = tr.manifest
     for name, why in tr.skipped:
         err_console.print(f"[yellow]warning:[/] {trace}/samples/{name} is not read: {why}", highlight=False)
+    if tr.index_note:
+        err_console.print(f"[yellow]warning:[/] {tr.index_note}", highlight=False)
     console.print(f"[bold]{trace}[/]: {len(tr)} samples of {m['model']} "
                   f"({m['n_layers']} layers x {m['n_heads']} heads)")
     console.print("top_sinks: the tokens with the largest head-mean attention received, as token@position "
@@ -90,6 +92,18 @@ def summary(
     Console(width=max(console.width, 160), soft_wrap=False).print(table)
 
 
+def index(trace: Path = typer.Argument(..., help="A trace directory.")) -> None:
+    """(Re)write a trace's index.safetensors: its samples' per-token arrays in one file, so that the app and
+    `summary` open a trace of thousands of samples without reading each one. Recording writes it already; run this
+    after copying samples in, or on traces recorded before the index existed."""
+    from sinkscope.trace.columns import write_index
+
+    with clean_errors():
+        path = write_index(trace)
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(record)
     app.command()(summary)
+    app.command()(index)

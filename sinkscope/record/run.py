@@ -83,6 +83,14 @@ def existing_ids(out: Path, manifest: dict, resume: bool) -> set[str]:
     return done
 
 
+def finish(out: Path) -> None:
+    """After a recording run: write the trace's index (trace.columns), which a resumed run rewrites."""
+    from sinkscope.trace.columns import write_index
+
+    if (out / MANIFEST).is_file():
+        write_index(out)
+
+
 def record_texts(
     model,
     tokenizer,
@@ -125,6 +133,7 @@ def record_texts(
             recorded += len(batch)
             if progress is not None:
                 progress(len(batch))
+    finish(out)
     return recorded, len(texts) - len(todo)
 
 
@@ -168,6 +177,7 @@ def record_avsr(model, dataset, out: str | os.PathLike, batch_size: int = 4,
         recorded += len(batch["ids"])
         if progress is not None:
             progress(len(batch["ids"]))
+    finish(out)
     return recorded, len(items) - len(todo)
 
 

@@ -8,6 +8,8 @@ Layout of a trace directory:
     samples/000000/massive.parquet      layer, token, feature, value, attn_share, mlp_share, ...
     samples/000000/attention_maps.safetensors   optional, "L{l}.H{h}" -> [T,T]
     samples/000000/hidden_states.safetensors    optional, "L{l}" -> [T,D]
+    index.safetensors                   optional: every sample's per-token arrays side by side (trace.columns),
+                                        written when a recording run ends; a cache, used only while it matches
 
 Each sample is written into a temporary directory and renamed into place, then the manifest is replaced
 atomically, so a killed writer leaves every finished sample readable and a resumed writer appends.

@@ -198,6 +198,9 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
                f"samples, {other.manifest.get('model')}). Means over each trace's samples, error bars one standard "
                "deviation; the traces need not share a sample.")
     pa, pb = (trace_profile(str(t.path), mtime(t.path), eps, min_queries) for t in (tr, other))
+    for t in (tr, other):
+        if t.index_note:
+            st.warning(t.index_note)
     c1, c2 = st.columns(2)
     with c1:
         show(viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]),
@@ -254,6 +257,8 @@ def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:
     st.caption(f"Aggregates over all {len(tr)} samples.")
     key = (str(tr.path), mtime(tr.path))
     sinks, features, summary, records = dataset_tables(*key, eps, min_queries)
+    if tr.index_note:
+        st.warning(tr.index_note)
     c1, c2 = st.columns(2)
     with c1:
         if sinks.empty:

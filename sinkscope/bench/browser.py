@@ -47,6 +47,11 @@ def make_traces(root: Path, samples: int, long_tokens: int) -> dict[str, Path]:
     write_long_trace(traces["long"], long_tokens)
     write_prompt_trace(traces["many_a"], samples)
     write_prompt_trace(traces["many_b"], samples, dtype=torch.bfloat16)
+    from sinkscope.trace.columns import INDEX, write_index
+
+    for path in traces.values():  # as a recording run leaves them (traces made before the index existed lack it)
+        if not (path / INDEX).is_file():
+            write_index(path)
     return traces
 
 
@@ -79,10 +84,26 @@ class Page:
     def settle(self) -> None:
         self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
+    LONG_TASKS = ("() => { if (window.__sinkscopeTasks) return; window.__sinkscopeTasks = [];"
+                  " new PerformanceObserver(l => { for (const e of l.getEntries())"
+                  " window.__sinkscopeTasks.push([e.startTime, e.duration]); })"
+                  ".observe({type: 'longtask', buffered: true}); }")
+
+    def busy_since(self, t0: float) -> float:
+        """Seconds of the page's long tasks (main-thread work over 50 ms: script, layout, Plotly drawing) that
+        started after page time `t0` (ms): the browser's own share of an interaction."""
+        return self.page.evaluate("t0 => (window.__sinkscopeTasks || []).filter(e => e[0] >= t0)"
+                                  ".reduce((s, e) => s + e[1], 0) / 1000", t0)
+
     def timed(self, action: Callable[[], None], timeout: float = 120.0) -> float:
-        """Seconds from `action` to the end of the script run it starts, painted."""
+        """Seconds from `action` to the end of the script run it starts, painted; `last_busy_s` is the part of it
+        the browser's main thread spent in long tasks (0 for the page load, which installs the observer)."""
         before = self.finished
         self.bytes = 0
+        try:
+            t0 = self.page.evaluate("() => performance.now()")
+        except Exception:  # noqa: BLE001 - no document yet (before the first goto)
+            t0 = None
         start = time.perf_counter()
         action()
         while self.finished <= before:
@@ -93,6 +114,8 @@ class Page:
         self.settle()
         elapsed = time.perf_counter() - start
         self.check()
+        self.page.evaluate(self.LONG_TASKS)
+        self.last_busy_s = self.busy_since(t0) if t0 is not None else 0.0
         return elapsed
 
     def check(self) -> None:
@@ -174,9 +197,10 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
                 times, seen = {}, {}
                 for label, action in steps:
                     times[label] = page.timed(lambda a=action, pg=page: a(pg))
-                    seen[label] = (page.last_run_s, page.bytes)
+                    seen[label] = (page.last_run_s, page.bytes, page.last_busy_s)
                     print(f"  rep {rep + 1}: {label}: {times[label]:.2f} s (run reported finished after "
-                          f"{page.last_run_s:.2f} s; {page.bytes / 1e6:.2f} MB received)", flush=True)
+                          f"{page.last_run_s:.2f} s; browser busy {page.last_busy_s:.2f} s; "
+                          f"{page.bytes / 1e6:.2f} MB received)", flush=True)
                 rounds.append(times)
                 details.append(seen)
                 page.page.close()
@@ -185,6 +209,7 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
     table = [{"interaction": label, "first_round_s": rounds[0][label],
               "median_s": statistics.median(r[label] for r in rounds), "max_s": max(r[label] for r in rounds),
               "finished_median_s": statistics.median(d[label][0] for d in details),
+              "browser_busy_median_s": statistics.median(d[label][2] for d in details),
               "received_mb": round(statistics.median(d[label][1] for d in details) / 1e6, 3)}
              for label in labels]
     return {"first_render_s": first, "first_render_median_s": statistics.median(first), "interactions": table}

@@ -51,7 +51,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: llm lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) traces .pytest_cache .ruff_cache

@@ -7,6 +7,10 @@
 #   experiments/run_decorrelation_sweep.sh                     # every remaining point, in the sweep file's order
 #   experiments/run_decorrelation_sweep.sh --point vsr-kv5-dec100 --point vsr-kv5-dec100000   # chosen points
 #
+# Other sweeps run the same way from their own worktree, e.g. the MoME experiment (issue 15):
+#   SWEEP=experiments/configs/sweep_mome.yaml RESULTS=experiments/results/mome.csv WT=/work/mome \
+#     PIN=$(git rev-parse HEAD) experiments/run_decorrelation_sweep.sh
+#
 # Then, after each new row: cp $WT/experiments/results/decorrelation.csv experiments/results/, then
 # python experiments/decorrelation_figures.py and python experiments/decorrelation_table.py, and commit.
 # Pause it while tests or benchmarks run (kill -STOP / kill -CONT on its PID): two torch jobs on two cores
@@ -16,6 +20,8 @@ MAIN=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 PIN=${PIN:-ab88f420e0bcd6c675474a367fce11eb60087c41}
 WT=${WT:-/work/sweep}
 PY=${PY:-$MAIN/.venv/bin/python}
+SWEEP=${SWEEP:-experiments/configs/sweep_decorrelation.yaml}
+RESULTS=${RESULTS:-experiments/results/decorrelation.csv}
 cd "$MAIN"
 if [ ! -f corpora/grid-2k/manifest.jsonl ]; then
   echo "corpora/grid-2k is missing: regenerating it (deterministic, about a minute)"
@@ -23,13 +29,13 @@ if [ ! -f corpora/grid-2k/manifest.jsonl ]; then
 fi
 [ -d "$WT" ] || git worktree add -f "$WT" "$PIN"
 # the sweep file and the rows of this checkout are the record: the worktree runs what they say
-cp experiments/configs/sweep_decorrelation.yaml "$WT/experiments/configs/sweep_decorrelation.yaml"
-if [ "$(wc -l < experiments/results/decorrelation.csv)" -gt "$(wc -l < "$WT/experiments/results/decorrelation.csv")" ]; then
-  cp experiments/results/decorrelation.csv "$WT/experiments/results/decorrelation.csv"
+cp "$SWEEP" "$WT/$SWEEP"
+if [ -f "$RESULTS" ] && { [ ! -f "$WT/$RESULTS" ] || [ "$(wc -l < "$RESULTS")" -gt "$(wc -l < "$WT/$RESULTS")" ]; }; then
+  cp "$RESULTS" "$WT/$RESULTS"
 fi
 [ -e "$WT/corpora" ] || ln -s "$MAIN/corpora" "$WT/corpora"
 mkdir -p logs
 cd "$WT"
 HF_HUB_OFFLINE=1 PYTHONPATH="$WT" setsid nohup nice -n 10 "$PY" -m sinkscope sweep \
-  --config experiments/configs/sweep_decorrelation.yaml "$@" >> "$MAIN/logs/sweep.log" 2>&1 < /dev/null &
-echo "sweep started (pid $!) in $WT; log: $MAIN/logs/sweep.log"
+  --config "$SWEEP" "$@" >> "$MAIN/logs/$(basename "$SWEEP" .yaml).log" 2>&1 < /dev/null &
+echo "sweep started (pid $!) in $WT; log: $MAIN/logs/$(basename "$SWEEP" .yaml).log"

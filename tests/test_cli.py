@@ -53,7 +53,9 @@ def test_record_then_summary(tmp_path, tiny_dir, prompts):
     res = runner.invoke(app, ["summary", str(out)])
     assert res.exit_code == 0, res.output
     assert "4 samples" in res.output and "Sink^0.3 pos0 %" in res.output
-    assert len([ln for ln in res.output.splitlines() if ln.strip().startswith("│")]) == 3, "one row per layer"
+    rows = [ln for ln in res.output.splitlines() if ln.strip().startswith("│")]
+    assert len(rows) == 6, "one row per layer in each table: sinks and massive features, then cos-to-BOS"
+    assert "mean cos-to-BOS per segment" in res.output and rows[3].split("│")[1].strip() == "0"
 
 
 def test_interrupted_record_resumes(tmp_path, tiny_dir):

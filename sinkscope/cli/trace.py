@@ -81,15 +81,25 @@ def summary(
                   f"({m['n_layers']} layers x {m['n_heads']} heads)")
     console.print("top_sinks: the tokens with the largest head-mean attention received, as token@position "
                   "alpha (samples); massive_features: feature (samples)")
-    table = Table(show_lines=False)
-    for col in table_data.columns:
-        header = f"Sink^{eps} pos0 %" if col == "sink_rate_pos0" else col
-        left = col in ("top_sinks", "massive_features")
-        table.add_column(header, overflow="fold", justify="left" if left else "right", no_wrap=not left)
-    for _, row in table_data.iterrows():
-        table.add_row(*[f"{v:.1f}" if k == "sink_rate_pos0" else f"{v:.3f}" if isinstance(v, float) else str(v)
-                        for k, v in row.items()])
-    Console(width=max(console.width, 160), soft_wrap=False).print(table)
+    # two tables, so that neither is squeezed: sinks and massive features, then cos-to-BOS per segment (an AV
+    # trace has ten segments; in one table rich would fold the text columns to nothing)
+    cos = [c for c in table_data.columns if c.startswith("cos:")]
+    out = Console(width=max(console.width, 160), soft_wrap=False)
+    for columns in ([c for c in table_data.columns if c not in cos], ["layer", *cos] if cos else []):
+        if not columns:
+            continue
+        table = Table(show_lines=False)
+        for col in columns:
+            header = f"Sink^{eps} pos0 %" if col == "sink_rate_pos0" else col.removeprefix("cos:") if cos and \
+                col in cos else col
+            left = col in ("top_sinks", "massive_features")
+            table.add_column(header, overflow="fold", justify="left" if left else "right", no_wrap=not left)
+        if columns[1:] == cos:
+            out.print("mean cos-to-BOS per segment (BOS itself left out), by layer:")
+        for _, row in table_data[columns].iterrows():
+            table.add_row(*[str(int(v)) if k == "layer" else f"{v:.1f}" if k == "sink_rate_pos0" else
+                            f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in row.items()])
+        out.print(table)
 
 
 def index(trace: Path = typer.Argument(..., help="A trace directory.")) -> None:

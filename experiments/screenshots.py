@@ -27,6 +27,13 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
         for view in walk_views(page, url + (f"/?trace={args.trace}" if args.trace else ""), settle_ms=3000):
             page.screenshot(path=str(out / f"{view.lower().replace(' ', '_')}.png"))
+            if view == "Compare":  # its second part: one sample paired across the two traces
+                page.get_by_text("One sample in both", exact=True).click()
+                page.wait_for_function("document.body.innerText.includes('Paired sample') || "
+                                       "document.body.innerText.includes('No sample of A')", timeout=60_000)
+                page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+                page.wait_for_timeout(3000)
+                page.screenshot(path=str(out / "compare_sample.png"))
         browser.close()
 
 

@@ -172,9 +172,13 @@ def test_compare_and_dataset_views(app, root):
     a, b = Trace.load(root / "av-a")[0], Trace.load(root / "av-b")[0]
     goto(app, "Compare")
     app.selectbox(key="cmp_other").set_value("av-b").run()
+    assert app.radio(key="cmp_part").value == "Whole traces"
+    assert not [f for f in figures(app) if "B - A" in f.title], "one part at a time: no paired figure yet"
+    app.radio(key="cmp_part").set_value("One sample in both").run()
     diff = by_title(app, "attention_received: B - A")
     expected = np.asarray(b.attention_received).mean(axis=1) - np.asarray(a.attention_received).mean(axis=1)
     np.testing.assert_allclose(np.asarray(diff.data[0]["z"]), expected, atol=1e-6)
+    app.radio(key="cmp_part").set_value("Whole traces").run()
 
     # whole-trace comparison: each curve is the mean over the trace's samples of the per-sample values
     cos = by_title(app, "Mean cos-to-BOS by segment")
@@ -196,6 +200,7 @@ def test_compare_and_dataset_views(app, root):
         assert np.all(y - np.asarray(curve["error_y"]["arrayminus"]) >= -1e-9)
     # disjoint ids: samples are paired by transcript
     app.selectbox(key="cmp_other").set_value("av-renamed").run()
+    app.radio(key="cmp_part").set_value("One sample in both").run()
     assert not app.exception and not app.error
     pairs = app.selectbox(key="cmp_sample").options
     assert len(pairs) == 3 and pairs[0].startswith("utt00 ~ other00")

@@ -44,6 +44,14 @@ def test_every_view_renders_without_exceptions(server, tmp_path):
             path = shots / f"{view.lower().replace(' ', '_')}.png"
             page.screenshot(path=str(path), full_page=True)
             assert path.stat().st_size > 10_000
+            if view == "Compare":  # its second part: one sample paired across the two traces
+                page.get_by_text("One sample in both", exact=True).click()
+                page.wait_for_function("document.body.innerText.includes('Paired sample')", timeout=60_000)
+                page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+                page.wait_for_timeout(500)
+                assert page.locator('[data-testid="stException"]').count() == 0, "exception on Compare's sample part"
+                assert "Traceback" not in page.inner_text("body")
+                page.screenshot(path=str(shots / "compare_sample.png"), full_page=True)
             seen.append(view)
         browser.close()
     assert seen == VIEWS

@@ -173,6 +173,7 @@ def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
         (f"{a}: view Compare (B = {b})", lambda p: p.view("Compare")),
         (f"{a} vs {b}: sink threshold +0.05", lambda p: p.slider_step("Sink threshold", "ArrowRight")),
         (f"{a} vs {b}: sink threshold back", lambda p: p.slider_step("Sink threshold", "ArrowLeft")),
+        (f"{a} vs {b}: one sample in both", lambda p: p.page.get_by_text("One sample in both", exact=True).click()),
         (f"{a} vs {b}: paired sample", lambda p: p.select("Paired sample", "00002-")),
         ("switch trace to long (Compare)", lambda p: p.select("Trace", long, sidebar=True)),
         (f"{long}: view Overview", lambda p: p.view("Overview")),

@@ -32,7 +32,7 @@ VIEW_HELP = {
     "Cosine to BOS": "Cosine between each token's residual stream and BOS's: sink tokens are almost parallel to BOS "
                      "(the AVSR sinks paper), which its decorrelation loss penalises (cos^2).",
     "Experts": "MoME models (arXiv 2510.04136): which routed experts each segment, and the sink tokens, use.",
-    "Compare": "Two traces: whole-trace profiles (no shared sample needed), then one sample paired by id or text.",
+    "Compare": "Two traces: whole-trace profiles (no shared sample needed), or one sample paired by id or text.",
     "Dataset": "Aggregates over every sample of the trace, with CSV/Parquet downloads.",
 }
 """One line per view, shown under its title: what it shows and the paper behind it."""

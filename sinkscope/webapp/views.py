@@ -193,6 +193,19 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
         st.error(str(exc))
         return
     names = (f"A: {name}", f"B: {other_name}")
+    part = st.radio("Compare", COMPARE_PARTS, horizontal=True, key="cmp_part", label_visibility="collapsed",
+                    help="One part at a time, so that each click redraws only its own figures.")
+    if part == COMPARE_PARTS[0]:
+        _compare_traces(tr, other, name, other_name, names, eps, min_queries)
+    else:
+        _compare_sample(tr, other, names, eps)
+
+
+COMPARE_PARTS = ("Whole traces", "One sample in both")
+
+
+def _compare_traces(tr: Trace, other: Trace, name: str, other_name: str, names: tuple[str, str], eps: float,
+                    min_queries: int) -> None:
     st.subheader("Whole traces")
     st.caption(f"A = {name} ({len(tr)} samples, {tr.manifest.get('model')}), B = {other_name} ({len(other)} "
                f"samples, {other.manifest.get('model')}). Means over each trace's samples, error bars one standard "
@@ -229,6 +242,8 @@ def view_compare(root: Path, tr: Trace, traces: list[str], name: str, eps: float
                    + ("Jaccard undefined (both sets empty)." if np.isnan(jac) else f"Jaccard {jac:.2f}."))
     show(viz.sink_position_comparison(pa["sink_positions"], pb["sink_positions"], names), "cmp_positions")
 
+
+def _compare_sample(tr: Trace, other: Trace, names: tuple[str, str], eps: float) -> None:
     st.subheader("One sample in both")
     pairs = sample_pairs(tr, other)
     if not pairs:

@@ -361,3 +361,12 @@ def test_query_parameters_are_checked(root, monkeypatch):
         at.run()
         assert not at.exception, (bad, at.exception)
         assert at.error, f"?trace={bad!r} was accepted silently"
+
+
+def test_feature_numbers_from_widget_values():
+    from sinkscope.webapp.state import feature_number
+
+    assert feature_number(507) == 507 and feature_number(np.int64(3)) == 3
+    assert feature_number("f507") == 507 and feature_number("f507 (max 2.493e+04)") == 507
+    assert feature_number("12") == 12
+    assert all(feature_number(v) is None for v in (None, True, "abc", "f", "", [1]))

@@ -82,3 +82,24 @@ def test_clicking_a_feature_bar_selects_the_feature(server, tmp_path):
         page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
         assert page.locator('[data-testid="stException"]').count() == 0
         browser.close()
+
+
+def test_massive_view_survives_the_mlp_toggle_then_another_control(server):
+    """The MLP toggle re-ranks the features and used to relabel the feature picker's options; the browser sent
+    the old label back on the next run, which reached the app as a string (ValueError in a real browser only)."""
+    from playwright.sync_api import sync_playwright
+
+    from sinkscope.bench.browser import Page
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = Page(browser, server)
+        page.timed(lambda: page.page.goto(server))  # each step waits for its script run and checks for exceptions
+        page.timed(lambda: page.view("Massive activations"))
+        # every feature of the tiny model ranked (64), so the picked one stays an option when the toggle re-ranks
+        page.timed(lambda: page.slider_step("Top features", "End"))
+        page.timed(lambda: page.toggle("MLP output"))
+        page.timed(lambda: page.slider_step("Layer for tokens"))
+        page.timed(lambda: page.toggle("MLP output"))
+        page.timed(lambda: page.slider_step("Top features", "ArrowLeft"))
+        browser.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -168,10 +170,18 @@ def _feature_clicked(key: str) -> None:
         st.session_state["selected_feature"] = feature
 
 
+def feature_number(value) -> int | None:
+    """A feature index from what a widget or a click left in the session: an int, "507" or "f507" (a label such as
+    "f507 (max 2.5e+04)" reads as 507); anything else is None, never an exception."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    match = re.match(r"\s*f?(\d+)\b", str(value)) if value is not None else None
+    return int(match[1]) if match else None
+
+
 def selected_feature() -> int | None:
     """The feature selected in any view (a click on a feature bar, or the Massive view's picker)."""
-    value = st.session_state.get("selected_feature")
-    return None if value is None else int(value)
+    return feature_number(st.session_state.get("selected_feature"))
 
 
 def download_table(table: pd.DataFrame, name: str, label: str) -> None:

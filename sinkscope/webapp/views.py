@@ -14,6 +14,7 @@ from sinkscope.webapp.state import (
     dataset_cosine,
     dataset_tables,
     download_table,
+    feature_number,
     load_trace,
     mtime,
     selected_feature,
@@ -103,10 +104,16 @@ def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
              select_feature=True)
     with c2:
         peak = np.asarray(s.mlp_feature_max_abs if mlp else s.feature_max_abs).max(axis=0)
+        # the option labels must not change while an option stays (e.g. its max when the MLP toggle flips): the
+        # browser keeps the label, and a label no option has any more comes back as a raw string
         feature = st.selectbox("Feature (click a bar on the left, or pick here; selects it in every view)", features,
-                               key="mass_feature", format_func=lambda f: f"f{f} (max {peak[f]:,.4g})",
+                               key="mass_feature", format_func=lambda f: f"f{f}",
                                on_change=lambda: st.session_state.update(
-                                   selected_feature=st.session_state["mass_feature"]))
+                                   selected_feature=feature_number(st.session_state["mass_feature"])))
+        feature = feature_number(feature)
+        if feature is None or feature not in features:
+            feature = features[0]
+        st.caption(f"f{feature}: largest {'|mlp_out|' if mlp else '|h|'} over layers and tokens {peak[feature]:,.4g}")
         massive_tokens = sorted(set(map(int, s.massive["token"]))) if len(s.massive) else []
         default = (massive_tokens or [0])[:4]
         chosen = st.multiselect("Tokens", list(range(len(s.tokens))), default=default, key="mass_tokens",

@@ -83,6 +83,27 @@ def view_attention(tr: Trace, s, eps: float) -> None:
 
 
 def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
+    _massive_features(tr, s)
+    st.subheader("Massive activations")
+    if len(s.massive):
+        table = s.massive.copy()
+        table.insert(2, "token_text", [s.tokens[t] for t in table["token"]])
+        st.dataframe(table, width="stretch", height=240)
+        c3, c4 = st.columns(2)
+        with c3:
+            labels, matrix = analysis.sink_token_jaccard(s, eps, min_queries)
+            show(viz.jaccard_figure(labels, matrix), "mass_jaccard")
+        with c4:
+            show(viz.origin_figure(analysis.sample_findings(s, eps, min_queries=min_queries)["origin"], s.tokens),
+                 "mass_origin")
+    else:
+        st.info("No massive activations in this sample at the trace's thresholds.")
+
+
+@st.fragment
+def _massive_features(tr: Trace, s) -> None:
+    """The feature part of the Massive view, a fragment: its controls (MLP toggle, top features, a bar click, the
+    feature and token pickers, the layer slider) rerun only this part, not the table and figures below it."""
     n_layers = tr.manifest["n_layers"]
     c1, c2 = st.columns(2)
     with c1:
@@ -124,20 +145,6 @@ def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
                       int(s.massive["layer"].min()) if len(s.massive) else 0, key="mass_layer")
     shown = [feature] + [f for f in features if f != feature][:7]
     show(viz.token_feature_heatmap(s, layer, shown, mlp=mlp), "mass_tokens_map")
-    st.subheader("Massive activations")
-    if len(s.massive):
-        table = s.massive.copy()
-        table.insert(2, "token_text", [s.tokens[t] for t in table["token"]])
-        st.dataframe(table, width="stretch", height=240)
-        c3, c4 = st.columns(2)
-        with c3:
-            labels, matrix = analysis.sink_token_jaccard(s, eps, min_queries)
-            show(viz.jaccard_figure(labels, matrix), "mass_jaccard")
-        with c4:
-            show(viz.origin_figure(analysis.sample_findings(s, eps, min_queries=min_queries)["origin"], s.tokens),
-                 "mass_origin")
-    else:
-        st.info("No massive activations in this sample at the trace's thresholds.")
 
 
 def view_cosine(tr: Trace, s) -> None:

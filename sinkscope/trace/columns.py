@@ -115,6 +115,7 @@ def build_columns(trace, head_fraction: float = SINK_HEAD_FRACTION) -> TraceColu
     massive = []
     for i, s in enumerate(trace):
         a, b = start[i], start[i + 1]
+        cached = {"_arrays", "massive_columns"} & set(vars(s))
         alpha = np.asarray(s.attention_received)  # [L, H, T]
         if 0 < need <= n_heads:
             needed[:, a:b] = np.partition(alpha, n_heads - need, axis=1)[:, n_heads - need, :]
@@ -126,6 +127,8 @@ def build_columns(trace, head_fraction: float = SINK_HEAD_FRACTION) -> TraceColu
         top[i] = np.asarray(s.max_abs).max(axis=1)
         median[i] = s.median_abs
         massive.append(s.massive_columns)
+        for name in {"_arrays", "massive_columns"} - cached:  # keep memory flat: a sample viewed later reads again
+            vars(s).pop(name, None)
     return TraceColumns(ids=np.asarray(trace.sample_ids, dtype=object), sample=sample,
                         position=np.arange(n) - start[sample], length=lengths[sample], start=start,
                         segment=segment, token=token, heads_needed=need, needed_alpha=needed, mean_alpha=mean,

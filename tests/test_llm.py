@@ -42,11 +42,15 @@ def test_cache_survives_interrupted_conversion_and_is_reused(tmp_path, monkeypat
     leftover.mkdir(parents=True)
     (leftover / "model.safetensors").write_bytes(b"\x00" * 100)
 
-    # This conversion is interrupted after the weights are written, before the tokenizer.
-    def interrupted(*args, **kwargs):
+    # This conversion is interrupted after the weights are written, before the tokenizer (the weights are a
+    # stand-in: a real conversion here would cost half a minute and test nothing more about the cache).
+    def interrupted(gguf_path, out_dir, fix_hint):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model.safetensors").write_bytes(b"\x00" * 1000)
+        (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llm, "_write_tokenizer", interrupted)
+    monkeypatch.setattr(llm, "_convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load_llm("smollm2-135m")
     assert not final.exists(), "an interrupted conversion must never appear as the cache"

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from sinkscope.errors import TraceError
 from sinkscope.metrics import MIN_QUERIES, SINK_HEAD_FRACTION
-from sinkscope.trace.read import check_values, read_safetensors
+from sinkscope.trace.read import check_values, confined, read_safetensors
 
 INDEX = "index.safetensors"
 INDEX_FORMAT = "sinkscope-trace-index"
@@ -202,8 +202,6 @@ def _from_index(trace, head_fraction: float) -> TraceColumns | None:
     if not path.is_file():
         return None
     try:
-        from sinkscope.trace.read import confined
-
         confined(path, getattr(trace, "_root", None))
         meta = _index_metadata(path)
         if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:

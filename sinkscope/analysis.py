@@ -41,7 +41,7 @@ def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
     records = trace_massive(trace)
     for (layer, feature), count in records.groupby(["layer", "feature"])["sample"].nunique().items():
         features[int(layer)][int(feature)] = int(count)
-    samples, segments, means = _group_means(c, c.segment != "", c.bos_cosine)  # per (sample, segment): [L]
+    _, segments, means = _group_means(c, c.segment != "", c.bos_cosine)  # per (sample, segment): [L]
     cos = {seg: means[segments == seg].mean(axis=0) for seg in dict.fromkeys(segments)}
     rows = []
     for layer in range(n_layers):

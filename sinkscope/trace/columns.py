@@ -24,8 +24,8 @@ from safetensors.numpy import save_file
 from sinkscope.errors import TraceError
 from sinkscope.metrics import MIN_QUERIES, SINK_HEAD_FRACTION
 from sinkscope.trace.read import check_values, confined, read_safetensors
+from sinkscope.trace.schema import INDEX
 
-INDEX = "index.safetensors"
 INDEX_FORMAT = "sinkscope-trace-index"
 INDEX_VERSION = "1"
 

@@ -12,6 +12,8 @@ FORMAT = "sinkscope-trace"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SAMPLES = "samples"
+INDEX = "index.safetensors"
+"""Optional, at the trace's root: every sample's per-token arrays side by side (`trace.columns`), a cache."""
 REQUIRED_MANIFEST_FIELDS = ("format", "schema_version", "model", "n_layers", "n_heads", "hidden_size")
 ARRAY_FIELDS = ("attention_received", "bos_cosine", "max_abs", "median_abs")
 OPTIONAL_ARRAY_FIELDS = ("feature_max_abs", "mlp_feature_max_abs", "top_features", "top_values",

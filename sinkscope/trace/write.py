@@ -23,6 +23,7 @@ from sinkscope.trace.read import SAMPLE_DIR, read_manifest, read_meta, sample_di
 from sinkscope.trace.schema import (
     ARRAY_FIELDS,
     FORMAT,
+    INDEX,
     MANIFEST,
     OPTIONAL_ARRAY_FIELDS,
     SAMPLES,
@@ -72,7 +73,7 @@ class TraceWriter:
         """Write one sample atomically and bump the manifest's sample_count."""
         if sample.sample_id in self.sample_ids:
             raise TraceError(f"{self.path}: a sample with id '{sample.sample_id}' is already in the trace")
-        (self.path / "index.safetensors").unlink(missing_ok=True)  # trace.columns: stale once samples change
+        (self.path / INDEX).unlink(missing_ok=True)  # trace.columns: stale once samples change
         index, self._next = self._next, self._next + 1
         tmp = self.path / SAMPLES / f".tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()

@@ -87,8 +87,10 @@ def trace_columns(trace, head_fraction: float = SINK_HEAD_FRACTION) -> TraceColu
     return cache[head_fraction]
 
 
-def _layout(trace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """What the samples' meta.json give: per-token sample index, position, sample length, segment and text."""
+def _layout(trace) -> dict:
+    """The TraceColumns fields that the samples' meta.json give (ids, per-token sample, position, sample length,
+    segment and text, and where each sample starts): the same whether the arrays come from the samples or the
+    index."""
     lengths = np.array([len(s.tokens) for s in trace], dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     sample = np.repeat(np.arange(len(trace)), lengths)
@@ -97,14 +99,17 @@ def _layout(trace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.n
     for i, s in enumerate(trace):
         segment[start[i]:start[i + 1]] = token_segments(s.segments, len(s.tokens))
         token[start[i]:start[i + 1]] = s.tokens
-    return start, sample, segment, token, lengths
+    return {"ids": np.asarray(trace.sample_ids, dtype=object), "sample": sample,
+            "position": np.arange(int(start[-1])) - start[sample], "length": lengths[sample], "start": start,
+            "segment": segment, "token": token}
 
 
 def build_columns(trace, head_fraction: float = SINK_HEAD_FRACTION) -> TraceColumns:
     """The columns, read from every sample (their arrays and massive records, range-checked as always)."""
     n_layers, n_heads = int(trace.manifest["n_layers"]), int(trace.manifest["n_heads"])
     need = heads_needed(n_heads, head_fraction)
-    start, sample, segment, token, lengths = _layout(trace)
+    layout = _layout(trace)
+    start = layout["start"]
     n = int(start[-1])
     needed = np.empty((n_layers, n), dtype=np.float32)
     mean = np.empty((n_layers, n), dtype=np.float32)
@@ -129,11 +134,8 @@ def build_columns(trace, head_fraction: float = SINK_HEAD_FRACTION) -> TraceColu
         massive.append(s.massive_columns)
         for name in {"_arrays", "massive_columns"} - cached:  # keep memory flat: a sample viewed later reads again
             vars(s).pop(name, None)
-    return TraceColumns(ids=np.asarray(trace.sample_ids, dtype=object), sample=sample,
-                        position=np.arange(n) - start[sample], length=lengths[sample], start=start,
-                        segment=segment, token=token, heads_needed=need, needed_alpha=needed, mean_alpha=mean,
-                        bos_cosine=cos, alpha_first=first, top_abs=top, median_abs=median,
-                        massive=_concatenate_massive(massive))
+    return TraceColumns(**layout, heads_needed=need, needed_alpha=needed, mean_alpha=mean, bos_cosine=cos,
+                        alpha_first=first, top_abs=top, median_abs=median, massive=_concatenate_massive(massive))
 
 
 def _concatenate_massive(frames: list[dict]) -> dict:
@@ -230,8 +232,8 @@ def _from_index(trace, head_fraction: float) -> TraceColumns | None:
 
 def _columns_from_arrays(trace, head_fraction: float, arrays: dict, path: Path) -> TraceColumns:
     n_layers, n_heads = int(trace.manifest["n_layers"]), int(trace.manifest["n_heads"])
-    start, sample, segment, token, lengths = _layout(trace)
-    n, s = int(start[-1]), len(trace)
+    layout = _layout(trace)
+    n, s = int(layout["start"][-1]), len(trace)
     shapes = {"needed_alpha": (n_layers, n), "mean_alpha": (n_layers, n), "bos_cosine": (n_layers, n),
               "alpha_first": (s, n_layers, n_heads), "top_abs": (s, n_layers), "median_abs": (s, n_layers)}
     for name, shape in shapes.items():
@@ -261,14 +263,12 @@ def _columns_from_arrays(trace, head_fraction: float, arrays: dict, path: Path) 
         column = massive[name]
         if column.dtype.kind not in "iu" or ((column < 0) | (column >= bound)).any():
             raise TraceError(f"{path}: field 'massive.{name}' holds entries that are not indices below {bound[0]}")
-    token_bound = lengths[massive["sample"]]
+    token_bound = np.diff(layout["start"])[massive["sample"]]
     if massive["token"].dtype.kind not in "iu" or ((massive["token"] < 0) | (massive["token"] >= token_bound)).any():
         raise TraceError(f"{path}: field 'massive.token' holds positions past their sample's length")
     if not np.isfinite(massive["value"]).all():
         raise TraceError(f"{path}: field 'massive.value' holds non-finite entries")
-    return TraceColumns(ids=np.asarray(trace.sample_ids, dtype=object), sample=sample,
-                        position=np.arange(n) - start[sample], length=lengths[sample], start=start,
-                        segment=segment, token=token, heads_needed=heads_needed(n_heads, head_fraction),
+    return TraceColumns(**layout, heads_needed=heads_needed(n_heads, head_fraction),
                         needed_alpha=arrays["needed_alpha"], mean_alpha=arrays["mean_alpha"],
                         bos_cosine=arrays["bos_cosine"], alpha_first=arrays["alpha_first"],
                         top_abs=arrays["top_abs"], median_abs=arrays["median_abs"], massive=massive)

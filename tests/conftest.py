@@ -7,11 +7,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Triton kernels (the recorder's device path) run on the CPU through Triton's interpreter when there is no GPU
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.path.exists("/dev/nvidia0") else "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton kernels (the recorder's device path) run on the CPU through Triton's interpreter when there is no GPU
+# (torch.cuda.is_available() does not import Triton, which reads this variable when it is first imported)
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 
 @pytest.fixture(scope="session")

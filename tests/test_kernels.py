@@ -122,3 +122,23 @@ def test_device_path_refuses_an_overflowing_massive_buffer(monkeypatch):
     with pytest.raises(RecorderError, match="6400 massive entries, more than the 4096"), \
             Recorder(model, abs_threshold=0.0, rel_threshold=0.0):  # every entry is "massive"
         model(input_ids=ids)
+
+
+@pytest.mark.parametrize("device_path", [False, True], ids=["torch-path", "device-path"])
+def test_token_chunks_give_the_same_record(device_path, monkeypatch):
+    """The reductions run over token chunks (bounded float32 temporaries at long context); tiny chunks (5 tokens
+    of the 3 x 24 x 64 batch, so that chunk edges cut samples and padding) must record exactly what one chunk
+    does."""
+    from sinkscope.record import reduce
+
+    model = tiny_llama().to(DEVICE)
+    thresholds = {"abs_threshold": 0.0, "rel_threshold": 3.0}
+    whole = _record(model, device_path, monkeypatch, **thresholds)
+    monkeypatch.setattr(reduce, "CHUNK_ELEMENTS", 3 * 5 * 64)
+    chunked = _record(model, device_path, monkeypatch, **thresholds)
+    assert sum(len(s.massive) for s in whole) > 10
+    for a, b in zip(whole, chunked, strict=True):
+        for field in ("attention_received", "bos_cosine", "max_abs", "median_abs", "feature_max_abs",
+                      "mlp_feature_max_abs", "top_features", "top_values", "mlp_top_features", "mlp_top_values"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+        assert a.massive.equals(b.massive)

@@ -75,7 +75,7 @@ def timed(fn, reps: int, cuda: bool) -> tuple[list[float], list[int]]:
     return times, peaks
 
 
-def run_case(model, batch: int, t: int, reps: int, torch_path: bool) -> dict:
+def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False) -> dict:
     from sinkscope.record import Recorder
 
     device = next(model.parameters()).device
@@ -95,11 +95,29 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool) -> dict:
                 model.model(input_ids=ids, use_cache=False)
         return run
 
+    @torch.no_grad()
+    def hf_eager():  # what a user without sinkscope runs: every attention map and hidden state
+        model.set_attn_implementation("eager")
+        try:
+            model.model(input_ids=ids, use_cache=False, output_attentions=True, output_hidden_states=True)
+        finally:
+            model.set_attn_implementation("sdpa")
+
     methods = {"sdpa": sdpa, "recorder": recorder("1")}
     if torch_path:
         methods["recorder_torch_path"] = recorder("0")
-    for fn in methods.values():  # warm-up: Triton compilation, cuBLAS heuristics
-        fn()
+    if eager:
+        methods["eager"] = hf_eager
+    notes = {}
+    for name, fn in list(methods.items()):  # warm-up: Triton compilation, cuBLAS heuristics
+        try:
+            fn()
+        except torch.OutOfMemoryError:
+            if name != "eager":
+                raise
+            notes["eager_error"] = "out of memory"
+            del methods[name]
+            torch.cuda.empty_cache()
     runs = {name: ([], []) for name in methods}
     for _ in range(reps):  # interleaved, so that machine noise hits every method alike
         for name, fn in methods.items():
@@ -108,7 +126,7 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool) -> dict:
             runs[name][1].extend(peaks)
     base_t = statistics.median(runs["sdpa"][0])
     base_peak = max(max(runs["sdpa"][1]), 1)
-    out = {"sdpa_s": base_t, "sdpa_peak_gib": base_peak / 2**30, "reps": reps}
+    out = {"sdpa_s": base_t, "sdpa_peak_gib": base_peak / 2**30, "reps": reps, **notes}
     for name in methods:
         if name == "sdpa":
             continue
@@ -117,6 +135,143 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool) -> dict:
         out[f"{name}_extra_peak_pct"] = 100.0 * (max(runs[name][1]) - base_peak) / base_peak if cuda else float("nan")
     os.environ.pop("SINKSCOPE_TRITON", None)
     return out
+
+
+COLSUM_CONFIGS = [(64, 64, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)]
+"""(BLOCK_M, BLOCK_N, num_warps, num_stages) of the column-sum kernel, timed by `--colsum`."""
+
+
+def event_time(fn, reps: int = 10) -> float:
+    """Median seconds of `fn` on the current CUDA stream, by CUDA events, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def colsum_bench(shape: str, t: int) -> list[dict]:
+    """The attention of one layer alone: PyTorch's flash SDPA (with its log-sum-exp, as the recorder calls it)
+    against the Triton column sums at each of COLSUM_CONFIGS, with the float64-checked error of each config."""
+    from sinkscope.record.attention import sdpa_with_lse
+    from sinkscope.record.kernels import colsum_triton
+
+    cfg = SHAPES[shape]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // hq
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, t, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    scale = d**-0.5
+    _, lse = sdpa_with_lse(q, k, v, None, scale)
+    flash = event_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                 enable_gqa=True))
+    with_lse = event_time(lambda: sdpa_with_lse(q, k, v, None, scale))
+    ref = colsum_triton(q, k, lse, scale, block_m=64, block_n=64, num_warps=4, num_stages=2)
+    rows = []
+    for bm, bn, warps, stages in COLSUM_CONFIGS:
+        try:
+            got = colsum_triton(q, k, lse, scale, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+            sec = event_time(lambda bm=bm, bn=bn, w=warps, st=stages: colsum_triton(
+                q, k, lse, scale, block_m=bm, block_n=bn, num_warps=w, num_stages=st))
+            count = torch.arange(t, 0, -1, device="cuda", dtype=torch.float32)
+            rows.append(dict(shape=shape, t=t, config=f"{bm}x{bn} w{warps} s{stages}", colsum_ms=1e3 * sec,
+                             flash_ms=1e3 * flash, sdpa_with_lse_ms=1e3 * with_lse, colsum_over_flash=sec / flash,
+                             alpha_diff_vs_64x64=float(((got - ref) / count).abs().max())))
+        except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (shared memory) is reported
+            rows.append(dict(shape=shape, t=t, config=f"{bm}x{bn} w{warps} s{stages}",
+                             error=f"{type(exc).__name__}: {str(exc)[:160]}"))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def profile_case(shape: str, batch: int, t: int, out: Path) -> dict:
+    """torch.profiler over one recorded forward (after a warm-up): the top CUDA kernels and the launch count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sinkscope.record import Recorder
+
+    model = build(shape)
+    ids = torch.randint(3, model.config.vocab_size, (batch, t), device="cuda")
+    os.environ["SINKSCOPE_TRITON"] = "1"
+    result = {}
+    for label, record in (("sdpa", False), ("recorder", True)):
+        def run(record=record):
+            with torch.no_grad():
+                if record:
+                    with Recorder(model):
+                        model.model(input_ids=ids, use_cache=False)
+                else:
+                    model.model(input_ids=ids, use_cache=False)
+        run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        table = events.table(sort_by="cuda_time_total" if hasattr(events[0], "cuda_time_total")
+                             else "device_time_total", row_limit=25)
+        with (out / "profile.txt").open("a") as f:  # one file: the device tool brings back at most 8
+            f.write(f"\n== {shape} B={batch} T={t} {label}\n{table}\n")
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                            "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+        syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "cudaMemcpyAsync")
+        result[label] = {"launches": launches, "sync_or_copy_calls": syncs}
+        print(f"profile {shape} B={batch} T={t} {label}: {launches} kernel launches, "
+              f"{syncs} synchronize/memcpy calls", flush=True)
+    os.environ.pop("SINKSCOPE_TRITON", None)
+    return result
+
+
+def check_case(shape: str, t: int, dtype: torch.dtype) -> dict:
+    """The device path against the torch path (what main shipped, checked against eager by the tests) at a real
+    shape: largest |alpha| difference, cos-to-BOS difference, median equality, and the massive sets (thresholds
+    lowered so that random weights have some)."""
+    import numpy as np
+
+    from sinkscope.record import Recorder
+
+    model = build(shape).to(dtype)
+    ids = torch.randint(3, model.config.vocab_size, (2, t), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, : t // 4] = 0  # left padding in the second row
+    samples = {}
+    for flag in ("1", "0"):
+        os.environ["SINKSCOPE_TRITON"] = flag
+        with torch.no_grad(), Recorder(model, rel_threshold=20.0, abs_threshold=0.0) as rec:
+            model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        samples[flag] = rec.samples
+    os.environ.pop("SINKSCOPE_TRITON", None)
+    fast, slow = samples["1"], samples["0"]
+    row = dict(shape=shape, t=t, dtype=str(dtype).removeprefix("torch."),
+               alpha_max_diff=max(float(np.abs(a.attention_received - b.attention_received).max())
+                                  for a, b in zip(fast, slow, strict=True)),
+               cos_max_diff=max(float(np.abs(a.bos_cosine - b.bos_cosine).max()) for a, b in zip(fast, slow,
+                                                                                               strict=True)),
+               median_equal=all(bool(np.array_equal(a.median_abs, b.median_abs)) for a, b in zip(fast, slow,
+                                                                                                 strict=True)),
+               massive_entries=[len(a.massive) for a in fast],
+               massive_equal=all(a.massive[["layer", "token", "feature"]].equals(b.massive[["layer", "token",
+                                                                                             "feature"]])
+                                 for a, b in zip(fast, slow, strict=True)))
+    print(json.dumps(row), flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return row
+
+
+def _guarded(fn, *args):
+    """Run one extra measurement; an exception is printed and recorded, never fatal (GPU time is short)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        print(f"{fn.__name__}{args}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "args": [str(a) for a in args]}
 
 
 def main() -> None:
@@ -129,6 +284,10 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases after this long")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
     ap.add_argument("--cases", default=None, help="SHAPE:B:T,... instead of the issue's cases")
+    ap.add_argument("--eager", action="store_true", help="also time HF eager (attentions + hidden states), T<=8192")
+    ap.add_argument("--check", action="store_true", help="first: device path vs torch path at real shapes")
+    ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
+    ap.add_argument("--profile", action="store_true", help="first: profiler tables of one recorded forward")
     args = ap.parse_args()
     import transformers
 
@@ -145,6 +304,19 @@ def main() -> None:
     except ImportError:
         env["triton"] = None
     print(json.dumps(env), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": []}
+    if args.check:
+        for shape, t, dtype in (("smollm2-135m", 2048, torch.float32), ("llama-3.2-1b", 4096, torch.bfloat16)):
+            extra["checks"].append(_guarded(check_case, shape, t, dtype))
+    if args.colsum:
+        for shape, t in (("llama-3.2-1b", 8192), ("llama-3.1-8b", 8192), ("llama-3.2-1b", 32768)):
+            extra["colsum"].extend(_guarded(colsum_bench, shape, t) or [])
+    if args.profile:
+        for shape, batch, t in (("smollm2-135m", 1, 2048), ("llama-3.2-1b", 1, 8192)):
+            extra["profile"].append(_guarded(profile_case, shape, batch, t, args.out))
+            torch.cuda.empty_cache()
+    (args.out / "bench_gpu_extra.json").write_text(json.dumps(extra, indent=2, default=str))
     rows = []
     shapes = args.shapes.split(",")
     for shape in shapes:
@@ -160,7 +332,8 @@ def main() -> None:
                 print(f"budget spent: {shape} B={batch} T={t} not run", flush=True)
                 break
             try:
-                row = run_case(model, batch, t, args.reps, args.torch_path and t <= 8192)
+                row = run_case(model, batch, t, args.reps, args.torch_path and t <= 8192,
+                               eager=args.eager and batch * t <= 8192)
             except torch.OutOfMemoryError as exc:
                 row = {"error": f"out of memory: {str(exc)[:200]}"}
                 torch.cuda.empty_cache()
@@ -173,16 +346,16 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print(f"\n{'shape':<14} {'B':>3} {'T':>6} {'recorder/SDPA':>14} {'target':>7} {'extra peak':>11}"
-          f" {'torch path/SDPA':>16}")
+          f" {'torch path/SDPA':>16} {'eager/SDPA':>11} {'SDPA ms':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<14} {r['batch']:>3} {r['t']:>6} {r['error']}")
             continue
         torch_ratio = f"{r['recorder_torch_path_ratio']:.2f}x" if "recorder_torch_path_ratio" in r else "-"
+        eager = f"{r['eager_ratio']:.2f}x" if "eager_ratio" in r else r.get("eager_error", "-")
         mark = "" if r["recorder_ratio"] <= r["target"] else "  MISSED"
         print(f"{r['shape']:<14} {r['batch']:>3} {r['t']:>6} {r['recorder_ratio']:>13.2f}x {r['target']:>6.1f}x "
-              f"{r['recorder_extra_peak_pct']:>10.1f}% {torch_ratio:>16}{mark}")
-    args.out.mkdir(parents=True, exist_ok=True)
+              f"{r['recorder_extra_peak_pct']:>10.1f}% {torch_ratio:>16} {eager:>11} {1e3 * r['sdpa_s']:>8.1f}{mark}")
     (args.out / "bench_gpu.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
 
 

@@ -6,8 +6,9 @@
   needs no atomics and O(1) extra memory; it is the column-sum counterpart of a flash-attention pass (about half
   the causal attention work, since only the causal triangle is visited).
 - `median_abs_triton`: the exact median of |h| over each sample's real tokens and all features, by radix
-  selection on the fp32 bit pattern (|h| >= 0, so the bits order like the values): for each of the two middle
-  ranks, four passes of an 8-bit histogram, each reading h once, all on the device, with no host
+  selection on the fp32 bit pattern (|h| >= 0, so the bits order like the values): four passes of an 8-bit
+  histogram that follow both middle ranks at once, each reading h once and deriving its prefixes from the
+  earlier passes' histograms on the device, then a final launch; six launches per layer and no host
   synchronisation. The mean of the two middle values is taken for an even count, as numpy does.
 
 Both run on the CPU under `TRITON_INTERPRET=1`, which is how the tests check them against the torch reference
@@ -44,78 +45,15 @@ def _triton_installed() -> bool:
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """Compile-on-first-use: Triton is imported only when a kernel runs (0.4 s that CPU users never pay)."""
-    import triton
-    import triton.language as tl
+    from sinkscope.record import _triton
 
-    @triton.jit
-    def _colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
-                       sqb, sqh, sqt, skb, skh, skt, slb, slh, svb, sob, soh,
-                       T, H, GROUP, scale_log2,
-                       HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 at B=16, T=32768
-        b = pid_bh // H
-        h = pid_bh % H
-        kvh = h // GROUP
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        n_in = offs_n < T
-        k = tl.load(k_ptr + b * skb + kvh * skh + offs_n[:, None] * skt + offs_d[None, :],
-                    mask=n_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32, so this is the same sum
-            k = k.to(tl.float32)
-        key_ok = n_in
-        if HAS_VALID:
-            key_ok = key_ok & (tl.load(valid_ptr + b * svb + offs_n, mask=n_in, other=0) != 0)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # the first query block that can see these keys
-        for m0 in range(start, T, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < T
-            q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                        mask=m_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=m_in, other=0.0)
-            if IEEE or UPCAST:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            p = tl.exp2(s * scale_log2 - lse[:, None] * 1.4426950408889634)
-            query_ok = m_in
-            if HAS_VALID:
-                query_ok = query_ok & (tl.load(valid_ptr + b * svb + offs_m, mask=m_in, other=0) != 0)
-            seen = (offs_m[:, None] >= offs_n[None, :]) & query_ok[:, None] & key_ok[None, :]
-            acc += tl.sum(tl.where(seen, p, 0.0), axis=0)
-        tl.store(out_ptr + b * sob + h * soh + offs_n, acc, mask=n_in)
-
-    @triton.jit
-    def _digit_histogram_kernel(h_ptr, valid_ptr, prefix_ptr, hist_ptr, N, D, shb, svb,
-                                SHIFT: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
-        """One radix pass: for the entries of row b whose higher bits equal prefix[b], count each 8-bit digit at
-        SHIFT into hist[b, 256]."""
-        pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows of T * D entries at large B
-        b = tl.program_id(1).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < N
-        if HAS_VALID:  # a token's D features share its validity
-            ok = ok & (tl.load(valid_ptr + b * svb + offs // D, mask=ok, other=0) != 0)
-        x = tl.abs(tl.load(h_ptr + b * shb + offs, mask=ok, other=0.0).to(tl.float32))
-        bits = x.to(tl.int32, bitcast=True)
-        prefix = tl.load(prefix_ptr + b)
-        if SHIFT < 24:
-            ok = ok & ((bits >> (SHIFT + 8)) == prefix)
-        digit = (bits >> SHIFT) & 255
-        hist = tl.histogram(digit, 256, mask=ok)
-        tl.atomic_add(hist_ptr + b * 256 + tl.arange(0, 256), hist)
-
-    return SimpleNamespace(triton=triton, colsum=_colsum_kernel, digit_histogram=_digit_histogram_kernel)
+    return SimpleNamespace(triton=_triton.triton, colsum=_triton.colsum_kernel, radix_pass=_triton.radix_pass_kernel,
+                           radix_final=_triton.radix_final_kernel)
 
 
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
-                  valid: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                  valid: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+                  num_stages: int = 2) -> torch.Tensor:
     """`sum_q A[b, h, q, k]` over the (valid) queries that see key k: `[B, Hq, T]` float32.
 
     `query` `[B, Hq, T, d]`, `key` `[B, Hkv, T, d]` (grouped-query heads map `h -> h // (Hq // Hkv)`), `lse` the
@@ -141,41 +79,38 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
         t, hq, hq // hkv, scale * LOG2E,
         HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-def _kth_smallest(h: torch.Tensor, valid: torch.Tensor | None, rank: torch.Tensor, block: int) -> torch.Tensor:
-    """The `rank`-th smallest |h| (1-based, per row) of each row of `h` `[B, N]`: four radix passes."""
-    kern = _kernels()
-    b, n = h.shape
-    d = n if valid is None else n // valid.shape[1]
-    prefix = torch.zeros(b, dtype=torch.int32, device=h.device)
-    rank = rank.clone()
-    v = valid.to(torch.int8).contiguous() if valid is not None else prefix
-    for shift in (24, 16, 8, 0):
-        hist = torch.zeros(b, 256, dtype=torch.int32, device=h.device)
-        kern.digit_histogram[(kern.triton.cdiv(n, block), b)](
-            h, v, prefix, hist, n, d, h.stride(0), v.stride(0) if valid is not None else 0,
-            SHIFT=shift, HAS_VALID=valid is not None, BLOCK=block)
-        cum = hist.cumsum(dim=1)  # [B, 256]
-        digit = (cum < rank[:, None]).sum(dim=1)  # the first digit whose cumulative count reaches the rank
-        below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0)[:, None])[:, 0], 0)
-        rank = rank - below
-        prefix = (prefix << 8) | digit.to(torch.int32)
-    return prefix.view(torch.float32)
+RADIX_PROGRAMS = 1024
+"""Programs per radix pass (all rows together): enough to fill a GPU, few enough that the per-program histogram
+atomics stay negligible."""
 
 
-def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int = 1024) -> torch.Tensor:
+def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int = 4096) -> torch.Tensor:
     """Exact `median(|h[b]|)` over each sample's valid tokens and all features: `[B]` float32. `h` `[B, T, D]` in
     any float dtype; `valid` `[B, T]` bool or None (all tokens). numpy's convention: the mean of the two middle
-    values for an even count."""
+    values for an even count. Six launches, whatever B and T: a zeroed histogram buffer, four radix passes (both
+    middle ranks at once, reading h once each) and a final one."""
     b, t, d = h.shape
     flat = h.reshape(b, t * d)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    count = torch.full((b,), t * d, dtype=torch.int64, device=h.device) if valid is None \
-        else valid.sum(dim=1).to(torch.int64) * d
-    lo = _kth_smallest(flat, valid, (count + 1) // 2, block)
-    hi = _kth_smallest(flat, valid, count // 2 + 1, block)
-    return torch.where(count % 2 == 1, lo, 0.5 * (lo + hi))
+    kern = _kernels()
+    n = t * d
+    hist = torch.zeros(4, b, 2, 256, dtype=torch.int32, device=h.device)
+    count = valid.sum(dim=1, dtype=torch.int32) if valid is not None else hist  # a placeholder pointer when unused
+    v = valid.view(torch.int8) if valid is not None and valid.dtype == torch.bool else valid
+    if v is not None and v.stride(-1) != 1:
+        v = v.contiguous()
+    v = v if v is not None else hist
+    programs = max(1, min(kern.triton.cdiv(n, block), RADIX_PROGRAMS // b))
+    for p in range(4):
+        kern.radix_pass[(programs, b)](flat, v, count, hist, n, t, d, flat.stride(0),
+                                       v.stride(0) if valid is not None else 0, b,
+                                       PASS=p, HAS_VALID=valid is not None, BLOCK=block, num_warps=8)
+    out = torch.empty(b, dtype=torch.float32, device=h.device)
+    kern.radix_final[(b,)](hist, count, out, t, d, b, HAS_VALID=valid is not None)
+    return out

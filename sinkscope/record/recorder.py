@@ -209,8 +209,7 @@ class Recorder:
         stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
                                       self.abs_threshold, self.rel_threshold,
                                       device_path=cur["device_path"])
-        if massive is not None:
-            cur["massive"].append((layer, *massive))
+        cur["massive"].extend((layer, *found) for found in massive)
         cur["layers"][layer] = stats
         if layer in self.hidden_layers:
             cur.setdefault("hidden", {})[layer] = h.float().to(self.hidden_dtype).cpu()

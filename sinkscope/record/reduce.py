@@ -54,64 +54,93 @@ MASSIVE_PER_TOKEN entries per token on average (at least 4096); more than that i
 end of the forward (Sun et al. find 2-4 massive features per token)."""
 
 
+CHUNK_ELEMENTS = 1 << 22
+"""Token chunks of at most this many `B x tokens x D` entries: every float32 temporary of the reductions is at most
+16 MiB, whatever the context length (the CPU's RSS and the GPU's peak memory stay flat)."""
+
+
 @torch.no_grad()
 def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor, padded: bool,
                  top_k: int, abs_threshold: float, rel_threshold: float, device_path: bool = False
-                 ) -> tuple[dict, tuple | None]:
+                 ) -> tuple[dict, list[tuple]]:
     """Reductions of one block output `h[B, T, D]` (with the block's `attn_out`, `mlp_out` of the same shape and
     `valid[B, T]`, True on real tokens). Returns the per-layer fields (torch, on the device) and the massive
-    entries as `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors, or None when there are
-    none.
+    entries as a list of `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors (one per token
+    chunk that has any).
 
-    `device_path` (CUDA): the median by the Triton radix select and the massive entries into a fixed-size buffer,
-    so that nothing waits for the GPU; the buffer's rows past the entry count have batch index -1 and the tuple
-    carries a seventh element, the count, checked once per forward by the recorder."""
+    The median needs all of h; everything else runs over token chunks of CHUNK_ELEMENTS entries, upcast to
+    float32 one chunk at a time. `device_path` (CUDA): the median by the Triton radix select and the massive
+    entries into a fixed-size buffer per chunk, so that nothing waits for the GPU; the buffer's rows past the
+    entry count have batch index -1 and the tuple carries a seventh element, the count, checked once per forward
+    by the recorder."""
+    b, t, d = h.shape
     if device_path:
         from sinkscope.record.kernels import median_abs_triton
 
         med = median_abs_triton(h, valid if padded else None)  # [B], exact, from h in its own dtype
-    h = h.float()  # [B, T, D]
-    b = h.shape[0]
-    habs = h.abs()
-    top_v, top_i = habs.topk(top_k, dim=-1)  # [B, T, k], sorted: top_v[..., 0] is max_abs
-    if not device_path:
-        med = torch.stack([median_nonneg((habs[i][valid[i]] if padded else habs[i]).reshape(-1))
+    else:
+        med = torch.stack([median_nonneg((h[i][valid[i]] if padded else h[i]).abs().float().reshape(-1))
                            for i in range(b)])  # [B]
-    first = valid.float().argmax(dim=1)  # first real position of each row
-    h0 = h[torch.arange(b, device=h.device), first]  # [B, D]
-    cos = F.cosine_similarity(h, h0[:, None, :], dim=-1, eps=1e-12)  # [B, T]
     thr = massive_threshold(med, abs_threshold, rel_threshold)  # [B]
-    a, m = attn_out.float(), mlp_out.float()
+    first = valid.int().argmax(dim=1)  # first real position of each row
+    h0 = h[torch.arange(b, device=h.device), first].float()[:, None, :]  # [B, 1, D]
+    step = max(1, CHUNK_ELEMENTS // (b * d))
+    parts: list[dict] = []
+    massive: list[tuple] = []
+    for s0 in range(0, t, step):
+        s1 = min(t, s0 + step)
+        part, found = _reduce_chunk(h[:, s0:s1], attn_out[:, s0:s1], mlp_out[:, s0:s1], valid[:, s0:s1], padded,
+                                    h0, thr, s0, top_k, device_path)
+        parts.append(part)
+        if found is not None:
+            massive.append(found)
+    if len(parts) == 1:
+        stats = parts[0]
+    else:
+        stats = {key: torch.cat([q[key] for q in parts], dim=1) for key in parts[0] if key not in _FEATURE_MAX}
+        for key in _FEATURE_MAX:
+            stats[key] = torch.stack([q[key] for q in parts]).amax(dim=0)
+    stats["median_abs"] = med
+    return stats, massive
+
+
+_FEATURE_MAX = ("feature_max_abs", "mlp_feature_max_abs")
+
+
+def _reduce_chunk(hc, ac, mc, vc, padded, h0, thr, offset, top_k, device_path):
+    """The per-token fields of one token chunk, its per-feature maxima, and its massive entries (tokens counted
+    from the start of the sequence)."""
+    h = hc.float()  # [B, c, D]
+    habs = h.abs()
+    top_v, top_i = habs.topk(top_k, dim=-1)  # [B, c, k], sorted: top_v[..., 0] is max_abs
+    cos = F.cosine_similarity(h, h0, dim=-1, eps=1e-12)  # [B, c]
     massive = None
-    if device_path:
+    if device_path or bool((top_v[..., 0] >= thr[:, None]).any()):
         hit = habs >= thr[:, None, None]
         if padded:
-            hit &= valid[..., None]
-        cap = max(4096, MASSIVE_PER_TOKEN * h.shape[0] * h.shape[1])
-        idx = torch.nonzero_static(hit, size=cap, fill_value=-1)  # [cap, 3]
-        bi, ti, ji = idx.unbind(1)
-        safe = (bi.clamp(min=0), ti.clamp(min=0), ji.clamp(min=0))
-        massive = (bi, ti, ji, h[safe], a[safe], m[safe], hit.sum())
-    elif bool((top_v[..., 0] >= thr[:, None]).any()):
-        hit = habs >= thr[:, None, None]
-        if padded:
-            hit &= valid[..., None]
-        bi, ti, ji = hit.nonzero(as_tuple=True)
-        massive = (bi, ti, ji, h[bi, ti, ji], a[bi, ti, ji], m[bi, ti, ji])
+            hit &= vc[..., None]
+        if device_path:
+            cap = max(4096, MASSIVE_PER_TOKEN * hit.shape[0] * hit.shape[1])
+            idx = torch.nonzero_static(hit, size=cap, fill_value=-1)  # [cap, 3]
+            bi, ti, ji = idx.unbind(1)
+            safe = (bi.clamp(min=0), ti.clamp(min=0), ji.clamp(min=0))
+            massive = (bi, ti + offset, ji, h[safe], ac[safe].float(), mc[safe].float(), hit.sum())
+        else:
+            bi, ti, ji = hit.nonzero(as_tuple=True)
+            massive = (bi, ti + offset, ji, h[bi, ti, ji], ac[bi, ti, ji].float(), mc[bi, ti, ji].float())
+    m = mc.float()
     mabs = m.abs()
     mtop_v, mtop_i = mabs.topk(top_k, dim=-1)
     if padded:
-        habs = habs.masked_fill(~valid[..., None], 0)
-        mabs = mabs.masked_fill(~valid[..., None], 0)
-    stats = {
+        habs = habs.masked_fill(~vc[..., None], 0)
+        mabs = mabs.masked_fill(~vc[..., None], 0)
+    return {
         "bos_cosine": cos,
         "max_abs": top_v[..., 0],
-        "median_abs": med,
         "feature_max_abs": habs.amax(dim=1),  # [B, D]
         "mlp_feature_max_abs": mabs.amax(dim=1),
         "top_features": top_i.int(),
         "top_values": h.gather(-1, top_i),
         "mlp_top_features": mtop_i.int(),
         "mlp_top_values": m.gather(-1, mtop_i),
-    }
-    return stats, massive
+    }, massive

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 16 on a lent GPU, as one call: correctness first, then timings. Logs go to $OUT (the device tool brings
+# them back). From this machine:
+#   run(command="bash experiments/gpu_check.sh", carry=[".whl"], timeout_s=450)
+# .whl holds the wheels the GPU image lacks (pydantic and its needs; see the README's GPU section for the pip
+# download line). Stages, each time-boxed so that one failure never loses the others' numbers:
+#   1. the CUDA tests: the Triton kernels against float64, the device path against the torch path and eager;
+#   2. python -m sinkscope.bench.gpu: the device path against the torch path at real shapes (--check), the
+#      column-sum kernel's block configs against flash SDPA (--colsum), profiler tables (--profile), then the
+#      issue's table: recorder / plain SDPA / HF eager for the three Llama shapes (bf16, random weights).
+set -uo pipefail
+OUT=${OUT:-/tmp/sinkscope-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=0 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed"
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+echo "== 1. CUDA tests"
+timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -k "not smollm2" \
+  tests/test_kernels.py tests/test_recorder.py > "$OUT/pytest.log" 2>&1
+echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
+echo "== 2. benchmark"
+timeout "${BENCH_S:-300}" python3 -m sinkscope.bench.gpu --out "$OUT" --eager --check --colsum --profile \
+  --budget-s "${BUDGET_S:-260}" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+echo "bench exit $?"
+tail -60 "$OUT/bench.log"

@@ -1,0 +1,161 @@
+"""The Triton kernels of `sinkscope.record.kernels`, in a module of their own so that Triton is imported only when
+a kernel first runs (about 0.4 s that CPU users never pay) and so that the kernels can call `@triton.jit`
+helpers, which Triton resolves among a module's globals."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T, scale_log2,
+                 HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """exp(q.k * scale - lse[q]) of one [BLOCK_M queries, BLOCK_N keys] tile, in fp32. MASKED: the tile crosses
+    the causal diagonal, the end of the sequence or padding, so the unseen entries are zeroed; tiles wholly below
+    the diagonal skip those comparisons."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < T
+    q_ptrs = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+    if MASKED:
+        q = tl.load(q_ptrs, mask=m_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=m_in, other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            q = tl.load(q_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        lse = tl.load(lse_ptr + b * slb + h * slh + offs_m)
+    if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32, so this is the same sum
+        q = q.to(tl.float32)
+    if IEEE or UPCAST:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    p = tl.exp2(s * scale_log2 - lse[:, None] * 1.4426950408889634)
+    if MASKED:
+        query_ok = m_in
+        if HAS_VALID:
+            query_ok = query_ok & (tl.load(valid_ptr + b * svb + offs_m, mask=m_in, other=0) != 0)
+        seen = (offs_m[:, None] >= offs_n[None, :]) & query_ok[:, None] & key_ok[None, :]
+        p = tl.where(seen, p, 0.0)
+    return p
+
+
+@triton.jit
+def colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
+                  sqb, sqh, sqt, skb, skh, skt, slb, slh, svb, sob, soh,
+                  T, H, GROUP, scale_log2,
+                  HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Column sums of one (key block, batch x query head): the query blocks at and after the keys, in three runs
+    (tiles that cross the diagonal, masked; whole tiles below it, unmasked; the sequence's last partial tile,
+    masked). The tiles accumulate elementwise into a [BLOCK_M, BLOCK_N] register tile, reduced over queries
+    once at the end (a reduction per tile would cross warps every iteration)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 at B=16, T=32768
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_in = offs_n < T
+    k = tl.load(k_ptr + b * skb + kvh * skh + offs_n[:, None] * skt + offs_d[None, :],
+                mask=n_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    key_ok = n_in
+    if HAS_VALID:
+        key_ok = key_ok & (tl.load(valid_ptr + b * svb + offs_n, mask=n_in, other=0) != 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # the first query block that can see these keys
+    if HAS_VALID:
+        for m0 in range(start, T, BLOCK_M):
+            acc += _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, True)
+    else:
+        diag_end = ((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # past the last diagonal tile
+        full_end = T // BLOCK_M * BLOCK_M  # past the last whole tile
+        for m0 in range(start, tl.minimum(diag_end, T), BLOCK_M):
+            acc += _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, True)
+        for m0 in range(diag_end, full_end, BLOCK_M):
+            acc += _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, False)
+        for m0 in range(tl.maximum(diag_end, full_end), T, BLOCK_M):
+            acc += _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, True)
+    tl.store(out_ptr + b * sob + h * soh + offs_n, tl.sum(acc, axis=0), mask=n_in)
+
+
+@triton.jit
+def _select_digit(hist, rank):
+    """The 8-bit digit at which the cumulative count of `hist` [256] first reaches `rank` (1-based), and the
+    rank within that digit's bin."""
+    cum = tl.cumsum(hist, 0)
+    digit = tl.sum((cum < rank).to(tl.int32), 0)
+    below = tl.sum(tl.where(tl.arange(0, 256) < digit, hist, 0), 0)
+    return digit, rank - below
+
+@triton.jit
+def _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASSES: tl.constexpr, HAS_VALID: tl.constexpr):
+    """The two middle ranks' bit prefixes after PASSES radix passes, from the histograms written so far."""
+    if HAS_VALID:
+        n = tl.load(count_ptr + b).to(tl.int64) * D
+    else:
+        n = T_ALL * D
+    r_lo = ((n + 1) // 2).to(tl.int32)
+    r_hi = (n // 2 + 1).to(tl.int32)
+    p_lo = r_lo * 0
+    p_hi = r_lo * 0
+    bins = tl.arange(0, 256)
+    for q in tl.static_range(PASSES):
+        d_lo, r_lo = _select_digit(tl.load(hist_ptr + ((q * B + b) * 2) * 256 + bins), r_lo)
+        d_hi, r_hi = _select_digit(tl.load(hist_ptr + ((q * B + b) * 2 + 1) * 256 + bins), r_hi)
+        p_lo = (p_lo << 8) | d_lo
+        p_hi = (p_hi << 8) | d_hi
+    return p_lo, p_hi, n
+
+@triton.jit
+def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, svb, B,
+                       PASS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
+    """Radix pass PASS (0..3) of the median's selection, for both middle ranks at once: count the 8-bit digit
+    at bit 24 - 8 * PASS of the |h| entries of row b whose higher bits match each rank's prefix. Each program
+    strides over many blocks and adds its two histograms once (few atomics)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: rows of T * D entries at large B
+    p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASS, HAS_VALID)
+    SHIFT: tl.constexpr = 24 - 8 * PASS
+    h_lo = tl.zeros([256], dtype=tl.int32)
+    h_hi = tl.zeros([256], dtype=tl.int32)
+    for start in range(pid * BLOCK, N, nprog * BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        ok = offs < N
+        if HAS_VALID:  # a token's D features share its validity
+            ok = ok & (tl.load(valid_ptr + b * svb + offs // D, mask=ok, other=0) != 0)
+        x = tl.abs(tl.load(h_ptr + b * shb + offs, mask=ok, other=0.0).to(tl.float32))
+        bits = x.to(tl.int32, bitcast=True)
+        digit = (bits >> SHIFT) & 255
+        if PASS == 0:
+            h_lo += tl.histogram(digit, 256, mask=ok)
+        else:
+            high = bits >> (SHIFT + 8)
+            h_lo += tl.histogram(digit, 256, mask=ok & (high == p_lo))
+            h_hi += tl.histogram(digit, 256, mask=ok & (high == p_hi))
+    bins = tl.arange(0, 256)
+    tl.atomic_add(hist_ptr + ((PASS * B + b) * 2) * 256 + bins, h_lo)
+    if PASS == 0:  # both ranks share the (empty) prefix: one histogram serves both
+        tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * 256 + bins, h_lo)
+    else:
+        tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * 256 + bins, h_hi)
+
+@triton.jit
+def radix_final_kernel(hist_ptr, count_ptr, out_ptr, T_ALL, D, B, HAS_VALID: tl.constexpr):
+    """The median of row b from the four passes: the middle value, or the mean of the two middle values."""
+    b = tl.program_id(0).to(tl.int64)
+    p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, 4, HAS_VALID)
+    lo = p_lo.to(tl.float32, bitcast=True)
+    hi = p_hi.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + b, tl.where(n % 2 == 1, lo, 0.5 * (lo + hi)))

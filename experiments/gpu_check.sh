@@ -27,7 +27,7 @@ timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -k "not smollm
   tests/test_kernels.py tests/test_recorder.py > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
 echo "== 2. benchmark"
-timeout "${BENCH_S:-300}" python3 -m sinkscope.bench.gpu --out "$OUT" --eager --check --colsum --profile \
+timeout "${BENCH_S:-300}" python3 -m sinkscope.bench.gpu --out "$OUT" ${FLAGS:---eager --check --colsum --profile} \
   --budget-s "${BUDGET_S:-260}" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench exit $?"
 tail -60 "$OUT/bench.log"

@@ -234,6 +234,20 @@ def check_case(shape: str, t: int, dtype: torch.dtype) -> dict:
     import numpy as np
 
     from sinkscope.record import Recorder
+    from sinkscope.record.attention import sdpa_with_lse
+
+    # the log-sum-exp the column sums are built on, from the kernel the recorder calls, against float32 in torch
+    cfg = SHAPES[shape]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // hq
+    q, k, v = (torch.randn(1, h, t, d, device="cuda", dtype=dtype) for h in (hq, hkv, hkv))
+    _, lse = sdpa_with_lse(q, k, v, None, d**-0.5)
+    kk = k.float().repeat_interleave(hq // hkv, dim=1)
+    ref = torch.cat([torch.matmul(q[:, :, i:i + 512].float(), kk.transpose(-1, -2)).mul_(d**-0.5)
+                     .masked_fill_(torch.ones(min(512, t - i), t, dtype=torch.bool, device="cuda")
+                                   .triu_(i + 1), float("-inf")).logsumexp(-1) for i in range(0, t, 512)], dim=-1)
+    lse_diff = None if lse is None else float((lse - ref).abs().max())
+    del q, k, v, kk
 
     model = build(shape).to(dtype)
     ids = torch.randint(3, model.config.vocab_size, (2, t), device="cuda")
@@ -247,7 +261,7 @@ def check_case(shape: str, t: int, dtype: torch.dtype) -> dict:
         samples[flag] = rec.samples
     os.environ.pop("SINKSCOPE_TRITON", None)
     fast, slow = samples["1"], samples["0"]
-    row = dict(shape=shape, t=t, dtype=str(dtype).removeprefix("torch."),
+    row = dict(shape=shape, t=t, dtype=str(dtype).removeprefix("torch."), lse_max_diff_vs_fp32=lse_diff,
                alpha_max_diff=max(float(np.abs(a.attention_received - b.attention_received).max())
                                   for a, b in zip(fast, slow, strict=True)),
                cos_max_diff=max(float(np.abs(a.bos_cosine - b.bos_cosine).max()) for a, b in zip(fast, slow,

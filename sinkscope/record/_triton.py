@@ -159,3 +159,62 @@ def radix_final_kernel(hist_ptr, count_ptr, out_ptr, T_ALL, D, B, HAS_VALID: tl.
     lo = p_lo.to(tl.float32, bitcast=True)
     hi = p_hi.to(tl.float32, bitcast=True)
     tl.store(out_ptr + b, tl.where(n % 2 == 1, lo, 0.5 * (lo + hi)))
+
+
+@triton.jit
+def _top_k_row(ax, x, offs, out_i_ptr, out_v_ptr, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The K largest of `ax` (|x|, -1 past the row's end) in descending order: their feature indices (the
+    smallest index among exact ties) and the signed values of `x` there. Returns the largest |x|."""
+    top = tl.max(ax, 0)
+    for i in tl.static_range(K):
+        mx = tl.max(ax, 0)
+        j = tl.min(tl.where(ax == mx, offs, BLOCK_D), 0)
+        tl.store(out_i_ptr + i, j)
+        tl.store(out_v_ptr + i, tl.sum(tl.where(offs == j, x, 0.0), 0))
+        ax = tl.where(offs == j, -1.0, ax)
+    return top
+
+
+@triton.jit
+def token_stats_kernel(h_ptr, a_ptr, m_ptr, h0_ptr, thr_ptr, valid_ptr,
+                       cos_ptr, max_ptr, top_i_ptr, top_v_ptr, mtop_i_ptr, mtop_v_ptr,
+                       count_ptr, ent_i_ptr, ent_v_ptr,
+                       T, D, shb, sht, sab, sat, smb, smt, svb, layer, cap,
+                       K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Everything the recorder keeps per token of one block output, in one pass over the row of h (and of the
+    block's mlp_out): cos to the sample's first real token, max |h|, the top-K features of |h| and |mlp_out| with
+    their signed values, and the massive entries (|h| >= the sample's threshold), appended to a forward-wide
+    buffer at slots reserved by one atomic per row that has any (rows are sorted on the host afterwards)."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    offs = tl.arange(0, BLOCK_D)
+    dm = offs < D
+    x = tl.load(h_ptr + b * shb + t * sht + offs, mask=dm, other=0.0).to(tl.float32)
+    y = tl.load(m_ptr + b * smb + t * smt + offs, mask=dm, other=0.0).to(tl.float32)
+    h0 = tl.load(h0_ptr + b * D + offs, mask=dm, other=0.0)
+    dot = tl.sum(x * h0, 0)
+    nn = tl.sum(x * x, 0) * tl.sum(h0 * h0, 0)
+    tl.store(cos_ptr + row, dot / tl.sqrt(tl.maximum(nn, 1e-24)))  # F.cosine_similarity with eps=1e-12
+    ax = tl.where(dm, tl.abs(x), -1.0)
+    top = _top_k_row(ax, x, offs, top_i_ptr + row * K, top_v_ptr + row * K, K, BLOCK_D)
+    tl.store(max_ptr + row, top)
+    _top_k_row(tl.where(dm, tl.abs(y), -1.0), y, offs, mtop_i_ptr + row * K, mtop_v_ptr + row * K, K, BLOCK_D)
+    thr = tl.load(thr_ptr + b)
+    any_hit = top >= thr
+    if HAS_VALID:
+        any_hit = any_hit & (tl.load(valid_ptr + b * svb + t) != 0)
+    if any_hit:
+        hit = dm & (ax >= thr)
+        n_hit = tl.sum(hit.to(tl.int32), 0)
+        base = tl.atomic_add(count_ptr, n_hit)
+        slot = base + tl.cumsum(hit.to(tl.int32), 0) - 1
+        keep = hit & (slot < cap)
+        a = tl.load(a_ptr + b * sab + t * sat + offs, mask=hit, other=0.0).to(tl.float32)
+        tl.store(ent_i_ptr + slot * 4, tl.zeros_like(slot) + layer, mask=keep)
+        tl.store(ent_i_ptr + slot * 4 + 1, tl.zeros_like(slot) + b.to(tl.int32), mask=keep)
+        tl.store(ent_i_ptr + slot * 4 + 2, tl.zeros_like(slot) + t.to(tl.int32), mask=keep)
+        tl.store(ent_i_ptr + slot * 4 + 3, offs, mask=keep)
+        tl.store(ent_v_ptr + slot * 3, x, mask=keep)
+        tl.store(ent_v_ptr + slot * 3 + 1, a, mask=keep)
+        tl.store(ent_v_ptr + slot * 3 + 2, y, mask=keep)

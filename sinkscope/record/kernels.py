@@ -48,7 +48,7 @@ def _kernels() -> SimpleNamespace:
     from sinkscope.record import _triton
 
     return SimpleNamespace(triton=_triton.triton, colsum=_triton.colsum_kernel, radix_pass=_triton.radix_pass_kernel,
-                           radix_final=_triton.radix_final_kernel)
+                           radix_final=_triton.radix_final_kernel, token_stats=_triton.token_stats_kernel)
 
 
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
@@ -114,3 +114,46 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     out = torch.empty(b, dtype=torch.float32, device=h.device)
     kern.radix_final[(b,)](hist, count, out, t, d, b, HAS_VALID=valid is not None)
     return out
+
+
+def massive_buffers(batch: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward-wide buffers `token_stats_triton` appends massive entries to: a count `[1]` int32, the entries'
+    `(layer, batch, token, feature)` `[cap, 4]` int32 and `(value, attn_out, mlp_out)` `[cap, 3]` float32, with
+    cap = MASSIVE_PER_TOKEN entries per token on average over one layer (at least 65,536) for all layers
+    together. Past the cap, entries are counted but not kept, and the recorder refuses the forward."""
+    from sinkscope.record.reduce import MASSIVE_MIN_CAP, MASSIVE_PER_TOKEN
+
+    cap = max(MASSIVE_MIN_CAP, MASSIVE_PER_TOKEN * batch * t)
+    return (torch.zeros(1, dtype=torch.int32, device=device), torch.empty(cap, 4, dtype=torch.int32, device=device),
+            torch.empty(cap, 3, dtype=torch.float32, device=device))
+
+
+def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.Tensor, h0: torch.Tensor,
+                       thr: torch.Tensor, valid: torch.Tensor | None, top_k: int, layer: int,
+                       buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-token fields of one block output `h` `[B, T, D]` in one launch (see `token_stats_kernel`): `cos`,
+    `max_abs` `[B, T]`; `top_features`, `top_values`, `mlp_top_features`, `mlp_top_values` `[B, T, top_k]`. The
+    massive entries (|h| >= `thr[b]`, real tokens only) go to `buffers` (`massive_buffers`). `h0` `[B, D]` is
+    each sample's first real token, in float32."""
+    b, t, d = h.shape
+    kern = _kernels()
+    h, a, m = (x if x.stride(-1) == 1 else x.contiguous() for x in (h, attn_out, mlp_out))
+    h0 = h0.float().contiguous()
+    thr = thr.float().contiguous()
+    dev = h.device
+    cos = torch.empty(b, t, dtype=torch.float32, device=dev)
+    mx = torch.empty(b, t, dtype=torch.float32, device=dev)
+    top_i = torch.empty(b, t, top_k, dtype=torch.int32, device=dev)
+    top_v = torch.empty(b, t, top_k, dtype=torch.float32, device=dev)
+    mtop_i = torch.empty(b, t, top_k, dtype=torch.int32, device=dev)
+    mtop_v = torch.empty(b, t, top_k, dtype=torch.float32, device=dev)
+    count, ent_i, ent_v = buffers
+    v = valid.contiguous().view(torch.int8) if valid is not None else count
+    block_d = kern.triton.next_power_of_2(d)
+    kern.token_stats[(b * t,)](
+        h, a, m, h0, thr, v, cos, mx, top_i, top_v, mtop_i, mtop_v, count, ent_i, ent_v,
+        t, d, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
+        v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
+        K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, num_warps=4 if block_d <= 1024 else 8)
+    return {"bos_cosine": cos, "max_abs": mx, "top_features": top_i, "top_values": top_v,
+            "mlp_top_features": mtop_i, "mlp_top_values": mtop_v}

@@ -172,6 +172,8 @@ class Recorder:
             "layers": [None] * self.n_layers,
             "massive": [],
         }
+        if self._cur["device_path"]:
+            self._cur["massive_buffers"] = attn_fn.kernels.massive_buffers(b, t, ref.device)
 
     def _attention_request(self, module) -> _Request | None:
         layer = self._attn_index.get(id(module))
@@ -208,7 +210,8 @@ class Recorder:
             raise RecorderError(f"block {layer} did not run its self_attn and mlp submodules through forward()")
         stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
                                       self.abs_threshold, self.rel_threshold,
-                                      device_path=cur["device_path"])
+                                      device_path=cur["device_path"], layer=layer,
+                                      buffers=cur.get("massive_buffers"))
         cur["massive"].extend((layer, *found) for found in massive)
         cur["layers"][layer] = stats
         if layer in self.hidden_layers:
@@ -233,6 +236,8 @@ class Recorder:
         alpha = alpha.cpu().numpy()
         valid_np = valid.cpu().numpy()
         massive = [_massive_to_numpy(rec) for rec in cur["massive"]]
+        if "massive_buffers" in cur:
+            massive.append(_device_massive(*cur["massive_buffers"]))
         meta = self._next
         self._next = {}
         input_ids = None if cur["input_ids"] is None else cur["input_ids"].cpu().numpy()
@@ -250,7 +255,7 @@ class Recorder:
         idx = np.flatnonzero(valid)
         n = len(idx)
         rel = np.cumsum(valid) - 1  # absolute position -> position within the sample
-        picked = [(np.full(int(k.sum()), layer), rel[t[k]], j[k], v[k], a[k], m[k])
+        picked = [(np.full(int(k.sum()), layer) if np.isscalar(layer) else layer[k], rel[t[k]], j[k], v[k], a[k], m[k])
                   for layer, mb, t, j, v, a, m in massive for k in [mb == b]]
         cols = [np.concatenate(c) for c in zip(*picked, strict=True)] if picked else [np.zeros(0)] * 6
         ids = None if input_ids is None else input_ids[b, idx]
@@ -323,22 +328,27 @@ class Recorder:
 
 
 def _massive_to_numpy(rec: tuple) -> tuple:
-    """(layer, batch, token, feature, value, attn_out, mlp_out) as numpy. A device-path record (a fixed-size buffer
-    padded with batch index -1, plus the entry count) is cut to its entries, or refused when it overflowed."""
+    """(layer, batch, token, feature, value, attn_out, mlp_out) of the torch path, as numpy."""
     layer, *arrays = rec
-    arrays = [x.cpu().numpy() for x in arrays]
-    if len(arrays) == 7:
-        *arrays, count = arrays
-        if int(count) > len(arrays[0]):
-            from sinkscope.record.reduce import MASSIVE_PER_TOKEN
+    return (layer, *[x.cpu().numpy() for x in arrays])
 
-            raise RecorderError(
-                f"layer {layer} has {int(count)} massive entries, more than the {len(arrays[0])} the device path "
-                f"keeps ({MASSIVE_PER_TOKEN} per token on average): raise the thresholds (abs_threshold, "
-                "rel_threshold) or record with SINKSCOPE_TRITON=0")
-        keep = arrays[0] >= 0
-        arrays = [x[keep] for x in arrays]
-    return (layer, *arrays)
+
+def _device_massive(count: torch.Tensor, ent_i: torch.Tensor, ent_v: torch.Tensor) -> tuple:
+    """The device path's massive entries of a whole forward, from `kernels.massive_buffers`: one synchronisation
+    at the end of the forward, the kept rows copied once, sorted by (layer, batch, token, feature) since the
+    kernel appends them in whatever order its programs run. Refused when the buffer overflowed."""
+    n = int(count.item())
+    if n > ent_i.shape[0]:
+        from sinkscope.record.reduce import MASSIVE_PER_TOKEN
+
+        raise RecorderError(
+            f"this forward has {n} massive entries, more than the {ent_i.shape[0]} the device path keeps "
+            f"({MASSIVE_PER_TOKEN} per token of one layer on average): raise the thresholds (abs_threshold, "
+            "rel_threshold) or record with SINKSCOPE_TRITON=0")
+    idx, val = ent_i[:n].cpu().numpy(), ent_v[:n].cpu().numpy()
+    order = np.lexsort(idx.T[::-1])  # by layer, then batch, token, feature
+    idx, val = idx[order], val[order]
+    return (idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3], val[:, 0], val[:, 1], val[:, 2])
 
 
 def _pick(meta: dict, key: str, b: int):

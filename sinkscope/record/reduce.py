@@ -49,9 +49,11 @@ def massive_threshold(median: torch.Tensor, abs_threshold: float, rel_threshold:
 
 
 MASSIVE_PER_TOKEN = 8
-"""On the device path the massive entries of a layer are gathered into a fixed-size buffer (no host sync) of
-MASSIVE_PER_TOKEN entries per token on average (at least 4096); more than that is refused with a message at the
-end of the forward (Sun et al. find 2-4 massive features per token)."""
+"""On the device path the massive entries of a forward are gathered into one fixed-size buffer (no host sync) of
+MASSIVE_PER_TOKEN entries per token of one layer on average (at least MASSIVE_MIN_CAP), shared by all layers; more
+than that is refused with a message at the end of the forward (Sun et al. find 2-4 massive features on a few
+tokens)."""
+MASSIVE_MIN_CAP = 65536
 
 
 CHUNK_ELEMENTS = 1 << 22
@@ -61,36 +63,45 @@ CHUNK_ELEMENTS = 1 << 22
 
 @torch.no_grad()
 def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor, padded: bool,
-                 top_k: int, abs_threshold: float, rel_threshold: float, device_path: bool = False
-                 ) -> tuple[dict, list[tuple]]:
+                 top_k: int, abs_threshold: float, rel_threshold: float, device_path: bool = False,
+                 layer: int = 0, buffers: tuple | None = None) -> tuple[dict, list[tuple]]:
     """Reductions of one block output `h[B, T, D]` (with the block's `attn_out`, `mlp_out` of the same shape and
     `valid[B, T]`, True on real tokens). Returns the per-layer fields (torch, on the device) and the massive
     entries as a list of `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors (one per token
     chunk that has any).
 
-    The median needs all of h; everything else runs over token chunks of CHUNK_ELEMENTS entries, upcast to
-    float32 one chunk at a time. `device_path` (CUDA): the median by the Triton radix select and the massive
-    entries into a fixed-size buffer per chunk, so that nothing waits for the GPU; the buffer's rows past the
-    entry count have batch index -1 and the tuple carries a seventh element, the count, checked once per forward
-    by the recorder."""
+    Torch path: the median needs all of h; everything else runs over token chunks of CHUNK_ELEMENTS entries,
+    upcast to float32 one chunk at a time. Device path (CUDA, `buffers` from `kernels.massive_buffers`): the
+    median by the Triton radix select, the per-token fields and the massive entries by one Triton pass over h
+    in its own dtype (the entries go to `buffers`, tagged with `layer`, and the returned list is empty), and the
+    per-feature maxima by two torch reductions; nothing waits for the GPU."""
     b, t, d = h.shape
-    if device_path:
-        from sinkscope.record.kernels import median_abs_triton
-
-        med = median_abs_triton(h, valid if padded else None)  # [B], exact, from h in its own dtype
-    else:
-        med = torch.stack([median_nonneg((h[i][valid[i]] if padded else h[i]).abs().float().reshape(-1))
-                           for i in range(b)])  # [B]
-    thr = massive_threshold(med, abs_threshold, rel_threshold)  # [B]
     first = valid.int().argmax(dim=1)  # first real position of each row
-    h0 = h[torch.arange(b, device=h.device), first].float()[:, None, :]  # [B, 1, D]
+    h0 = h[torch.arange(b, device=h.device), first].float()  # [B, D]
+    if device_path:
+        from sinkscope.record.kernels import median_abs_triton, token_stats_triton
+
+        v = valid if padded else None
+        med = median_abs_triton(h, v)  # [B], exact, from h in its own dtype
+        thr = massive_threshold(med, abs_threshold, rel_threshold)
+        stats = token_stats_triton(h, mlp_out, attn_out, h0, thr, v, top_k, layer, buffers)
+        for key, x in (("feature_max_abs", h), ("mlp_feature_max_abs", mlp_out)):
+            if padded:
+                x = x.masked_fill(~valid[..., None], 0)
+            stats[key] = torch.maximum(x.amax(dim=1), -x.amin(dim=1)).float()  # max |x| over tokens, exactly
+        stats["median_abs"] = med
+        return stats, []
+    med = torch.stack([median_nonneg((h[i][valid[i]] if padded else h[i]).abs().float().reshape(-1))
+                       for i in range(b)])  # [B]
+    thr = massive_threshold(med, abs_threshold, rel_threshold)  # [B]
+    h0 = h0[:, None, :]
     step = max(1, CHUNK_ELEMENTS // (b * d))
     parts: list[dict] = []
     massive: list[tuple] = []
     for s0 in range(0, t, step):
         s1 = min(t, s0 + step)
         part, found = _reduce_chunk(h[:, s0:s1], attn_out[:, s0:s1], mlp_out[:, s0:s1], valid[:, s0:s1], padded,
-                                    h0, thr, s0, top_k, device_path)
+                                    h0, thr, s0, top_k)
         parts.append(part)
         if found is not None:
             massive.append(found)
@@ -107,7 +118,7 @@ def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor,
 _FEATURE_MAX = ("feature_max_abs", "mlp_feature_max_abs")
 
 
-def _reduce_chunk(hc, ac, mc, vc, padded, h0, thr, offset, top_k, device_path):
+def _reduce_chunk(hc, ac, mc, vc, padded, h0, thr, offset, top_k):
     """The per-token fields of one token chunk, its per-feature maxima, and its massive entries (tokens counted
     from the start of the sequence)."""
     h = hc.float()  # [B, c, D]
@@ -115,19 +126,12 @@ def _reduce_chunk(hc, ac, mc, vc, padded, h0, thr, offset, top_k, device_path):
     top_v, top_i = habs.topk(top_k, dim=-1)  # [B, c, k], sorted: top_v[..., 0] is max_abs
     cos = F.cosine_similarity(h, h0, dim=-1, eps=1e-12)  # [B, c]
     massive = None
-    if device_path or bool((top_v[..., 0] >= thr[:, None]).any()):
+    if bool((top_v[..., 0] >= thr[:, None]).any()):
         hit = habs >= thr[:, None, None]
         if padded:
             hit &= vc[..., None]
-        if device_path:
-            cap = max(4096, MASSIVE_PER_TOKEN * hit.shape[0] * hit.shape[1])
-            idx = torch.nonzero_static(hit, size=cap, fill_value=-1)  # [cap, 3]
-            bi, ti, ji = idx.unbind(1)
-            safe = (bi.clamp(min=0), ti.clamp(min=0), ji.clamp(min=0))
-            massive = (bi, ti + offset, ji, h[safe], ac[safe].float(), mc[safe].float(), hit.sum())
-        else:
-            bi, ti, ji = hit.nonzero(as_tuple=True)
-            massive = (bi, ti + offset, ji, h[bi, ti, ji], ac[bi, ti, ji].float(), mc[bi, ti, ji].float())
+        bi, ti, ji = hit.nonzero(as_tuple=True)
+        massive = (bi, ti + offset, ji, h[bi, ti, ji], ac[bi, ti, ji].float(), mc[bi, ti, ji].float())
     m = mc.float()
     mabs = m.abs()
     mtop_v, mtop_i = mabs.topk(top_k, dim=-1)

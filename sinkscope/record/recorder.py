@@ -182,7 +182,7 @@ class Recorder:
         heads = tuple(h for lay, h in self.attention_maps if lay == layer)
 
         def deliver(colsum, maps, layer=layer):
-            self._cur["colsum"][layer] = colsum
+            self._cur["colsum"][layer] = _to_host(colsum)
             for h, m in maps.items():
                 self._cur["maps"][(layer, h)] = m.cpu()
 
@@ -213,7 +213,7 @@ class Recorder:
                                       device_path=cur["device_path"], layer=layer,
                                       buffers=cur.get("massive_buffers"))
         cur["massive"].extend((layer, *found) for found in massive)
-        cur["layers"][layer] = stats
+        cur["layers"][layer] = {key: _to_host(x) for key, x in stats.items()}  # device memory: one layer's worth
         if layer in self.hidden_layers:
             cur.setdefault("hidden", {})[layer] = h.float().to(self.hidden_dtype).cpu()
         cur["attn_out"][layer] = cur["mlp_out"][layer] = None
@@ -228,13 +228,13 @@ class Recorder:
             raise RecorderError(f"layers {missing} were not recorded: the model bypassed the attention "
                                 "interface or the decoder blocks")
         valid = cur["valid"]
-        # number of valid queries i >= k that can see key k
-        count = valid.flip(1).cumsum(1).flip(1).clamp(min=1).float()  # [B, T]
-        alpha = torch.stack(cur["colsum"], dim=0) / count[None, :, None, :]  # [L, B, H, T]
-        per_layer = {k: torch.stack([d[k] for d in cur["layers"]], dim=0).cpu().numpy()
-                     for k in cur["layers"][0]}
-        alpha = alpha.cpu().numpy()
         valid_np = valid.cpu().numpy()
+        if valid.is_cuda:  # the per-layer copies to pinned host memory were queued without waiting: wait once
+            torch.cuda.current_stream(valid.device).synchronize()
+        # number of valid queries i >= k that can see key k
+        count = np.maximum(valid_np[:, ::-1].cumsum(1)[:, ::-1], 1).astype(np.float32)  # [B, T]
+        alpha = np.stack([c.numpy() for c in cur["colsum"]]) / count[None, :, None, :]  # [L, B, H, T]
+        per_layer = {k: np.stack([d[k].numpy() for d in cur["layers"]]) for k in cur["layers"][0]}
         massive = [_massive_to_numpy(rec) for rec in cur["massive"]]
         if "massive_buffers" in cur:
             massive.append(_device_massive(*cur["massive_buffers"]))
@@ -254,6 +254,7 @@ class Recorder:
     def _sample(self, b, valid, alpha, per_layer, massive, cur, input_ids, meta) -> SampleRecord:
         idx = np.flatnonzero(valid)
         n = len(idx)
+        sel = slice(int(idx[0]), int(idx[-1]) + 1) if n and idx[-1] - idx[0] + 1 == n else idx  # views, no copy
         rel = np.cumsum(valid) - 1  # absolute position -> position within the sample
         picked = [(np.full(int(k.sum()), layer) if np.isscalar(layer) else layer[k], rel[t[k]], j[k], v[k], a[k], m[k])
                   for layer, mb, t, j, v, a, m in massive for k in [mb == b]]
@@ -269,17 +270,17 @@ class Recorder:
             sample_id=str(sample_id),
             tokens=tokens,
             segments=[(str(s), int(a), int(e)) for s, a, e in segments],
-            attention_received=np.ascontiguousarray(alpha[:, b][..., idx], dtype=np.float32),
-            bos_cosine=per_layer["bos_cosine"][:, b][:, idx].astype(np.float32),
-            max_abs=per_layer["max_abs"][:, b][:, idx].astype(np.float32),
+            attention_received=np.ascontiguousarray(alpha[:, b][..., sel], dtype=np.float32),
+            bos_cosine=np.ascontiguousarray(per_layer["bos_cosine"][:, b][:, sel], dtype=np.float32),
+            max_abs=np.ascontiguousarray(per_layer["max_abs"][:, b][:, sel], dtype=np.float32),
             median_abs=per_layer["median_abs"][:, b].astype(np.float32),
             massive=massive_frame(*cols),
             feature_max_abs=per_layer["feature_max_abs"][:, b].astype(np.float32),
             mlp_feature_max_abs=per_layer["mlp_feature_max_abs"][:, b].astype(np.float32),
-            top_features=per_layer["top_features"][:, b][:, idx].astype(np.int32),
-            top_values=per_layer["top_values"][:, b][:, idx].astype(np.float32),
-            mlp_top_features=per_layer["mlp_top_features"][:, b][:, idx].astype(np.int32),
-            mlp_top_values=per_layer["mlp_top_values"][:, b][:, idx].astype(np.float32),
+            top_features=np.ascontiguousarray(per_layer["top_features"][:, b][:, sel], dtype=np.int32),
+            top_values=np.ascontiguousarray(per_layer["top_values"][:, b][:, sel], dtype=np.float32),
+            mlp_top_features=np.ascontiguousarray(per_layer["mlp_top_features"][:, b][:, sel], dtype=np.int32),
+            mlp_top_values=np.ascontiguousarray(per_layer["mlp_top_values"][:, b][:, sel], dtype=np.float32),
             attention_maps=maps,
             hidden_states=hidden,
             extra=dict(_pick(meta, "extra", b) or {}),
@@ -325,6 +326,12 @@ class Recorder:
             writer.append(sample)
             self._saved[key] = self._saved.get(key, 0) + 1
         return writer.path
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor's copy into pinned host memory, queued without waiting (read it only after the stream is
+    synchronised, at the end of the forward); CPU tensors as they are."""
+    return x.to("cpu", non_blocking=True) if x.is_cuda else x
 
 
 def _massive_to_numpy(rec: tuple) -> tuple:

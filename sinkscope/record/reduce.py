@@ -88,7 +88,7 @@ def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor,
         for key, x in (("feature_max_abs", h), ("mlp_feature_max_abs", mlp_out)):
             if padded:
                 x = x.masked_fill(~valid[..., None], 0)
-            stats[key] = torch.maximum(x.amax(dim=1), -x.amin(dim=1)).float()  # max |x| over tokens, exactly
+            stats[key] = torch.linalg.vector_norm(x, ord=float("inf"), dim=1).float()  # max |x| over tokens
         stats["median_abs"] = med
         return stats, []
     med = torch.stack([median_nonneg((h[i][valid[i]] if padded else h[i]).abs().float().reshape(-1))

@@ -78,12 +78,14 @@ def test_radix_median_is_exact(dtype):
     valid[1, 20:] = False
     valid[2, :3] = False
     for v in (None, valid):
-        got = median_abs_triton(h, v, block=256).cpu().numpy()
+        med, thr = median_abs_triton(h, v, block=256, thresholds=(0.5, 3.0))
+        got = med.cpu().numpy()
+        assert torch.equal(thr, torch.clamp(med * 3.0, min=0.5)), "the massive threshold, as the torch path has it"
         for i in range(4):
             rows = h[i].float().cpu().numpy() if v is None else h[i][v[i]].float().cpu().numpy()
             assert got[i] == np.float32(np.median(np.abs(rows))), (i, v is None)
     odd = h[:1, :3, :5]  # 15 entries: the middle one
-    assert median_abs_triton(odd).item() == np.median(np.abs(odd.float().cpu().numpy()))
+    assert median_abs_triton(odd)[0].item() == np.median(np.abs(odd.float().cpu().numpy()))
 
 
 def _record(model, device_path: bool, monkeypatch, **kwargs):

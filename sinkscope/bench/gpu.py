@@ -278,6 +278,35 @@ def check_case(shape: str, t: int, dtype: torch.dtype) -> dict:
     return row
 
 
+def kernel_bench(t: int, d: int) -> list[dict]:
+    """The recorder's per-layer Triton reductions alone on one bf16 block output [1, T, D]: the token-stats pass
+    at several num_warps and the radix median at several (BLOCK, num_warps), with the bandwidth each reaches
+    (bytes it must read over its time) and whether its outputs equal the default configuration's."""
+    from sinkscope.record.kernels import massive_buffers, median_abs_triton, token_stats_triton
+
+    torch.manual_seed(0)
+    h, a, m = (torch.randn(1, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    h0 = h[:, 0].float()
+    thr = torch.full((1,), 1e4, device="cuda")
+    buffers = massive_buffers(1, t, h.device)
+    rows = []
+    ref = token_stats_triton(h, m, a, h0, thr, None, 8, 0, buffers)
+    for warps in (2, 4, 8, 16):
+        got = token_stats_triton(h, m, a, h0, thr, None, 8, 0, buffers, num_warps=warps)
+        sec = event_time(lambda w=warps: token_stats_triton(h, m, a, h0, thr, None, 8, 0, buffers, num_warps=w))
+        rows.append(dict(kernel="token_stats", t=t, d=d, config=f"w{warps}", us=1e6 * sec,
+                         gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
+        print(json.dumps(rows[-1]), flush=True)
+    ref = median_abs_triton(h)[0]
+    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16)):
+        got = median_abs_triton(h, block=block, num_warps=warps)[0]
+        sec = event_time(lambda bl=block, w=warps: median_abs_triton(h, block=bl, num_warps=w))
+        rows.append(dict(kernel="median", t=t, d=d, config=f"B{block} w{warps}", us=1e6 * sec,
+                         gb_per_s=4 * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _guarded(fn, *args):
     """Run one extra measurement; an exception is printed and recorded, never fatal (GPU time is short)."""
     try:
@@ -302,6 +331,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="first: device path vs torch path at real shapes")
     ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
     ap.add_argument("--profile", action="store_true", help="first: profiler tables of one recorded forward")
+    ap.add_argument("--kernels", action="store_true", help="first: the per-layer Triton reductions' configs")
     args = ap.parse_args()
     import transformers
 
@@ -319,7 +349,10 @@ def main() -> None:
         env["triton"] = None
     print(json.dumps(env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": []}
+    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": []}
+    if args.kernels:
+        for t, d in ((8192, 2048), (32768, 4096), (2048, 576)):
+            extra["kernels"].extend(_guarded(kernel_bench, t, d) or [])
     if args.check:
         for shape, t, dtype in (("smollm2-135m", 2048, torch.float32), ("llama-3.2-1b", 4096, torch.bfloat16)):
             extra["checks"].append(_guarded(check_case, shape, t, dtype))

@@ -152,13 +152,17 @@ def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, s
         tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * 256 + bins, h_hi)
 
 @triton.jit
-def radix_final_kernel(hist_ptr, count_ptr, out_ptr, T_ALL, D, B, HAS_VALID: tl.constexpr):
-    """The median of row b from the four passes: the middle value, or the mean of the two middle values."""
+def radix_final_kernel(hist_ptr, count_ptr, out_ptr, thr_ptr, abs_threshold, rel_threshold, T_ALL, D, B,
+                       HAS_VALID: tl.constexpr):
+    """The median of row b from the four passes (the middle value, or the mean of the two middle values), and
+    the massive-activation threshold max(abs_threshold, rel_threshold * median)."""
     b = tl.program_id(0).to(tl.int64)
     p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, 4, HAS_VALID)
     lo = p_lo.to(tl.float32, bitcast=True)
     hi = p_hi.to(tl.float32, bitcast=True)
-    tl.store(out_ptr + b, tl.where(n % 2 == 1, lo, 0.5 * (lo + hi)))
+    med = tl.where(n % 2 == 1, lo, 0.5 * (lo + hi))
+    tl.store(out_ptr + b, med)
+    tl.store(thr_ptr + b, tl.maximum(med * rel_threshold, abs_threshold))
 
 
 @triton.jit

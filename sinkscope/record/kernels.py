@@ -89,11 +89,13 @@ RADIX_PROGRAMS = 1024
 atomics stay negligible."""
 
 
-def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int = 4096) -> torch.Tensor:
-    """Exact `median(|h[b]|)` over each sample's valid tokens and all features: `[B]` float32. `h` `[B, T, D]` in
-    any float dtype; `valid` `[B, T]` bool or None (all tokens). numpy's convention: the mean of the two middle
-    values for an even count. Six launches, whatever B and T: a zeroed histogram buffer, four radix passes (both
-    middle ranks at once, reading h once each) and a final one."""
+def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int = 4096, num_warps: int = 8,
+                      thresholds: tuple[float, float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact `median(|h[b]|)` over each sample's valid tokens and all features, and the massive-activation
+    threshold `max(thresholds[0], thresholds[1] * median)`: two `[B]` float32. `h` `[B, T, D]` in any float dtype;
+    `valid` `[B, T]` bool or None (all tokens). numpy's convention: the mean of the two middle values for an even
+    count. Six launches, whatever B and T: a zeroed histogram buffer, four radix passes (both middle ranks at
+    once, reading h once each) and a final one."""
     b, t, d = h.shape
     flat = h.reshape(b, t * d)
     if flat.stride(-1) != 1:
@@ -102,18 +104,16 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     n = t * d
     hist = torch.zeros(4, b, 2, 256, dtype=torch.int32, device=h.device)
     count = valid.sum(dim=1, dtype=torch.int32) if valid is not None else hist  # a placeholder pointer when unused
-    v = valid.view(torch.int8) if valid is not None and valid.dtype == torch.bool else valid
-    if v is not None and v.stride(-1) != 1:
-        v = v.contiguous()
-    v = v if v is not None else hist
+    v = valid.contiguous().view(torch.int8) if valid is not None else hist
     programs = max(1, min(kern.triton.cdiv(n, block), RADIX_PROGRAMS // b))
     for p in range(4):
         kern.radix_pass[(programs, b)](flat, v, count, hist, n, t, d, flat.stride(0),
                                        v.stride(0) if valid is not None else 0, b,
-                                       PASS=p, HAS_VALID=valid is not None, BLOCK=block, num_warps=8)
-    out = torch.empty(b, dtype=torch.float32, device=h.device)
-    kern.radix_final[(b,)](hist, count, out, t, d, b, HAS_VALID=valid is not None)
-    return out
+                                       PASS=p, HAS_VALID=valid is not None, BLOCK=block, num_warps=num_warps)
+    out = torch.empty(2, b, dtype=torch.float32, device=h.device)
+    kern.radix_final[(b,)](hist, count, out[0], out[1], float(thresholds[0]), float(thresholds[1]), t, d, b,
+                           HAS_VALID=valid is not None)
+    return out[0], out[1]
 
 
 def massive_buffers(batch: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,25 +128,22 @@ def massive_buffers(batch: int, t: int, device: torch.device) -> tuple[torch.Ten
             torch.empty(cap, 3, dtype=torch.float32, device=device))
 
 
+TOKEN_FIELDS = ("bos_cosine", "max_abs", "top_features", "top_values", "mlp_top_features", "mlp_top_values")
+
+
 def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.Tensor, h0: torch.Tensor,
                        thr: torch.Tensor, valid: torch.Tensor | None, top_k: int, layer: int,
-                       buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The per-token fields of one block output `h` `[B, T, D]` in one launch (see `token_stats_kernel`): `cos`,
-    `max_abs` `[B, T]`; `top_features`, `top_values`, `mlp_top_features`, `mlp_top_values` `[B, T, top_k]`. The
-    massive entries (|h| >= `thr[b]`, real tokens only) go to `buffers` (`massive_buffers`). `h0` `[B, D]` is
-    each sample's first real token, in float32."""
+                       buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                       num_warps: int | None = None) -> torch.Tensor:
+    """The per-token fields of one block output `h` `[B, T, D]` in one launch (see `token_stats_kernel`), packed
+    in one float32 buffer so that one copy moves them (`unpack_token_stats` gives the fields). The massive
+    entries (|h| >= `thr[b]`, real tokens only) go to `buffers` (`massive_buffers`). `h0` `[B, D]` is each
+    sample's first real token, in float32."""
     b, t, d = h.shape
     kern = _kernels()
     h, a, m = (x if x.stride(-1) == 1 else x.contiguous() for x in (h, attn_out, mlp_out))
-    h0 = h0.float().contiguous()
-    thr = thr.float().contiguous()
-    dev = h.device
-    cos = torch.empty(b, t, dtype=torch.float32, device=dev)
-    mx = torch.empty(b, t, dtype=torch.float32, device=dev)
-    top_i = torch.empty(b, t, top_k, dtype=torch.int32, device=dev)
-    top_v = torch.empty(b, t, top_k, dtype=torch.float32, device=dev)
-    mtop_i = torch.empty(b, t, top_k, dtype=torch.int32, device=dev)
-    mtop_v = torch.empty(b, t, top_k, dtype=torch.float32, device=dev)
+    packed = torch.empty(b * t * (2 + 4 * top_k), dtype=torch.float32, device=h.device)
+    cos, mx, top_i, top_v, mtop_i, mtop_v = unpack_token_stats(packed, b, t, top_k).values()
     count, ent_i, ent_v = buffers
     v = valid.contiguous().view(torch.int8) if valid is not None else count
     block_d = kern.triton.next_power_of_2(d)
@@ -154,6 +151,20 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
         h, a, m, h0, thr, v, cos, mx, top_i, top_v, mtop_i, mtop_v, count, ent_i, ent_v,
         t, d, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
         v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
-        K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, num_warps=4 if block_d <= 1024 else 8)
-    return {"bos_cosine": cos, "max_abs": mx, "top_features": top_i, "top_values": top_v,
-            "mlp_top_features": mtop_i, "mlp_top_values": mtop_v}
+        K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None,
+        num_warps=num_warps or (4 if block_d <= 1024 else 8))
+    return packed
+
+
+def unpack_token_stats(packed: torch.Tensor, b: int, t: int, top_k: int) -> dict[str, torch.Tensor]:
+    """Views of `token_stats_triton`'s buffer (on the device or copied to the host): `bos_cosine`, `max_abs`
+    `[B, T]`; `top_features` (int32), `top_values`, `mlp_top_features` (int32), `mlp_top_values` `[B, T, k]`."""
+    n = b * t
+    bt, btk = (b, t), (b, t, top_k)
+    sizes = (n, n, n * top_k, n * top_k, n * top_k, n * top_k)
+    parts = packed.split(sizes)
+    shapes = (bt, bt, btk, btk, btk, btk)
+    out = {key: part.view(shape) for key, part, shape in zip(TOKEN_FIELDS, parts, shapes, strict=True)}
+    for key in ("top_features", "mlp_top_features"):
+        out[key] = out[key].view(torch.int32)
+    return out

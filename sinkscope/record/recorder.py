@@ -172,6 +172,7 @@ class Recorder:
             "layers": [None] * self.n_layers,
             "massive": [],
         }
+        self._cur["first"] = valid.int().argmax(dim=1)  # each row's first real position
         if self._cur["device_path"]:
             self._cur["massive_buffers"] = attn_fn.kernels.massive_buffers(b, t, ref.device)
 
@@ -211,7 +212,7 @@ class Recorder:
         stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
                                       self.abs_threshold, self.rel_threshold,
                                       device_path=cur["device_path"], layer=layer,
-                                      buffers=cur.get("massive_buffers"))
+                                      buffers=cur.get("massive_buffers"), first=cur["first"])
         cur["massive"].extend((layer, *found) for found in massive)
         cur["layers"][layer] = {key: _to_host(x) for key, x in stats.items()}  # device memory: one layer's worth
         if layer in self.hidden_layers:
@@ -234,6 +235,10 @@ class Recorder:
         # number of valid queries i >= k that can see key k
         count = np.maximum(valid_np[:, ::-1].cumsum(1)[:, ::-1], 1).astype(np.float32)  # [B, T]
         alpha = np.stack([c.numpy() for c in cur["colsum"]]) / count[None, :, None, :]  # [L, B, H, T]
+        if "_packed" in cur["layers"][0]:  # the device path's per-token fields, one buffer per layer
+            t, k = valid_np.shape[1], self.top_k
+            for d in cur["layers"]:
+                d.update(attn_fn.kernels.unpack_token_stats(d.pop("_packed"), valid_np.shape[0], t, k))
         per_layer = {k: np.stack([d[k].numpy() for d in cur["layers"]]) for k in cur["layers"][0]}
         massive = [_massive_to_numpy(rec) for rec in cur["massive"]]
         if "massive_buffers" in cur:

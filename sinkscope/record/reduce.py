@@ -64,7 +64,8 @@ CHUNK_ELEMENTS = 1 << 22
 @torch.no_grad()
 def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor, padded: bool,
                  top_k: int, abs_threshold: float, rel_threshold: float, device_path: bool = False,
-                 layer: int = 0, buffers: tuple | None = None) -> tuple[dict, list[tuple]]:
+                 layer: int = 0, buffers: tuple | None = None, first: torch.Tensor | None = None
+                 ) -> tuple[dict, list[tuple]]:
     """Reductions of one block output `h[B, T, D]` (with the block's `attn_out`, `mlp_out` of the same shape and
     `valid[B, T]`, True on real tokens). Returns the per-layer fields (torch, on the device) and the massive
     entries as a list of `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors (one per token
@@ -73,18 +74,20 @@ def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor,
     Torch path: the median needs all of h; everything else runs over token chunks of CHUNK_ELEMENTS entries,
     upcast to float32 one chunk at a time. Device path (CUDA, `buffers` from `kernels.massive_buffers`): the
     median by the Triton radix select, the per-token fields and the massive entries by one Triton pass over h
-    in its own dtype (the entries go to `buffers`, tagged with `layer`, and the returned list is empty), and the
-    per-feature maxima by two torch reductions; nothing waits for the GPU."""
+    in its own dtype (the entries go to `buffers`, tagged with `layer`, and the returned list is empty; the
+    per-token fields come packed in one buffer, `stats["_packed"]`, for `kernels.unpack_token_stats`), and the
+    per-feature maxima by two torch reductions; nothing waits for the GPU. `first`: each row's first real
+    position, when the caller has it."""
     b, t, d = h.shape
-    first = valid.int().argmax(dim=1)  # first real position of each row
+    if first is None:
+        first = valid.int().argmax(dim=1)  # first real position of each row
     h0 = h[torch.arange(b, device=h.device), first].float()  # [B, D]
     if device_path:
         from sinkscope.record.kernels import median_abs_triton, token_stats_triton
 
         v = valid if padded else None
-        med = median_abs_triton(h, v)  # [B], exact, from h in its own dtype
-        thr = massive_threshold(med, abs_threshold, rel_threshold)
-        stats = token_stats_triton(h, mlp_out, attn_out, h0, thr, v, top_k, layer, buffers)
+        med, thr = median_abs_triton(h, v, thresholds=(abs_threshold, rel_threshold))  # exact, from h's dtype
+        stats = {"_packed": token_stats_triton(h, mlp_out, attn_out, h0, thr, v, top_k, layer, buffers)}
         for key, x in (("feature_max_abs", h), ("mlp_feature_max_abs", mlp_out)):
             if padded:
                 x = x.masked_fill(~valid[..., None], 0)

@@ -317,7 +317,7 @@ def _guarded(fn, *args):
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "args": [str(a) for a in args]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "experiments/results")))
     ap.add_argument("--reps", type=int, default=3)
@@ -332,7 +332,7 @@ def main() -> None:
     ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
     ap.add_argument("--profile", action="store_true", help="first: profiler tables of one recorded forward")
     ap.add_argument("--kernels", action="store_true", help="first: the per-layer Triton reductions' configs")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import transformers
 
     start = time.time()

@@ -221,8 +221,19 @@ def record(
     methods: str = typer.Option(",".join(METHODS)),
     compile: bool = typer.Option(True, help="Record with torch.compile fusion (Recorder(compile=True))."),
     out: Path = typer.Option(None, help="Write JSON and Markdown here (stem; .json and .md are added)."),
+    shapes: str = typer.Option(None, help="With --random-weights: comma-separated Llama shapes "
+                               "(smollm2-135m, llama-3.2-1b, llama-3.1-8b)."),
+    random_weights: bool = typer.Option(False, help="Random-weight bf16 Llama configs with real shapes, built on "
+                                        "the device (the GPU benchmark of issue 16: sinkscope.bench.gpu)."),
 ) -> None:
     """Time and memory of the recorder against plain SDPA, HF eager and TransformerLens 4."""
+    if random_weights:
+        from sinkscope.bench import gpu
+
+        argv = ["--device", device, "--reps", str(min(reps, 3)), "--eager",
+                "--out", str(out or "experiments/results/gpu")]
+        gpu.main(argv + (["--shapes", shapes] if shapes else []))
+        return
     result = bench_record(model, [int(x) for x in lengths.split(",")], reps, device, methods.split(","),
                           compile=compile)
     table = markdown(result)

@@ -26,11 +26,15 @@ def test_no_raw_traceback_silent_acceptance_hang_or_loss(outcomes):
 
 
 def test_the_hang_cases_end_within_a_second(outcomes):
+    """Each input built to make a parser hang (alias bombs, 20,000-deep nesting, a huge declared size) is refused
+    within one second of CPU time. CPU time, not wall time: a second job on a 2-core machine stretched the wall
+    time of one case to 1.08 s while its CPU time stayed put; a real hang still fails (the harness stops a case
+    after 20 s of wall time and reports it as a hang)."""
     by_name = {f"{o.family}/{o.name}": o for o in outcomes}
     for name in ("configs/yaml-alias-bomb", "configs/yaml-deep", "traces/manifest-n_layers-huge",
                  "traces/summary-cli-huge-n-layers", "corpus/manifest-deep-nesting", "traces/manifest-deep",
                  "corpus/wav-1hz-header"):
-        assert by_name[name].outcome == "clean" and by_name[name].seconds < 1.0, by_name[name]
+        assert by_name[name].outcome == "clean" and by_name[name].cpu_seconds < 1.0, by_name[name]
 
 
 def test_messages_name_the_file_and_the_field(outcomes):

@@ -60,6 +60,7 @@ class Outcome:
     seconds: float
     detail: str = ""
     extra: dict = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # the process's CPU time: unlike wall time, not stretched by other jobs on the machine
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -92,7 +93,7 @@ def _run_in(case: Case, work: Path) -> Outcome:
         before = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in protected}
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, case.limit)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result, error = None, None
     try:
         result = case.act(context)
@@ -107,7 +108,7 @@ def _run_in(case: Case, work: Path) -> Outcome:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if error == "hang":
         outcome, detail = "hang", f"still running after {case.limit} s"
     elif error is not None:
@@ -126,7 +127,7 @@ def _run_in(case: Case, work: Path) -> Outcome:
                          or hashlib.sha256(Path(k).read_bytes()).hexdigest() != v)
     if changed and outcome not in ("raw", "hang"):
         outcome, detail = "loss", f"changed or removed: {changed[:3]}; {detail}"
-    return Outcome(case.family, case.name, outcome, seconds, detail)
+    return Outcome(case.family, case.name, outcome, seconds, detail, cpu_seconds=cpu_seconds)
 
 
 def run_all(cases: list[Case], workdir: Path, log: Callable[[str], None] | None = None) -> list[Outcome]:

@@ -17,6 +17,7 @@ EXPECTED = {
     "01_sinks_massive_activations_smollm2": r"max \|recorder - reference\| = [0-9.e-]+(.|\n)*loss [0-9.]+ nats via "
                                             r"TransformerLens hooks, [0-9.]+ via HF hooks",
     "02_avsr_interventions": r"baseline WER [0-9.]+, CER [0-9.]+ on 4 utterances",
+    "03_mome_sinks_across_rates": r"K_a=4: WER [0-9.]+ % on 4 utterances(.|\n)*K_a=32: WER [0-9.]+ % on 4",
 }
 
 

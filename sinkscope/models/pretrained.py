@@ -21,7 +21,8 @@ from sinkscope.models.avsr import AVSRConfig, AVSRModel
 from sinkscope.train.checkpoint import check_finite, load_weights, save_half
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKPOINTS = {"demo": REPO / "experiments" / "weights" / "demo"}
+CHECKPOINTS = {"demo": REPO / "experiments" / "weights" / "demo",
+               "mome-demo": REPO / "experiments" / "weights" / "mome-demo"}
 """Names that `--checkpoint` accepts besides a directory: the models that ship with the repository checkout."""
 
 

@@ -66,13 +66,14 @@ def test_column_sums_match_a_float64_reference(dtype, padded):
     np.testing.assert_allclose(got, torch_path.cpu().numpy(), rtol=1e-4, atol=1e-5 if dtype == torch.float32 else 1e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_radix_median_is_exact(dtype):
     torch.manual_seed(0)
     h = torch.randn(4, 33, 40, device=DEVICE) * torch.rand(4, 33, 40, device=DEVICE) ** 3
     h[0, 0, 7] = 3e4  # a massive activation
     h[1, :, :5] = 0.0  # zeros and ties
     h[3] = torch.round(h[3] * 4) / 4  # many ties
+    h[2, 5, :4] = -0.0  # negative zeros (the sign bit is cleared)
     h = h.to(dtype)
     valid = torch.ones(4, 33, dtype=torch.bool, device=DEVICE)
     valid[1, 20:] = False

@@ -98,6 +98,7 @@ def _select_digit(hist, rank):
     below = tl.sum(tl.where(tl.arange(0, 256) < digit, hist, 0), 0)
     return digit, rank - below
 
+
 @triton.jit
 def _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASSES: tl.constexpr, HAS_VALID: tl.constexpr):
     """The two middle ranks' bit prefixes after PASSES radix passes, from the histograms written so far."""
@@ -117,17 +118,21 @@ def _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASSES: tl.constexpr, HAS_VAL
         p_hi = (p_hi << 8) | d_hi
     return p_lo, p_hi, n
 
+
 @triton.jit
 def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, svb, B,
-                       PASS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
-    """Radix pass PASS (0..3) of the median's selection, for both middle ranks at once: count the 8-bit digit
-    at bit 24 - 8 * PASS of the |h| entries of row b whose higher bits match each rank's prefix. Each program
-    strides over many blocks and adds its two histograms once (few atomics)."""
+                      PASS: tl.constexpr, FMT: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
+    """Radix pass PASS of the median's selection, for both middle ranks at once: count the 8-bit digit of the
+    |h| bit pattern below the PASS bytes already fixed, over the entries of row b whose higher bits match each
+    rank's prefix. FMT 0: h read as float32 (any float dtype, upcast exactly), four passes over 31 bits; FMT 1
+    (bf16) and 2 (fp16): h read as its raw 16 bits (the host passes an int16 view), sign cleared, two passes over
+    15 bits. Each program strides over many blocks and adds its two histograms once (few atomics)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: rows of T * D entries at large B
     p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASS, HAS_VALID)
-    SHIFT: tl.constexpr = 24 - 8 * PASS
+    NPASS: tl.constexpr = 4 if FMT == 0 else 2
+    SHIFT: tl.constexpr = 8 * (NPASS - 1 - PASS)
     h_lo = tl.zeros([256], dtype=tl.int32)
     h_hi = tl.zeros([256], dtype=tl.int32)
     for start in range(pid * BLOCK, N, nprog * BLOCK):
@@ -135,8 +140,11 @@ def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, s
         ok = offs < N
         if HAS_VALID:  # a token's D features share its validity
             ok = ok & (tl.load(valid_ptr + b * svb + offs // D, mask=ok, other=0) != 0)
-        x = tl.abs(tl.load(h_ptr + b * shb + offs, mask=ok, other=0.0).to(tl.float32))
-        bits = x.to(tl.int32, bitcast=True)
+        if FMT == 0:
+            x = tl.abs(tl.load(h_ptr + b * shb + offs, mask=ok, other=0.0).to(tl.float32))
+            bits = x.to(tl.int32, bitcast=True)
+        else:
+            bits = tl.load(h_ptr + b * shb + offs, mask=ok, other=0).to(tl.int32) & 0x7FFF
         digit = (bits >> SHIFT) & 255
         if PASS == 0:
             h_lo += tl.histogram(digit, 256, mask=ok)
@@ -151,15 +159,28 @@ def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, s
     else:
         tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * 256 + bins, h_hi)
 
+
+@triton.jit
+def _bits_to_float(p, FMT: tl.constexpr):
+    """The value of an |h| bit pattern (int32) in the format FMT (see radix_pass_kernel), as float32."""
+    if FMT == 0:
+        v = p.to(tl.float32, bitcast=True)
+    elif FMT == 1:
+        v = (p << 16).to(tl.float32, bitcast=True)  # bf16 is the upper half of a float32
+    else:
+        v = p.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return v
+
+
 @triton.jit
 def radix_final_kernel(hist_ptr, count_ptr, out_ptr, thr_ptr, abs_threshold, rel_threshold, T_ALL, D, B,
-                       HAS_VALID: tl.constexpr):
-    """The median of row b from the four passes (the middle value, or the mean of the two middle values), and
-    the massive-activation threshold max(abs_threshold, rel_threshold * median)."""
+                       FMT: tl.constexpr, HAS_VALID: tl.constexpr):
+    """The median of row b from the passes (the middle value, or the mean of the two middle values), and the
+    massive-activation threshold max(abs_threshold, rel_threshold * median)."""
     b = tl.program_id(0).to(tl.int64)
-    p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, 4, HAS_VALID)
-    lo = p_lo.to(tl.float32, bitcast=True)
-    hi = p_hi.to(tl.float32, bitcast=True)
+    p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, 4 if FMT == 0 else 2, HAS_VALID)
+    lo = _bits_to_float(p_lo, FMT)
+    hi = _bits_to_float(p_hi, FMT)
     med = tl.where(n % 2 == 1, lo, 0.5 * (lo + hi))
     tl.store(out_ptr + b, med)
     tl.store(thr_ptr + b, tl.maximum(med * rel_threshold, abs_threshold))

@@ -6,10 +6,10 @@
   needs no atomics and O(1) extra memory; it is the column-sum counterpart of a flash-attention pass (about half
   the causal attention work, since only the causal triangle is visited).
 - `median_abs_triton`: the exact median of |h| over each sample's real tokens and all features, by radix
-  selection on the fp32 bit pattern (|h| >= 0, so the bits order like the values): four passes of an 8-bit
-  histogram that follow both middle ranks at once, each reading h once and deriving its prefixes from the
-  earlier passes' histograms on the device, then a final launch; six launches per layer and no host
-  synchronisation. The mean of the two middle values is taken for an even count, as numpy does.
+  selection on the bit pattern (|h| >= 0, so the bits order like the values): 8-bit histogram passes that follow
+  both middle ranks at once (four over the 31 bits of float32; two over the 15 bits of bf16 or fp16, read raw),
+  each reading h once and deriving its prefixes from the earlier passes' histograms on the device, then a final
+  launch; no host synchronisation. The mean of the two middle values is taken for an even count, as numpy does.
 
 Both run on the CPU under `TRITON_INTERPRET=1`, which is how the tests check them against the torch reference
 on machines without a GPU.
@@ -94,25 +94,31 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     """Exact `median(|h[b]|)` over each sample's valid tokens and all features, and the massive-activation
     threshold `max(thresholds[0], thresholds[1] * median)`: two `[B]` float32. `h` `[B, T, D]` in any float dtype;
     `valid` `[B, T]` bool or None (all tokens). numpy's convention: the mean of the two middle values for an even
-    count. Six launches, whatever B and T: a zeroed histogram buffer, four radix passes (both middle ranks at
-    once, reading h once each) and a final one."""
+    count. At most six launches, whatever B and T: a zeroed histogram buffer, the radix passes (both middle
+    ranks at once, reading h once each: four for float32, two over the raw 15 bits of |h| for bf16 and fp16)
+    and a final one."""
     b, t, d = h.shape
     flat = h.reshape(b, t * d)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
+    fmt = {torch.bfloat16: 1, torch.float16: 2}.get(flat.dtype, 0)
+    if fmt:  # 16-bit formats: their raw bits, two passes over 15 bits instead of four over 31
+        flat = flat.view(torch.int16)
+    passes = 2 if fmt else 4
     kern = _kernels()
     n = t * d
-    hist = torch.zeros(4, b, 2, 256, dtype=torch.int32, device=h.device)
+    hist = torch.zeros(passes, b, 2, 256, dtype=torch.int32, device=h.device)
     count = valid.sum(dim=1, dtype=torch.int32) if valid is not None else hist  # a placeholder pointer when unused
     v = valid.contiguous().view(torch.int8) if valid is not None else hist
     programs = max(1, min(kern.triton.cdiv(n, block), RADIX_PROGRAMS // b))
-    for p in range(4):
+    for p in range(passes):
         kern.radix_pass[(programs, b)](flat, v, count, hist, n, t, d, flat.stride(0),
                                        v.stride(0) if valid is not None else 0, b,
-                                       PASS=p, HAS_VALID=valid is not None, BLOCK=block, num_warps=num_warps)
+                                       PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block,
+                                       num_warps=num_warps)
     out = torch.empty(2, b, dtype=torch.float32, device=h.device)
     kern.radix_final[(b,)](hist, count, out[0], out[1], float(thresholds[0]), float(thresholds[1]), t, d, b,
-                           HAS_VALID=valid is not None)
+                           FMT=fmt, HAS_VALID=valid is not None)
     return out[0], out[1]
 
 

@@ -148,3 +148,40 @@ def test_token_chunks_give_the_same_record(monkeypatch):
                       "mlp_feature_max_abs", "top_features", "top_values", "mlp_top_features", "mlp_top_values"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
         assert a.massive.equals(b.massive)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_stats_kernel_against_numpy(dtype):
+    """The one-pass per-token kernel of the device path on its own: ties (values rounded to quarters) resolved
+    to the smaller feature index, signed values, cos to BOS, and the massive entries of real tokens only, against
+    a numpy reference; D off the power-of-two block."""
+    from sinkscope.record.kernels import massive_buffers, token_stats_triton, unpack_token_stats
+
+    torch.manual_seed(0)
+    b, t, d, k = 2, 7, 40, 8
+    h, a, m = (torch.round(torch.randn(b, t, d, device=DEVICE) * 8) / 4 for _ in range(3))
+    h[1, 3, 11] = -50.0  # a massive entry (negative)
+    h[0, 2, 5] = 40.0
+    h[1, 0, 2] = 45.0  # on a padded token: not kept
+    h, a, m = h.to(dtype), a.to(dtype), m.to(dtype)
+    valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    valid[1, :2] = False
+    h0 = h[torch.arange(b), valid.int().argmax(dim=1)].float()
+    thr = torch.tensor([30.0, 30.0], device=DEVICE)
+    buffers = massive_buffers(b, t, h.device)
+    packed = token_stats_triton(h, m, a, h0, thr, valid, k, 3, buffers)
+    got = {key: x.cpu().numpy() for key, x in unpack_token_stats(packed, b, t, k).items()}
+    hn, mn = h.float().cpu().numpy(), m.float().cpu().numpy()
+    for name, x in (("top", hn), ("mlp_top", mn)):
+        order = np.lexsort((np.broadcast_to(np.arange(d), x.shape), -np.abs(x)), axis=-1)[..., :k]
+        np.testing.assert_array_equal(got[f"{name}_features"], order)
+        np.testing.assert_array_equal(got[f"{name}_values"], np.take_along_axis(x, order, axis=-1))
+    np.testing.assert_array_equal(got["max_abs"], np.abs(hn).max(axis=-1))
+    h0n = h0.cpu().numpy()[:, None, :]
+    cos = (hn * h0n).sum(-1) / np.sqrt((hn * hn).sum(-1) * (h0n * h0n).sum(-1))
+    np.testing.assert_allclose(got["bos_cosine"], cos, atol=1e-6)
+    count, ent_i, ent_v = (x.cpu().numpy() for x in buffers)
+    entries = sorted(map(tuple, ent_i[: count[0]].tolist()))
+    assert entries == [(3, 0, 2, 5), (3, 1, 3, 11)]
+    values = {tuple(i): v for i, v in zip(ent_i[: count[0]].tolist(), ent_v[: count[0]].tolist(), strict=True)}
+    np.testing.assert_array_equal(values[(3, 1, 3, 11)], [-50.0, a[1, 3, 11].item(), m[1, 3, 11].item()])

@@ -187,16 +187,31 @@ def radix_final_kernel(hist_ptr, count_ptr, out_ptr, thr_ptr, abs_threshold, rel
 
 
 @triton.jit
-def _top_k_row(ax, x, offs, out_i_ptr, out_v_ptr, K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The K largest of `ax` (|x|, -1 past the row's end) in descending order: their feature indices (the
-    smallest index among exact ties) and the signed values of `x` there. Returns the largest |x|."""
-    top = tl.max(ax, 0)
+def _decode_key(key, BLOCK_D: tl.constexpr):
+    """(feature index, signed value) of a `_top_k_row` key."""
+    j = BLOCK_D - 1 - ((key & 0xFFFFFFFF) >> 1).to(tl.int32)
+    v = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return j, tl.where((key & 1) == 1, -v, v)
+
+
+@triton.jit
+def _top_k_row(x, dm, offs, out_i_ptr, out_v_ptr, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The K largest |x| of a row in descending order: their feature indices (the smallest index among exact
+    ties) and the signed values of x there; returns the largest |x|. One reduction per rank: each entry is an
+    int64 key (the bits of |x|, which order like the value; then BLOCK_D - 1 - index, so that the smaller index
+    wins a tie; then the sign), so a single max finds the value, its index and its sign together."""
+    bits = tl.abs(x).to(tl.int32, bitcast=True).to(tl.int64)
+    key = (bits << 32) | ((BLOCK_D - 1 - offs).to(tl.int64) << 1) | (x < 0).to(tl.int64)
+    key = tl.where(dm, key, -1)
+    kmax = tl.max(key, 0)
+    top = ((kmax >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
     for i in tl.static_range(K):
-        mx = tl.max(ax, 0)
-        j = tl.min(tl.where(ax == mx, offs, BLOCK_D), 0)
+        j, v = _decode_key(kmax, BLOCK_D)
         tl.store(out_i_ptr + i, j)
-        tl.store(out_v_ptr + i, tl.sum(tl.where(offs == j, x, 0.0), 0))
-        ax = tl.where(offs == j, -1.0, ax)
+        tl.store(out_v_ptr + i, v)
+        if i + 1 < K:
+            key = tl.where(key == kmax, -1, key)
+            kmax = tl.max(key, 0)
     return top
 
 
@@ -221,16 +236,15 @@ def token_stats_kernel(h_ptr, a_ptr, m_ptr, h0_ptr, thr_ptr, valid_ptr,
     dot = tl.sum(x * h0, 0)
     nn = tl.sum(x * x, 0) * tl.sum(h0 * h0, 0)
     tl.store(cos_ptr + row, dot / tl.sqrt(tl.maximum(nn, 1e-24)))  # F.cosine_similarity with eps=1e-12
-    ax = tl.where(dm, tl.abs(x), -1.0)
-    top = _top_k_row(ax, x, offs, top_i_ptr + row * K, top_v_ptr + row * K, K, BLOCK_D)
+    top = _top_k_row(x, dm, offs, top_i_ptr + row * K, top_v_ptr + row * K, K, BLOCK_D)
     tl.store(max_ptr + row, top)
-    _top_k_row(tl.where(dm, tl.abs(y), -1.0), y, offs, mtop_i_ptr + row * K, mtop_v_ptr + row * K, K, BLOCK_D)
+    _top_k_row(y, dm, offs, mtop_i_ptr + row * K, mtop_v_ptr + row * K, K, BLOCK_D)
     thr = tl.load(thr_ptr + b)
     any_hit = top >= thr
     if HAS_VALID:
         any_hit = any_hit & (tl.load(valid_ptr + b * svb + t) != 0)
     if any_hit:
-        hit = dm & (ax >= thr)
+        hit = dm & (tl.abs(x) >= thr)
         n_hit = tl.sum(hit.to(tl.int32), 0)
         base = tl.atomic_add(count_ptr, n_hit)
         slot = base + tl.cumsum(hit.to(tl.int32), 0) - 1

@@ -9,7 +9,16 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from sinkscope.segments import SEGMENT_COLORS, segment_color
-from sinkscope.viz.axes import add_segment_bands, esc, layer_axis, layer_xaxis, pool_tokens, token_bins, token_labels
+from sinkscope.viz.axes import (
+    add_segment_bands,
+    esc,
+    layer_axis,
+    layer_xaxis,
+    pool_tokens,
+    subplot_refs,
+    token_bins,
+    token_labels,
+)
 
 
 def difference_heatmap(a, b, field: str = "attention_received", max_tokens: int = 256) -> go.Figure:
@@ -51,6 +60,7 @@ def side_by_side(fig_a: go.Figure, fig_b: go.Figure, titles: tuple[str, str]) ->
             axis["cmid"] = first.zmid
             axis.pop("cmin"), axis.pop("cmax")
         fig.update_layout(coloraxis=axis)
+    shapes, notes = [], []
     for col, src in ((1, fig_a), (2, fig_b)):
         for trace in src.data:
             if trace.type == "heatmap":
@@ -59,8 +69,13 @@ def side_by_side(fig_a: go.Figure, fig_b: go.Figure, titles: tuple[str, str]) ->
                 trace.update(showlegend=False)
             fig.add_trace(trace, row=1, col=col)
         fig.update_xaxes(title_text=src.layout.xaxis.title.text, row=1, col=col)
-        for shape in src.layout.shapes:  # segment bands
-            fig.add_shape(shape, row=1, col=col)
+        # segment bands and their labels, moved onto this panel's axes, in one layout update below
+        xa, ya = subplot_refs(fig, 1, col)
+        refs = {"x": xa, "y": ya, "x domain": f"{xa} domain", "y domain": f"{ya} domain"}
+        for item, out in [(sh, shapes) for sh in src.layout.shapes] + [(an, notes) for an in src.layout.annotations]:
+            item = item.to_plotly_json()
+            out.append({**item, **{r: refs.get(item.get(r), item.get(r)) for r in ("xref", "yref") if r in item}})
+    fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
     fig.update_yaxes(title_text=fig_a.layout.yaxis.title.text, row=1, col=1)
     fig.update_layout(height=440, title=fig_a.layout.title.text, margin={"t": 90})
     return fig

@@ -105,7 +105,7 @@ def test_attention_view_shows_the_trace_values_with_segment_bands(app, root):
     spans = sorted((shape["x0"], shape["x1"]) for shape in heat.shapes)
     assert spans == sorted((s0 - 0.5, e0 - 0.5) for _, s0, e0 in AV_SEGMENTS)
     assert {"audio", "video", "prompt", "transcript"} <= set(heat.annotations)
-    assert "'A3'" in heat.data[0]["text"][0][5], "hover shows the token text"
+    assert "'A3'" in heat.data[0]["x"][5], "hover shows the token text"
 
     app.selectbox(key="att_head").set_value(2).run()
     z = np.asarray(by_title(app, "Attention received, head 2").data[0]["z"])

@@ -12,6 +12,7 @@ from sinkscope.segments import SEGMENT_COLORS, segment_color
 from sinkscope.viz.axes import (
     add_segment_bands,
     esc,
+    label_token_axis,
     layer_axis,
     layer_xaxis,
     pool_tokens,
@@ -36,10 +37,10 @@ def difference_heatmap(a, b, field: str = "attention_received", max_tokens: int 
     pooled_neg = -pool_tokens(-diff, starts, axis=1)
     z = np.where(np.abs(pooled_pos) >= np.abs(pooled_neg), pooled_pos, pooled_neg)
     labels = token_labels(a.tokens, a.segments, starts)
-    fig = go.Figure(go.Heatmap(z=z, colorscale="RdBu_r", zmid=0, text=np.broadcast_to(
-        np.array(labels, dtype=object), z.shape), colorbar={"title": "B - A"},
-        hovertemplate="layer %{y}<br>%{text}<br>B - A %{z:.3f}<extra></extra>"))
+    fig = go.Figure(go.Heatmap(z=z, x=labels, colorscale="RdBu_r", zmid=0, colorbar={"title": "B - A"},
+                               hovertemplate="layer %{y}<br>%{x}<br>B - A %{z:.3f}<extra></extra>"))
     add_segment_bands(fig, a.segments, starts)
+    label_token_axis(fig, labels, starts, 0, a.tokens)
     fig.update_layout(title=f"{field}: B - A for sample {esc(a.sample_id)}", xaxis_title="token",
                       yaxis_title="layer", height=420, margin={"t": 80})
     layer_axis(fig, z.shape[0])

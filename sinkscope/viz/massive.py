@@ -10,7 +10,16 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from sinkscope.analysis import feature_values, ranked_features, top_activations
-from sinkscope.viz.axes import add_segment_bands, esc, layer_axis, layer_xaxis, pool_tokens, token_bins, token_labels
+from sinkscope.viz.axes import (
+    add_segment_bands,
+    esc,
+    label_token_axis,
+    layer_axis,
+    layer_xaxis,
+    pool_tokens,
+    token_bins,
+    token_labels,
+)
 
 
 def top_activations_figure(sample) -> go.Figure:
@@ -87,13 +96,13 @@ def token_feature_heatmap(sample, layer: int, features: Sequence[int], max_token
     z = np.where(pooled > 0, np.log10(np.maximum(pooled, 1e-6)), np.nan)
     labels = token_labels(sample.tokens, sample.segments, starts)
     name = "|mlp_out|" if mlp else "|h|"
-    hover = np.broadcast_to(np.array(labels, dtype=object), (len(features), len(starts)))
     fig = go.Figure(go.Heatmap(
-        z=z.T, x=np.arange(len(starts)), y=[f"f{f}" for f in features], colorscale="Magma", text=hover,
+        z=z.T, x=labels, y=[f"f{f}" for f in features], colorscale="Magma",
         customdata=pooled.T, colorbar={"title": f"log10 {name}"},
-        hovertemplate="%{text}<br>feature %{y}: " + name + " %{customdata:.4g}<extra></extra>",
+        hovertemplate="%{x}<br>feature %{y}: " + name + " %{customdata:.4g}<extra></extra>",
     ))
     add_segment_bands(fig, sample.segments, starts)
+    label_token_axis(fig, labels, starts, 0, sample.tokens)
     fig.update_layout(title=f"{name} at layer {layer}, tokens x the top features"
                       + (f" (max over bins of {n} tokens)" if len(starts) < n else ""),
                       xaxis_title="token (bin)", yaxis_title="feature", height=380, yaxis_type="category",

@@ -123,9 +123,9 @@ def test_device_path_refuses_an_overflowing_massive_buffer(monkeypatch):
 
     model = tiny_llama().to(DEVICE)
     monkeypatch.setenv("SINKSCOPE_TRITON", "1")
-    monkeypatch.setattr(reduce, "MASSIVE_MIN_CAP", 4096)
-    ids = torch.randint(3, 128, (1, 100), device=DEVICE)  # 3 layers x 100 tokens x 64 features, over the 4,096 kept
-    with pytest.raises(RecorderError, match="19200 massive entries, more than the 4096"), \
+    monkeypatch.setattr(reduce, "MASSIVE_MIN_CAP", 1024)
+    ids = torch.randint(3, 128, (1, 20), device=DEVICE)  # 3 layers x 20 tokens x 64 features, over the 1,024 kept
+    with pytest.raises(RecorderError, match="3840 massive entries, more than the 1024"), \
             Recorder(model, abs_threshold=0.0, rel_threshold=0.0):  # every entry is "massive"
         model(input_ids=ids)
 

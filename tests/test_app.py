@@ -12,6 +12,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from sinkscope import analysis
+from sinkscope.metrics import SINK_EPS
 from sinkscope.trace import Trace
 from tests.av_trace import AV_SEGMENTS, write_av_trace
 
@@ -127,11 +128,17 @@ def test_attention_view_shows_the_trace_values_with_segment_bands(app, root):
 def test_overview_massive_and_cosine_views(app, root):
     s = Trace.load(root / "av-a")[0]
     goto(app, "Overview")
-    sink = by_title(app, "Sink rate by segment")
-    assert [t["name"] for t in sink.data] == [name for name, _, _ in AV_SEGMENTS]
-    cos = by_title(app, "Mean cosine to BOS by segment")
-    audio = next(t for t in cos.data if t["name"] == "audio")
+    # one figure, two panels: the sink rate per segment (x axis 1) and the mean cosine to BOS (x axis 2)
+    both = by_title(app, "Per segment over layers")
+    sink = [t for t in both.data if t.get("xaxis", "x") == "x"]
+    cos = [t for t in both.data if t.get("xaxis") == "x2"]
+    assert [t["name"] for t in sink] == [name for name, _, _ in AV_SEGMENTS]
+    assert [t["name"] for t in cos] == [name for name, _, _ in AV_SEGMENTS if name != "bos"]
+    assert not any(t.get("showlegend") for t in cos), "one legend entry per segment"
+    audio = next(t for t in cos if t["name"] == "audio")
     np.testing.assert_allclose(audio["y"], np.asarray(s.bos_cosine)[:, 2:30].mean(axis=1), rtol=1e-5)
+    rate = analysis.sink_rate_by_segment(s.attention_received, s.segments, SINK_EPS)
+    np.testing.assert_allclose(next(t for t in sink if t["name"] == "audio")["y"], rate["audio"], rtol=1e-6)
     assert any("Findings" in h.value for h in app.subheader)
 
     goto(app, "Massive activations")
@@ -157,6 +164,16 @@ def test_overview_massive_and_cosine_views(app, root):
     assert tokmap.data[0]["y"][0] == f"f{feature}"
     table = app.dataframe[0].value
     assert len(table) == len(s.massive) and {"layer", "token", "feature", "value", "attn_share"} <= set(table)
+    # below the features, one part at a time: records (above), origin, Jaccard
+    assert not [f for f in figures(app) if f.title.startswith(("Where massive", "Massive-feature sets"))]
+    app.radio(key="mass_part").set_value("Origin").run()
+    origin = analysis.sample_findings(s, SINK_EPS)["origin"]
+    np.testing.assert_allclose(by_title(app, "Where massive activations come from").data[1]["y"],
+                               origin["mlp_share"], rtol=1e-6)
+    assert not app.dataframe
+    app.radio(key="mass_part").set_value("Jaccard between sink tokens").run()
+    by_title(app, "Massive-feature sets: Jaccard")
+    app.radio(key="mass_part").set_value("Records").run()
     app.toggle(key="mass_mlp").set_value(True).run()
     mlp_top = by_title(app, "The 16 features with the largest |mlp_out|")
     mlp_expected = np.argsort(-np.asarray(s.mlp_feature_max_abs).max(axis=0), kind="stable")[:16]

@@ -5,10 +5,14 @@ by headless Chromium through playwright, over three real SmolLM2 traces (made on
 - `long-2048`: one 2,048-token sample;
 - `prompts-1000` and `prompts-1000-bf16`: the same 1,000 short prompts in float32 and in bfloat16 (a Compare pair).
 
-An interaction is timed from the click or key press to the end of the script run it triggers (Streamlit's
-`script_finished` message on the page's websocket) plus two animation frames, so that the browser has laid out
-and painted what the run sent. The first render is timed from `page.goto` on a freshly started server (empty
-caches) to the end of the first run. Targets (issue 14): every interaction <= 1 s, the first render <= 3 s."""
+An interaction is timed from the click or key press until the page has settled: the script run it triggers has
+ended (Streamlit's `script_finished` message on the page's websocket), no element waits for its code any more (no
+skeleton), every Plotly chart on the page has drawn,
+and the document has not changed for `QUIET_MS`; the time reported ends at the page's last change (a
+`MutationObserver` over the whole document), not at the end of the quiet period. Plotly's code is loaded lazily
+and draws after the run has ended, so the end of the run alone is too early, above all for the first render. The
+first render is timed the same way from `page.goto` on a freshly started server (empty caches). Targets
+(issue 14): every interaction <= 1 s, the first render <= 3 s."""
 
 from __future__ import annotations
 
@@ -79,10 +83,8 @@ class Page:
                 self.finished += 1
 
         self.page.on("websocket", lambda ws: ws.on("framereceived", on_frame))
+        self.page.add_init_script(self.WATCH)
         self.url = url
-
-    def settle(self) -> None:
-        self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
     LONG_TASKS = ("() => { if (window.__sinkscopeTasks) return; window.__sinkscopeTasks = [];"
                   " new PerformanceObserver(l => { for (const e of l.getEntries())"
@@ -95,15 +97,35 @@ class Page:
         return self.page.evaluate("t0 => (window.__sinkscopeTasks || []).filter(e => e[0] >= t0)"
                                   ".reduce((s, e) => s + e[1], 0) / 1000", t0)
 
+    QUIET_MS = 400
+    """The page counts as settled once it has not changed for this long (ms)."""
+
+    # installed in every document before its own scripts: the epoch time (ms) of the document's last change
+    WATCH = ("() => { window.__sinkscopeLast = performance.timeOrigin + performance.now();"
+             " new MutationObserver(() => { window.__sinkscopeLast = performance.timeOrigin + performance.now(); })"
+             ".observe(document, {subtree: true, childList: true, attributes: true, characterData: true}); }")
+    WATCH = f"({WATCH})();"
+
+    # drawn: no element is still waiting for its lazily loaded code (Streamlit shows a skeleton meanwhile) and every
+    # Plotly chart has its SVG
+    SETTLED = ("quiet => { const c = [...document.querySelectorAll('[data-testid=stPlotlyChart]')];"
+               " const drawn = !document.querySelector('[data-testid=stSkeleton]')"
+               " && c.every(e => e.querySelector('.main-svg'));"
+               " const now = performance.timeOrigin + performance.now();"
+               " return drawn && now - window.__sinkscopeLast >= quiet ? window.__sinkscopeLast : null; }")
+
     def timed(self, action: Callable[[], None], timeout: float = 120.0) -> float:
-        """Seconds from `action` to the end of the script run it starts, painted; `last_busy_s` is the part of it
-        the browser's main thread spent in long tasks (0 for the page load, which installs the observer)."""
+        """Seconds from `action` until the page settled (module docstring): the run it starts has ended, every
+        chart has drawn, and the last change to the document is reported. `last_run_s` is the time to the end of
+        the script run alone; `last_busy_s` is the part the browser's main thread spent in long tasks (0 for the
+        page load, which installs that observer)."""
         before = self.finished
         self.bytes = 0
         try:
             t0 = self.page.evaluate("() => performance.now()")
         except Exception:  # noqa: BLE001 - no document yet (before the first goto)
             t0 = None
+        start_epoch = time.time()
         start = time.perf_counter()
         action()
         while self.finished <= before:
@@ -111,8 +133,9 @@ class Page:
                 raise RuntimeError(f"no script run finished within {timeout:.0f} s")
             self.page.wait_for_timeout(5)
         self.last_run_s = time.perf_counter() - start
-        self.settle()
-        elapsed = time.perf_counter() - start
+        last = self.page.wait_for_function(self.SETTLED, arg=self.QUIET_MS, polling=20,
+                                           timeout=timeout * 1000).json_value()
+        elapsed = max(last / 1000 - start_epoch, self.last_run_s)
         self.check()
         self.page.evaluate(self.LONG_TASKS)
         self.last_busy_s = self.busy_since(t0) if t0 is not None else 0.0

@@ -24,7 +24,7 @@ from sinkscope.viz.compare import (
     side_by_side,
     sink_position_comparison,
 )
-from sinkscope.viz.cosine import cosine_by_segment_figure, cosine_heatmap
+from sinkscope.viz.cosine import cosine_by_segment_figure, cosine_heatmap, segment_profile_figure
 from sinkscope.viz.dataset import cosine_distribution_figure, massive_feature_histogram, sink_positions_figure
 from sinkscope.viz.massive import (
     expert_usage_figure,
@@ -42,6 +42,7 @@ __all__ = [
     "cosine_distribution_figure", "cosine_heatmap", "difference_heatmap", "esc", "feature_trajectory_figure",
     "head_grid", "jaccard_figure", "massive_feature_comparison", "massive_feature_histogram", "origin_figure",
     "pool_tokens", "profile_figure", "received_attention_heatmap", "segment_color", "side_by_side",
-    "sink_position_comparison", "sink_positions_figure", "sink_rate_by_segment_figure", "token_bins",
+    "segment_profile_figure", "sink_position_comparison", "sink_positions_figure", "sink_rate_by_segment_figure",
+    "token_bins",
     "token_feature_heatmap", "token_labels", "top_activations_figure", "top_features_figure",
 ]

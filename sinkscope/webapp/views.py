@@ -25,14 +25,10 @@ from sinkscope.webapp.state import (
 
 
 def view_overview(tr: Trace, s, eps: float, min_queries: int) -> None:
-    c1, c2 = st.columns(2)
-    with c1:
-        show(viz.sink_rate_by_segment_figure(s, eps), "ov_sinkrate")
-    with c2:
-        show(viz.top_activations_figure(s), "ov_top")
+    show(viz.segment_profile_figure(s, eps), "ov_segments")
     c3, c4 = st.columns(2)
     with c3:
-        show(viz.cosine_by_segment_figure(s), "ov_cos")
+        show(viz.top_activations_figure(s), "ov_top")
     with c4:
         findings = analysis.sample_findings(s, eps, min_queries=min_queries)
         st.subheader("Findings")
@@ -85,19 +81,28 @@ def view_attention(tr: Trace, s, eps: float) -> None:
 def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
     _massive_features(tr, s)
     st.subheader("Massive activations")
-    if len(s.massive):
+    if not len(s.massive):
+        st.info("No massive activations in this sample at the trace's thresholds.")
+        return
+    # one part at a time, as in Compare: each Plotly figure costs this 2-core machine's browser about 0.3-0.4 s
+    part = st.radio(
+        "Show", MASSIVE_PARTS, horizontal=True, key="mass_part",
+        help="Records: every (layer, token, feature) above the thresholds. Origin: the share of the jump at each "
+             "massive activation's first layer written by attention and by the MLP (Sun et al., 2024, sec. 3). "
+             "Jaccard: overlap of the massive-feature sets of the sink tokens (blank where both are empty).")
+    if part == "Origin":
+        show(viz.origin_figure(analysis.sample_findings(s, eps, min_queries=min_queries)["origin"], s.tokens),
+             "mass_origin")
+    elif part == "Jaccard between sink tokens":
+        labels, matrix = analysis.sink_token_jaccard(s, eps, min_queries)
+        show(viz.jaccard_figure(labels, matrix), "mass_jaccard")
+    else:
         table = s.massive.copy()
         table.insert(2, "token_text", [s.tokens[t] for t in table["token"]])
         st.dataframe(table, width="stretch", height=240)
-        c3, c4 = st.columns(2)
-        with c3:
-            labels, matrix = analysis.sink_token_jaccard(s, eps, min_queries)
-            show(viz.jaccard_figure(labels, matrix), "mass_jaccard")
-        with c4:
-            show(viz.origin_figure(analysis.sample_findings(s, eps, min_queries=min_queries)["origin"], s.tokens),
-                 "mass_origin")
-    else:
-        st.info("No massive activations in this sample at the trace's thresholds.")
+
+
+MASSIVE_PARTS = ["Records", "Origin", "Jaccard between sink tokens"]
 
 
 @st.fragment

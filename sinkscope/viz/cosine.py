@@ -48,6 +48,8 @@ def segment_profile_figure(sample, eps: float = SINK_EPS) -> go.Figure:
                          row=1, col=col)
     fig.update_yaxes(title_text=rate.layout.yaxis.title.text, range=rate.layout.yaxis.range, row=1, col=1)
     fig.update_yaxes(title_text=cos.layout.yaxis.title.text, range=cos.layout.yaxis.range, row=1, col=2)
-    fig.update_layout(title="Per segment over layers (click a legend entry to hide it in both panels)", height=380,
-                      legend={"groupclick": "togglegroup"}, margin={"t": 90})
+    # the legend below the panels, in rows: every segment fits (a vertical legend cut the last ones off at AV)
+    fig.update_layout(title="Per segment over layers (click a legend entry to hide it in both panels)", height=440,
+                      legend={"groupclick": "togglegroup", "orientation": "h", "x": 0, "y": -0.18,
+                              "yanchor": "top"}, margin={"t": 90, "b": 40})
     return fig

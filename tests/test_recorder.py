@@ -218,3 +218,20 @@ def test_cuda_device_path_matches_eager_with_padding(dtype):
                                    else 1e-2)
         np.testing.assert_allclose(s.median_abs, np.median(np.abs(hidden.numpy()).reshape(3, -1), axis=1),
                                    rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("case", ["odd", "even", "ties", "bracket-miss", "small"])
+def test_median_is_numpys_exactly(case):
+    """The CPU median (a random bracket, then a selection inside it; numpy) against np.median, bit for bit, also
+    where the bracket misses (half the entries equal, the rest spread) and the full selection runs."""
+    from sinkscope.record.reduce import median_nonneg
+
+    rng = np.random.default_rng(0)
+    x = {"odd": lambda: rng.standard_normal(200_001),
+         "even": lambda: rng.standard_normal(300_000),
+         "ties": lambda: np.full(100_000, 3.0),
+         "bracket-miss": lambda: np.concatenate([np.zeros(60_000), rng.uniform(1, 2, 60_001)]),
+         "small": lambda: rng.standard_normal(10)}[case]()
+    a = np.abs(x).astype(np.float32)
+    got = median_nonneg(torch.from_numpy(a))
+    assert got.dtype == torch.float32 and got.item() == np.float32(np.median(a)), (got.item(), np.median(a))

@@ -23,6 +23,9 @@ from sinkscope.record import kernels
 ATTN_IMPLEMENTATION = "sinkscope"
 CHUNK_BYTES = 16 * 2**20
 """Budget for one chunk of attention probabilities (per forward, all heads)."""
+CHUNK_ROWS = 64
+"""Query rows per chunk at most: 64 was the fastest of 32-256 on the CPU at T = 512, 2048 and 8192 (SmolLM2 shapes;
+the chunk's scores then stay in cache between the matmul, the exp and the sum)."""
 
 # The active recorder's callback, or None. Set by Recorder.__enter__.
 _HANDLER: Callable | None = None
@@ -127,8 +130,12 @@ def column_sums(
         kt = torch.cat([kt, torch.ones(b, hkv, 1, t, dtype=kt.dtype, device=kt.device)], dim=-2)
     colsum = torch.zeros(b, hq, t, dtype=torch.float32, device=query.device)
     maps = {h: torch.zeros(b, t, t, dtype=torch.float32, device=query.device) for h in map_heads}
-    chunk = int(max(32, min(128, chunk_bytes // max(1, 4 * b * hq * t))))
+    chunk = int(max(16, min(CHUNK_ROWS, chunk_bytes // max(1, 4 * b * hq * t))))
     fused = compile and lse is not None and mask is None and query_valid is None and not map_heads
+    # one buffer for every chunk's scores, written by the matmul and exponentiated in place: no allocation per
+    # chunk (CPU, SmolLM2 shapes, one layer: 110 -> 73 ms at T = 2048, 10.4 -> 5.2 ms at T = 512)
+    buffer = None if fused else torch.empty(b * hq * chunk * t, dtype=torch.float32, device=query.device)
+    causal_block = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu_(1)
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
         c = i1 - i0
@@ -136,16 +143,18 @@ def column_sums(
         if fused:
             colsum[..., :i1] += _compiled_chunk_colsum()(qc, kt[..., :i1], i0, c, hq)
             continue
-        s = torch.matmul(qc, kt[..., :i1]).view(b, hq, c, i1)  # [B, Hq, c, i1]; keys after i1 are masked
+        s = buffer[: b * hq * c * i1].view(b, hkv, g * c, i1)
+        torch.matmul(qc, kt[..., :i1], out=s)
+        s = s.view(b, hq, c, i1)  # [B, Hq, c, i1]; keys after i1 are masked
         if mask is None:
-            s[..., i0:i1].masked_fill_(torch.ones(c, c, dtype=torch.bool, device=s.device).triu_(1), float("-inf"))
+            s[..., i0:i1].masked_fill_(causal_block[:c, :c], float("-inf"))
         elif mask.dtype == torch.bool:
             s.masked_fill_(~mask[:, :, i0:i1, :i1], float("-inf"))
         else:
             s.add_(mask[:, :, i0:i1, :i1].float())
         if lse is None:
-            s = s - torch.logsumexp(s, dim=-1, keepdim=True)
-        p = torch.exp(s)  # out of place: faster than exp_ on CPU
+            s.sub_(torch.logsumexp(s, dim=-1, keepdim=True))
+        p = s.exp_()
         if query_valid is not None:
             p.masked_fill_(~query_valid[:, None, i0:i1, None], 0.0)  # also clears NaN rows of padded queries
         colsum[..., :i1] += p.sum(dim=2)

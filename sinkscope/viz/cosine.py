@@ -44,7 +44,7 @@ def segment_profile_figure(sample, eps: float = SINK_EPS) -> go.Figure:
             trace.update(legendgroup=trace.name, showlegend=col == 1 or trace.name not in
                          {t.name for t in rate.data})
             fig.add_trace(trace, row=1, col=col)
-        fig.update_xaxes(title_text="layer", tickmode="linear", dtick=max(1, len(part.data[0].x) // 15),
+        fig.update_xaxes(title_text="layer", tickmode="linear", dtick=max(1, len(sample.bos_cosine) // 15),
                          row=1, col=col)
     fig.update_yaxes(title_text=rate.layout.yaxis.title.text, range=rate.layout.yaxis.range, row=1, col=1)
     fig.update_yaxes(title_text=cos.layout.yaxis.title.text, range=cos.layout.yaxis.range, row=1, col=2)

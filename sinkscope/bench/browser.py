@@ -7,9 +7,9 @@ by headless Chromium through playwright, over three real SmolLM2 traces (made on
 
 An interaction is timed from the click or key press until the page has settled: the script run it triggers has
 ended (Streamlit's `script_finished` message on the page's websocket), no element waits for its code any more (no
-skeleton), every Plotly chart on the page has drawn,
-and the document has not changed for `QUIET_MS`; the time reported ends at the page's last change (a
-`MutationObserver` over the whole document), not at the end of the quiet period. Plotly's code is loaded lazily
+skeleton), every Plotly chart on the page has drawn, and the document has not changed for `QUIET_MS`; the time
+reported ends at the page's last change (a `MutationObserver` over the whole document), not at the end of the
+quiet period. Plotly's code is loaded lazily
 and draws after the run has ended, so the end of the run alone is too early, above all for the first render. The
 first render is timed the same way from `page.goto` on a freshly started server (empty caches). Targets
 (issue 14): every interaction <= 1 s, the first render <= 3 s."""

@@ -39,10 +39,10 @@ def segment_profile_figure(sample, eps: float = SINK_EPS) -> go.Figure:
     rate, cos = sink_rate_by_segment_figure(sample, eps), cosine_by_segment_figure(sample)
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
                         subplot_titles=[rate.layout.title.text, cos.layout.title.text])
+    in_rate = {t.name for t in rate.data}
     for col, part in ((1, rate), (2, cos)):
         for trace in part.data:
-            trace.update(legendgroup=trace.name, showlegend=col == 1 or trace.name not in
-                         {t.name for t in rate.data})
+            trace.update(legendgroup=trace.name, showlegend=col == 1 or trace.name not in in_rate)
             fig.add_trace(trace, row=1, col=col)
         fig.update_xaxes(title_text="layer", tickmode="linear", dtick=max(1, len(sample.bos_cosine) // 15),
                          row=1, col=col)

@@ -88,12 +88,12 @@ def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
     part = st.radio(
         "Show", MASSIVE_PARTS, horizontal=True, key="mass_part",
         help="Records: every (layer, token, feature) above the thresholds. Origin: the share of the jump at each "
-             "massive activation's first layer written by attention and by the MLP (Sun et al., 2024, sec. 3). "
+             "massive activation's first layer written by attention and by the MLP (Sun et al., 2024). "
              "Jaccard: overlap of the massive-feature sets of the sink tokens (blank where both are empty).")
-    if part == "Origin":
+    if part == MASSIVE_PARTS[1]:
         show(viz.origin_figure(analysis.sample_findings(s, eps, min_queries=min_queries)["origin"], s.tokens),
              "mass_origin")
-    elif part == "Jaccard between sink tokens":
+    elif part == MASSIVE_PARTS[2]:
         labels, matrix = analysis.sink_token_jaccard(s, eps, min_queries)
         show(viz.jaccard_figure(labels, matrix), "mass_jaccard")
     else:

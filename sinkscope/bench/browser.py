@@ -9,10 +9,9 @@ An interaction is timed from the click or key press until the page has settled: 
 ended (Streamlit's `script_finished` message on the page's websocket), no element waits for its code any more (no
 skeleton), every Plotly chart on the page has drawn, and the document has not changed for `QUIET_MS`; the time
 reported ends at the page's last change (a `MutationObserver` over the whole document), not at the end of the
-quiet period. Plotly's code is loaded lazily
-and draws after the run has ended, so the end of the run alone is too early, above all for the first render. The
-first render is timed the same way from `page.goto` on a freshly started server (empty caches). Targets
-(issue 14): every interaction <= 1 s, the first render <= 3 s."""
+quiet period. Plotly's code is loaded lazily and draws after the run has ended, so the end of the run alone is too
+early, above all for the first render. The first render is timed the same way from `page.goto` on a freshly
+started server (empty caches). Targets (issue 14): every interaction <= 1 s, the first render <= 3 s."""
 
 from __future__ import annotations
 
@@ -101,10 +100,9 @@ class Page:
     """The page counts as settled once it has not changed for this long (ms)."""
 
     # installed in every document before its own scripts: the epoch time (ms) of the document's last change
-    WATCH = ("() => { window.__sinkscopeLast = performance.timeOrigin + performance.now();"
+    WATCH = ("(() => { window.__sinkscopeLast = performance.timeOrigin + performance.now();"
              " new MutationObserver(() => { window.__sinkscopeLast = performance.timeOrigin + performance.now(); })"
-             ".observe(document, {subtree: true, childList: true, attributes: true, characterData: true}); }")
-    WATCH = f"({WATCH})();"
+             ".observe(document, {subtree: true, childList: true, attributes: true, characterData: true}); })();")
 
     # drawn: no element is still waiting for its lazily loaded code (Streamlit shows a skeleton meanwhile) and every
     # Plotly chart has its SVG

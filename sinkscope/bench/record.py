@@ -90,11 +90,12 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return max(peak, _rss_bytes()) - before
 
 
-def make_methods(model, tokenizer, model_dir, device, compile: bool = False, bridge: bool = True
+def make_methods(model, tokenizer, model_dir, device, compile: bool = False, with_tl4: bool = True
                  ) -> dict[str, Callable]:
     """One callable per method; each runs a whole forward and returns what that method records (`tl4` only
-    with `bridge`: booting TransformerLens's bridge takes memory that the other methods' processes must not hold)."""
-    if bridge:
+    with `with_tl4`: booting TransformerLens's bridge takes memory that the other methods' processes must not hold)."""
+    bridge = None
+    if with_tl4:
         from transformer_lens.model_bridge import TransformerBridge
 
         bridge = TransformerBridge.boot_transformers(str(model_dir), tokenizer=tokenizer, device=str(device))
@@ -157,7 +158,7 @@ def bench_record(model_name: str, lengths: list[int], reps: int, device: str, me
     """Times in this process; CPU peak memory in a child process (see `memory`), CUDA peaks here."""
     dev = torch.device(device)
     model, tok = load_llm(model_name, device=dev)
-    fns = make_methods(model, tok, resolve_llm_dir(model_name), dev, compile=compile, bridge="tl4" in methods)
+    fns = make_methods(model, tok, resolve_llm_dir(model_name), dev, compile=compile, with_tl4="tl4" in methods)
     fns = {k: v for k, v in fns.items() if k in methods}
     rows = []
     for t in lengths:
@@ -312,7 +313,7 @@ def memory(
 
     dev = torch.device("cpu")
     llm, tok = load_llm(model, device=dev)
-    fns = make_methods(llm, tok, resolve_llm_dir(model), dev, compile=compile, bridge="tl4" in methods)
+    fns = make_methods(llm, tok, resolve_llm_dir(model), dev, compile=compile, with_tl4="tl4" in methods)
     ids = _ids(tok, length, dev)
     peaks = {}
     if maxrss:

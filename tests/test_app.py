@@ -79,6 +79,18 @@ def by_title(at, start: str) -> Fig:
     raise AssertionError(f"no figure titled {start!r}: {[f.title for f in figures(at)]}")
 
 
+def grid_panel(at, start: str) -> Fig:
+    """The panel of a `viz.panel_grid` figure whose subplot title starts with `start`: its traces (those on its x
+    axis) in `data`, the whole figure's layout. make_subplots puts the subplot titles first, in row-major order."""
+    for fig in figures(at):
+        for i, text in enumerate(fig.annotations):
+            if text and text.startswith(start):
+                axis = "x" if i == 0 else f"x{i + 1}"
+                fig.data, fig.title = [t for t in fig.data if t.get("xaxis", "x") == axis], text
+                return fig
+    raise AssertionError(f"no panel titled {start!r}: {[f.annotations for f in figures(at)]}")
+
+
 def goto(at, view: str, trace: str = "av-a"):
     at.sidebar.selectbox(key="trace").set_value(trace)
     at.sidebar.radio(key="view").set_value(view).run()
@@ -192,24 +204,27 @@ def test_compare_and_dataset_views(app, root):
     assert app.radio(key="cmp_part").value == "Whole traces"
     assert not [f for f in figures(app) if "B - A" in f.title], "one part at a time: no paired figure yet"
     app.radio(key="cmp_part").set_value("One sample in both").run()
-    diff = by_title(app, "attention_received: B - A")
+    assert len(figures(app)) == 1, "one figure per part"
+    app.radio(key="cmp_sample_part").set_value("Differences B - A").run()
+    diff = grid_panel(app, "attention_received: B - A")
     expected = np.asarray(b.attention_received).mean(axis=1) - np.asarray(a.attention_received).mean(axis=1)
     np.testing.assert_allclose(np.asarray(diff.data[0]["z"]), expected, atol=1e-6)
     app.radio(key="cmp_part").set_value("Whole traces").run()
 
     # whole-trace comparison: each curve is the mean over the trace's samples of the per-sample values
-    cos = by_title(app, "Mean cos-to-BOS by segment")
+    assert len(figures(app)) == 2, "the profiles as one figure of four panels, and the massive features"
+    cos = grid_panel(app, "Mean cos-to-BOS by segment")
     for label, trace in (("A: av-a", Trace.load(root / "av-a")), ("B: av-b", Trace.load(root / "av-b"))):
         curve = next(t for t in cos.data if t["name"] == f"{label}: audio")
         per_sample = [np.asarray(s.bos_cosine)[:, 2:30].mean(axis=1) for s in trace]
         np.testing.assert_allclose(curve["y"], np.mean(per_sample, axis=0), rtol=1e-5)
         np.testing.assert_allclose(curve["error_y"]["array"], np.std(per_sample, axis=0, ddof=1), rtol=1e-4,
                                    atol=1e-7)
-    acts = by_title(app, "Largest |h| over tokens vs the median")
+    acts = grid_panel(app, "Largest |h| over tokens vs the median")
     top = next(t for t in acts.data if t["name"] == "A: av-a: top")
     np.testing.assert_allclose(top["y"], np.mean([np.asarray(s.max_abs).max(axis=1) for s in
                                                   Trace.load(root / "av-a")], axis=0), rtol=1e-5)
-    rate = by_title(app, "Sinks by segment")
+    rate = grid_panel(app, "Sinks by segment")
     assert {t["name"] for t in rate.data} >= {"A: av-a: audio", "B: av-b: video"}
     for curve in rate.data:  # error bars are one sd, cut at 0 and 100 %
         y = np.asarray(curve["y"], dtype=float)

@@ -11,6 +11,7 @@ always kept at full resolution; pass `token_range` to zoom to full resolution.
                 features, Jaccard, origin
     cosine      cosine to BOS
     compare     differences between two traces
+    grid        single-panel figures as the panels of one figure (one browser chart instead of several)
     dataset     whole-trace distributions
 """
 
@@ -26,6 +27,7 @@ from sinkscope.viz.compare import (
 )
 from sinkscope.viz.cosine import cosine_by_segment_figure, cosine_heatmap, segment_profile_figure
 from sinkscope.viz.dataset import cosine_distribution_figure, massive_feature_histogram, sink_positions_figure
+from sinkscope.viz.grid import panel_grid
 from sinkscope.viz.massive import (
     expert_usage_figure,
     feature_trajectory_figure,
@@ -41,7 +43,7 @@ __all__ = [
     "SEGMENT_COLORS", "add_segment_bands", "attention_map", "cosine_by_segment_figure",
     "cosine_distribution_figure", "cosine_heatmap", "difference_heatmap", "esc", "feature_trajectory_figure",
     "head_grid", "jaccard_figure", "massive_feature_comparison", "massive_feature_histogram", "origin_figure",
-    "pool_tokens", "profile_figure", "received_attention_heatmap", "segment_color", "side_by_side",
+    "panel_grid", "pool_tokens", "profile_figure", "received_attention_heatmap", "segment_color", "side_by_side",
     "segment_profile_figure", "sink_position_comparison", "sink_positions_figure", "sink_rate_by_segment_figure",
     "token_bins",
     "token_feature_heatmap", "token_labels", "top_activations_figure", "top_features_figure",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from sinkscope.segments import SEGMENT_COLORS, segment_color
 from sinkscope.viz.axes import (
@@ -16,10 +15,10 @@ from sinkscope.viz.axes import (
     layer_axis,
     layer_xaxis,
     pool_tokens,
-    subplot_refs,
     token_bins,
     token_labels,
 )
+from sinkscope.viz.grid import panel_grid
 
 
 def difference_heatmap(a, b, field: str = "attention_received", max_tokens: int = 256) -> go.Figure:
@@ -49,37 +48,8 @@ def difference_heatmap(a, b, field: str = "attention_received", max_tokens: int 
 def side_by_side(fig_a: go.Figure, fig_b: go.Figure, titles: tuple[str, str]) -> go.Figure:
     """Two single-panel figures of the same kind in one row, labelled like the single views: axis titles kept,
     one legend, and heatmaps on one shared colour scale (its range spans both panels)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[esc(t) for t in titles], shared_yaxes=True,
-                        horizontal_spacing=0.05)
-    heatmaps = [t for f in (fig_a, fig_b) for t in f.data if t.type == "heatmap"]
-    if heatmaps:
-        values = np.concatenate([np.asarray(t.z, dtype=float).ravel() for t in heatmaps])
-        first = heatmaps[0]
-        axis = {"colorscale": first.colorscale, "cmin": float(np.nanmin(values)), "cmax": float(np.nanmax(values)),
-                "colorbar": {"title": first.colorbar.title.text if first.colorbar.title else None}}
-        if first.zmid is not None:
-            axis["cmid"] = first.zmid
-            axis.pop("cmin"), axis.pop("cmax")
-        fig.update_layout(coloraxis=axis)
-    shapes, notes = [], []
-    for col, src in ((1, fig_a), (2, fig_b)):
-        for trace in src.data:
-            if trace.type == "heatmap":
-                trace.update(coloraxis="coloraxis")
-            elif col == 2:
-                trace.update(showlegend=False)
-            fig.add_trace(trace, row=1, col=col)
-        fig.update_xaxes(title_text=src.layout.xaxis.title.text, row=1, col=col)
-        # segment bands and their labels, moved onto this panel's axes, in one layout update below
-        xa, ya = subplot_refs(fig, 1, col)
-        refs = {"x": xa, "y": ya, "x domain": f"{xa} domain", "y domain": f"{ya} domain"}
-        for item, out in [(sh, shapes) for sh in src.layout.shapes] + [(an, notes) for an in src.layout.annotations]:
-            item = item.to_plotly_json()
-            out.append({**item, **{r: refs.get(item.get(r), item.get(r)) for r in ("xref", "yref") if r in item}})
-    fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes)
-    fig.update_yaxes(title_text=fig_a.layout.yaxis.title.text, row=1, col=1)
-    fig.update_layout(height=440, title=fig_a.layout.title.text, margin={"t": 90})
-    return fig
+    return panel_grid([[fig_a, fig_b]], fig_a.layout.title.text, subplot_titles=list(titles), shared_yaxes=True,
+                      row_height=320)
 
 
 def profile_figure(mean_a: pd.DataFrame, mean_b: pd.DataFrame, names: tuple[str, str], title: str,

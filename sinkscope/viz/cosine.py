@@ -8,6 +8,7 @@ from sinkscope.metrics import SINK_EPS, cosine_by_segment
 from sinkscope.segments import segment_color
 from sinkscope.viz.attention import sink_rate_by_segment_figure
 from sinkscope.viz.axes import layer_token_heatmap, layer_xaxis
+from sinkscope.viz.grid import panel_grid
 
 
 def cosine_by_segment_figure(sample) -> go.Figure:
@@ -34,22 +35,5 @@ def segment_profile_figure(sample, eps: float = SINK_EPS) -> go.Figure:
     """The two per-segment curves over layers in one figure with one legend: the sink rate (alpha > eps, as
     `sink_rate_by_segment_figure`) on the left and the mean cosine to BOS (as `cosine_by_segment_figure`) on the
     right. One figure rather than two: each costs a 2-core machine's browser about 0.3 s to draw."""
-    from plotly.subplots import make_subplots
-
-    rate, cos = sink_rate_by_segment_figure(sample, eps), cosine_by_segment_figure(sample)
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
-                        subplot_titles=[rate.layout.title.text, cos.layout.title.text])
-    in_rate = {t.name for t in rate.data}
-    for col, part in ((1, rate), (2, cos)):
-        for trace in part.data:
-            trace.update(legendgroup=trace.name, showlegend=col == 1 or trace.name not in in_rate)
-            fig.add_trace(trace, row=1, col=col)
-        fig.update_xaxes(title_text="layer", tickmode="linear", dtick=max(1, len(sample.bos_cosine) // 15),
-                         row=1, col=col)
-    fig.update_yaxes(title_text=rate.layout.yaxis.title.text, range=rate.layout.yaxis.range, row=1, col=1)
-    fig.update_yaxes(title_text=cos.layout.yaxis.title.text, range=cos.layout.yaxis.range, row=1, col=2)
-    # the legend below the panels, in rows: every segment fits (a vertical legend cut the last ones off at AV)
-    fig.update_layout(title="Per segment over layers (click a legend entry to hide it in both panels)", height=440,
-                      legend={"groupclick": "togglegroup", "orientation": "h", "x": 0, "y": -0.18,
-                              "yanchor": "top"}, margin={"t": 90, "b": 40})
-    return fig
+    return panel_grid([[sink_rate_by_segment_figure(sample, eps), cosine_by_segment_figure(sample)]],
+                      "Per segment over layers (click a legend entry to hide it in both panels)")

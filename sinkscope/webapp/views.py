@@ -233,33 +233,31 @@ def _compare_traces(tr: Trace, other: Trace, name: str, other_name: str, names: 
     for t in (tr, other):
         if t.index_note:
             st.warning(t.index_note)
-    c1, c2 = st.columns(2)
-    with c1:
-        show(viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]),
-                                names, f"Sinks by segment (alpha > {eps} in at least half of the heads)",
-                                "% of the segment's tokens", bounds=(0.0, 100.0)), "cmp_rate")
-    with c2:
-        show(viz.profile_figure(analysis.profile_mean(pa["cosine"]), analysis.profile_mean(pb["cosine"]), names,
-                                "Mean cos-to-BOS by segment", "cos to BOS"), "cmp_cosine")
-    c3, c4 = st.columns(2)
-    with c3:
-        acts = [analysis.profile_mean(p["activations"].melt(["sample", "layer"], var_name="curve"),
-                                      by=("curve", "layer")) for p in (pa, pb)]
-        show(viz.profile_figure(*acts, names, "Largest |h| over tokens vs the median |h|", "|h|", group="curve",
-                                log=True), "cmp_acts")
-    with c4:
-        show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names,
-                                            selected=selected_feature()), "cmp_features", select_feature=True)
-        overlap_sets = analysis.feature_set_overlap(pa["massive_features"], pb["massive_features"])
-        jac = overlap_sets["jaccard"]
-        def listed(features: list[int]) -> str:
-            return ", ".join(map(str, features[:12])) + (f" and {len(features) - 12} more" if len(features) > 12
-                                                         else "") if features else "none"
+    acts = [analysis.profile_mean(p["activations"].melt(["sample", "layer"], var_name="curve"), by=("curve", "layer"))
+            for p in (pa, pb)]
+    # one figure of four panels: each Plotly figure costs the browser of a 2-core machine about 0.3-0.45 s
+    show(viz.panel_grid([
+        [viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]), names,
+                            f"Sinks by segment (alpha > {eps} in at least half of the heads)",
+                            "% of the segment's tokens", bounds=(0.0, 100.0)),
+         viz.profile_figure(analysis.profile_mean(pa["cosine"]), analysis.profile_mean(pb["cosine"]), names,
+                            "Mean cos-to-BOS by segment", "cos to BOS")],
+        [viz.profile_figure(*acts, names, "Largest |h| over tokens vs the median |h|", "|h|", group="curve",
+                            log=True),
+         viz.sink_position_comparison(pa["sink_positions"], pb["sink_positions"], names)],
+    ], "Whole traces: A solid, B dashed; mean over samples, error bars one standard deviation"), "cmp_profiles")
+    show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names,
+                                        selected=selected_feature()), "cmp_features", select_feature=True)
+    overlap_sets = analysis.feature_set_overlap(pa["massive_features"], pb["massive_features"])
+    jac = overlap_sets["jaccard"]
 
-        st.caption(f"Massive in at least half of the samples: A: {listed(overlap_sets['a'])}; B: "
-                   f"{listed(overlap_sets['b'])}. "
-                   + ("Jaccard undefined (both sets empty)." if np.isnan(jac) else f"Jaccard {jac:.2f}."))
-    show(viz.sink_position_comparison(pa["sink_positions"], pb["sink_positions"], names), "cmp_positions")
+    def listed(features: list[int]) -> str:
+        return ", ".join(map(str, features[:12])) + (f" and {len(features) - 12} more" if len(features) > 12
+                                                     else "") if features else "none"
+
+    st.caption(f"Massive in at least half of the samples: A: {listed(overlap_sets['a'])}; B: "
+               f"{listed(overlap_sets['b'])}. "
+               + ("Jaccard undefined (both sets empty)." if np.isnan(jac) else f"Jaccard {jac:.2f}."))
 
 
 def _compare_sample(tr: Trace, other: Trace, names: tuple[str, str], eps: float) -> None:
@@ -272,19 +270,27 @@ def _compare_sample(tr: Trace, other: Trace, names: tuple[str, str], eps: float)
                          key="cmp_sample")
     _, id_a, id_b = next(p for p in pairs if p[0] == label)
     a, b = tr.sample(id_a), other.sample(id_b)
-    show(viz.side_by_side(viz.received_attention_heatmap(a), viz.received_attention_heatmap(b), names),
-         "cmp_heat")
-    c5, c6 = st.columns(2)
-    with c5:
-        show(viz.side_by_side(viz.sink_rate_by_segment_figure(a, eps), viz.sink_rate_by_segment_figure(b, eps),
-                              names), "cmp_sink")
-    with c6:
-        show(viz.side_by_side(viz.cosine_by_segment_figure(a), viz.cosine_by_segment_figure(b), names), "cmp_cos")
-    if len(a.tokens) == len(b.tokens):
-        show(viz.difference_heatmap(a, b, "attention_received"), "cmp_diff_alpha")
-        show(viz.difference_heatmap(a, b, "bos_cosine"), "cmp_diff_cos")
+    part = st.radio("Show", SAMPLE_PARTS, horizontal=True, key="cmp_sample_part",
+                    help="One figure at a time. Differences: B minus A, token by token, where the pair has the same "
+                         "length.")
+    if part == SAMPLE_PARTS[0]:
+        show(viz.side_by_side(viz.received_attention_heatmap(a), viz.received_attention_heatmap(b), names),
+             "cmp_heat")
+    elif part == SAMPLE_PARTS[1]:
+        show(viz.panel_grid([[viz.sink_rate_by_segment_figure(a, eps), viz.sink_rate_by_segment_figure(b, eps)],
+                             [viz.cosine_by_segment_figure(a), viz.cosine_by_segment_figure(b)]],
+                            f"Sample {a.sample_id} (A) and {b.sample_id} (B) by segment",
+                            subplot_titles=[f"{n}: {t}" for t in ("sink rate", "mean cos to BOS") for n in names]),
+             "cmp_segments")
+    elif len(a.tokens) == len(b.tokens):
+        show(viz.panel_grid([[viz.difference_heatmap(a, b, "attention_received")],
+                             [viz.difference_heatmap(a, b, "bos_cosine")]],
+                            f"B - A for sample {a.sample_id}", row_height=340), "cmp_diff")
     else:
         st.info(f"The pair has {len(a.tokens)} tokens in A and {len(b.tokens)} in B: no token-wise difference.")
+
+
+SAMPLE_PARTS = ("Attention received, A | B", "By segment", "Differences B - A")
 
 
 def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:

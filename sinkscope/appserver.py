@@ -17,9 +17,10 @@ STREAMLIT_OPTIONS = ["--runner.postScriptGC", "false", "--browser.gatherUsageSta
 cached (it runs before the run is reported finished); Python's own generational GC still runs."""
 
 
-def command(port: int, address: str = "localhost", headless: bool = True) -> list[str]:
-    """The command line that serves the app on `address:port`."""
-    return [sys.executable, "-m", "sinkscope.appserver", "run", str(ENTRY), "--server.port", str(port),
+def command(port: int, address: str = "localhost", headless: bool = True, script: str | None = None) -> list[str]:
+    """The command line that serves the app (or another Streamlit `script`, with the same options) on
+    `address:port`."""
+    return [sys.executable, "-m", "sinkscope.appserver", "run", str(script or ENTRY), "--server.port", str(port),
             "--server.address", address, "--server.headless", "true" if headless else "false", *STREAMLIT_OPTIONS]
 
 

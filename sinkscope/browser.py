@@ -25,12 +25,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_app(root: str | os.PathLike, timeout: float = 60.0) -> Iterator[str]:
-    """`streamlit run` the app over the traces under `root`; yields its URL and stops it on exit."""
+def serve_app(root: str | os.PathLike, timeout: float = 60.0, script: str | None = None) -> Iterator[str]:
+    """`streamlit run` the app (or `script`) over the traces under `root`; yields its URL and stops it on exit."""
     port = free_port()
     env = dict(os.environ, SINKSCOPE_ROOT=str(Path(root).resolve()))
     proc = subprocess.Popen(
-        command(port, "127.0.0.1"),
+        command(port, "127.0.0.1", script=script),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from sinkscope import analysis
 from sinkscope.metrics import SINK_EPS
 from sinkscope.trace import Trace
+from sinkscope.webapp.views import RECORDS_SHOWN
 from tests.av_trace import AV_SEGMENTS, write_av_trace
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -174,15 +175,22 @@ def test_overview_massive_and_cosine_views(app, root):
         np.testing.assert_allclose(np.asarray(line["y"], dtype=float), want, rtol=1e-5)
     tokmap = by_title(app, "|h| at layer")
     assert tokmap.data[0]["y"][0] == f"f{feature}"
-    table = app.dataframe[0].value
-    assert len(table) == len(s.massive) and {"layer", "token", "feature", "value", "attn_share"} <= set(table)
+    table = app.table[0].value  # the largest records, |value| descending; all of them in the downloads
+    assert len(table) == min(len(s.massive), RECORDS_SHOWN)
+    assert {"layer", "token", "feature", "value", "attn_share"} <= set(table)
+    np.testing.assert_allclose(table["value"].abs(), np.sort(np.abs(s.massive["value"]))[::-1][:len(table)])
+    assert any(b.proto.label.startswith("Massive records") for b in app.get("download_button"))
+    # the trajectory's tokens are typed positions; what is not one is named in a warning, the rest are drawn
+    app.text_input(key="mass_tokens").set_value(f"0, x, {len(s.tokens)}, 1").run()
+    assert any("'x', '" + str(len(s.tokens)) + "'" in w.value for w in app.warning)
+    assert [t["name"].split()[0] for t in by_title(app, f"|h| of feature {feature}").data] == ["t0", "t1"]
     # below the features, one part at a time: records (above), origin, Jaccard
     assert not [f for f in figures(app) if f.title.startswith(("Where massive", "Massive-feature sets"))]
     app.radio(key="mass_part").set_value("Origin").run()
     origin = analysis.sample_findings(s, SINK_EPS)["origin"]
     np.testing.assert_allclose(by_title(app, "Where massive activations come from").data[1]["y"],
                                origin["mlp_share"], rtol=1e-6)
-    assert not app.dataframe
+    assert not app.table
     app.radio(key="mass_part").set_value("Jaccard between sink tokens").run()
     by_title(app, "Massive-feature sets: Jaccard")
     app.radio(key="mass_part").set_value("Records").run()

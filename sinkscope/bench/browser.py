@@ -202,6 +202,35 @@ def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
     return steps
 
 
+FLOOR_PAGES = {
+    "text only": 'import streamlit as st\nst.write("hello")\n',
+    "one 3-point Plotly chart": ('import plotly.graph_objects as go\nimport streamlit as st\nst.write("hello")\n'
+                                 'st.plotly_chart(go.Figure(go.Scatter(x=[1, 2, 3], y=[1, 3, 2])))\n'),
+}
+"""Bare Streamlit pages whose first render bounds the app's from below on the same machine and browser."""
+
+
+def floor_first_render(browser, reps: int) -> dict[str, list[float]]:
+    """First render of each FLOOR_PAGES page on a freshly started server, `reps` times each."""
+    import tempfile
+
+    from sinkscope.browser import serve_app
+
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, code in FLOOR_PAGES.items():
+            script = Path(tmp) / f"floor_{len(times)}.py"
+            script.write_text(code)
+            times[label] = []
+            for _ in range(reps):
+                with serve_app(tmp, script=str(script)) as url:
+                    page = Page(browser, url)
+                    times[label].append(page.timed(lambda pg=page, u=url: pg.page.goto(u)))
+                    page.page.close()
+            print(f"  floor: {label}: first render {[round(t, 2) for t in times[label]]} s", flush=True)
+    return times
+
+
 def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -211,6 +240,7 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
     steps = script(names)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        floor = floor_first_render(browser, reps)
         for rep in range(reps):
             with serve_app(root) as url:  # a fresh server: empty caches
                 page = Page(browser, url)
@@ -234,7 +264,9 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
               "browser_busy_median_s": statistics.median(d[label][2] for d in details),
               "received_mb": round(statistics.median(d[label][1] for d in details) / 1e6, 3)}
              for label in labels]
-    return {"first_render_s": first, "first_render_median_s": statistics.median(first), "interactions": table}
+    return {"first_render_s": first, "first_render_median_s": statistics.median(first), "interactions": table,
+            "floor_first_render_s": floor,
+            "floor_first_render_median_s": {k: statistics.median(v) for k, v in floor.items()}}
 
 
 @app.command("browser")
@@ -260,6 +292,8 @@ def browser_speed(
                   traces=names, over_1s=len(slow), slowest_median_s=max(r["median_s"] for r in inter))
     print(f"\nfirst render: median {result['first_render_median_s']:.2f} s over {reps} fresh servers "
           f"(target <= 3 s)")
+    for label, median in result["floor_first_render_median_s"].items():
+        print(f"  a bare Streamlit page, {label}: {median:.2f} s")
     print(f"{'interaction':<60} {'median':>7} {'max':>7}  (round 1: cold caches)")
     for row in inter:
         mark = "  > 1 s" if row["median_s"] > 1.0 else ""

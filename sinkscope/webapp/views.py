@@ -97,11 +97,20 @@ def view_massive(tr: Trace, s, eps: float, min_queries: int) -> None:
         labels, matrix = analysis.sink_token_jaccard(s, eps, min_queries)
         show(viz.jaccard_figure(labels, matrix), "mass_jaccard")
     else:
+        # a static table of the largest records (st.dataframe's grid costs the browser ~0.45 s more to draw); every
+        # record is in the downloads
         table = s.massive.copy()
         table.insert(2, "token_text", [s.tokens[t] for t in table["token"]])
-        st.dataframe(table, width="stretch", height=240)
+        top = table.reindex(table["value"].abs().sort_values(ascending=False, kind="stable").index[:RECORDS_SHOWN])
+        st.caption(f"{len(table)} records (layer, token, feature with |h| above the thresholds)"
+                   + (f"; the {RECORDS_SHOWN} largest shown, all in the downloads" if len(table) > RECORDS_SHOWN
+                      else "") + ".")
+        st.table(top.reset_index(drop=True))
+        download_table(table, f"{Path(str(tr.path)).name}-{s.sample_id}-massive-records", "Massive records")
 
 
+RECORDS_SHOWN = 30
+"""Rows of the Massive view's records table (the largest |value| first)."""
 MASSIVE_PARTS = ["Records", "Origin", "Jaccard between sink tokens"]
 
 
@@ -142,14 +151,35 @@ def _massive_features(tr: Trace, s) -> None:
         st.caption(f"f{feature}: largest {'|mlp_out|' if mlp else '|h|'} over layers and tokens {peak[feature]:,.4g}")
         massive_tokens = sorted(set(map(int, s.massive["token"]))) if len(s.massive) else []
         default = (massive_tokens or [0])[:4]
-        chosen = st.multiselect("Tokens", list(range(len(s.tokens))), default=default, key="mass_tokens",
-                                format_func=lambda t: f"{t}: {s.tokens[t]!r}",
-                                help="Default: the tokens that carry massive activations.")
+        chosen = token_positions(st.text_input(
+            "Tokens (positions, comma-separated)", ", ".join(map(str, default)), key="mass_tokens",
+            help="Default: the tokens that carry massive activations. The figure's legend names each token."),
+            len(s.tokens))
         show(viz.feature_trajectory_figure(s, int(feature), chosen or default, mlp), "mass_traj")
     layer = st.slider("Layer for tokens x features", 0, n_layers - 1,
                       int(s.massive["layer"].min()) if len(s.massive) else 0, key="mass_layer")
     shown = [feature] + [f for f in features if f != feature][:7]
     show(viz.token_feature_heatmap(s, layer, shown, mlp=mlp), "mass_tokens_map")
+
+
+def token_positions(text: str, n_tokens: int, most: int = 12) -> list[int]:
+    """The positions typed into a tokens field ("0, 5, 12"); what is not a position of this sample is reported in
+    a warning that names it, and the rest are kept (at most `most`)."""
+    kept, bad = [], []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.isdigit() and int(part) < n_tokens:
+            if int(part) not in kept:
+                kept.append(int(part))
+        else:
+            bad.append(part)
+    if bad:
+        st.warning(f"Tokens: {', '.join(map(repr, bad))} not a position of this sample (0-{n_tokens - 1}); ignored.")
+    if len(kept) > most:
+        st.warning(f"Tokens: the first {most} of {len(kept)} positions are drawn.")
+    return kept[:most]
 
 
 def view_cosine(tr: Trace, s) -> None:

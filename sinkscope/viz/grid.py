@@ -38,7 +38,8 @@ def panel_grid(rows: list[list[go.Figure]], title: str, subplot_titles: list[str
                 trace.update(coloraxis=axes[r])
             else:
                 name = trace.name
-                trace.update(legendgroup=name, showlegend=name not in seen and trace.showlegend is not False)
+                trace.update(legendgroup=name, showlegend=name is not None and name not in seen
+                             and trace.showlegend is not False)
                 seen.add(name)
             fig.add_trace(trace, row=r, col=c)
         xa, ya = subplot_refs(fig, r, c)

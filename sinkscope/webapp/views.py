@@ -324,22 +324,22 @@ SAMPLE_PARTS = ("Attention received, A | B", "By segment", "Differences B - A")
 
 
 def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:
-    st.caption(f"Aggregates over all {len(tr)} samples.")
     key = (str(tr.path), mtime(tr.path))
     sinks, features, summary, records = dataset_tables(*key, eps, min_queries)
     if tr.index_note:
         st.warning(tr.index_note)
-    c1, c2 = st.columns(2)
-    with c1:
-        if sinks.empty:
-            st.info(f"No sink tokens at eps={eps} in this trace (lower the threshold in the sidebar).")
-        else:
-            show(viz.sink_positions_figure(sinks), "ds_sinks")
-    with c2:
-        if features.empty:
-            st.info("No massive activations in this trace.")
-        else:
-            show(viz.massive_feature_histogram(features, selected_feature()), "ds_features", select_feature=True)
+    figs = []
+    if sinks.empty:
+        st.info(f"No sink tokens at eps={eps} in this trace (lower the threshold in the sidebar).")
+    else:
+        figs.append(viz.sink_positions_figure(sinks))
+    if features.empty:
+        st.info("No massive activations in this trace.")
+    else:
+        figs.append(viz.massive_feature_histogram(features, selected_feature()))
+    if figs:  # side by side as one figure (one browser chart rather than two)
+        show(figs[0] if len(figs) == 1 else viz.panel_grid([figs], f"Over all {len(tr)} samples", row_height=300),
+             "ds_overview", select_feature=not features.empty)
     layer = st.slider("Layer for the cosine distribution", 0, tr.manifest["n_layers"] - 1,
                       min(5, tr.manifest["n_layers"] - 1), key="ds_layer")
     show(viz.cosine_distribution_figure(dataset_cosine(*key, layer), layer), "ds_cos")

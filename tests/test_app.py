@@ -92,14 +92,6 @@ def grid_panel(at, start: str) -> Fig:
     raise AssertionError(f"no panel titled {start!r}: {[f.annotations for f in figures(at)]}")
 
 
-def figure_or_panel(at, start: str) -> Fig:
-    """A figure by its title, else a panel of a grid by its subplot title."""
-    try:
-        return by_title(at, start)
-    except AssertionError:
-        return grid_panel(at, start)
-
-
 def goto(at, view: str, trace: str = "av-a"):
     at.sidebar.selectbox(key="trace").set_value(trace)
     at.sidebar.radio(key="view").set_value(view).run()
@@ -228,19 +220,18 @@ def test_compare_and_dataset_views(app, root):
     app.radio(key="cmp_part").set_value("Whole traces").run()
 
     # whole-trace comparison: each curve is the mean over the trace's samples of the per-sample values
-    assert len(figures(app)) == 2, "the profiles as one figure of four panels, and the massive features"
-    cos = grid_panel(app, "Mean cos-to-BOS by segment")
+    cos = by_title(app, "Mean cos-to-BOS by segment")
     for label, trace in (("A: av-a", Trace.load(root / "av-a")), ("B: av-b", Trace.load(root / "av-b"))):
         curve = next(t for t in cos.data if t["name"] == f"{label}: audio")
         per_sample = [np.asarray(s.bos_cosine)[:, 2:30].mean(axis=1) for s in trace]
         np.testing.assert_allclose(curve["y"], np.mean(per_sample, axis=0), rtol=1e-5)
         np.testing.assert_allclose(curve["error_y"]["array"], np.std(per_sample, axis=0, ddof=1), rtol=1e-4,
                                    atol=1e-7)
-    acts = grid_panel(app, "Largest |h| over tokens vs the median")
+    acts = by_title(app, "Largest |h| over tokens vs the median")
     top = next(t for t in acts.data if t["name"] == "A: av-a: top")
     np.testing.assert_allclose(top["y"], np.mean([np.asarray(s.max_abs).max(axis=1) for s in
                                                   Trace.load(root / "av-a")], axis=0), rtol=1e-5)
-    rate = grid_panel(app, "Sinks by segment")
+    rate = by_title(app, "Sinks by segment")
     assert {t["name"] for t in rate.data} >= {"A: av-a: audio", "B: av-b: video"}
     for curve in rate.data:  # error bars are one sd, cut at 0 and 100 %
         y = np.asarray(curve["y"], dtype=float)
@@ -265,7 +256,7 @@ def test_compare_and_dataset_views(app, root):
     assert len(app.dataframe[0].value) == Trace.load(root / "av-a").manifest["n_layers"]
     assert any("No sink tokens" in i.value for i in app.info), "random tiny models have no sink at eps=0.3"
     app.sidebar.slider(key="eps").set_value(0.05).run()
-    positions = figure_or_panel(app, "Sink tokens by relative position")
+    positions = by_title(app, "Sink tokens by relative position")
     bos = next(t for t in positions.data if t["name"] == "bos")
     assert list(bos["x"]) == [0.0, 0.0, 0.0], "BOS of each of the 3 samples sinks at eps=0.05"
     # no sink at a position seen by fewer queries than the sidebar's minimum
@@ -274,7 +265,7 @@ def test_compare_and_dataset_views(app, root):
         app.sidebar.number_input(key="min_queries").set_value(minimum).run()
         table = analysis.dataset_sinks(Trace.load(root / "av-a"), 0.05, min_queries=minimum)
         assert (n_tokens - table["position"] >= minimum).all()
-        shown = [x for t in figure_or_panel(app, "Sink tokens by relative position").data for x in t["x"]]
+        shown = [x for t in by_title(app, "Sink tokens by relative position").data for x in t["x"]]
         assert max(shown) <= (n_tokens - minimum) / (n_tokens - 1) + 1e-9 and len(shown) == len(table)
 
 
@@ -315,7 +306,7 @@ def test_a_selected_feature_is_selected_in_every_view(app, root):
     app.sidebar.slider(key="eps").set_value(0.3).run()
     features = analysis.dataset_massive_features(tr)
     if len(features):
-        hist = figure_or_panel(app, "Massive feature indices over the trace")
+        hist = by_title(app, "Massive feature indices over the trace")
         want = ["#d62728" if int(f) == int(ranked[1]) else "#1f77b4" for f in features["feature"]]
         assert list(hist.data[0]["marker"]["color"]) == want
 

@@ -263,31 +263,33 @@ def _compare_traces(tr: Trace, other: Trace, name: str, other_name: str, names: 
     for t in (tr, other):
         if t.index_note:
             st.warning(t.index_note)
-    acts = [analysis.profile_mean(p["activations"].melt(["sample", "layer"], var_name="curve"), by=("curve", "layer"))
-            for p in (pa, pb)]
-    # one figure of four panels: each Plotly figure costs the browser of a 2-core machine about 0.3-0.45 s
-    show(viz.panel_grid([
-        [viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]), names,
-                            f"Sinks by segment (alpha > {eps} in at least half of the heads)",
-                            "% of the segment's tokens", bounds=(0.0, 100.0)),
-         viz.profile_figure(analysis.profile_mean(pa["cosine"]), analysis.profile_mean(pb["cosine"]), names,
-                            "Mean cos-to-BOS by segment", "cos to BOS")],
-        [viz.profile_figure(*acts, names, "Largest |h| over tokens vs the median |h|", "|h|", group="curve",
-                            log=True),
-         viz.sink_position_comparison(pa["sink_positions"], pb["sink_positions"], names)],
-    ], "Whole traces: A solid, B dashed; mean over samples, error bars one standard deviation"), "cmp_profiles")
-    show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names,
-                                        selected=selected_feature()), "cmp_features", select_feature=True)
-    overlap_sets = analysis.feature_set_overlap(pa["massive_features"], pb["massive_features"])
-    jac = overlap_sets["jaccard"]
+    c1, c2 = st.columns(2)
+    with c1:
+        show(viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]),
+                                names, f"Sinks by segment (alpha > {eps} in at least half of the heads)",
+                                "% of the segment's tokens", bounds=(0.0, 100.0)), "cmp_rate")
+    with c2:
+        show(viz.profile_figure(analysis.profile_mean(pa["cosine"]), analysis.profile_mean(pb["cosine"]), names,
+                                "Mean cos-to-BOS by segment", "cos to BOS"), "cmp_cosine")
+    c3, c4 = st.columns(2)
+    with c3:
+        acts = [analysis.profile_mean(p["activations"].melt(["sample", "layer"], var_name="curve"),
+                                      by=("curve", "layer")) for p in (pa, pb)]
+        show(viz.profile_figure(*acts, names, "Largest |h| over tokens vs the median |h|", "|h|", group="curve",
+                                log=True), "cmp_acts")
+    with c4:
+        show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names,
+                                            selected=selected_feature()), "cmp_features", select_feature=True)
+        overlap_sets = analysis.feature_set_overlap(pa["massive_features"], pb["massive_features"])
+        jac = overlap_sets["jaccard"]
+        def listed(features: list[int]) -> str:
+            return ", ".join(map(str, features[:12])) + (f" and {len(features) - 12} more" if len(features) > 12
+                                                         else "") if features else "none"
 
-    def listed(features: list[int]) -> str:
-        return ", ".join(map(str, features[:12])) + (f" and {len(features) - 12} more" if len(features) > 12
-                                                     else "") if features else "none"
-
-    st.caption(f"Massive in at least half of the samples: A: {listed(overlap_sets['a'])}; B: "
-               f"{listed(overlap_sets['b'])}. "
-               + ("Jaccard undefined (both sets empty)." if np.isnan(jac) else f"Jaccard {jac:.2f}."))
+        st.caption(f"Massive in at least half of the samples: A: {listed(overlap_sets['a'])}; B: "
+                   f"{listed(overlap_sets['b'])}. "
+                   + ("Jaccard undefined (both sets empty)." if np.isnan(jac) else f"Jaccard {jac:.2f}."))
+    show(viz.sink_position_comparison(pa["sink_positions"], pb["sink_positions"], names), "cmp_positions")
 
 
 def _compare_sample(tr: Trace, other: Trace, names: tuple[str, str], eps: float) -> None:
@@ -328,18 +330,17 @@ def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:
     sinks, features, summary, records = dataset_tables(*key, eps, min_queries)
     if tr.index_note:
         st.warning(tr.index_note)
-    figs = []
-    if sinks.empty:
-        st.info(f"No sink tokens at eps={eps} in this trace (lower the threshold in the sidebar).")
-    else:
-        figs.append(viz.sink_positions_figure(sinks))
-    if features.empty:
-        st.info("No massive activations in this trace.")
-    else:
-        figs.append(viz.massive_feature_histogram(features, selected_feature()))
-    if figs:  # side by side as one figure (one browser chart rather than two)
-        show(figs[0] if len(figs) == 1 else viz.panel_grid([figs], f"Over all {len(tr)} samples", row_height=300),
-             "ds_overview", select_feature=not features.empty)
+    c1, c2 = st.columns(2)
+    with c1:
+        if sinks.empty:
+            st.info(f"No sink tokens at eps={eps} in this trace (lower the threshold in the sidebar).")
+        else:
+            show(viz.sink_positions_figure(sinks), "ds_sinks")
+    with c2:
+        if features.empty:
+            st.info("No massive activations in this trace.")
+        else:
+            show(viz.massive_feature_histogram(features, selected_feature()), "ds_features", select_feature=True)
     layer = st.slider("Layer for the cosine distribution", 0, tr.manifest["n_layers"] - 1,
                       min(5, tr.manifest["n_layers"] - 1), key="ds_layer")
     show(viz.cosine_distribution_figure(dataset_cosine(*key, layer), layer), "ds_cos")

@@ -235,3 +235,47 @@ def test_median_is_numpys_exactly(case):
     a = np.abs(x).astype(np.float32)
     got = median_nonneg(torch.from_numpy(a))
     assert got.dtype == torch.float32 and got.item() == np.float32(np.median(a)), (got.item(), np.median(a))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_pass_attention_matches_sdpa_and_explicit_softmax(dtype):
+    """The CPU's one pass (output and column sums together): the output against SDPA, the column sums against the
+    explicit causal softmax in float64, with grouped-query heads and a length that is not a multiple of the chunk."""
+    from sinkscope.record.attention import CHUNK_ROWS, attention_with_column_sums
+
+    torch.manual_seed(0)
+    t = 2 * CHUNK_ROWS + 23
+    q, k, v = torch.randn(2, 6, t, 16) * 3, torch.randn(2, 2, t, 16) * 3, torch.randn(2, 2, t, 16)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, colsum = attention_with_column_sums(q, k, v, 0.25)
+    out = out.transpose(1, 2)  # returned as [B, T, H, d], the AttentionInterface's layout
+    kr, vr = (x.repeat_interleave(3, dim=1) for x in (k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), kr.double(), vr.double(), is_causal=True,
+                                                            scale=0.25)
+    assert out.dtype == dtype and out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+    scores = (q.double() @ kr.double().transpose(-1, -2)) * 0.25
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(colsum.double(), scores.softmax(-1).sum(dim=2), atol=1e-4, rtol=1e-5)
+
+
+def test_recorder_uses_the_one_pass_on_cpu_and_keeps_the_models_output():
+    """An unpadded CPU forward under the recorder goes through the one pass in every layer, and the model's logits
+    are those of a plain forward (float32)."""
+    from sinkscope.record import attention
+
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (1, 40))
+    ids[0, 0] = 1
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    calls = []
+    original = attention.attention_with_column_sums
+    attention.attention_with_column_sums = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad(), Recorder(model) as rec:
+            recorded = model(input_ids=ids).logits
+    finally:
+        attention.attention_with_column_sums = original
+    assert len(calls) == model.config.num_hidden_layers and len(rec.samples) == 1
+    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)

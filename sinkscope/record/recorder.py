@@ -127,6 +127,8 @@ class Recorder:
             hook.remove()
         self._hooks.clear()
         attn_fn.set_handler(self._previous_handler)
+        if self._previous_handler is None:
+            attn_fn.release_scratch()
         if self._previous_impl is not None:
             self.hf_model.set_attn_implementation(self._previous_impl)
         self._cur = None

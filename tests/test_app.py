@@ -253,7 +253,7 @@ def test_compare_and_dataset_views(app, root):
     records = analysis.dataset_massive_records(Trace.load(root / "av-a"))
     assert len(records) == sum(len(s.massive) for s in Trace.load(root / "av-a"))
     assert list(records.columns[:6]) == ["sample", "layer", "token", "token_text", "feature", "value"]
-    assert len(app.dataframe[0].value) == Trace.load(root / "av-a").manifest["n_layers"]
+    assert len(app.table[0].value) == Trace.load(root / "av-a").manifest["n_layers"]
     assert any("No sink tokens" in i.value for i in app.info), "random tiny models have no sink at eps=0.3"
     app.sidebar.slider(key="eps").set_value(0.05).run()
     positions = by_title(app, "Sink tokens by relative position")

@@ -345,7 +345,9 @@ def view_dataset(tr: Trace, eps: float, min_queries: int) -> None:
                       min(5, tr.manifest["n_layers"] - 1), key="ds_layer")
     show(viz.cosine_distribution_figure(dataset_cosine(*key, layer), layer), "ds_cos")
     st.subheader("Per-layer summary")
-    st.dataframe(summary, width="stretch", height=320)
+    # a static table: Streamlit's data grid cost the browser 0.2-0.7 s per visit (the CSV/Parquet below sort and
+    # filter elsewhere)
+    st.table(summary)
     st.subheader("Download")
     stem = Path(str(tr.path)).name
     download_table(summary, f"{stem}-layer-summary", "Per-layer summary")

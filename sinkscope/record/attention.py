@@ -132,12 +132,10 @@ def column_sums(
         kt = torch.cat([kt, torch.ones(b, hkv, 1, t, dtype=kt.dtype, device=kt.device)], dim=-2)
     colsum = torch.zeros(b, hq, t, dtype=torch.float32, device=query.device)
     maps = {h: torch.zeros(b, t, t, dtype=torch.float32, device=query.device) for h in map_heads}
-    chunk = int(max(16, min(CHUNK_ROWS, chunk_bytes // max(1, 4 * b * hq * t))))
     fused = compile and lse is not None and mask is None and query_valid is None and not map_heads
     # one buffer for every chunk's scores, written by the matmul and exponentiated in place: no allocation per
     # chunk (CPU, SmolLM2 shapes, one layer: 110 -> 73 ms at T = 2048, 10.4 -> 5.2 ms at T = 512)
-    buffer = None if fused else torch.empty(b * hq * chunk * t, dtype=torch.float32, device=query.device)
-    causal_block = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu_(1)
+    chunk, buffer, causal_block = _chunking(query, hq, chunk_bytes, scores=not fused)
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
         c = i1 - i0
@@ -184,9 +182,7 @@ def attention_with_column_sums(query: torch.Tensor, key: torch.Tensor, value: to
     v = value.float()
     out = torch.empty(b, t, hkv, g, v.shape[-1], dtype=torch.float32, device=query.device)
     colsum = torch.zeros(b, hq, t, dtype=torch.float32, device=query.device)
-    chunk = int(max(16, min(CHUNK_ROWS, CHUNK_BYTES // max(1, 4 * b * hq * t))))
-    buffer = _scratch(b * hq * chunk * t, query.device)
-    causal_block = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu_(1)
+    chunk, buffer, causal_block = _chunking(query, hq, CHUNK_BYTES)
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
         c = i1 - i0
@@ -204,6 +200,17 @@ def attention_with_column_sums(query: torch.Tensor, key: torch.Tensor, value: to
 
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _chunking(query: torch.Tensor, hq: int, chunk_bytes: int, scores: bool = True
+              ) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+    """Query rows per chunk (at most CHUNK_ROWS, within `chunk_bytes` of float32 scores), the scores buffer for one
+    chunk of every head (the reused scratch buffer; None without `scores`), and the chunk's causal block (True
+    above the diagonal: masked)."""
+    b, t = query.shape[0], query.shape[2]
+    chunk = int(max(16, min(CHUNK_ROWS, chunk_bytes // max(1, 4 * b * hq * t))))
+    buffer = _scratch(b * hq * chunk * t, query.device) if scores else None
+    return chunk, buffer, torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu_(1)
 
 
 def _scratch(numel: int, device: torch.device) -> torch.Tensor:

@@ -24,6 +24,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser-traces")
     write_av_trace(root / "av-a", seed=0)
     write_av_trace(root / "av-b", seed=1)
+    write_av_trace(root / "av-renamed", seed=1, prefix="other")  # other ids, the same transcripts
     with serve_app(root) as url:
         yield url
 
@@ -102,4 +103,28 @@ def test_massive_view_survives_the_mlp_toggle_then_another_control(server):
         page.timed(lambda: page.slider_step("Layer for tokens"))
         page.timed(lambda: page.toggle("MLP output"))
         page.timed(lambda: page.slider_step("Top features", "ArrowLeft"))
+        browser.close()
+
+
+def test_compare_of_traces_with_disjoint_ids_in_every_part(server):
+    """Compare against a trace that shares no sample id (pairs by transcript): the whole-trace part, then each
+    figure of the one-sample part, without an exception in a real browser."""
+    from playwright.sync_api import sync_playwright
+
+    from sinkscope.bench.browser import Page
+    from sinkscope.webapp.views import SAMPLE_PARTS
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = Page(browser, server)
+        page.timed(lambda: page.page.goto(server))  # each step waits for its script run and checks for exceptions
+        page.timed(lambda: page.view("Compare"))
+        page.timed(lambda: page.select("Trace B", "av-renamed"))
+        assert "B: av-renamed" in page.page.inner_text("body")
+        page.timed(lambda: page.page.get_by_text("One sample in both", exact=True).click())
+        assert "Paired sample (3 pairs" in page.page.inner_text("body"), "paired by transcript"
+        for part in SAMPLE_PARTS[1:]:
+            page.timed(lambda part=part: page.page.get_by_text(part, exact=True).click())
+            assert page.page.locator('[data-testid="stPlotlyChart"]').count() == 1, part
+        assert "Traceback" not in page.page.inner_text("body")
         browser.close()

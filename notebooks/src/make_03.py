@@ -18,7 +18,7 @@ every rate, this notebook can ask what changes inside when **only the rate** cha
 4. The router: which experts each segment's tokens go to, with the sink tokens as their own row.
 5. The same utterance at the lowest and the highest rate, side by side.
 
-Set `SINKSCOPE_NB_UTTERANCES` to change how many held-out utterances are recorded at each rate (the tests run 8)."""),
+Set `SINKSCOPE_NB_UTTERANCES` to change how many held-out utterances are recorded at each rate (the tests run 4)."""),
     ("code", """import os
 import tempfile
 from pathlib import Path

@@ -34,7 +34,7 @@ def test_every_view_renders_without_exceptions(server, tmp_path):
 
     shots = Path(os.environ.get("SINKSCOPE_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    seen = []
+    seen, downloads = [], 0
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
@@ -42,6 +42,11 @@ def test_every_view_renders_without_exceptions(server, tmp_path):
             assert page.locator('[data-testid="stException"]').count() == 0, f"exception on the {view} view"
             assert "Traceback" not in page.inner_text("body"), view
             assert page.get_by_role("heading", name=f"{view}: av-a").count() == 1, view
+            # every chart keeps its download button (the sidebar's format) in the trimmed mode bar
+            charts = page.locator('[data-testid="stPlotlyChart"]')
+            buttons = page.locator('.modebar-btn[data-title^="Download plot"]').count()
+            assert buttons == charts.count(), view
+            downloads += buttons
             path = shots / f"{view.lower().replace(' ', '_')}.png"
             page.screenshot(path=str(path), full_page=True)
             assert path.stat().st_size > 10_000
@@ -56,6 +61,7 @@ def test_every_view_renders_without_exceptions(server, tmp_path):
             seen.append(view)
         browser.close()
     assert seen == VIEWS
+    assert downloads > len(VIEWS)
 
 
 def test_clicking_a_feature_bar_selects_the_feature(server, tmp_path):

@@ -147,8 +147,15 @@ def show(fig, key: str, select_feature: bool = False) -> None:
     fmt = st.session_state.get("fig_format", "png")
     extra = {"on_select": lambda: _feature_clicked(key), "selection_mode": "points"} if select_feature else {}
     st.plotly_chart(fig, width="stretch", key=key,
-                    config={"toImageButtonOptions": {"format": fmt, "filename": f"sinkscope-{key}", "scale": 2}},
+                    config={"toImageButtonOptions": {"format": fmt, "filename": f"sinkscope-{key}", "scale": 2},
+                            "modeBarButtons": [MODEBAR], "displaylogo": False},
                     **extra)
+
+
+MODEBAR = ["toImage", "zoom2d", "pan2d", "resetScale2d"]
+"""The Plotly mode bar of every figure: download (the sidebar's format), zoom, pan, reset. Plotly's default dozen
+buttons cost a 2-core machine's browser about 0.03-0.06 s per chart to build (the Massive view's three charts
+1.24-1.34 -> 1.14-1.15 s, measured in Chromium)."""
 
 
 def clicked_feature(event) -> int | None:

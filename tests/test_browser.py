@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,24 @@ def server(tmp_path_factory):
     write_av_trace(root / "av-renamed", seed=1, prefix="other")  # other ids, the same transcripts
     with serve_app(root) as url:
         yield url
+
+
+@contextmanager
+def opened_app(url: str):
+    """A `sinkscope.bench.browser.Page` (every `timed` step waits for its script run and checks for exceptions) on
+    the app at `url`, after its first render."""
+    from playwright.sync_api import sync_playwright
+
+    from sinkscope.bench.browser import Page
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = Page(browser, url)
+        page.timed(lambda: page.page.goto(url))
+        try:
+            yield page
+        finally:
+            browser.close()
 
 
 def test_every_view_renders_without_exceptions(server, tmp_path):
@@ -94,14 +113,7 @@ def test_clicking_a_feature_bar_selects_the_feature(server, tmp_path):
 def test_massive_view_survives_the_mlp_toggle_then_another_control(server):
     """The MLP toggle re-ranks the features and used to relabel the feature picker's options; the browser sent
     the old label back on the next run, which reached the app as a string (ValueError in a real browser only)."""
-    from playwright.sync_api import sync_playwright
-
-    from sinkscope.bench.browser import Page
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = Page(browser, server)
-        page.timed(lambda: page.page.goto(server))  # each step waits for its script run and checks for exceptions
+    with opened_app(server) as page:  # each step waits for its script run and checks for exceptions
         page.timed(lambda: page.view("Massive activations"))
         # every feature of the tiny model ranked (64), so the picked one stays an option when the toggle re-ranks
         page.timed(lambda: page.slider_step("Top features", "End"))
@@ -109,21 +121,14 @@ def test_massive_view_survives_the_mlp_toggle_then_another_control(server):
         page.timed(lambda: page.slider_step("Layer for tokens"))
         page.timed(lambda: page.toggle("MLP output"))
         page.timed(lambda: page.slider_step("Top features", "ArrowLeft"))
-        browser.close()
 
 
 def test_compare_of_traces_with_disjoint_ids_in_every_part(server):
     """Compare against a trace that shares no sample id (pairs by transcript): the whole-trace part, then each
     figure of the one-sample part, without an exception in a real browser."""
-    from playwright.sync_api import sync_playwright
-
-    from sinkscope.bench.browser import Page
     from sinkscope.webapp.views import SAMPLE_PARTS
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = Page(browser, server)
-        page.timed(lambda: page.page.goto(server))  # each step waits for its script run and checks for exceptions
+    with opened_app(server) as page:  # each step waits for its script run and checks for exceptions
         page.timed(lambda: page.view("Compare"))
         page.timed(lambda: page.select("Trace B", "av-renamed"))
         assert "B: av-renamed" in page.page.inner_text("body")
@@ -133,4 +138,3 @@ def test_compare_of_traces_with_disjoint_ids_in_every_part(server):
             page.timed(lambda part=part: page.page.get_by_text(part, exact=True).click())
             assert page.page.locator('[data-testid="stPlotlyChart"]').count() == 1, part
         assert "Traceback" not in page.page.inner_text("body")
-        browser.close()

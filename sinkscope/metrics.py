@@ -122,21 +122,28 @@ def find_massive(
 
 
 def massive_frame(layer, token, feature, value, attn_out, mlp_out) -> pd.DataFrame:
-    """Assemble massive records (one row per massive entry) and derive shares and origin layers."""
-    df = pd.DataFrame({
-        "layer": np.asarray(layer, dtype=np.int32),
-        "token": np.asarray(token, dtype=np.int32),
-        "feature": np.asarray(feature, dtype=np.int32),
-        "value": np.asarray(value, dtype=np.float32),
-        "attn_out": np.asarray(attn_out, dtype=np.float32),
-        "mlp_out": np.asarray(mlp_out, dtype=np.float32),
-    })
-    update = df["attn_out"].astype(np.float64) + df["mlp_out"].astype(np.float64)
+    """Assemble massive records (one row per massive entry) and derive shares and origin layers, sorted by
+    (layer, token, feature). In numpy, one DataFrame built at the end: the recorder calls this once per sample,
+    and a pandas groupby and sort cost about 8 ms a call (a batch of 32 samples spent 0.26 s here)."""
+    layer = np.asarray(layer, dtype=np.int32).reshape(-1)
+    token = np.asarray(token, dtype=np.int32).reshape(-1)
+    feature = np.asarray(feature, dtype=np.int32).reshape(-1)
+    cols = {"value": value, "attn_out": attn_out, "mlp_out": mlp_out}
+    cols = {name: np.asarray(x, dtype=np.float32).reshape(-1) for name, x in cols.items()}
+    order = np.lexsort((feature, token, layer))
+    layer, token, feature = layer[order], token[order], feature[order]
+    cols = {name: x[order] for name, x in cols.items()}
+    update = cols["attn_out"].astype(np.float64) + cols["mlp_out"].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        df["attn_share"] = (df["attn_out"] / update).astype(np.float32)
-        df["mlp_share"] = (df["mlp_out"] / update).astype(np.float32)
-    df["origin_layer"] = df.groupby(["token", "feature"])["layer"].transform("min").astype(np.int32)
-    return df[MASSIVE_COLUMNS].sort_values(["layer", "token", "feature"], ignore_index=True)
+        attn_share = (cols["attn_out"] / update).astype(np.float32)
+        mlp_share = (cols["mlp_out"] / update).astype(np.float32)
+    pair = token.astype(np.int64) << 32 | feature.astype(np.int64) & 0xFFFFFFFF
+    _, group = np.unique(pair, return_inverse=True)
+    origin = np.full(group.max() + 1 if len(group) else 0, np.iinfo(np.int32).max, dtype=np.int32)
+    np.minimum.at(origin, group, layer)  # the first layer at which each (token, feature) is massive
+    return pd.DataFrame({"layer": layer, "token": token, "feature": feature, "value": cols["value"],
+                         "attn_share": attn_share, "mlp_share": mlp_share, "attn_out": cols["attn_out"],
+                         "mlp_out": cols["mlp_out"], "origin_layer": origin[group]}, columns=MASSIVE_COLUMNS)
 
 
 def massive_feature_sets(massive: pd.DataFrame, tokens: Iterable[int] | None = None) -> dict[int, set[int]]:

@@ -166,10 +166,11 @@ def test_token_stats_kernel_against_numpy(dtype):
     h, a, m = h.to(dtype), a.to(dtype), m.to(dtype)
     valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
     valid[1, :2] = False
-    h0 = h[torch.arange(b), valid.int().argmax(dim=1)].float()
+    first = valid.int().argmax(dim=1)  # the kernel reads each sample's BOS row of h itself
+    h0 = h[torch.arange(b), first].float()
     thr = torch.tensor([30.0, 30.0], device=DEVICE)
     buffers = massive_buffers(b, t, h.device)
-    packed = token_stats_triton(h, m, a, h0, thr, valid, k, 3, buffers)
+    packed = token_stats_triton(h, m, a, first, thr, valid, k, 3, buffers)
     got = {key: x.cpu().numpy() for key, x in unpack_token_stats(packed, b, t, k).items()}
     hn, mn = h.float().cpu().numpy(), m.float().cpu().numpy()
     for name, x in (("top", hn), ("mlp_top", mn)):
@@ -185,3 +186,68 @@ def test_token_stats_kernel_against_numpy(dtype):
     assert entries == [(3, 0, 2, 5), (3, 1, 3, 11)]
     values = {tuple(i): v for i, v in zip(ent_i[: count[0]].tolist(), ent_v[: count[0]].tolist(), strict=True)}
     np.testing.assert_array_equal(values[(3, 1, 3, 11)], [-50.0, a[1, 3, 11].item(), m[1, 3, 11].item()])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_feature_max_kernel_is_exact(padded):
+    """The per-feature max over real tokens of |h| and |mlp_out| (one launch, atomic max on the bit patterns of
+    |x|) against torch, bit for bit, with token runs that cut the sequence (block_t 4, T 37), negative values,
+    padding that holds the largest entries, and a NaN that must propagate as in torch's max."""
+    from sinkscope.record.kernels import colmax_triton
+
+    torch.manual_seed(0)
+    b, t, d = 3, 37, 50
+    h, m = (torch.randn(b, t, d, device=DEVICE).to(torch.bfloat16) for _ in range(2))
+    h[0, 5, 7] = -900.0
+    valid = None
+    if padded:
+        valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+        valid[1, :6] = False
+        valid[2, 30:] = False
+        h[1, 2, 3] = 5000.0  # on padding: not counted
+        m[2, 33, 9] = -7000.0
+    h[2, 10, 11] = float("nan")
+    got = colmax_triton(h, m, valid, block_t=4, block_d=16).cpu()
+    for i, x in enumerate((h, m)):
+        x = x.float()
+        if valid is not None:
+            x = x.masked_fill(~valid[..., None], 0)
+        want = torch.linalg.vector_norm(x, ord=float("inf"), dim=1).cpu()
+        assert torch.equal(got[i].isnan(), want.isnan())
+        assert torch.equal(got[i].nan_to_num(-1), want.nan_to_num(-1)), i
+    assert got[0, 0, 7] == 900.0 and got[0, 2, 11].isnan()
+
+
+def test_layer_buffer_round_trip():
+    """The recorder's one buffer per layer: the five device reductions write their parts of it, and the host
+    copy unpacks into the same fields as the separate kernels give (median, feature maxima, per-token fields,
+    column sums)."""
+    from sinkscope.record import kernels
+
+    torch.manual_seed(0)
+    b, t, d, hq, k = 2, 19, 40, 4, 8
+    h, a, m = (torch.randn(b, t, d, device=DEVICE) for _ in range(3))
+    h[1, 4, 6] = 80.0
+    layout = kernels.layer_layout(b, t, d, hq, k)
+    buf = kernels.layer_buffer(layout, torch.device(DEVICE))
+    colsum = torch.rand(b, hq, t, device=DEVICE)
+    kernels.colsum_view(buf, layout).copy_(colsum)
+    first = torch.zeros(b, dtype=torch.long, device=DEVICE)
+    massive = kernels.massive_buffers(b, t, h.device)
+    host = kernels.reduce_layer_device(h, a, m, buf, layout, first, None, None, 2, (0.0, 20.0), massive).cpu()
+    fields, got_colsum = kernels.unpack_layer(host, layout)
+    assert torch.equal(got_colsum, colsum.cpu())
+    med, _ = median_abs_triton(h)
+    assert torch.equal(fields["median_abs"], med.cpu())
+    assert torch.equal(fields["feature_max_abs"], h.abs().amax(dim=1).cpu())
+    assert torch.equal(fields["mlp_feature_max_abs"], m.abs().amax(dim=1).cpu())
+    separate = kernels.unpack_token_stats(kernels.token_stats_triton(
+        h, m, a, first, torch.full((b,), 20.0, device=DEVICE) * med, None, k, 2,
+        kernels.massive_buffers(b, t, h.device)), b, t, k)
+    for key, x in separate.items():
+        assert torch.equal(fields[key], x.cpu()), key
+    count = int(massive[0].item())
+    assert count >= 1 and (1, 4, 6) in {tuple(r[1:]) for r in massive[1][:count].tolist()}
+    with pytest.raises(RecorderError, match=r"block 2 output has shape \(2, 19, 41\)"):
+        kernels.reduce_layer_device(torch.zeros(b, t, d + 1, device=DEVICE), a, m, buf, layout, first, None, None, 2,
+                                    (0.0, 20.0), massive)

@@ -76,6 +76,31 @@ def test_find_massive_origin_and_shares():
     assert origin.loc[0, "attn_share"] == pytest.approx(0.25, abs=1e-3)
 
 
+
+@pytest.mark.parametrize("n", [0, 1, 300])
+def test_massive_frame_matches_its_definition_in_pandas(n):
+    """The numpy massive_frame against the definition written with pandas (groupby min, sort): same rows, order,
+    dtypes and values, including a zero update (share inf/nan) and (token, feature) pairs in several layers."""
+    rng = np.random.default_rng(n)
+    triples = np.unique(np.stack([rng.integers(0, 12, n), rng.integers(0, 6, n), rng.integers(0, 4, n)], 1), axis=0)
+    rng.shuffle(triples)
+    m = len(triples)
+    value, attn, mlp = rng.normal(size=(3, m)).astype(np.float32)
+    if m:
+        mlp[0] = -attn[0]
+    got = metrics.massive_frame(triples[:, 0], triples[:, 1], triples[:, 2], value, attn, mlp)
+    df = pd.DataFrame({"layer": triples[:, 0].astype(np.int32), "token": triples[:, 1].astype(np.int32),
+                       "feature": triples[:, 2].astype(np.int32), "value": value, "attn_out": attn, "mlp_out": mlp})
+    update = df["attn_out"].astype(np.float64) + df["mlp_out"].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df["attn_share"] = (df["attn_out"] / update).astype(np.float32)
+        df["mlp_share"] = (df["mlp_out"] / update).astype(np.float32)
+    df["origin_layer"] = df.groupby(["token", "feature"])["layer"].transform("min").astype(np.int32)
+    want = df[metrics.MASSIVE_COLUMNS].sort_values(["layer", "token", "feature"], ignore_index=True)
+    pd.testing.assert_frame_equal(got, want)
+    if m > 1:
+        assert (want["origin_layer"] < want["layer"]).any(), "the case must hold pairs massive in several layers"
+
 def test_feature_sets_and_jaccard():
     df = pd.DataFrame({"layer": [2, 2, 2, 3], "token": [0, 0, 5, 0], "feature": [7, 9, 7, 7]})
     assert metrics.massive_feature_sets(df) == {2: {7, 9}, 3: {7}}

@@ -279,3 +279,26 @@ def test_recorder_uses_the_one_pass_on_cpu_and_keeps_the_models_output():
         attention.attention_with_column_sums = original
     assert len(calls) == model.config.num_hidden_layers and len(rec.samples) == 1
     torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_recorder_restores_the_attention_implementation_it_found():
+    """Entering a Recorder switches the model to sinkscope's attention and leaving restores what was there; the
+    second and later entries replay the first switch directly (transformers' setter costs milliseconds), and a
+    change the user made in between (here to eager) is seen and restored as well, also around a nested recorder."""
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (1, 9))
+    assert model.config._attn_implementation == "sdpa"
+    for _ in range(3):
+        with Recorder(model) as rec:
+            assert model.config._attn_implementation == "sinkscope"
+            assert model.model.config._attn_implementation == "sinkscope"
+            model(input_ids=ids)
+        assert model.config._attn_implementation == "sdpa"
+        assert len(rec.samples) == 1
+    model.set_attn_implementation("eager")
+    with Recorder(model):
+        assert model.config._attn_implementation == "sinkscope"
+        with Recorder(model):
+            pass
+        assert model.config._attn_implementation == "sinkscope", "the inner recorder leaves the outer one's switch"
+    assert model.config._attn_implementation == "eager"

@@ -284,19 +284,30 @@ def kernel_bench(t: int, d: int) -> list[dict]:
     (bytes it must read over its time) and whether its outputs equal the default configuration's (bit for bit:
     the token-stats buffer also holds cos-to-BOS, whose sums depend on the reduction order, so other num_warps
     differ in its last bits)."""
-    from sinkscope.record.kernels import massive_buffers, median_abs_triton, token_stats_triton
+    from sinkscope.record.kernels import colmax_triton, massive_buffers, median_abs_triton, token_stats_triton
 
     torch.manual_seed(0)
     h, a, m = (torch.randn(1, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    h0 = h[:, 0].float()
+    first = torch.zeros(1, dtype=torch.long, device="cuda")
     thr = torch.full((1,), 1e4, device="cuda")
     buffers = massive_buffers(1, t, h.device)
     rows = []
-    ref = token_stats_triton(h, m, a, h0, thr, None, 8, 0, buffers)
+    ref = token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers)
     for warps in (2, 4, 8, 16):
-        got = token_stats_triton(h, m, a, h0, thr, None, 8, 0, buffers, num_warps=warps)
-        sec = event_time(lambda w=warps: token_stats_triton(h, m, a, h0, thr, None, 8, 0, buffers, num_warps=w))
+        got = token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers, num_warps=warps)
+        sec = event_time(lambda w=warps: token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers, num_warps=w))
         rows.append(dict(kernel="token_stats", t=t, d=d, config=f"w{warps}", us=1e6 * sec,
+                         gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
+        print(json.dumps(rows[-1]), flush=True)
+    ref = torch.stack([torch.linalg.vector_norm(x, ord=float("inf"), dim=1).float() for x in (h, m)])
+    torch_sec = event_time(lambda: [torch.linalg.vector_norm(x, ord=float("inf"), dim=1).float() for x in (h, m)])
+    rows.append(dict(kernel="feature_max", t=t, d=d, config="torch vector_norm x2 (before)", us=1e6 * torch_sec,
+                     gb_per_s=2 * h.numel() * 2 / torch_sec / 1e9, same=True))
+    for block_t, block_d, warps in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8)):
+        got = colmax_triton(h, m, None, block_t=block_t, block_d=block_d, num_warps=warps)
+        sec = event_time(lambda bt=block_t, bd=block_d, w=warps: colmax_triton(h, m, None, block_t=bt, block_d=bd,
+                                                                                num_warps=w))
+        rows.append(dict(kernel="feature_max", t=t, d=d, config=f"T{block_t} D{block_d} w{warps}", us=1e6 * sec,
                          gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
         print(json.dumps(rows[-1]), flush=True)
     ref = median_abs_triton(h)[0]

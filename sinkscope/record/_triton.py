@@ -216,15 +216,16 @@ def _top_k_row(x, dm, offs, out_i_ptr, out_v_ptr, K: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def token_stats_kernel(h_ptr, a_ptr, m_ptr, h0_ptr, thr_ptr, valid_ptr,
-                       cos_ptr, max_ptr, top_i_ptr, top_v_ptr, mtop_i_ptr, mtop_v_ptr,
+def token_stats_kernel(h_ptr, a_ptr, m_ptr, first_ptr, thr_ptr, valid_ptr, out_ptr, out_i_ptr,
                        count_ptr, ent_i_ptr, ent_v_ptr,
-                       T, D, shb, sht, sab, sat, smb, smt, svb, layer, cap,
+                       T, D, N, shb, sht, sab, sat, smb, smt, svb, layer, cap,
                        K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr):
     """Everything the recorder keeps per token of one block output, in one pass over the row of h (and of the
-    block's mlp_out): cos to the sample's first real token, max |h|, the top-K features of |h| and |mlp_out| with
-    their signed values, and the massive entries (|h| >= the sample's threshold), appended to a forward-wide
-    buffer at slots reserved by one atomic per row that has any (rows are sorted on the host afterwards)."""
+    block's mlp_out): cos to the sample's first real token (row `first[b]` of h), max |h|, the top-K features of
+    |h| and |mlp_out| with their signed values, and the massive entries (|h| >= the sample's threshold), appended
+    to a forward-wide buffer at slots reserved by one atomic per row that has any (rows are sorted on the host
+    afterwards). The per-token fields go to one float32 buffer (`out_ptr`, and `out_i_ptr`, the same memory read
+    as int32, for the feature indices), laid out as `kernels.unpack_token_stats` reads it, N = B * T rows."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
@@ -232,13 +233,14 @@ def token_stats_kernel(h_ptr, a_ptr, m_ptr, h0_ptr, thr_ptr, valid_ptr,
     dm = offs < D
     x = tl.load(h_ptr + b * shb + t * sht + offs, mask=dm, other=0.0).to(tl.float32)
     y = tl.load(m_ptr + b * smb + t * smt + offs, mask=dm, other=0.0).to(tl.float32)
-    h0 = tl.load(h0_ptr + b * D + offs, mask=dm, other=0.0)
+    first = tl.load(first_ptr + b)
+    h0 = tl.load(h_ptr + b * shb + first * sht + offs, mask=dm, other=0.0).to(tl.float32)
     dot = tl.sum(x * h0, 0)
     nn = tl.sum(x * x, 0) * tl.sum(h0 * h0, 0)
-    tl.store(cos_ptr + row, dot / tl.sqrt(tl.maximum(nn, 1e-24)))  # F.cosine_similarity with eps=1e-12
-    top = _top_k_row(x, dm, offs, top_i_ptr + row * K, top_v_ptr + row * K, K, BLOCK_D)
-    tl.store(max_ptr + row, top)
-    _top_k_row(y, dm, offs, mtop_i_ptr + row * K, mtop_v_ptr + row * K, K, BLOCK_D)
+    tl.store(out_ptr + row, dot / tl.sqrt(tl.maximum(nn, 1e-24)))  # F.cosine_similarity with eps=1e-12
+    top = _top_k_row(x, dm, offs, out_i_ptr + 2 * N + row * K, out_ptr + (2 + K) * N + row * K, K, BLOCK_D)
+    tl.store(out_ptr + N + row, top)
+    _top_k_row(y, dm, offs, out_i_ptr + (2 + 2 * K) * N + row * K, out_ptr + (2 + 3 * K) * N + row * K, K, BLOCK_D)
     thr = tl.load(thr_ptr + b)
     any_hit = top >= thr
     if HAS_VALID:
@@ -257,3 +259,33 @@ def token_stats_kernel(h_ptr, a_ptr, m_ptr, h0_ptr, thr_ptr, valid_ptr,
         tl.store(ent_v_ptr + slot * 3, x, mask=keep)
         tl.store(ent_v_ptr + slot * 3 + 1, a, mask=keep)
         tl.store(ent_v_ptr + slot * 3 + 2, y, mask=keep)
+
+
+@triton.jit
+def colmax_kernel(h_ptr, m_ptr, valid_ptr, out_ptr, T, D, B, shb, sht, smb, smt, svb, ROWS,
+                  HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-feature max over (real) tokens of |h| and of |mlp_out|, for one (feature block, sample, run of ROWS
+    tokens): a running max over [BLOCK_T, BLOCK_D] tiles, then one atomic max per feature into `out_ptr` (int32
+    view of a zeroed [2, B, D] float32 block). On the bit patterns of |x|, which order like the values, so the
+    result is exact and independent of the programs' order, and a NaN (whose bits exceed inf's) propagates as in
+    torch's max."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t_start = tl.program_id(2) * ROWS
+    t_end = tl.minimum(T, t_start + ROWS)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = offs_d < D
+    acc_h = tl.zeros([BLOCK_D], dtype=tl.int32)
+    acc_m = tl.zeros([BLOCK_D], dtype=tl.int32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        ok = offs_t < t_end
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + b * svb + offs_t, mask=ok, other=0) != 0)
+        mask = ok[:, None] & dm[None, :]
+        x = tl.load(h_ptr + b * shb + offs_t[:, None] * sht + offs_d[None, :], mask=mask, other=0.0)
+        y = tl.load(m_ptr + b * smb + offs_t[:, None] * smt + offs_d[None, :], mask=mask, other=0.0)
+        acc_h = tl.maximum(acc_h, tl.max(tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True), 0))
+        acc_m = tl.maximum(acc_m, tl.max(tl.abs(y.to(tl.float32)).to(tl.int32, bitcast=True), 0))
+    tl.atomic_max(out_ptr + b * D + offs_d, acc_h, mask=dm)
+    tl.atomic_max(out_ptr + (B + b) * D + offs_d, acc_m, mask=dm)

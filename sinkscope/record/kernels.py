@@ -48,17 +48,19 @@ def _kernels() -> SimpleNamespace:
     from sinkscope.record import _triton
 
     return SimpleNamespace(triton=_triton.triton, colsum=_triton.colsum_kernel, radix_pass=_triton.radix_pass_kernel,
-                           radix_final=_triton.radix_final_kernel, token_stats=_triton.token_stats_kernel)
+                           radix_final=_triton.radix_final_kernel, token_stats=_triton.token_stats_kernel,
+                           colmax=_triton.colmax_kernel)
 
 
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
                   valid: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
-                  num_stages: int = 2) -> torch.Tensor:
+                  num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
     """`sum_q A[b, h, q, k]` over the (valid) queries that see key k: `[B, Hq, T]` float32.
 
     `query` `[B, Hq, T, d]`, `key` `[B, Hkv, T, d]` (grouped-query heads map `h -> h // (Hq // Hkv)`), `lse` the
     forward's row log-sum-exp `[B, Hq, T]` (natural log, scores scaled by `scale`), `valid` `[B, T]` bool (False:
-    padding, which neither attends nor is attended)."""
+    padding, which neither attends nor is attended). `out`: a contiguous `[B, Hq, T]` float32 to write into (the
+    recorder's per-layer buffer), or None for a new one."""
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     if query.stride(-1) != 1:
@@ -68,7 +70,10 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     kern = _kernels()
     triton = kern.triton
     lse = lse.float().contiguous()
-    out = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
+    if out is None:
+        out = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
+    elif out.shape != (b, hq, t) or not out.is_contiguous():
+        raise ValueError(f"colsum_triton: out has shape {tuple(out.shape)}, expected a contiguous {(b, hq, t)}")
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
     block_d = max(16, triton.next_power_of_2(d))
     grid = (triton.cdiv(t, block_n), b * hq)
@@ -90,13 +95,17 @@ atomics stay negligible."""
 
 
 def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int = 4096, num_warps: int = 8,
-                      thresholds: tuple[float, float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+                      thresholds: tuple[float, float] = (0.0, 0.0), count: torch.Tensor | None = None,
+                      hist: torch.Tensor | None = None, out: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact `median(|h[b]|)` over each sample's valid tokens and all features, and the massive-activation
     threshold `max(thresholds[0], thresholds[1] * median)`: two `[B]` float32. `h` `[B, T, D]` in any float dtype;
     `valid` `[B, T]` bool or None (all tokens). numpy's convention: the mean of the two middle values for an even
     count. At most six launches, whatever B and T: a zeroed histogram buffer, the radix passes (both middle
     ranks at once, reading h once each: four for float32, two over the raw 15 bits of |h| for bf16 and fp16)
-    and a final one."""
+    and a final one. The recorder passes its per-layer buffer's parts: `count` (real tokens per sample, int32
+    `[B]`), `hist` (a zeroed int32 block of at least 4 * B * 512) and `out` (a `[2, B]` float32 for the median and
+    the threshold); the zeroing launch is then not repeated here."""
     b, t, d = h.shape
     flat = h.reshape(b, t * d)
     if flat.stride(-1) != 1:
@@ -107,8 +116,10 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     passes = 2 if fmt else 4
     kern = _kernels()
     n = t * d
-    hist = torch.zeros(passes, b, 2, 256, dtype=torch.int32, device=h.device)
-    count = valid.sum(dim=1, dtype=torch.int32) if valid is not None else hist  # a placeholder pointer when unused
+    if hist is None:
+        hist = torch.zeros(passes, b, 2, 256, dtype=torch.int32, device=h.device)
+    if count is None:
+        count = valid.sum(dim=1, dtype=torch.int32) if valid is not None else hist  # a placeholder when unused
     v = valid.contiguous().view(torch.int8) if valid is not None else hist
     programs = max(1, min(kern.triton.cdiv(n, block), RADIX_PROGRAMS // b))
     for p in range(passes):
@@ -116,7 +127,8 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
                                        v.stride(0) if valid is not None else 0, b,
                                        PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block,
                                        num_warps=num_warps)
-    out = torch.empty(2, b, dtype=torch.float32, device=h.device)
+    if out is None:
+        out = torch.empty(2, b, dtype=torch.float32, device=h.device)
     kern.radix_final[(b,)](hist, count, out[0], out[1], float(thresholds[0]), float(thresholds[1]), t, d, b,
                            FMT=fmt, HAS_VALID=valid is not None)
     return out[0], out[1]
@@ -137,29 +149,55 @@ def massive_buffers(batch: int, t: int, device: torch.device) -> tuple[torch.Ten
 TOKEN_FIELDS = ("bos_cosine", "max_abs", "top_features", "top_values", "mlp_top_features", "mlp_top_values")
 
 
-def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.Tensor, h0: torch.Tensor,
+def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.Tensor, first: torch.Tensor,
                        thr: torch.Tensor, valid: torch.Tensor | None, top_k: int, layer: int,
                        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                       num_warps: int | None = None) -> torch.Tensor:
+                       num_warps: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The per-token fields of one block output `h` `[B, T, D]` in one launch (see `token_stats_kernel`), packed
-    in one float32 buffer so that one copy moves them (`unpack_token_stats` gives the fields). The massive
-    entries (|h| >= `thr[b]`, real tokens only) go to `buffers` (`massive_buffers`). `h0` `[B, D]` is each
-    sample's first real token, in float32."""
+    in one float32 buffer (`out` when given: at least `B * T * (2 + 4 * top_k)` contiguous entries) that
+    `unpack_token_stats` reads. The massive entries (|h| >= `thr[b]`, real tokens only) go to `buffers`
+    (`massive_buffers`). `first` `[B]` (int64): each sample's first real position, whose row of h is its BOS."""
     b, t, d = h.shape
     kern = _kernels()
     h, a, m = (x if x.stride(-1) == 1 else x.contiguous() for x in (h, attn_out, mlp_out))
-    packed = torch.empty(b * t * (2 + 4 * top_k), dtype=torch.float32, device=h.device)
-    cos, mx, top_i, top_v, mtop_i, mtop_v = unpack_token_stats(packed, b, t, top_k).values()
+    if out is None:
+        out = torch.empty(b * t * (2 + 4 * top_k), dtype=torch.float32, device=h.device)
     count, ent_i, ent_v = buffers
     v = valid.contiguous().view(torch.int8) if valid is not None else count
     block_d = kern.triton.next_power_of_2(d)
     kern.token_stats[(b * t,)](
-        h, a, m, h0, thr, v, cos, mx, top_i, top_v, mtop_i, mtop_v, count, ent_i, ent_v,
-        t, d, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
+        h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v,
+        t, d, b * t, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
         v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
         K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None,
         num_warps=num_warps or (2 if block_d <= 1024 else 4))  # measured best on an H200 (bench --kernels)
-    return packed
+    return out
+
+
+COLMAX_PROGRAMS = 2048
+"""Programs of the per-feature max (feature blocks x samples x token runs): enough to fill a GPU."""
+
+
+def colmax_triton(h: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor | None,
+                  out: torch.Tensor | None = None, block_t: int = 32, block_d: int = 128,
+                  num_warps: int = 4) -> torch.Tensor:
+    """`max over real tokens of |h|` and of `|mlp_out|` per sample and feature, `[2, B, D]` float32, in one launch
+    (`out`, when given, must be zeroed). Exact: the max is taken on the bit patterns of |x|."""
+    b, t, d = h.shape
+    kern = _kernels()
+    triton = kern.triton
+    h, m = (x if x.stride(-1) == 1 else x.contiguous() for x in (h, mlp_out))
+    if out is None:
+        out = torch.zeros(2, b, d, dtype=torch.float32, device=h.device)
+    v = valid.contiguous().view(torch.int8) if valid is not None else out
+    d_blocks = triton.cdiv(d, block_d)
+    splits = max(1, min(triton.cdiv(t, block_t), COLMAX_PROGRAMS // (d_blocks * b)))
+    rows = triton.cdiv(triton.cdiv(t, splits), block_t) * block_t
+    kern.colmax[(d_blocks, b, triton.cdiv(t, rows))](
+        h, m, v, out.view(torch.int32), t, d, b, h.stride(0), h.stride(1), m.stride(0), m.stride(1),
+        v.stride(0) if valid is not None else 0, rows,
+        HAS_VALID=valid is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return out
 
 
 def unpack_token_stats(packed: torch.Tensor, b: int, t: int, top_k: int) -> dict[str, torch.Tensor]:
@@ -168,9 +206,83 @@ def unpack_token_stats(packed: torch.Tensor, b: int, t: int, top_k: int) -> dict
     n = b * t
     bt, btk = (b, t), (b, t, top_k)
     sizes = (n, n, n * top_k, n * top_k, n * top_k, n * top_k)
-    parts = packed.split(sizes)
+    parts = packed[: sum(sizes)].split(sizes)
     shapes = (bt, bt, btk, btk, btk, btk)
     out = {key: part.view(shape) for key, part, shape in zip(TOKEN_FIELDS, parts, shapes, strict=True)}
     for key in ("top_features", "mlp_top_features"):
         out[key] = out[key].view(torch.int32)
     return out
+
+
+# ------------------------------------------------------------------------------------------ one buffer per layer
+_ALIGN = 32
+"""Each part of a layer buffer starts on a 32-word (128-byte) boundary, so that every pointer the kernels get is
+as aligned as a fresh tensor's."""
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+@functools.lru_cache(maxsize=64)
+def layer_layout(batch: int, tokens: int, hidden: int, heads: int, top_k: int) -> SimpleNamespace:
+    """Where one layer's results sit in its float32 device buffer (offsets in 4-byte words):
+
+    `hist` the radix median's histograms (int32, room for four passes) and `feat` the per-feature maxima
+    `[2, B, D]` (|h|, |mlp_out|), both zeroed by one launch (`[0, stats)`); `stats` the median and the massive
+    threshold `[2, B]`; `tok` the per-token fields (`unpack_token_stats`); `col` the column sums `[B, Hq, T]`.
+    Everything from `feat` on goes to the host in one copy."""
+    feat = _aligned(4 * batch * 512)
+    stats = _aligned(feat + 2 * batch * hidden)
+    tok = _aligned(stats + 2 * batch)
+    col = _aligned(tok + batch * tokens * (2 + 4 * top_k))
+    return SimpleNamespace(batch=batch, tokens=tokens, hidden=hidden, heads=heads, top_k=top_k, feat=feat,
+                           stats=stats, tok=tok, col=col, total=col + batch * heads * tokens)
+
+
+def layer_buffer(layout: SimpleNamespace, device: torch.device) -> torch.Tensor:
+    """A layer's device buffer (`layer_layout`), with its histogram and per-feature-max parts zeroed."""
+    buf = torch.empty(layout.total, dtype=torch.float32, device=device)
+    buf[: layout.stats].zero_()
+    return buf
+
+
+def colsum_view(buf: torch.Tensor, layout: SimpleNamespace) -> torch.Tensor:
+    """The `[B, Hq, T]` column-sum part of a layer buffer, for `colsum_triton(out=...)`."""
+    return buf[layout.col:].view(layout.batch, layout.heads, layout.tokens)
+
+
+def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, buf: torch.Tensor,
+                        layout: SimpleNamespace, first: torch.Tensor, valid: torch.Tensor | None,
+                        count: torch.Tensor | None, layer: int, thresholds: tuple[float, float],
+                        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The recorder's reductions of one block output `h` `[B, T, D]` on the device, into the layer's buffer: the
+    exact median of |h| and the massive threshold (radix select), the per-token fields and massive entries (one
+    pass over the rows; entries to `buffers`), and the per-feature maxima (one pass over the columns). Five
+    launches, no host synchronisation. `valid` `[B, T]` bool (None: no padding), `count` its per-sample sums
+    (int32), `first` each sample's first real position. Returns the part of `buf` that goes to the host."""
+    b, t, d = h.shape
+    if (b, t, d) != (layout.batch, layout.tokens, layout.hidden):
+        from sinkscope.errors import RecorderError
+
+        raise RecorderError(f"block {layer} output has shape {tuple(h.shape)}, expected "
+                            f"{(layout.batch, layout.tokens, layout.hidden)} (batch, tokens, hidden size)")
+    ints = buf.view(torch.int32)
+    median_abs_triton(h, valid, thresholds=thresholds, count=count, hist=ints[: layout.feat],
+                      out=buf[layout.stats: layout.stats + 2 * b].view(2, b))
+    thr = buf[layout.stats + b: layout.stats + 2 * b]
+    token_stats_triton(h, mlp_out, attn_out, first, thr, valid, layout.top_k, layer, buffers,
+                       out=buf[layout.tok: layout.col])
+    colmax_triton(h, mlp_out, valid, out=buf[layout.feat: layout.feat + 2 * b * d].view(2, b, d))
+    return buf[layout.feat:]
+
+
+def unpack_layer(host: torch.Tensor, layout: SimpleNamespace) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The fields of a layer buffer's host part (`reduce_layer_device`'s result, copied): the per-token fields,
+    `feature_max_abs`, `mlp_feature_max_abs` `[B, D]`, `median_abs` `[B]`; and the column sums `[B, Hq, T]`."""
+    b, d, base = layout.batch, layout.hidden, layout.feat
+    fields = unpack_token_stats(host[layout.tok - base: layout.col - base], b, layout.tokens, layout.top_k)
+    feat = host[: 2 * b * d].view(2, b, d)
+    fields["feature_max_abs"], fields["mlp_feature_max_abs"] = feat[0], feat[1]
+    fields["median_abs"] = host[layout.stats - base: layout.stats - base + b]
+    return fields, host[layout.col - base:].view(b, layout.heads, layout.tokens)

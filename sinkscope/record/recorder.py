@@ -13,6 +13,7 @@ model's device and only `[L, H, T]`-sized results move to the CPU.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class _Request:
     deliver: Any
     compile: bool = False
     device_path: bool = False  # the Triton kernels (kernels.available), decided once per forward
+    colsum_out: torch.Tensor | None = None  # device path: where the column sums go (the layer's buffer)
 
 
 class Recorder:
@@ -103,13 +105,14 @@ class Recorder:
         self._hooks: list = []
         self._cur: dict[str, Any] | None = None
         self._previous_impl: str | None = None
+        self._switched: list | None = None
         self._previous_handler = None
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> Recorder:
         attn_fn.register()
         self._previous_impl = self.hf_model.config._attn_implementation
-        self.hf_model.set_attn_implementation(attn_fn.ATTN_IMPLEMENTATION)
+        self._switched = _switch_attention(self.hf_model, attn_fn.ATTN_IMPLEMENTATION)
         if self.hf_model.config._attn_implementation != attn_fn.ATTN_IMPLEMENTATION:
             raise RecorderError(f"{type(self.hf_model).__name__} does not use transformers' AttentionInterface; "
                                 "sinkscope cannot record its attention")
@@ -129,7 +132,10 @@ class Recorder:
         attn_fn.set_handler(self._previous_handler)
         if self._previous_handler is None:
             attn_fn.release_scratch()
-        if self._previous_impl is not None:
+        if self._switched is not None:
+            for config, before, _ in self._switched:  # exactly the state before __enter__
+                config._attn_implementation_internal = before
+        elif self._previous_impl is not None:
             self.hf_model.set_attn_implementation(self._previous_impl)
         self._cur = None
 
@@ -177,6 +183,10 @@ class Recorder:
         self._cur["first"] = valid.int().argmax(dim=1)  # each row's first real position
         if self._cur["device_path"]:
             self._cur["massive_buffers"] = attn_fn.kernels.massive_buffers(b, t, ref.device)
+            self._cur["layout"] = attn_fn.kernels.layer_layout(b, t, self.hidden_size, self.n_heads, self.top_k)
+            self._cur["buffer"] = [None] * self.n_layers
+            padded = self._cur["query_valid"] is not None
+            self._cur["count"] = valid.sum(dim=1, dtype=torch.int32) if padded else None
 
     def _attention_request(self, module) -> _Request | None:
         layer = self._attn_index.get(id(module))
@@ -185,11 +195,17 @@ class Recorder:
         heads = tuple(h for lay, h in self.attention_maps if lay == layer)
 
         def deliver(colsum, maps, layer=layer):
-            self._cur["colsum"][layer] = self._keep(colsum, "colsum", layer)
+            # None: the column sums were written to the layer's device buffer (request.colsum_out)
+            self._cur["colsum"][layer] = _IN_BUFFER if colsum is None else self._keep(colsum, "colsum", layer)
             for h, m in maps.items():
                 self._cur["maps"][(layer, h)] = m.cpu()
 
-        return _Request(self._cur["query_valid"], heads, deliver, self.compile, self._cur["device_path"])
+        colsum_out = None
+        if self._cur["device_path"]:  # one device buffer per layer for everything it records (kernels.layer_layout)
+            layout = self._cur["layout"]
+            buf = self._cur["buffer"][layer] = attn_fn.kernels.layer_buffer(layout, self._cur["valid"].device)
+            colsum_out = attn_fn.kernels.colsum_view(buf, layout)
+        return _Request(self._cur["query_valid"], heads, deliver, self.compile, self._cur["device_path"], colsum_out)
 
     def _store(self, name: str, layer: int):
         def hook(module, args, output):
@@ -211,12 +227,20 @@ class Recorder:
         a, m = cur["attn_out"][layer], cur["mlp_out"][layer]
         if a is None or m is None:
             raise RecorderError(f"block {layer} did not run its self_attn and mlp submodules through forward()")
-        stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
-                                      self.abs_threshold, self.rel_threshold,
-                                      device_path=cur["device_path"], layer=layer,
-                                      buffers=cur.get("massive_buffers"), first=cur["first"])
-        cur["massive"].extend((layer, *found) for found in massive)
-        cur["layers"][layer] = {key: self._keep(x, key, layer) for key, x in stats.items()}
+        if cur["device_path"]:
+            buf = cur["buffer"][layer]
+            if buf is None:
+                raise RecorderError(f"block {layer}'s attention did not run through the attention interface")
+            host = attn_fn.kernels.reduce_layer_device(
+                h, a, m, buf, cur["layout"], cur["first"], cur["query_valid"], cur["count"], layer,
+                (self.abs_threshold, self.rel_threshold), cur["massive_buffers"])
+            cur["layers"][layer] = {"_host": _to_host(host)}  # one copy per layer, queued without waiting
+            cur["buffer"][layer] = None
+        else:
+            stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
+                                          self.abs_threshold, self.rel_threshold, first=cur["first"])
+            cur["massive"].extend((layer, *found) for found in massive)
+            cur["layers"][layer] = {key: self._keep(x, key, layer) for key, x in stats.items()}
         if layer in self.hidden_layers:
             cur.setdefault("hidden", {})[layer] = h.float().to(self.hidden_dtype).cpu()
         cur["attn_out"][layer] = cur["mlp_out"][layer] = None
@@ -248,14 +272,18 @@ class Recorder:
         valid_np = valid.cpu().numpy()
         if valid.is_cuda:  # the per-layer copies to pinned host memory were queued without waiting: wait once
             torch.cuda.current_stream(valid.device).synchronize()
+        if cur["device_path"]:  # each layer's fields and column sums, from its one host copy
+            for layer, d in enumerate(cur["layers"]):
+                fields, colsum = attn_fn.kernels.unpack_layer(d.pop("_host"), cur["layout"])
+                d.update(fields)
+                if cur["colsum"][layer] is _IN_BUFFER:
+                    cur["colsum"][layer] = colsum
         # number of valid queries i >= k that can see key k
         count = np.maximum(valid_np[:, ::-1].cumsum(1)[:, ::-1], 1).astype(np.float32)  # [B, T]
-        alpha = np.stack([c.numpy() for c in cur["colsum"]]) / count[None, :, None, :]  # [L, B, H, T]
-        if "_packed" in cur["layers"][0]:  # the device path's per-token fields, one buffer per layer
-            t, k = valid_np.shape[1], self.top_k
-            for d in cur["layers"]:
-                d.update(attn_fn.kernels.unpack_token_stats(d.pop("_packed"), valid_np.shape[0], t, k))
-        per_layer = {k: np.stack([d[k].numpy() for d in cur["layers"]]) for k in cur["layers"][0]}
+        # sample-major blocks ([B, L, ...]), so that each sample's fields are contiguous views, not 32 strided copies
+        alpha = np.stack([c.numpy() for c in cur["colsum"]], axis=1)  # [B, L, H, T]
+        alpha /= count[:, None, None, :]
+        per_layer = {k: np.stack([d[k].numpy() for d in cur["layers"]], axis=1) for k in cur["layers"][0]}
         massive = [_massive_to_numpy(rec) for rec in cur["massive"]]
         if "massive_buffers" in cur:
             massive.append(_device_massive(*cur["massive_buffers"]))
@@ -291,17 +319,17 @@ class Recorder:
             sample_id=str(sample_id),
             tokens=tokens,
             segments=[(str(s), int(a), int(e)) for s, a, e in segments],
-            attention_received=np.ascontiguousarray(alpha[:, b][..., sel], dtype=np.float32),
-            bos_cosine=np.ascontiguousarray(per_layer["bos_cosine"][:, b][:, sel], dtype=np.float32),
-            max_abs=np.ascontiguousarray(per_layer["max_abs"][:, b][:, sel], dtype=np.float32),
-            median_abs=per_layer["median_abs"][:, b].astype(np.float32),
+            attention_received=np.ascontiguousarray(alpha[b][..., sel], dtype=np.float32),
+            bos_cosine=np.ascontiguousarray(per_layer["bos_cosine"][b][:, sel], dtype=np.float32),
+            max_abs=np.ascontiguousarray(per_layer["max_abs"][b][:, sel], dtype=np.float32),
+            median_abs=per_layer["median_abs"][b].astype(np.float32, copy=False),
             massive=massive_frame(*cols),
-            feature_max_abs=per_layer["feature_max_abs"][:, b].astype(np.float32),
-            mlp_feature_max_abs=per_layer["mlp_feature_max_abs"][:, b].astype(np.float32),
-            top_features=np.ascontiguousarray(per_layer["top_features"][:, b][:, sel], dtype=np.int32),
-            top_values=np.ascontiguousarray(per_layer["top_values"][:, b][:, sel], dtype=np.float32),
-            mlp_top_features=np.ascontiguousarray(per_layer["mlp_top_features"][:, b][:, sel], dtype=np.int32),
-            mlp_top_values=np.ascontiguousarray(per_layer["mlp_top_values"][:, b][:, sel], dtype=np.float32),
+            feature_max_abs=per_layer["feature_max_abs"][b].astype(np.float32, copy=False),
+            mlp_feature_max_abs=per_layer["mlp_feature_max_abs"][b].astype(np.float32, copy=False),
+            top_features=np.ascontiguousarray(per_layer["top_features"][b][:, sel], dtype=np.int32),
+            top_values=np.ascontiguousarray(per_layer["top_values"][b][:, sel], dtype=np.float32),
+            mlp_top_features=np.ascontiguousarray(per_layer["mlp_top_features"][b][:, sel], dtype=np.int32),
+            mlp_top_values=np.ascontiguousarray(per_layer["mlp_top_values"][b][:, sel], dtype=np.float32),
             attention_maps=maps,
             hidden_states=hidden,
             extra=dict(_pick(meta, "extra", b) or {}),
@@ -318,7 +346,7 @@ class Recorder:
         if ids is None:
             return ["<embed>"] * n
         if self.tokenizer is None:
-            return [str(int(i)) for i in ids]
+            return np.asarray(ids).astype(str).tolist()  # one conversion, not a Python loop over T
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
     # --------------------------------------------------------------------------------------------------- saving
@@ -347,6 +375,50 @@ class Recorder:
             writer.append(sample)
             self._saved[key] = self._saved.get(key, 0) + 1
         return writer.path
+
+
+_SWITCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> the configs whose attention implementation the last switch to sinkscope changed: (config, before,
+after). transformers' `set_attn_implementation` walks every submodule and checks the model's source each time
+(1-3 ms a call, twice per `with Recorder(...)`); once it has run, the same switch is replayed directly."""
+
+
+def _switch_attention(model, implementation: str) -> list | None:
+    """Set `model`'s attention implementation. Returns the changes made, as (config, before, after), so that
+    they can be undone exactly; None when transformers keeps the setting elsewhere (then the caller restores
+    with `set_attn_implementation`)."""
+    if not hasattr(model.config, "_attn_implementation_internal"):
+        model.set_attn_implementation(implementation)
+        return None
+    cached = _SWITCHES.get(model)
+    if cached and all(config._attn_implementation_internal == before for config, before, _ in cached):
+        for config, _, after in cached:
+            config._attn_implementation_internal = after
+        if model.config._attn_implementation == implementation:
+            return cached
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "_attn_implementation_internal"):
+            configs.setdefault(id(config), config)
+    queue = list(configs.values())
+    while queue:  # sub-configs, at any depth
+        parent = queue.pop()
+        for name in getattr(parent, "sub_configs", None) or {}:
+            sub = getattr(parent, name, None)
+            if hasattr(sub, "_attn_implementation_internal") and id(sub) not in configs:
+                configs[id(sub)] = sub
+                queue.append(sub)
+    before = [(config, config._attn_implementation_internal) for config in configs.values()]
+    model.set_attn_implementation(implementation)
+    changes = [(config, old, config._attn_implementation_internal) for config, old in before
+               if config._attn_implementation_internal != old]
+    _SWITCHES[model] = changes
+    return changes
+
+
+_IN_BUFFER = object()
+"""Marks a layer whose column sums the device path wrote into its layer buffer."""
 
 
 def _to_host(x: torch.Tensor) -> torch.Tensor:

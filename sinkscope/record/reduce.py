@@ -92,37 +92,21 @@ CHUNK_ELEMENTS = 1 << 22
 
 @torch.no_grad()
 def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor, padded: bool,
-                 top_k: int, abs_threshold: float, rel_threshold: float, device_path: bool = False,
-                 layer: int = 0, buffers: tuple | None = None, first: torch.Tensor | None = None
+                 top_k: int, abs_threshold: float, rel_threshold: float, first: torch.Tensor | None = None
                  ) -> tuple[dict, list[tuple]]:
     """Reductions of one block output `h[B, T, D]` (with the block's `attn_out`, `mlp_out` of the same shape and
-    `valid[B, T]`, True on real tokens). Returns the per-layer fields (torch, on the device) and the massive
-    entries as a list of `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors (one per token
-    chunk that has any).
+    `valid[B, T]`, True on real tokens), in torch. Returns the per-layer fields (torch, on h's device) and the
+    massive entries as a list of `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors (one per
+    token chunk that has any).
 
-    Torch path: the median needs all of h; everything else runs over token chunks of CHUNK_ELEMENTS entries,
-    upcast to float32 one chunk at a time. Device path (CUDA, `buffers` from `kernels.massive_buffers`): the
-    median by the Triton radix select, the per-token fields and the massive entries by one Triton pass over h
-    in its own dtype (the entries go to `buffers`, tagged with `layer`, and the returned list is empty; the
-    per-token fields come packed in one buffer, `stats["_packed"]`, for `kernels.unpack_token_stats`), and the
-    per-feature maxima by two torch reductions; nothing waits for the GPU. `first`: each row's first real
-    position, when the caller has it."""
+    The median needs all of h; everything else runs over token chunks of CHUNK_ELEMENTS entries, upcast to float32
+    one chunk at a time. (On CUDA with Triton the recorder uses `kernels.reduce_layer_device` instead: the same
+    fields in five launches and no host synchronisation.) `first`: each row's first real position, when the caller
+    has it."""
     b, t, d = h.shape
     if first is None:
         first = valid.int().argmax(dim=1)  # first real position of each row
     h0 = h[torch.arange(b, device=h.device), first].float()  # [B, D]
-    if device_path:
-        from sinkscope.record.kernels import median_abs_triton, token_stats_triton
-
-        v = valid if padded else None
-        med, thr = median_abs_triton(h, v, thresholds=(abs_threshold, rel_threshold))  # exact, from h's dtype
-        stats = {"_packed": token_stats_triton(h, mlp_out, attn_out, h0, thr, v, top_k, layer, buffers)}
-        for key, x in (("feature_max_abs", h), ("mlp_feature_max_abs", mlp_out)):
-            if padded:
-                x = x.masked_fill(~valid[..., None], 0)
-            stats[key] = torch.linalg.vector_norm(x, ord=float("inf"), dim=1).float()  # max |x| over tokens
-        stats["median_abs"] = med
-        return stats, []
     med = torch.stack([median_nonneg((h[i][valid[i]] if padded else h[i]).abs().float().reshape(-1))
                        for i in range(b)])  # [B]
     thr = massive_threshold(med, abs_threshold, rel_threshold)  # [B]

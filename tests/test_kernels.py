@@ -97,8 +97,12 @@ def _record(model, device_path: bool, monkeypatch, **kwargs):
     return rec.samples
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
-def test_recorder_device_path_matches_the_torch_path(factory, monkeypatch):
+@pytest.mark.parametrize("factory,rows", [(tiny_llama, 1), (tiny_qwen2, 1), (tiny_llama, 4)],
+                         ids=["llama", "qwen2", "llama-4-rows"])
+def test_recorder_device_path_matches_the_torch_path(factory, rows, monkeypatch):
+    from sinkscope.record import kernels
+
+    monkeypatch.setattr(kernels, "token_config", lambda block_d: (rows, 2))  # rows per token-stats program
     model = factory().to(DEVICE)
     thresholds = {"abs_threshold": 0.0, "rel_threshold": 3.0}  # low, so that the tiny model has massive entries
     fast = _record(model, True, monkeypatch, **thresholds)
@@ -150,8 +154,8 @@ def test_token_chunks_give_the_same_record(monkeypatch):
         assert a.massive.equals(b.massive)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_stats_kernel_against_numpy(dtype):
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 4)])
+def test_token_stats_kernel_against_numpy(dtype, rows):
     """The one-pass per-token kernel of the device path on its own: ties (values rounded to quarters) resolved
     to the smaller feature index, signed values, cos to BOS, and the massive entries of real tokens only, against
     a numpy reference; D off the power-of-two block."""
@@ -170,7 +174,7 @@ def test_token_stats_kernel_against_numpy(dtype):
     h0 = h[torch.arange(b), first].float()
     thr = torch.tensor([30.0, 30.0], device=DEVICE)
     buffers = massive_buffers(b, t, h.device)
-    packed = token_stats_triton(h, m, a, first, thr, valid, k, 3, buffers)
+    packed = token_stats_triton(h, m, a, first, thr, valid, k, 3, buffers, rows=rows)  # 7 tokens: a partial block
     got = {key: x.cpu().numpy() for key, x in unpack_token_stats(packed, b, t, k).items()}
     hn, mn = h.float().cpu().numpy(), m.float().cpu().numpy()
     for name, x in (("top", hn), ("mlp_top", mn)):

@@ -284,7 +284,10 @@ def kernel_bench(t: int, d: int) -> list[dict]:
     (bytes it must read over its time) and whether its outputs equal the default configuration's (bit for bit:
     the token-stats buffer also holds cos-to-BOS, whose sums depend on the reduction order, so other num_warps
     differ in its last bits)."""
-    from sinkscope.record.kernels import colmax_triton, massive_buffers, median_abs_triton, token_stats_triton
+    from triton import next_power_of_2 as triton_next_power_of_2
+
+    from sinkscope.record.kernels import (TOKEN_CONFIG, colmax_triton, massive_buffers, median_abs_triton,
+                                          token_stats_triton)
 
     torch.manual_seed(0)
     h, a, m = (torch.randn(1, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -292,13 +295,32 @@ def kernel_bench(t: int, d: int) -> list[dict]:
     thr = torch.full((1,), 1e4, device="cuda")
     buffers = massive_buffers(1, t, h.device)
     rows = []
-    ref = token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers)
-    for warps in (2, 4, 8, 16):
-        got = token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers, num_warps=warps)
-        sec = event_time(lambda w=warps: token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers, num_warps=w))
-        rows.append(dict(kernel="token_stats", t=t, d=d, config=f"w{warps}", us=1e6 * sec,
-                         gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
-        print(json.dumps(rows[-1]), flush=True)
+    block_d = triton_next_power_of_2(d)
+    ref = token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers, rows=1, num_warps=4)
+    n = t  # B = 1: the buffer's fields are cos [n], max [n], then four [n, 8] parts; cos depends on the sum order
+    best = None
+    for per_program in (1, 2, 4):
+        for warps in (2, 4, 8):
+            if per_program * block_d // (32 * warps) > 64 or per_program * block_d < 32 * warps:
+                continue  # more than 64 keys a thread spills; fewer than one element a thread idles lanes
+            try:
+                got = token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers, rows=per_program, num_warps=warps)
+                sec = event_time(lambda r=per_program, w=warps: token_stats_triton(
+                    h, m, a, first, thr, None, 8, 0, buffers, rows=r, num_warps=w))
+            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is reported, not fatal
+                rows.append(dict(kernel="token_stats", t=t, d=d, config=f"r{per_program} w{warps}",
+                                 error=f"{type(exc).__name__}: {str(exc)[:160]}"))
+                continue
+            same = bool(torch.equal(got[n:], ref[n:])) and bool(torch.allclose(got[:n], ref[:n], atol=1e-6))
+            rows.append(dict(kernel="token_stats", t=t, d=d, config=f"r{per_program} w{warps}", us=1e6 * sec,
+                             gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=same))
+            print(json.dumps(rows[-1]), flush=True)
+            if same and (best is None or sec < best[0]):
+                best = (sec, per_program, warps)
+    if best is not None:  # this run's table uses the fastest exact configuration
+        TOKEN_CONFIG[block_d] = best[1:]
+        print(f"token_stats D={d}: fastest r{best[1]} w{best[2]} ({1e6 * best[0]:.0f} us), used from here on",
+              flush=True)
     ref = torch.stack([torch.linalg.vector_norm(x, ord=float("inf"), dim=1).float() for x in (h, m)])
     torch_sec = event_time(lambda: [torch.linalg.vector_norm(x, ord=float("inf"), dim=1).float() for x in (h, m)])
     rows.append(dict(kernel="feature_max", t=t, d=d, config="torch vector_norm x2 (before)", us=1e6 * torch_sec,
@@ -312,7 +334,7 @@ def kernel_bench(t: int, d: int) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
     ref = median_abs_triton(h)[0]
     passes = 2  # bf16: two radix passes over its 15 bits, each reading h once
-    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 8), (16384, 16)):
+    for block, warps in ((4096, 8), (16384, 8)):  # the default first (session 8 swept six)
         got = median_abs_triton(h, block=block, num_warps=warps)[0]
         sec = event_time(lambda bl=block, w=warps: median_abs_triton(h, block=bl, num_warps=w))
         rows.append(dict(kernel="median", t=t, d=d, config=f"B{block} w{warps}", us=1e6 * sec,
@@ -365,8 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": []}
     if args.kernels:
-        for t, d in ((8192, 2048), (32768, 4096), (2048, 576)):
+        for t, d in ((8192, 2048), (8192, 4096), (8192, 576)):
             extra["kernels"].extend(_guarded(kernel_bench, t, d) or [])
+        from sinkscope.record.kernels import TOKEN_CONFIG
+
+        env["token_config"] = {str(k): list(v) for k, v in TOKEN_CONFIG.items()}
+        print("token-stats configuration of this run:", env["token_config"], flush=True)
     if args.check:
         for shape, t, dtype in (("smollm2-135m", 2048, torch.float32), ("llama-3.2-1b", 4096, torch.bfloat16)):
             extra["checks"].append(_guarded(check_case, shape, t, dtype))

@@ -188,30 +188,31 @@ def radix_final_kernel(hist_ptr, count_ptr, out_ptr, thr_ptr, abs_threshold, rel
 
 @triton.jit
 def _decode_key(key, BLOCK_D: tl.constexpr):
-    """(feature index, signed value) of a `_top_k_row` key."""
+    """(feature index, signed value) of a `_top_k_rows` key."""
     j = BLOCK_D - 1 - ((key & 0xFFFFFFFF) >> 1).to(tl.int32)
     v = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     return j, tl.where((key & 1) == 1, -v, v)
 
 
 @triton.jit
-def _top_k_row(x, dm, offs, out_i_ptr, out_v_ptr, K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The K largest |x| of a row in descending order: their feature indices (the smallest index among exact
-    ties) and the signed values of x there; returns the largest |x|. One reduction per rank: each entry is an
-    int64 key (the bits of |x|, which order like the value; then BLOCK_D - 1 - index, so that the smaller index
-    wins a tie; then the sign), so a single max finds the value, its index and its sign together."""
+def _top_k_rows(x, dm, offs, out_i_ptr, out_v_ptr, rows_ok, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The K largest |x| of each row of x `[ROWS, BLOCK_D]` in descending order: their feature indices (the smallest
+    index among exact ties) and the signed values of x there, stored at `out_i_ptr[r] + i` and `out_v_ptr[r] + i`
+    (pointers `[ROWS]`); returns each row's largest |x|. One reduction per rank: each entry is an int64 key (the
+    bits of |x|, which order like the value; then BLOCK_D - 1 - index, so that the smaller index wins a tie; then
+    the sign), so a single max finds the value, its index and its sign together."""
     bits = tl.abs(x).to(tl.int32, bitcast=True).to(tl.int64)
-    key = (bits << 32) | ((BLOCK_D - 1 - offs).to(tl.int64) << 1) | (x < 0).to(tl.int64)
-    key = tl.where(dm, key, -1)
-    kmax = tl.max(key, 0)
+    key = (bits << 32) | ((BLOCK_D - 1 - offs).to(tl.int64) << 1)[None, :] | (x < 0).to(tl.int64)
+    key = tl.where(dm[None, :], key, -1)
+    kmax = tl.max(key, 1)
     top = ((kmax >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
     for i in tl.static_range(K):
         j, v = _decode_key(kmax, BLOCK_D)
-        tl.store(out_i_ptr + i, j)
-        tl.store(out_v_ptr + i, v)
+        tl.store(out_i_ptr + i, j, mask=rows_ok)
+        tl.store(out_v_ptr + i, v, mask=rows_ok)
         if i + 1 < K:
-            key = tl.where(key == kmax, -1, key)
-            kmax = tl.max(key, 0)
+            key = tl.where(key == kmax[:, None], -1, key)
+            kmax = tl.max(key, 1)
     return top
 
 
@@ -219,43 +220,48 @@ def _top_k_row(x, dm, offs, out_i_ptr, out_v_ptr, K: tl.constexpr, BLOCK_D: tl.c
 def token_stats_kernel(h_ptr, a_ptr, m_ptr, first_ptr, thr_ptr, valid_ptr, out_ptr, out_i_ptr,
                        count_ptr, ent_i_ptr, ent_v_ptr,
                        T, D, N, shb, sht, sab, sat, smb, smt, svb, layer, cap,
-                       K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr):
-    """Everything the recorder keeps per token of one block output, in one pass over the row of h (and of the
-    block's mlp_out): cos to the sample's first real token (row `first[b]` of h), max |h|, the top-K features of
-    |h| and |mlp_out| with their signed values, and the massive entries (|h| >= the sample's threshold), appended
-    to a forward-wide buffer at slots reserved by one atomic per row that has any (rows are sorted on the host
-    afterwards). The per-token fields go to one float32 buffer (`out_ptr`, and `out_i_ptr`, the same memory read
-    as int32, for the feature indices), laid out as `kernels.unpack_token_stats` reads it, N = B * T rows."""
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
+                       K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr, ROWS: tl.constexpr):
+    """Everything the recorder keeps per token of one block output, in one pass over ROWS rows of h (and of the
+    block's mlp_out) of one sample: cos to the sample's first real token (row `first[b]` of h), max |h|, the top-K
+    features of |h| and |mlp_out| with their signed values, and the massive entries (|h| >= the sample's
+    threshold), appended to a forward-wide buffer at slots reserved by one atomic per program that has any (rows
+    are sorted on the host afterwards). The per-token fields go to one float32 buffer (`out_ptr`, and
+    `out_i_ptr`, the same memory read as int32, for the feature indices), laid out as
+    `kernels.unpack_token_stats` reads it, N = B * T rows."""
+    b = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    t_ok = t < T
+    row = b * T + t  # [ROWS]
     offs = tl.arange(0, BLOCK_D)
     dm = offs < D
-    x = tl.load(h_ptr + b * shb + t * sht + offs, mask=dm, other=0.0).to(tl.float32)
-    y = tl.load(m_ptr + b * smb + t * smt + offs, mask=dm, other=0.0).to(tl.float32)
+    mask = t_ok[:, None] & dm[None, :]
+    x = tl.load(h_ptr + b * shb + t[:, None] * sht + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(m_ptr + b * smb + t[:, None] * smt + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     first = tl.load(first_ptr + b)
     h0 = tl.load(h_ptr + b * shb + first * sht + offs, mask=dm, other=0.0).to(tl.float32)
-    dot = tl.sum(x * h0, 0)
-    nn = tl.sum(x * x, 0) * tl.sum(h0 * h0, 0)
-    tl.store(out_ptr + row, dot / tl.sqrt(tl.maximum(nn, 1e-24)))  # F.cosine_similarity with eps=1e-12
-    top = _top_k_row(x, dm, offs, out_i_ptr + 2 * N + row * K, out_ptr + (2 + K) * N + row * K, K, BLOCK_D)
-    tl.store(out_ptr + N + row, top)
-    _top_k_row(y, dm, offs, out_i_ptr + (2 + 2 * K) * N + row * K, out_ptr + (2 + 3 * K) * N + row * K, K, BLOCK_D)
+    dot = tl.sum(x * h0[None, :], 1)
+    nn = tl.sum(x * x, 1) * tl.sum(h0 * h0, 0)
+    tl.store(out_ptr + row, dot / tl.sqrt(tl.maximum(nn, 1e-24)), mask=t_ok)  # F.cosine_similarity, eps=1e-12
+    top = _top_k_rows(x, dm, offs, out_i_ptr + 2 * N + row * K, out_ptr + (2 + K) * N + row * K, t_ok, K, BLOCK_D)
+    tl.store(out_ptr + N + row, top, mask=t_ok)
+    _top_k_rows(y, dm, offs, out_i_ptr + (2 + 2 * K) * N + row * K, out_ptr + (2 + 3 * K) * N + row * K, t_ok, K,
+                BLOCK_D)
     thr = tl.load(thr_ptr + b)
-    any_hit = top >= thr
+    row_hit = t_ok & (top >= thr)
     if HAS_VALID:
-        any_hit = any_hit & (tl.load(valid_ptr + b * svb + t) != 0)
-    if any_hit:
-        hit = dm & (tl.abs(x) >= thr)
-        n_hit = tl.sum(hit.to(tl.int32), 0)
-        base = tl.atomic_add(count_ptr, n_hit)
-        slot = base + tl.cumsum(hit.to(tl.int32), 0) - 1
+        row_hit = row_hit & (tl.load(valid_ptr + b * svb + t, mask=t_ok, other=0) != 0)
+    if tl.max(row_hit.to(tl.int32), 0) > 0:
+        hit = row_hit[:, None] & dm[None, :] & (tl.abs(x) >= thr)
+        flat = tl.reshape(hit.to(tl.int32), [ROWS * BLOCK_D])
+        base = tl.atomic_add(count_ptr, tl.sum(flat, 0))
+        slot = tl.reshape(base + tl.cumsum(flat, 0) - 1, [ROWS, BLOCK_D])
         keep = hit & (slot < cap)
-        a = tl.load(a_ptr + b * sab + t * sat + offs, mask=hit, other=0.0).to(tl.float32)
-        tl.store(ent_i_ptr + slot * 4, tl.zeros_like(slot) + layer, mask=keep)
-        tl.store(ent_i_ptr + slot * 4 + 1, tl.zeros_like(slot) + b.to(tl.int32), mask=keep)
-        tl.store(ent_i_ptr + slot * 4 + 2, tl.zeros_like(slot) + t.to(tl.int32), mask=keep)
-        tl.store(ent_i_ptr + slot * 4 + 3, offs, mask=keep)
+        a = tl.load(a_ptr + b * sab + t[:, None] * sat + offs[None, :], mask=hit, other=0.0).to(tl.float32)
+        zero = tl.zeros([ROWS, BLOCK_D], dtype=tl.int32)
+        tl.store(ent_i_ptr + slot * 4, zero + layer, mask=keep)
+        tl.store(ent_i_ptr + slot * 4 + 1, zero + b.to(tl.int32), mask=keep)
+        tl.store(ent_i_ptr + slot * 4 + 2, zero + t.to(tl.int32)[:, None], mask=keep)
+        tl.store(ent_i_ptr + slot * 4 + 3, zero + offs[None, :], mask=keep)
         tl.store(ent_v_ptr + slot * 3, x, mask=keep)
         tl.store(ent_v_ptr + slot * 3 + 1, a, mask=keep)
         tl.store(ent_v_ptr + slot * 3 + 2, y, mask=keep)

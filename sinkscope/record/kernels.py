@@ -152,7 +152,8 @@ TOKEN_FIELDS = ("bos_cosine", "max_abs", "top_features", "top_values", "mlp_top_
 def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.Tensor, first: torch.Tensor,
                        thr: torch.Tensor, valid: torch.Tensor | None, top_k: int, layer: int,
                        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                       num_warps: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                       num_warps: int | None = None, out: torch.Tensor | None = None,
+                       rows: int | None = None) -> torch.Tensor:
     """The per-token fields of one block output `h` `[B, T, D]` in one launch (see `token_stats_kernel`), packed
     in one float32 buffer (`out` when given: at least `B * T * (2 + 4 * top_k)` contiguous entries) that
     `unpack_token_stats` reads. The massive entries (|h| >= `thr[b]`, real tokens only) go to `buffers`
@@ -165,13 +166,27 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
     count, ent_i, ent_v = buffers
     v = valid.contiguous().view(torch.int8) if valid is not None else count
     block_d = kern.triton.next_power_of_2(d)
-    kern.token_stats[(b * t,)](
+    default_rows, default_warps = token_config(block_d)
+    rows = rows or default_rows
+    kern.token_stats[(kern.triton.cdiv(t, rows), b)](
         h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v,
         t, d, b * t, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
         v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
-        K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None,
-        num_warps=num_warps or (2 if block_d <= 1024 else 4))  # measured best on an H200 (bench --kernels)
+        K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, ROWS=rows,
+        num_warps=num_warps or default_warps)
     return out
+
+
+TOKEN_CONFIG: dict[int, tuple[int, int]] = {}
+"""(rows per program, num_warps) of the token-stats pass by feature block (the hidden size rounded up to a power
+of two), where measured otherwise than `token_config`'s default (`python -m sinkscope.bench.gpu --kernels` times
+them and sets the fastest for its own run)."""
+
+
+def token_config(block_d: int) -> tuple[int, int]:
+    """Rows per program and num_warps of the token-stats pass for a feature block of `block_d`: one row, 2 warps
+    up to 1,024 features and 4 above (measured best on an H200 with one row per program, session 8)."""
+    return TOKEN_CONFIG.get(block_d, (1, 2 if block_d <= 1024 else 4))
 
 
 COLMAX_PROGRAMS = 2048

@@ -286,8 +286,13 @@ def kernel_bench(t: int, d: int) -> list[dict]:
     differ in its last bits)."""
     from triton import next_power_of_2 as triton_next_power_of_2
 
-    from sinkscope.record.kernels import (TOKEN_CONFIG, colmax_triton, massive_buffers, median_abs_triton,
-                                          token_stats_triton)
+    from sinkscope.record.kernels import (
+        TOKEN_CONFIG,
+        colmax_triton,
+        massive_buffers,
+        median_abs_triton,
+        token_stats_triton,
+    )
 
     torch.manual_seed(0)
     h, a, m = (torch.randn(1, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))

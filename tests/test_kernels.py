@@ -255,3 +255,17 @@ def test_layer_buffer_round_trip():
     with pytest.raises(RecorderError, match=r"block 2 output has shape \(2, 19, 41\)"):
         kernels.reduce_layer_device(torch.zeros(b, t, d + 1, device=DEVICE), a, m, buf, layout, first, None, None, 2,
                                     (0.0, 20.0), massive)
+
+
+def test_device_path_with_a_full_map_layer(monkeypatch):
+    """A layer whose full attention map is asked for takes the torch column sums inside the device path; its
+    alpha (delivered apart from the layer buffer) must still land in the right place."""
+    model = tiny_llama().to(DEVICE)
+    fast = _record(model, True, monkeypatch, attention_maps=[(1, 0)])
+    slow = _record(model, False, monkeypatch, attention_maps=[(1, 0)])
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a.attention_received, b.attention_received, atol=1e-5)
+        np.testing.assert_allclose(a.attention_maps[(1, 0)], b.attention_maps[(1, 0)], atol=1e-6)
+        n = len(a.tokens)  # alpha recomputed from the map: the mean over the n - k queries that see key k
+        np.testing.assert_allclose(a.attention_maps[(1, 0)].sum(axis=0) / np.arange(n, 0, -1),
+                                   a.attention_received[1, 0], atol=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ class Recorder:
         self._cur: dict[str, Any] | None = None
         self._previous_impl: str | None = None
         self._switched: list | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._previous_handler = None
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -125,7 +127,15 @@ class Recorder:
             self._hooks.append(block.register_forward_hook(self._on_block_end(i)))
         return self
 
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinkscope-unpack")
+        return self._pool
+
     def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -187,6 +197,12 @@ class Recorder:
             self._cur["buffer"] = [None] * self.n_layers
             padded = self._cur["query_valid"] is not None
             self._cur["count"] = valid.sum(dim=1, dtype=torch.int32) if padded else None
+            # each layer's results are unpacked on a worker thread as soon as their copy lands, while the GPU
+            # runs the next layers, into sample-major blocks ([B, L, ...]) allocated here
+            valid_np = valid.cpu().numpy()  # before any work of this forward is queued: no wait
+            self._cur["query_count"] = _query_count(valid_np)
+            self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
+            self._cur["jobs"] = []
 
     def _attention_request(self, module) -> _Request | None:
         layer = self._attn_index.get(id(module))
@@ -234,7 +250,15 @@ class Recorder:
             host = attn_fn.kernels.reduce_layer_device(
                 h, a, m, buf, cur["layout"], cur["first"], cur["query_valid"], cur["count"], layer,
                 (self.abs_threshold, self.rel_threshold), cur["massive_buffers"])
-            cur["layers"][layer] = {"_host": _to_host(host)}  # one copy per layer, queued without waiting
+            copied = _to_host(host)  # one copy per layer, queued without waiting
+            event = None
+            if host.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            cur["jobs"].append(self._worker().submit(
+                _unpack_layer_into, copied, event, cur["layout"], layer, cur["host"], cur["query_count"],
+                cur["colsum"][layer] is _IN_BUFFER))
+            cur["layers"][layer] = True
             cur["buffer"][layer] = None
         else:
             stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
@@ -272,18 +296,20 @@ class Recorder:
         valid_np = valid.cpu().numpy()
         if valid.is_cuda:  # the per-layer copies to pinned host memory were queued without waiting: wait once
             torch.cuda.current_stream(valid.device).synchronize()
-        if cur["device_path"]:  # each layer's fields and column sums, from its one host copy
-            for layer, d in enumerate(cur["layers"]):
-                fields, colsum = attn_fn.kernels.unpack_layer(d.pop("_host"), cur["layout"])
-                d.update(fields)
-                if cur["colsum"][layer] is _IN_BUFFER:
-                    cur["colsum"][layer] = colsum
-        # number of valid queries i >= k that can see key k
-        count = np.maximum(valid_np[:, ::-1].cumsum(1)[:, ::-1], 1).astype(np.float32)  # [B, T]
-        # sample-major blocks ([B, L, ...]), so that each sample's fields are contiguous views, not 32 strided copies
-        alpha = np.stack([c.numpy() for c in cur["colsum"]], axis=1)  # [B, L, H, T]
-        alpha /= count[:, None, None, :]
-        per_layer = {k: np.stack([d[k].numpy() for d in cur["layers"]], axis=1) for k in cur["layers"][0]}
+        count = _query_count(valid_np)  # [B, T]
+        if cur["device_path"]:  # the worker has unpacked the layers into sample-major blocks: wait for the last
+            for job in cur["jobs"]:
+                job.result()
+            per_layer = dict(cur["host"])
+            alpha = per_layer.pop("alpha")
+            for layer, colsum in enumerate(cur["colsum"]):
+                if colsum is not _IN_BUFFER:  # a layer whose attention took the torch path (full maps asked for)
+                    np.divide(colsum.numpy(), count[:, None, :], out=alpha[:, layer])
+        else:
+            # sample-major blocks ([B, L, ...]), so that each sample's fields are contiguous views, not B copies
+            alpha = np.stack([c.numpy() for c in cur["colsum"]], axis=1)  # [B, L, H, T]
+            alpha /= count[:, None, None, :]
+            per_layer = {k: np.stack([d[k].numpy() for d in cur["layers"]], axis=1) for k in cur["layers"][0]}
         massive = [_massive_to_numpy(rec) for rec in cur["massive"]]
         if "massive_buffers" in cur:
             massive.append(_device_massive(*cur["massive_buffers"]))
@@ -415,6 +441,37 @@ def _switch_attention(model, implementation: str) -> list | None:
                if config._attn_implementation_internal != old]
     _SWITCHES[model] = changes
     return changes
+
+
+def _query_count(valid: np.ndarray) -> np.ndarray:
+    """`[B, T]` float32: the number of real queries i >= k that see key k (at least 1), alpha's denominator."""
+    return np.maximum(valid[:, ::-1].cumsum(1)[:, ::-1], 1).astype(np.float32)
+
+
+def _host_blocks(b: int, t: int, n_layers: int, heads: int, hidden: int, top_k: int) -> dict[str, np.ndarray]:
+    """The device path's per-forward results on the host, sample-major: alpha `[B, L, H, T]` and the per-layer
+    fields `[B, L, ...]` that `_unpack_layer_into` fills layer by layer."""
+    f32, i32 = np.float32, np.int32
+    shapes = {"alpha": ((b, n_layers, heads, t), f32), "bos_cosine": ((b, n_layers, t), f32),
+              "max_abs": ((b, n_layers, t), f32), "median_abs": ((b, n_layers), f32),
+              "feature_max_abs": ((b, n_layers, hidden), f32), "mlp_feature_max_abs": ((b, n_layers, hidden), f32)}
+    for name, dtype in (("top_features", i32), ("top_values", f32), ("mlp_top_features", i32),
+                        ("mlp_top_values", f32)):
+        shapes[name] = ((b, n_layers, t, top_k), dtype)
+    return {name: np.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+
+
+def _unpack_layer_into(host: torch.Tensor, event, layout, layer: int, out: dict[str, np.ndarray],
+                       count: np.ndarray, colsum_in_buffer: bool) -> None:
+    """Worker thread: wait for one layer's copy to land (its CUDA event; the GIL is released while waiting),
+    then write its fields into the forward's host blocks at `[:, layer]` (and alpha = column sums / count)."""
+    if event is not None:
+        event.synchronize()
+    fields, colsum = attn_fn.kernels.unpack_layer(host, layout)
+    for key, x in fields.items():
+        out[key][:, layer] = x.numpy()
+    if colsum_in_buffer:
+        np.divide(colsum.numpy(), count[:, None, :], out=out["alpha"][:, layer])
 
 
 _IN_BUFFER = object()

@@ -75,7 +75,8 @@ def timed(fn, reps: int, cuda: bool) -> tuple[list[float], list[int]]:
     return times, peaks
 
 
-def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False) -> dict:
+def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False,
+             unpack_inline: bool = False) -> dict:
     from sinkscope.record import Recorder
 
     device = next(model.parameters()).device
@@ -87,10 +88,11 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
     def sdpa():
         model.model(input_ids=ids, use_cache=False)
 
-    def recorder(flag: str):
+    def recorder(flag: str, unpack_thread: str = "1"):
         @torch.no_grad()
         def run():
             os.environ["SINKSCOPE_TRITON"] = flag
+            os.environ["SINKSCOPE_UNPACK_THREAD"] = unpack_thread
             with Recorder(model):
                 model.model(input_ids=ids, use_cache=False)
         return run
@@ -104,6 +106,8 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
             model.set_attn_implementation("sdpa")
 
     methods = {"sdpa": sdpa, "recorder": recorder("1")}
+    if unpack_inline:  # the device path with each layer unpacked at the end of the forward, not on a worker thread
+        methods["recorder_inline"] = recorder("1", "0")
     if torch_path:
         methods["recorder_torch_path"] = recorder("0")
     if eager:
@@ -134,6 +138,7 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
         out[f"{name}_ratio"] = out[f"{name}_s"] / base_t
         out[f"{name}_extra_peak_pct"] = 100.0 * (max(runs[name][1]) - base_peak) / base_peak if cuda else float("nan")
     os.environ.pop("SINKSCOPE_TRITON", None)
+    os.environ.pop("SINKSCOPE_UNPACK_THREAD", None)
     return out
 
 
@@ -373,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
     ap.add_argument("--profile", action="store_true", help="first: profiler tables of one recorded forward")
     ap.add_argument("--kernels", action="store_true", help="first: the per-layer Triton reductions' configs")
+    ap.add_argument("--unpack-inline", action="store_true",
+                    help="also time the device path unpacking at the end of the forward (no worker thread)")
     args = ap.parse_args(argv)
     import transformers
 
@@ -425,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
             try:
                 row = run_case(model, batch, t, args.reps, args.torch_path and t <= 8192,
-                               eager=args.eager and batch * t <= 8192)
+                               eager=args.eager and batch * t <= 8192, unpack_inline=args.unpack_inline)
             except torch.OutOfMemoryError as exc:
                 row = {"error": f"out of memory: {str(exc)[:200]}"}
                 torch.cuda.empty_cache()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,7 @@ class Recorder:
             self._cur["query_count"] = _query_count(valid_np)
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
             self._cur["jobs"] = []
+            self._cur["unpack_thread"] = os.environ.get("SINKSCOPE_UNPACK_THREAD") != "0"  # 0: at the end instead
 
     def _attention_request(self, module) -> _Request | None:
         layer = self._attn_index.get(id(module))
@@ -253,11 +255,11 @@ class Recorder:
             copied = _to_host(host)  # one copy per layer, queued without waiting
             event = None
             if host.is_cuda:
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(blocking=True)  # the worker sleeps while it waits, it does not spin
                 event.record()
-            cur["jobs"].append(self._worker().submit(
-                _unpack_layer_into, copied, event, cur["layout"], layer, cur["host"], cur["query_count"],
-                cur["colsum"][layer] is _IN_BUFFER))
+            job = partial(_unpack_layer_into, copied, event, cur["layout"], layer, cur["host"], cur["query_count"],
+                          cur["colsum"][layer] is _IN_BUFFER)
+            cur["jobs"].append(self._worker().submit(job) if cur["unpack_thread"] else job)
             cur["layers"][layer] = True
             cur["buffer"][layer] = None
         else:
@@ -299,7 +301,7 @@ class Recorder:
         count = _query_count(valid_np)  # [B, T]
         if cur["device_path"]:  # the worker has unpacked the layers into sample-major blocks: wait for the last
             for job in cur["jobs"]:
-                job.result()
+                job.result() if isinstance(job, Future) else job()
             per_layer = dict(cur["host"])
             alpha = per_layer.pop("alpha")
             for layer, colsum in enumerate(cur["colsum"]):

@@ -11,8 +11,13 @@
   each reading h once and deriving its prefixes from the earlier passes' histograms on the device, then a final
   launch; no host synchronisation. The mean of the two middle values is taken for an even count, as numpy does.
 
-Both run on the CPU under `TRITON_INTERPRET=1`, which is how the tests check them against the torch reference
-on machines without a GPU.
+- `token_stats_triton`: one pass over the token rows (cos to BOS, max |h|, top-k features of |h| and |mlp_out|,
+  the massive entries); `colmax_triton`: one pass over the columns (per-feature maxima of |h| and |mlp_out|).
+- `layer_layout`, `layer_buffer`, `reduce_layer_device`, `unpack_layer`: the recorder's one device buffer per
+  layer, which all of the above write into and which goes to the host in one copy.
+
+All run on the CPU under `TRITON_INTERPRET=1`, which is how the tests check them against the torch reference on
+machines without a GPU.
 """
 
 from __future__ import annotations

@@ -424,6 +424,8 @@ def _switch_attention(model, implementation: str) -> list | None:
             config._attn_implementation_internal = after
         if model.config._attn_implementation == implementation:
             return cached
+        for config, before, _ in cached:  # the replay did not take: undo it, then switch the slow way
+            config._attn_implementation_internal = before
     configs = {id(model.config): model.config}
     for module in model.modules():
         config = getattr(module, "config", None)

@@ -97,8 +97,7 @@ def _record(model, device_path: bool, monkeypatch, **kwargs):
     return rec.samples
 
 
-@pytest.mark.parametrize("factory,rows", [(tiny_llama, 1), (tiny_qwen2, 1), (tiny_llama, 4)],
-                         ids=["llama", "qwen2", "llama-4-rows"])
+@pytest.mark.parametrize("factory,rows", [(tiny_llama, 1), (tiny_qwen2, 2)], ids=["llama", "qwen2-2-rows"])
 def test_recorder_device_path_matches_the_torch_path(factory, rows, monkeypatch):
     from sinkscope.record import kernels
 

@@ -335,11 +335,11 @@ def kernel_bench(t: int, d: int) -> list[dict]:
     torch_sec = event_time(lambda: [torch.linalg.vector_norm(x, ord=float("inf"), dim=1).float() for x in (h, m)])
     rows.append(dict(kernel="feature_max", t=t, d=d, config="torch vector_norm x2 (before)", us=1e6 * torch_sec,
                      gb_per_s=2 * h.numel() * 2 / torch_sec / 1e9, same=True))
-    for block_t, block_d, warps in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8)):
-        got = colmax_triton(h, m, None, block_t=block_t, block_d=block_d, num_warps=warps)
-        sec = event_time(lambda bt=block_t, bd=block_d, w=warps: colmax_triton(h, m, None, block_t=bt, block_d=bd,
-                                                                                num_warps=w))
-        rows.append(dict(kernel="feature_max", t=t, d=d, config=f"T{block_t} D{block_d} w{warps}", us=1e6 * sec,
+    for block_t, cols, warps in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8)):
+        got = colmax_triton(h, m, None, block_t=block_t, block_d=cols, num_warps=warps)
+        sec = event_time(lambda bt=block_t, bd=cols, w=warps: colmax_triton(h, m, None, block_t=bt, block_d=bd,
+                                                                             num_warps=w))
+        rows.append(dict(kernel="feature_max", t=t, d=d, config=f"T{block_t} D{cols} w{warps}", us=1e6 * sec,
                          gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
         print(json.dumps(rows[-1]), flush=True)
     ref = median_abs_triton(h)[0]

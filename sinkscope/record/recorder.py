@@ -298,7 +298,7 @@ class Recorder:
         valid_np = valid.cpu().numpy()
         if valid.is_cuda:  # the per-layer copies to pinned host memory were queued without waiting: wait once
             torch.cuda.current_stream(valid.device).synchronize()
-        count = _query_count(valid_np)  # [B, T]
+        count = cur["query_count"] if cur["device_path"] else _query_count(valid_np)  # [B, T]
         if cur["device_path"]:  # the worker has unpacked the layers into sample-major blocks: wait for the last
             for job in cur["jobs"]:
                 job.result() if isinstance(job, Future) else job()

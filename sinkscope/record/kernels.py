@@ -182,24 +182,17 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
     return out
 
 
-TOKEN_CONFIG: dict[int, tuple[int, int]] = {}
+TOKEN_CONFIG: dict[int, tuple[int, int]] = {1024: (2, 2), 2048: (1, 2), 4096: (1, 4)}
 """(rows per program, num_warps) of the token-stats pass by feature block (the hidden size rounded up to a power
-of two), where measured otherwise than `token_config`'s default (`python -m sinkscope.bench.gpu --kernels` times
-them and sets the fastest for its own run)."""
-
-
-MEASURED_TOKEN_CONFIG = {1024: (2, 2), 2048: (1, 2), 4096: (1, 4)}
-"""The fastest exact (rows, num_warps) on an H200 at T = 8192, bf16 (`bench.gpu --kernels`, session 11): hidden
-576 157 us (one row: 162), 2048 291 us (4 warps: 301), 4096 499 us (2 rows, 8 warps: 571)."""
+of two): the fastest exact ones on an H200 at T = 8192, bf16 (`python -m sinkscope.bench.gpu --kernels`, session
+11: hidden 576 157 us (one row: 162), 2048 291 us (4 warps: 301), 4096 499 us (2 rows, 8 warps: 571)). The
+benchmark's `--kernels` overwrites them with its own run's fastest."""
 
 
 def token_config(block_d: int) -> tuple[int, int]:
-    """Rows per program and num_warps of the token-stats pass for a feature block of `block_d`: a measured one
-    (MEASURED_TOKEN_CONFIG, or TOKEN_CONFIG set by the benchmark), else one row and 2 warps up to 1,024 features,
-    4 above."""
-    if block_d in TOKEN_CONFIG:
-        return TOKEN_CONFIG[block_d]
-    return MEASURED_TOKEN_CONFIG.get(block_d, (1, 2 if block_d <= 1024 else 4))
+    """Rows per program and num_warps of the token-stats pass for a feature block of `block_d`: TOKEN_CONFIG's,
+    else one row and 2 warps up to 1,024 features, 4 above."""
+    return TOKEN_CONFIG.get(block_d, (1, 2 if block_d <= 1024 else 4))
 
 
 COLMAX_PROGRAMS = 2048

@@ -179,9 +179,12 @@ class Recorder:
             if hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
                 raise RecorderError("the recorder records full forward passes; a filled KV cache was passed")
         valid = torch.ones(b, t, dtype=torch.bool, device=ref.device) if mask is None else mask.to(ref.device).bool()
+        valid_np = valid.cpu().numpy()  # once per forward, before any of its work is queued
         self._cur = {
             "valid": valid,
-            "query_valid": None if bool(valid.all()) else valid,
+            "valid_np": valid_np,
+            "query_count": _query_count(valid_np),  # [B, T], alpha's denominator
+            "query_valid": None if valid_np.all() else valid,
             "device_path": attn_fn.kernels.available(ref.device),
             "input_ids": None if input_ids is None else input_ids.detach(),
             "colsum": [None] * self.n_layers,
@@ -197,11 +200,9 @@ class Recorder:
             self._cur["layout"] = attn_fn.kernels.layer_layout(b, t, self.hidden_size, self.n_heads, self.top_k)
             self._cur["buffer"] = [None] * self.n_layers
             padded = self._cur["query_valid"] is not None
-            self._cur["count"] = valid.sum(dim=1, dtype=torch.int32) if padded else None
+            self._cur["real_tokens"] = valid.sum(dim=1, dtype=torch.int32) if padded else None  # the median's n
             # each layer's results are unpacked on a worker thread as soon as their copy lands, while the GPU
             # runs the next layers, into sample-major blocks ([B, L, ...]) allocated here
-            valid_np = valid.cpu().numpy()  # before any work of this forward is queued: no wait
-            self._cur["query_count"] = _query_count(valid_np)
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
             self._cur["jobs"] = []
             self._cur["unpack_thread"] = os.environ.get("SINKSCOPE_UNPACK_THREAD") != "0"  # 0: at the end instead
@@ -250,7 +251,7 @@ class Recorder:
             if buf is None:
                 raise RecorderError(f"block {layer}'s attention did not run through the attention interface")
             host = attn_fn.kernels.reduce_layer_device(
-                h, a, m, buf, cur["layout"], cur["first"], cur["query_valid"], cur["count"], layer,
+                h, a, m, buf, cur["layout"], cur["first"], cur["query_valid"], cur["real_tokens"], layer,
                 (self.abs_threshold, self.rel_threshold), cur["massive_buffers"])
             copied = _to_host(host)  # one copy per layer, queued without waiting
             event = None
@@ -294,11 +295,9 @@ class Recorder:
         if missing:
             raise RecorderError(f"layers {missing} were not recorded: the model bypassed the attention "
                                 "interface or the decoder blocks")
-        valid = cur["valid"]
-        valid_np = valid.cpu().numpy()
+        valid, valid_np, count = cur["valid"], cur["valid_np"], cur["query_count"]
         if valid.is_cuda:  # the per-layer copies to pinned host memory were queued without waiting: wait once
             torch.cuda.current_stream(valid.device).synchronize()
-        count = cur["query_count"] if cur["device_path"] else _query_count(valid_np)  # [B, T]
         if cur["device_path"]:  # the worker has unpacked the layers into sample-major blocks: wait for the last
             for job in cur["jobs"]:
                 job.result() if isinstance(job, Future) else job()

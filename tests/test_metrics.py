@@ -101,6 +101,25 @@ def test_massive_frame_matches_its_definition_in_pandas(n):
     if m > 1:
         assert (want["origin_layer"] < want["layer"]).any(), "the case must hold pairs massive in several layers"
 
+def test_massive_frames_split_a_batch_and_keep_origins_per_sample():
+    """The batched massive_frames equals massive_frame run on each sample alone: the same (token, feature) massive
+    from layer 1 in one sample and from layer 2 in another keeps its own origin in each; a sample without records
+    gets an empty frame with the same columns and dtypes."""
+    rng = np.random.default_rng(3)
+    rows = [(0, 2, 5, 7), (1, 1, 5, 7), (0, 3, 5, 7), (1, 2, 0, 1), (3, 1, 4, 2)]  # (sample, layer, token, feature)
+    sample, layer, token, feature = map(np.array, zip(*rows, strict=True))
+    value, attn, mlp = rng.normal(size=(3, len(rows))).astype(np.float32)
+    got = metrics.massive_frames(sample, layer, token, feature, value, attn, mlp, n_samples=4)
+    assert len(got) == 4
+    for b in range(4):
+        k = sample == b
+        want = metrics.massive_frame(layer[k], token[k], feature[k], value[k], attn[k], mlp[k])
+        pd.testing.assert_frame_equal(got[b], want)
+    assert got[0]["origin_layer"].tolist() == [2, 2] and got[1]["origin_layer"].tolist() == [1, 2]
+    assert got[2].empty and list(got[2].columns) == metrics.MASSIVE_COLUMNS
+    assert (got[2].dtypes == got[0].dtypes).all()
+
+
 def test_feature_sets_and_jaccard():
     df = pd.DataFrame({"layer": [2, 2, 2, 3], "token": [0, 0, 5, 0], "feature": [7, 9, 7, 7]})
     assert metrics.massive_feature_sets(df) == {2: {7, 9}, 3: {7}}

@@ -220,6 +220,24 @@ def test_cuda_device_path_matches_eager_with_padding(dtype):
                                    rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama-2kv", "qwen2-1kv"])
+def test_cuda_unpadded_bf16_grouped_heads_match_eager(make):
+    """Unpadded bf16 on CUDA takes cuDNN's attention with the grouped-query K and V as they are (not repeated):
+    its output (through the logits) and its log-sum-exp (through alpha) against HF eager."""
+    model = make().to("cuda", torch.bfloat16)
+    ids = torch.randint(3, 128, (2, 40), device="cuda")
+    ids[:, 0] = 1
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits.float()
+        with Recorder(model) as rec:
+            recorded = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(recorded, plain, atol=2e-2, rtol=2e-2)
+    for b, s in enumerate(rec.samples):
+        attn, _, _ = eager_reference(model, ids[b : b + 1])
+        np.testing.assert_allclose(s.attention_received, metrics.attention_received(attn.cpu()), atol=2e-3)
+
+
 @pytest.mark.parametrize("case", ["odd", "even", "ties", "bracket-miss", "small"])
 def test_median_is_numpys_exactly(case):
     """The CPU median (a random bracket, then a selection inside it; numpy) against np.median, bit for bit, also

@@ -75,8 +75,7 @@ def timed(fn, reps: int, cuda: bool) -> tuple[list[float], list[int]]:
     return times, peaks
 
 
-def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False,
-             unpack_inline: bool = False) -> dict:
+def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False) -> dict:
     from sinkscope.record import Recorder
 
     device = next(model.parameters()).device
@@ -88,11 +87,10 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
     def sdpa():
         model.model(input_ids=ids, use_cache=False)
 
-    def recorder(flag: str, unpack_thread: str = "1"):
+    def recorder(flag: str):
         @torch.no_grad()
         def run():
             os.environ["SINKSCOPE_TRITON"] = flag
-            os.environ["SINKSCOPE_UNPACK_THREAD"] = unpack_thread
             with Recorder(model):
                 model.model(input_ids=ids, use_cache=False)
         return run
@@ -106,8 +104,6 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
             model.set_attn_implementation("sdpa")
 
     methods = {"sdpa": sdpa, "recorder": recorder("1")}
-    if unpack_inline:  # the device path with each layer unpacked at the end of the forward, not on a worker thread
-        methods["recorder_inline"] = recorder("1", "0")
     if torch_path:
         methods["recorder_torch_path"] = recorder("0")
     if eager:
@@ -138,7 +134,6 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
         out[f"{name}_ratio"] = out[f"{name}_s"] / base_t
         out[f"{name}_extra_peak_pct"] = 100.0 * (max(runs[name][1]) - base_peak) / base_peak if cuda else float("nan")
     os.environ.pop("SINKSCOPE_TRITON", None)
-    os.environ.pop("SINKSCOPE_UNPACK_THREAD", None)
     return out
 
 
@@ -232,6 +227,91 @@ def profile_case(shape: str, batch: int, t: int, out: Path) -> dict:
     return result
 
 
+def host_case(shape: str, batch: int, t: int, out: Path, reps: int = 5) -> dict:
+    """Where a recorded forward's wall time goes on the host: the time until the decoder body's end hook runs (the
+    host enqueueing every layer's work), the wait in its synchronisation (the GPU still busy: a GPU-bound
+    forward), and the host work after it (unpacking, the samples); with the GPU span (CUDA events, forward start
+    to the end hook) and the plain forward's wall and GPU span for comparison. Then cProfile over `reps` recorded
+    forwards, its top functions by own time appended to `host_profile.txt`."""
+    import cProfile
+    import io
+    import pstats
+
+    from sinkscope.record import Recorder
+    from sinkscope.record import recorder as recorder_module
+
+    model = build(shape)
+    ids = torch.randint(3, model.config.vocab_size, (batch, t), device="cuda")
+    os.environ["SINKSCOPE_TRITON"] = "1"
+    marks: dict[str, float] = {}
+    body_end = recorder_module.Recorder._on_body_end
+    stream_sync = torch.cuda.Stream.synchronize
+
+    def timed_body_end(self, *args, **kwargs):
+        marks["enqueued"] = time.perf_counter()
+        marks["event"] = torch.cuda.Event(enable_timing=True)
+        marks["event"].record()
+        return body_end(self, *args, **kwargs)
+
+    def timed_sync(self):
+        t0 = time.perf_counter()
+        stream_sync(self)
+        marks["sync_s"] = marks.get("sync_s", 0.0) + time.perf_counter() - t0
+
+    def one(record: bool) -> dict:
+        marks.clear()
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        with torch.no_grad():
+            if record:
+                with Recorder(model):
+                    model.model(input_ids=ids, use_cache=False)
+            else:
+                model.model(input_ids=ids, use_cache=False)
+                marks["enqueued"] = time.perf_counter()
+                marks["event"] = torch.cuda.Event(enable_timing=True)
+                marks["event"].record()
+        t_ret = time.perf_counter()
+        torch.cuda.synchronize()
+        t_end = time.perf_counter()
+        return dict(wall_ms=1e3 * (t_end - t0), enqueue_ms=1e3 * (marks["enqueued"] - t0),
+                    sync_wait_ms=1e3 * marks.get("sync_s", 0.0), after_end_hook_ms=1e3 * (t_ret - marks["enqueued"]),
+                    gpu_span_ms=start.elapsed_time(marks["event"]))
+
+    recorder_module.Recorder._on_body_end = timed_body_end
+    torch.cuda.Stream.synchronize = timed_sync
+    try:
+        for record in (False, True, False, True):  # warm-up
+            one(record)
+        rows = {"sdpa": [], "recorder": []}
+        for _ in range(reps):
+            for label, record in (("sdpa", False), ("recorder", True)):
+                rows[label].append(one(record))
+    finally:
+        recorder_module.Recorder._on_body_end = body_end
+        torch.cuda.Stream.synchronize = stream_sync
+    result = {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for label, runs in rows.items()}
+    result.update(shape=shape, batch=batch, t=t)
+    print("host", json.dumps(result), flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        with torch.no_grad(), Recorder(model):
+            model.model(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(45)
+    with (out / "host_profile.txt").open("a") as f:
+        f.write(f"\n== {shape} B={batch} T={t}: {reps} recorded forwards\n{text.getvalue()}\n")
+    os.environ.pop("SINKSCOPE_TRITON", None)
+    return result
+
+
 def check_case(shape: str, t: int, dtype: torch.dtype) -> dict:
     """The device path against the torch path (what main shipped, checked against eager by the tests) at a real
     shape: largest |alpha| difference, cos-to-BOS difference, median equality, and the massive sets (thresholds
@@ -252,6 +332,15 @@ def check_case(shape: str, t: int, dtype: torch.dtype) -> dict:
                      .masked_fill_(torch.ones(min(512, t - i), t, dtype=torch.bool, device="cuda")
                                    .triu_(i + 1), float("-inf")).logsumexp(-1) for i in range(0, t, 512)], dim=-1)
     lse_diff = None if lse is None else float((lse - ref).abs().max())
+    # cuDNN is given grouped-query K and V unrepeated: its output against the same call on repeated K and V
+    gqa_out_diff = None
+    if dtype in (torch.bfloat16, torch.float16):
+        out_gqa = sdpa_with_lse(q, k, v, None, d**-0.5)[0]
+        rep = hq // hkv
+        out_rep = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), None, True, 0.0, True, False,
+            scale=d**-0.5)[0]
+        gqa_out_diff = float((out_gqa.float() - out_rep.float()).abs().max())
     del q, k, v, kk
 
     model = build(shape).to(dtype)
@@ -267,6 +356,7 @@ def check_case(shape: str, t: int, dtype: torch.dtype) -> dict:
     os.environ.pop("SINKSCOPE_TRITON", None)
     fast, slow = samples["1"], samples["0"]
     row = dict(shape=shape, t=t, dtype=str(dtype).removeprefix("torch."), lse_max_diff_vs_fp32=lse_diff,
+               gqa_out_max_diff_vs_repeated=gqa_out_diff,
                alpha_max_diff=max(float(np.abs(a.attention_received - b.attention_received).max())
                                   for a, b in zip(fast, slow, strict=True)),
                cos_max_diff=max(float(np.abs(a.bos_cosine - b.bos_cosine).max()) for a, b in zip(fast, slow,
@@ -377,9 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check", action="store_true", help="first: device path vs torch path at real shapes")
     ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
     ap.add_argument("--profile", action="store_true", help="first: profiler tables of one recorded forward")
+    ap.add_argument("--host", action="store_true", help="first: where a recorded forward's host time goes")
     ap.add_argument("--kernels", action="store_true", help="first: the per-layer Triton reductions' configs")
-    ap.add_argument("--unpack-inline", action="store_true",
-                    help="also time the device path unpacking at the end of the forward (no worker thread)")
     args = ap.parse_args(argv)
     import transformers
 
@@ -397,7 +486,12 @@ def main(argv: list[str] | None = None) -> None:
         env["triton"] = None
     print(json.dumps(env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": []}
+    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": [], "host": []}
+    if args.host:
+        for shape, batch, t in (("smollm2-135m", 1, 2048), ("llama-3.2-1b", 1, 8192), ("llama-3.2-1b", 32, 256),
+                                ("llama-3.2-1b", 1, 2048)):
+            extra["host"].append(_guarded(host_case, shape, batch, t, args.out))
+            torch.cuda.empty_cache()
     if args.kernels:
         for t, d in ((8192, 2048), (8192, 4096), (8192, 576)):
             extra["kernels"].extend(_guarded(kernel_bench, t, d) or [])
@@ -432,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
             try:
                 row = run_case(model, batch, t, args.reps, args.torch_path and t <= 8192,
-                               eager=args.eager and batch * t <= 8192, unpack_inline=args.unpack_inline)
+                               eager=args.eager and batch * t <= 8192)
             except torch.OutOfMemoryError as exc:
                 row = {"error": f"out of memory: {str(exc)[:200]}"}
                 torch.cuda.empty_cache()

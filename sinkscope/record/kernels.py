@@ -223,13 +223,15 @@ def colmax_triton(h: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor | 
 
 def unpack_token_stats(packed: torch.Tensor, b: int, t: int, top_k: int) -> dict[str, torch.Tensor]:
     """Views of `token_stats_triton`'s buffer (on the device or copied to the host): `bos_cosine`, `max_abs`
-    `[B, T]`; `top_features` (int32), `top_values`, `mlp_top_features` (int32), `mlp_top_values` `[B, T, k]`."""
+    `[B, T]`; `top_features` (int32), `top_values`, `mlp_top_features` (int32), `mlp_top_values` `[B, T, k]`.
+    A `packed` with leading dimensions (several layers' buffers, `[..., N]`) gives fields with those in front."""
     n = b * t
-    bt, btk = (b, t), (b, t, top_k)
+    lead = tuple(packed.shape[:-1])
+    bt, btk = (*lead, b, t), (*lead, b, t, top_k)
     sizes = (n, n, n * top_k, n * top_k, n * top_k, n * top_k)
-    parts = packed[: sum(sizes)].split(sizes)
+    parts = packed[..., : sum(sizes)].split(sizes, dim=-1)
     shapes = (bt, bt, btk, btk, btk, btk)
-    out = {key: part.view(shape) for key, part, shape in zip(TOKEN_FIELDS, parts, shapes, strict=True)}
+    out = {key: part.reshape(shape) for key, part, shape in zip(TOKEN_FIELDS, parts, shapes, strict=True)}
     for key in ("top_features", "mlp_top_features"):
         out[key] = out[key].view(torch.int32)
     return out
@@ -300,10 +302,12 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
 
 def unpack_layer(host: torch.Tensor, layout: SimpleNamespace) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The fields of a layer buffer's host part (`reduce_layer_device`'s result, copied): the per-token fields,
-    `feature_max_abs`, `mlp_feature_max_abs` `[B, D]`, `median_abs` `[B]`; and the column sums `[B, Hq, T]`."""
+    `feature_max_abs`, `mlp_feature_max_abs` `[B, D]`, `median_abs` `[B]`; and the column sums `[B, Hq, T]`.
+    `host` `[L, N]` (several layers' host parts stacked) gives every field with a leading `[L]`."""
     b, d, base = layout.batch, layout.hidden, layout.feat
-    fields = unpack_token_stats(host[layout.tok - base: layout.col - base], b, layout.tokens, layout.top_k)
-    feat = host[: 2 * b * d].view(2, b, d)
-    fields["feature_max_abs"], fields["mlp_feature_max_abs"] = feat[0], feat[1]
-    fields["median_abs"] = host[layout.stats - base: layout.stats - base + b]
-    return fields, host[layout.col - base:].view(b, layout.heads, layout.tokens)
+    lead = tuple(host.shape[:-1])
+    fields = unpack_token_stats(host[..., layout.tok - base: layout.col - base], b, layout.tokens, layout.top_k)
+    feat = host[..., : 2 * b * d].reshape(*lead, 2, b, d)
+    fields["feature_max_abs"], fields["mlp_feature_max_abs"] = feat[..., 0, :, :], feat[..., 1, :, :]
+    fields["median_abs"] = host[..., layout.stats - base: layout.stats - base + b]
+    return fields, host[..., layout.col - base:].reshape(*lead, b, layout.heads, layout.tokens)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 
 from sinkscope.errors import RecorderError
-from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, MIN_QUERIES, SINK_EPS, SINK_HEAD_FRACTION, massive_frame
+from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, MIN_QUERIES, SINK_EPS, SINK_HEAD_FRACTION, massive_frames
 from sinkscope.record import attention as attn_fn
 from sinkscope.record.blocks import find_decoder_layers, find_hf_model, first_output
 from sinkscope.record.reduce import reduce_layer
@@ -108,8 +106,8 @@ class Recorder:
         self._cur: dict[str, Any] | None = None
         self._previous_impl: str | None = None
         self._switched: list | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._previous_handler = None
+        self._token_text: dict[int, str] = {}  # id -> tokenizer.decode([id]), filled as ids are met
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> Recorder:
@@ -128,15 +126,7 @@ class Recorder:
             self._hooks.append(block.register_forward_hook(self._on_block_end(i)))
         return self
 
-    def _worker(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinkscope-unpack")
-        return self._pool
-
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -201,11 +191,13 @@ class Recorder:
             self._cur["buffer"] = [None] * self.n_layers
             padded = self._cur["query_valid"] is not None
             self._cur["real_tokens"] = valid.sum(dim=1, dtype=torch.int32) if padded else None  # the median's n
-            # each layer's results are unpacked on a worker thread as soon as their copy lands, while the GPU
-            # runs the next layers, into sample-major blocks ([B, L, ...]) allocated here
+            # every layer's results go to one pinned host block [L, N], a copy per layer queued without waiting,
+            # then into sample-major blocks ([B, L, ...]) at the end of the forward
+            layout = self._cur["layout"]
+            self._cur["landing"] = torch.empty((self.n_layers, layout.total - layout.feat), dtype=torch.float32,
+                                               pin_memory=ref.is_cuda)
+            self._cur["events"] = [None] * self.n_layers
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
-            self._cur["jobs"] = []
-            self._cur["unpack_thread"] = os.environ.get("SINKSCOPE_UNPACK_THREAD") != "0"  # 0: at the end instead
 
     def _attention_request(self, module) -> _Request | None:
         layer = self._attn_index.get(id(module))
@@ -253,14 +245,10 @@ class Recorder:
             host = attn_fn.kernels.reduce_layer_device(
                 h, a, m, buf, cur["layout"], cur["first"], cur["query_valid"], cur["real_tokens"], layer,
                 (self.abs_threshold, self.rel_threshold), cur["massive_buffers"])
-            copied = _to_host(host)  # one copy per layer, queued without waiting
-            event = None
+            cur["landing"][layer].copy_(host, non_blocking=True)  # one copy per layer, queued without waiting
             if host.is_cuda:
-                event = torch.cuda.Event(blocking=True)  # the worker sleeps while it waits, it does not spin
+                cur["events"][layer] = event = torch.cuda.Event()
                 event.record()
-            job = partial(_unpack_layer_into, copied, event, cur["layout"], layer, cur["host"], cur["query_count"],
-                          cur["colsum"][layer] is _IN_BUFFER)
-            cur["jobs"].append(self._worker().submit(job) if cur["unpack_thread"] else job)
             cur["layers"][layer] = True
             cur["buffer"][layer] = None
         else:
@@ -296,11 +284,12 @@ class Recorder:
             raise RecorderError(f"layers {missing} were not recorded: the model bypassed the attention "
                                 "interface or the decoder blocks")
         valid, valid_np, count = cur["valid"], cur["valid_np"], cur["query_count"]
-        if valid.is_cuda:  # the per-layer copies to pinned host memory were queued without waiting: wait once
+        if cur["device_path"]:  # unpacked while the GPU finishes the last layers, in runs of landed layers
+            _unpack_layers(cur["landing"], cur["events"], cur["layout"], cur["host"], count,
+                           [c is _IN_BUFFER for c in cur["colsum"]])
+        if valid.is_cuda:  # the other copies to pinned host memory were queued without waiting: wait once
             torch.cuda.current_stream(valid.device).synchronize()
-        if cur["device_path"]:  # the worker has unpacked the layers into sample-major blocks: wait for the last
-            for job in cur["jobs"]:
-                job.result() if isinstance(job, Future) else job()
+        if cur["device_path"]:
             per_layer = dict(cur["host"])
             alpha = per_layer.pop("alpha")
             for layer, colsum in enumerate(cur["colsum"]):
@@ -323,18 +312,15 @@ class Recorder:
                 raise RecorderError(f"the MoME router of layers {missing} did not run in this forward")
             cur["router"] = tuple(torch.stack([self.routing.routing[i][key] for i in range(self.n_layers)])
                                   .cpu().numpy() for key in ("ids", "gates"))  # [L, B, T, k] each
+        frames = _massive_per_sample(massive, valid_np)
         for b in range(valid_np.shape[0]):
-            self.samples.append(self._sample(b, valid_np[b], alpha, per_layer, massive, cur, input_ids, meta))
+            self.samples.append(self._sample(b, valid_np[b], alpha, per_layer, frames[b], cur, input_ids, meta))
         self._cur = None
 
     def _sample(self, b, valid, alpha, per_layer, massive, cur, input_ids, meta) -> SampleRecord:
         idx = np.flatnonzero(valid)
         n = len(idx)
         sel = slice(int(idx[0]), int(idx[-1]) + 1) if n and idx[-1] - idx[0] + 1 == n else idx  # views, no copy
-        rel = np.cumsum(valid) - 1  # absolute position -> position within the sample
-        picked = [(np.full(int(k.sum()), layer) if np.isscalar(layer) else layer[k], rel[t[k]], j[k], v[k], a[k], m[k])
-                  for layer, mb, t, j, v, a, m in massive for k in [mb == b]]
-        cols = [np.concatenate(c) for c in zip(*picked, strict=True)] if picked else [np.zeros(0)] * 6
         ids = None if input_ids is None else input_ids[b, idx]
         tokens = self._tokens(b, n, ids, meta)
         segments = _pick(meta, "segments", b) or _default_segments(ids, n, self.hf_model.config)
@@ -350,7 +336,7 @@ class Recorder:
             bos_cosine=np.ascontiguousarray(per_layer["bos_cosine"][b][:, sel], dtype=np.float32),
             max_abs=np.ascontiguousarray(per_layer["max_abs"][b][:, sel], dtype=np.float32),
             median_abs=per_layer["median_abs"][b].astype(np.float32, copy=False),
-            massive=massive_frame(*cols),
+            massive=massive,
             feature_max_abs=per_layer["feature_max_abs"][b].astype(np.float32, copy=False),
             mlp_feature_max_abs=per_layer["mlp_feature_max_abs"][b].astype(np.float32, copy=False),
             top_features=np.ascontiguousarray(per_layer["top_features"][b][:, sel], dtype=np.int32),
@@ -373,8 +359,12 @@ class Recorder:
         if ids is None:
             return ["<embed>"] * n
         if self.tokenizer is None:
-            return np.asarray(ids).astype(str).tolist()  # one conversion, not a Python loop over T
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+            return list(map(str, np.asarray(ids).tolist()))
+        # each id decoded once per recorder (a decode call per position cost ~1 ms per 100 tokens)
+        known = self._token_text
+        for i in set(np.asarray(ids).tolist()) - known.keys():
+            known[i] = self.tokenizer.decode([i])
+        return [known[i] for i in np.asarray(ids).tolist()]
 
     # --------------------------------------------------------------------------------------------------- saving
     def manifest(self, config: dict | None = None) -> dict:
@@ -464,17 +454,31 @@ def _host_blocks(b: int, t: int, n_layers: int, heads: int, hidden: int, top_k: 
     return {name: np.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
 
 
-def _unpack_layer_into(host: torch.Tensor, event, layout, layer: int, out: dict[str, np.ndarray],
-                       count: np.ndarray, colsum_in_buffer: bool) -> None:
-    """Worker thread: wait for one layer's copy to land (its CUDA event; the GIL is released while waiting),
-    then write its fields into the forward's host blocks at `[:, layer]` (and alpha = column sums / count)."""
-    if event is not None:
-        event.synchronize()
-    fields, colsum = attn_fn.kernels.unpack_layer(host, layout)
-    for key, x in fields.items():
-        out[key][:, layer] = x.numpy()
-    if colsum_in_buffer:
-        np.divide(colsum.numpy(), count[:, None, :], out=out["alpha"][:, layer])
+def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, np.ndarray], count: np.ndarray,
+                   colsum_in_buffer: list[bool]) -> None:
+    """The device path's host side at the end of a forward: copy every layer's results from the pinned block
+    `landing` `[L, N]` into the sample-major blocks `out` (`[B, L, ...]`; alpha = column sums / count), in runs
+    of consecutive layers whose copies have landed (each run waits for its first layer's CUDA event, then takes
+    every later layer already done), so that the host works while the GPU runs the last layers and each run costs
+    a few numpy calls whatever its length. `events[l]` None: no GPU (the interpreter's CPU tests)."""
+    n, i = len(events), 0
+    while i < n:
+        if events[i] is not None:
+            events[i].synchronize()
+        j = i + 1
+        while j < n and (events[j] is None or events[j].query()):
+            j += 1
+        fields, colsum = attn_fn.kernels.unpack_layer(landing[i:j], layout)  # [j - i, B, ...] views
+        for key, x in fields.items():
+            out[key][:, i:j] = np.swapaxes(x.numpy(), 0, 1)
+        sums = np.swapaxes(colsum.numpy(), 0, 1)  # [B, j - i, H, T]
+        if all(colsum_in_buffer[i:j]):
+            np.divide(sums, count[:, None, None, :], out=out["alpha"][:, i:j])
+        else:  # some layers took the torch path (full maps asked for): the recorder divides theirs
+            for k in range(i, j):
+                if colsum_in_buffer[k]:
+                    np.divide(sums[:, k - i], count[:, None, :], out=out["alpha"][:, k])
+        i = j
 
 
 _IN_BUFFER = object()
@@ -485,6 +489,20 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     """A CUDA tensor's copy into pinned host memory, queued without waiting (read it only after the stream is
     synchronised, at the end of the forward); CPU tensors as they are."""
     return x.to("cpu", non_blocking=True) if x.is_cuda else x
+
+
+def _massive_per_sample(massive: list[tuple], valid: np.ndarray) -> list:
+    """One massive-records DataFrame per sample from a forward's records `(layer, batch, token, feature, value,
+    attn_out, mlp_out)` (layer a scalar on the torch path, an array on the device path; token an absolute
+    position, turned into the position within the sample)."""
+    rel = np.cumsum(valid, axis=1) - 1  # [B, T]: absolute position -> position within the sample
+    parts = [(np.full(len(mb), layer) if np.isscalar(layer) else layer, mb, t, j, v, a, m)
+             for layer, mb, t, j, v, a, m in massive]
+    layer, batch, token, feature, value, attn, mlp = ([np.concatenate(c) for c in zip(*parts, strict=True)] if parts
+                                                      else [np.zeros(0, dtype=np.int64)] * 7)
+    batch = batch.astype(np.int64)
+    return massive_frames(batch, layer, rel[batch, token.astype(np.int64)], feature, value, attn, mlp,
+                          n_samples=valid.shape[0])
 
 
 def _massive_to_numpy(rec: tuple) -> tuple:

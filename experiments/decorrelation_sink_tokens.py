@@ -6,7 +6,8 @@ For every row of experiments/results/decorrelation.csv whose trace is on disk (`
 checkout the sweep ran in), and for BOS and each delimiter (`<audio>`, `<video>`, ...): the head-mean alpha at
 the chosen layers (mean over the trace's utterances), the mean number of layers in which the token is a sink
 (`metrics.sink_layers` at the trace's thresholds), and how many massive-activation records sit on it. Prints a
-markdown table and writes experiments/results/decorrelation_sink_tokens.csv.
+markdown table and writes experiments/results/decorrelation_sink_tokens.csv, keeping the rows it wrote earlier for
+points whose trace is not on this machine.
 """
 
 from __future__ import annotations
@@ -56,16 +57,21 @@ def main() -> None:
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     table = pd.read_csv(args.results)
+    written = HERE / "results" / "decorrelation_sink_tokens.csv"
+    before = pd.read_csv(written) if written.is_file() else pd.DataFrame(columns=["point"])
     out = []
     for _, row in table.iterrows():
         path = args.root / str(row["trace"])
-        if not (path / "manifest.json").is_file():
-            print(f"{row['point']}: no trace at {path}; skipped")
+        if not (path / "manifest.json").is_file():  # a fresh machine: the rows written from it earlier are kept
+            kept = before[before["point"] == row["point"]]
+            print(f"{row['point']}: no trace at {path}; " + (f"its {len(kept)} earlier rows kept" if len(kept)
+                                                             else "skipped"))
+            out.extend(kept.to_dict("records"))
             continue
         for entry in sink_tokens(Trace.load(path), layers):
             out.append({"point": row["point"], "decorrelation": row["decorrelation"], **entry})
     frame = pd.DataFrame(out)
-    frame.to_csv(HERE / "results" / "decorrelation_sink_tokens.csv", index=False, float_format="%.4f")
+    frame.to_csv(written, index=False, float_format="%.4f")
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 

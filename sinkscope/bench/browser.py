@@ -5,7 +5,9 @@ by headless Chromium through playwright, over three real SmolLM2 traces (made on
 - `long-2048`: one 2,048-token sample;
 - `prompts-1000` and `prompts-1000-bf16`: the same 1,000 short prompts in float32 and in bfloat16 (a Compare pair).
 
-An interaction is timed from the click or key press until the page has settled: the script run it triggers has
+An interaction is timed from the click or key press that starts a script run (for a selectbox, the click on its
+option: opening it and typing its filter happen before the clock starts, as a user's typing does) until the page
+has settled: the script run it triggers has
 ended (Streamlit's `script_finished` message on the page's websocket), no element waits for its code any more (no
 skeleton), every Plotly chart on the page has drawn, and the document has not changed for `QUIET_MS`; the time
 reported ends at the page's last change (a `MutationObserver` over the whole document), not at the end of the
@@ -149,10 +151,20 @@ class Page:
         self.page.locator('[data-testid="stSidebar"]').get_by_text(name, exact=True).click()
 
     def select(self, label_start: str, option: str, sidebar: bool = False) -> None:
+        self.open_select(label_start, option, sidebar)
+        self.choose(option)
+
+    def open_select(self, label_start: str, option: str, sidebar: bool = False) -> None:
+        """Open a selectbox and type `option` into its filter (long lists are virtualised): what a user does
+        before the click that changes anything, so the benchmark does it before its clock starts."""
         scope = self.page.locator('[data-testid="stSidebar"]') if sidebar else self.page
         box = scope.locator('[data-testid="stSelectbox"]').filter(has_text=label_start).first
         box.click()
-        self.page.keyboard.type(option)  # filters the options (long lists are virtualised)
+        self.page.keyboard.type(option)
+        self.page.get_by_role("option").filter(has_text=option).first.wait_for()
+
+    def choose(self, option: str) -> None:
+        """Click the open selectbox's option `option` (after `open_select`)."""
         self.page.get_by_role("option").filter(has_text=option).first.click()
 
     def slider_step(self, label_start: str, key: str = "ArrowRight") -> None:
@@ -172,7 +184,9 @@ class Page:
 
 
 def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
-    """The interactions, in order: (label, action). Each starts one script run."""
+    """The interactions, in order: (label, action). Each starts one script run. A selectbox's action is the click
+    on its option; opening the box and typing the filter (`Page.open_select`, in PREPARE) happen before the
+    clock starts, since no script runs until the option is clicked."""
     long, a, b = names["long"], names["many_a"], names["many_b"]
     steps: list[tuple[str, Callable[[Page], None]]] = []
     for view in ("Attention", "Massive activations"):
@@ -186,20 +200,29 @@ def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
     for view in ("Cosine to BOS", "Overview", "Dataset"):
         steps.append((f"{long}: view {view}", lambda p, v=view: p.view(v)))
     steps += [
-        (f"switch trace to {a} (Dataset)", lambda p: p.select("Trace", a, sidebar=True)),
+        (f"switch trace to {a} (Dataset)", lambda p: p.choose(a)),
         (f"{a}: Dataset, cosine layer +1", lambda p: p.slider_step("Layer for the cosine")),
         (f"{a}: view Overview", lambda p: p.view("Overview")),
-        (f"{a}: next sample", lambda p: p.select("Sample", "00001-", sidebar=True)),
+        (f"{a}: next sample", lambda p: p.choose("00001-")),
         (f"{a}: view Massive activations", lambda p: p.view("Massive activations")),
         (f"{a}: view Compare (B = {b})", lambda p: p.view("Compare")),
         (f"{a} vs {b}: sink threshold +0.05", lambda p: p.slider_step("Sink threshold", "ArrowRight")),
         (f"{a} vs {b}: sink threshold back", lambda p: p.slider_step("Sink threshold", "ArrowLeft")),
         (f"{a} vs {b}: one sample in both", lambda p: p.page.get_by_text("One sample in both", exact=True).click()),
-        (f"{a} vs {b}: paired sample", lambda p: p.select("Paired sample", "00002-")),
-        ("switch trace to long (Compare)", lambda p: p.select("Trace", long, sidebar=True)),
+        (f"{a} vs {b}: paired sample", lambda p: p.choose("00002-")),
+        ("switch trace to long (Compare)", lambda p: p.choose(long)),
         (f"{long}: view Overview", lambda p: p.view("Overview")),
     ]
     return steps
+
+
+def prepare(names: dict[str, str]) -> dict[str, Callable[[Page], None]]:
+    """What runs before an interaction's clock starts (script's docstring), by the interaction's label."""
+    long, a, b = names["long"], names["many_a"], names["many_b"]
+    return {f"switch trace to {a} (Dataset)": lambda p: p.open_select("Trace", a, sidebar=True),
+            f"{a}: next sample": lambda p: p.open_select("Sample", "00001-", sidebar=True),
+            f"{a} vs {b}: paired sample": lambda p: p.open_select("Paired sample", "00002-"),
+            "switch trace to long (Compare)": lambda p: p.open_select("Trace", long, sidebar=True)}
 
 
 FLOOR_PAGES = {
@@ -238,6 +261,7 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
 
     first, rounds, details = [], [], []
     steps = script(names)
+    before = prepare(names)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         floor = floor_first_render(browser, reps)
@@ -248,8 +272,12 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
                 page.page.wait_for_selector('[data-testid="stSidebar"]')
                 times, seen = {}, {}
                 for label, action in steps:
+                    opened = time.perf_counter()
+                    if label in before:
+                        before[label](page)
+                    opened = time.perf_counter() - opened
                     times[label] = page.timed(lambda a=action, pg=page: a(pg))
-                    seen[label] = (page.last_run_s, page.bytes, page.last_busy_s)
+                    seen[label] = (page.last_run_s, page.bytes, page.last_busy_s, opened)
                     print(f"  rep {rep + 1}: {label}: {times[label]:.2f} s (run reported finished after "
                           f"{page.last_run_s:.2f} s; browser busy {page.last_busy_s:.2f} s; "
                           f"{page.bytes / 1e6:.2f} MB received)", flush=True)
@@ -262,6 +290,7 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
               "median_s": statistics.median(r[label] for r in rounds), "max_s": max(r[label] for r in rounds),
               "finished_median_s": statistics.median(d[label][0] for d in details),
               "browser_busy_median_s": statistics.median(d[label][2] for d in details),
+              "before_clock_median_s": statistics.median(d[label][3] for d in details),
               "received_mb": round(statistics.median(d[label][1] for d in details) / 1e6, 3)}
              for label in labels]
     return {"first_render_s": first, "first_render_median_s": statistics.median(first), "interactions": table,
@@ -297,8 +326,10 @@ def browser_speed(
     print(f"{'interaction':<60} {'median':>7} {'max':>7}  (round 1: cold caches)")
     for row in inter:
         mark = "  > 1 s" if row["median_s"] > 1.0 else ""
+        opened = row["before_clock_median_s"]
         print(f"{row['interaction']:<60} {row['median_s']:7.2f} {row['max_s']:7.2f}  ({row['first_round_s']:.2f})"
-              f"{mark}")
+              f"{mark}" + (f"  [opening the box and typing, before the clock: {opened:.2f} s]" if opened > 0.01
+                           else ""))
     print(f"{len(slow)} of {len(inter)} interactions over 1 s (median)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

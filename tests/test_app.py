@@ -219,7 +219,10 @@ def test_compare_and_dataset_views(app, root):
     np.testing.assert_allclose(np.asarray(diff.data[0]["z"]), expected, atol=1e-6)
     app.radio(key="cmp_part").set_value("Whole traces").run()
 
-    # whole-trace comparison: each curve is the mean over the trace's samples of the per-sample values
+    # whole-trace comparison, one part at a time: each curve is the mean over the trace's samples of the
+    # per-sample values
+    assert app.radio(key="cmp_trace_part").value == "Sinks and cos to BOS"
+    assert len(figures(app)) == 2, "sinks and cosine: two figures"
     cos = by_title(app, "Mean cos-to-BOS by segment")
     for label, trace in (("A: av-a", Trace.load(root / "av-a")), ("B: av-b", Trace.load(root / "av-b"))):
         curve = next(t for t in cos.data if t["name"] == f"{label}: audio")
@@ -227,16 +230,21 @@ def test_compare_and_dataset_views(app, root):
         np.testing.assert_allclose(curve["y"], np.mean(per_sample, axis=0), rtol=1e-5)
         np.testing.assert_allclose(curve["error_y"]["array"], np.std(per_sample, axis=0, ddof=1), rtol=1e-4,
                                    atol=1e-7)
-    acts = by_title(app, "Largest |h| over tokens vs the median")
-    top = next(t for t in acts.data if t["name"] == "A: av-a: top")
-    np.testing.assert_allclose(top["y"], np.mean([np.asarray(s.max_abs).max(axis=1) for s in
-                                                  Trace.load(root / "av-a")], axis=0), rtol=1e-5)
     rate = by_title(app, "Sinks by segment")
     assert {t["name"] for t in rate.data} >= {"A: av-a: audio", "B: av-b: video"}
     for curve in rate.data:  # error bars are one sd, cut at 0 and 100 %
         y = np.asarray(curve["y"], dtype=float)
         assert np.all(y + np.asarray(curve["error_y"]["array"]) <= 100 + 1e-9)
         assert np.all(y - np.asarray(curve["error_y"]["arrayminus"]) >= -1e-9)
+    app.radio(key="cmp_trace_part").set_value("Massive activations").run()
+    assert len(figures(app)) == 2 and not [f for f in figures(app) if f.title.startswith("Sinks by segment")]
+    acts = by_title(app, "Largest |h| over tokens vs the median")
+    top = next(t for t in acts.data if t["name"] == "A: av-a: top")
+    np.testing.assert_allclose(top["y"], np.mean([np.asarray(s.max_abs).max(axis=1) for s in
+                                                  Trace.load(root / "av-a")], axis=0), rtol=1e-5)
+    app.radio(key="cmp_trace_part").set_value("Sink positions").run()
+    assert len(figures(app)) == 1 and not app.exception
+    app.radio(key="cmp_trace_part").set_value("Sinks and cos to BOS").run()
     # disjoint ids: samples are paired by transcript
     app.selectbox(key="cmp_other").set_value("av-renamed").run()
     app.radio(key="cmp_part").set_value("One sample in both").run()

@@ -124,14 +124,17 @@ def test_massive_view_survives_the_mlp_toggle_then_another_control(server):
 
 
 def test_compare_of_traces_with_disjoint_ids_in_every_part(server):
-    """Compare against a trace that shares no sample id (pairs by transcript): the whole-trace part, then each
-    figure of the one-sample part, without an exception in a real browser."""
-    from sinkscope.webapp.views import SAMPLE_PARTS
+    """Compare against a trace that shares no sample id (pairs by transcript): each part of the whole-trace
+    comparison, then each figure of the one-sample part, without an exception in a real browser."""
+    from sinkscope.webapp.views import SAMPLE_PARTS, TRACE_PARTS
 
     with opened_app(server) as page:  # each step waits for its script run and checks for exceptions
         page.timed(lambda: page.view("Compare"))
         page.timed(lambda: page.select("Trace B", "av-renamed"))
         assert "B: av-renamed" in page.page.inner_text("body")
+        for part, charts in zip(TRACE_PARTS[1:], (2, 1), strict=True):
+            page.timed(lambda part=part: page.radio("Whole-trace part", part))
+            assert page.page.locator('[data-testid="stPlotlyChart"]').count() == charts, part
         page.timed(lambda: page.page.get_by_text("One sample in both", exact=True).click())
         assert "Paired sample (3 pairs" in page.page.inner_text("body"), "paired by transcript"
         for part in SAMPLE_PARTS[1:]:

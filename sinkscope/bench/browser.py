@@ -167,6 +167,11 @@ class Page:
         """Click the open selectbox's option `option` (after `open_select`)."""
         self.page.get_by_role("option").filter(has_text=option).first.click()
 
+    def radio(self, label_start: str, option: str) -> None:
+        """Click `option` of the radio group whose label starts with `label_start`."""
+        group = self.page.locator('[data-testid="stRadio"]').filter(has_text=label_start).first
+        group.get_by_text(option, exact=True).click()
+
     def slider_step(self, label_start: str, key: str = "ArrowRight") -> None:
         slider = self.page.locator('[data-testid="stSlider"]').filter(has_text=label_start).first
         slider.get_by_role("slider").first.press(key)
@@ -206,6 +211,11 @@ def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
         (f"{a}: next sample", lambda p: p.choose("00001-")),
         (f"{a}: view Massive activations", lambda p: p.view("Massive activations")),
         (f"{a}: view Compare (B = {b})", lambda p: p.view("Compare")),
+        (f"{a} vs {b}: whole traces, massive activations", lambda p: p.radio("Whole-trace part",
+                                                                             "Massive activations")),
+        (f"{a} vs {b}: whole traces, sink positions", lambda p: p.radio("Whole-trace part", "Sink positions")),
+        (f"{a} vs {b}: whole traces, sinks and cos to BOS", lambda p: p.radio("Whole-trace part",
+                                                                              "Sinks and cos to BOS")),
         (f"{a} vs {b}: sink threshold +0.05", lambda p: p.slider_step("Sink threshold", "ArrowRight")),
         (f"{a} vs {b}: sink threshold back", lambda p: p.slider_step("Sink threshold", "ArrowLeft")),
         (f"{a} vs {b}: one sample in both", lambda p: p.page.get_by_text("One sample in both", exact=True).click()),

@@ -263,33 +263,46 @@ def _compare_traces(tr: Trace, other: Trace, name: str, other_name: str, names: 
     for t in (tr, other):
         if t.index_note:
             st.warning(t.index_note)
-    c1, c2 = st.columns(2)
-    with c1:
-        show(viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]),
-                                names, f"Sinks by segment (alpha > {eps} in at least half of the heads)",
-                                "% of the segment's tokens", bounds=(0.0, 100.0)), "cmp_rate")
-    with c2:
-        show(viz.profile_figure(analysis.profile_mean(pa["cosine"]), analysis.profile_mean(pb["cosine"]), names,
-                                "Mean cos-to-BOS by segment", "cos to BOS"), "cmp_cosine")
-    c3, c4 = st.columns(2)
-    with c3:
-        acts = [analysis.profile_mean(p["activations"].melt(["sample", "layer"], var_name="curve"),
-                                      by=("curve", "layer")) for p in (pa, pb)]
-        show(viz.profile_figure(*acts, names, "Largest |h| over tokens vs the median |h|", "|h|", group="curve",
-                                log=True), "cmp_acts")
-    with c4:
-        show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names,
-                                            selected=selected_feature()), "cmp_features", select_feature=True)
-        overlap_sets = analysis.feature_set_overlap(pa["massive_features"], pb["massive_features"])
-        jac = overlap_sets["jaccard"]
-        def listed(features: list[int]) -> str:
-            return ", ".join(map(str, features[:12])) + (f" and {len(features) - 12} more" if len(features) > 12
-                                                         else "") if features else "none"
+    # one part at a time, as everywhere in the app: each Plotly figure costs a 2-core machine's browser 0.3-0.4 s,
+    # and the five at once took 1.4-1.5 s to open (issue 14's speed script)
+    part = st.radio("Whole-trace part", TRACE_PARTS, horizontal=True, key="cmp_trace_part",
+                    help="Sinks: the share of each segment's tokens that are sinks, and their mean cos to BOS, per "
+                         "layer. Massive: the largest |h| against the median per layer, and the massive features "
+                         "of each trace. Positions: where the sinks sit.")
+    if part == TRACE_PARTS[0]:
+        c1, c2 = st.columns(2)
+        with c1:
+            show(viz.profile_figure(analysis.profile_mean(pa["sink_rate"]), analysis.profile_mean(pb["sink_rate"]),
+                                    names, f"Sinks by segment (alpha > {eps} in at least half of the heads)",
+                                    "% of the segment's tokens", bounds=(0.0, 100.0)), "cmp_rate")
+        with c2:
+            show(viz.profile_figure(analysis.profile_mean(pa["cosine"]), analysis.profile_mean(pb["cosine"]), names,
+                                    "Mean cos-to-BOS by segment", "cos to BOS"), "cmp_cosine")
+    elif part == TRACE_PARTS[1]:
+        c3, c4 = st.columns(2)
+        with c3:
+            acts = [analysis.profile_mean(p["activations"].melt(["sample", "layer"], var_name="curve"),
+                                          by=("curve", "layer")) for p in (pa, pb)]
+            show(viz.profile_figure(*acts, names, "Largest |h| over tokens vs the median |h|", "|h|",
+                                    group="curve", log=True), "cmp_acts")
+        with c4:
+            show(viz.massive_feature_comparison(pa["massive_features"], pb["massive_features"], names,
+                                                selected=selected_feature()), "cmp_features", select_feature=True)
+            overlap_sets = analysis.feature_set_overlap(pa["massive_features"], pb["massive_features"])
+            jac = overlap_sets["jaccard"]
 
-        st.caption(f"Massive in at least half of the samples: A: {listed(overlap_sets['a'])}; B: "
-                   f"{listed(overlap_sets['b'])}. "
-                   + ("Jaccard undefined (both sets empty)." if np.isnan(jac) else f"Jaccard {jac:.2f}."))
-    show(viz.sink_position_comparison(pa["sink_positions"], pb["sink_positions"], names), "cmp_positions")
+            def listed(features: list[int]) -> str:
+                return ", ".join(map(str, features[:12])) + (f" and {len(features) - 12} more"
+                                                             if len(features) > 12 else "") if features else "none"
+
+            st.caption(f"Massive in at least half of the samples: A: {listed(overlap_sets['a'])}; B: "
+                       f"{listed(overlap_sets['b'])}. "
+                       + ("Jaccard undefined (both sets empty)." if np.isnan(jac) else f"Jaccard {jac:.2f}."))
+    else:
+        show(viz.sink_position_comparison(pa["sink_positions"], pb["sink_positions"], names), "cmp_positions")
+
+
+TRACE_PARTS = ("Sinks and cos to BOS", "Massive activations", "Sink positions")
 
 
 def _compare_sample(tr: Trace, other: Trace, names: tuple[str, str], eps: float) -> None:

@@ -189,28 +189,31 @@ def colsum_bench(shape: str, t: int) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def body_forward(model, ids: torch.Tensor, record: bool) -> None:
+    """The decoder body's forward (no LM head), inside a device-path `Recorder` when `record`."""
+    from sinkscope.record import Recorder
+
+    if record:
+        with Recorder(model):
+            model.model(input_ids=ids, use_cache=False)
+    else:
+        model.model(input_ids=ids, use_cache=False)
+
+
 def profile_case(shape: str, batch: int, t: int, out: Path) -> dict:
     """torch.profiler over one recorded forward (after a warm-up): the top CUDA kernels and the launch count."""
     from torch.profiler import ProfilerActivity, profile
-
-    from sinkscope.record import Recorder
 
     model = build(shape)
     ids = torch.randint(3, model.config.vocab_size, (batch, t), device="cuda")
     os.environ["SINKSCOPE_TRITON"] = "1"
     result = {}
     for label, record in (("sdpa", False), ("recorder", True)):
-        def run(record=record):
-            with torch.no_grad():
-                if record:
-                    with Recorder(model):
-                        model.model(input_ids=ids, use_cache=False)
-                else:
-                    model.model(input_ids=ids, use_cache=False)
-        run()
+        body_forward(model, ids, record)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run()
+            body_forward(model, ids, record)
             torch.cuda.synchronize()
         events = prof.key_averages()
         table = events.table(sort_by="cuda_time_total" if hasattr(events[0], "cuda_time_total")
@@ -237,7 +240,6 @@ def host_case(shape: str, batch: int, t: int, out: Path, reps: int = 5) -> dict:
     import io
     import pstats
 
-    from sinkscope.record import Recorder
     from sinkscope.record import recorder as recorder_module
 
     model = build(shape)
@@ -264,15 +266,11 @@ def host_case(shape: str, batch: int, t: int, out: Path, reps: int = 5) -> dict:
         start = torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
-        with torch.no_grad():
-            if record:
-                with Recorder(model):
-                    model.model(input_ids=ids, use_cache=False)
-            else:
-                model.model(input_ids=ids, use_cache=False)
-                marks["enqueued"] = time.perf_counter()
-                marks["event"] = torch.cuda.Event(enable_timing=True)
-                marks["event"].record()
+        body_forward(model, ids, record)
+        if not record:  # the plain forward's end, where the recorder's end hook would run
+            marks["enqueued"] = time.perf_counter()
+            marks["event"] = torch.cuda.Event(enable_timing=True)
+            marks["event"].record()
         t_ret = time.perf_counter()
         torch.cuda.synchronize()
         t_end = time.perf_counter()
@@ -298,8 +296,7 @@ def host_case(shape: str, batch: int, t: int, out: Path, reps: int = 5) -> dict:
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(reps):
-        with torch.no_grad(), Recorder(model):
-            model.model(input_ids=ids, use_cache=False)
+        body_forward(model, ids, True)
         torch.cuda.synchronize()
     prof.disable()
     text = io.StringIO()

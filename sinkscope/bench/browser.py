@@ -188,12 +188,20 @@ class Page:
         self.page.mouse.click(x, y)
 
 
-def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
-    """The interactions, in order: (label, action). Each starts one script run. A selectbox's action is the click
-    on its option; opening the box and typing the filter (`Page.open_select`, in PREPARE) happen before the
-    clock starts, since no script runs until the option is clicked."""
+Step = tuple[str, Callable[[Page], None], Callable[[Page], None] | None]
+"""(label, action, what runs before the action's clock starts or None)."""
+
+
+def _pick(label: str, box: str, option: str, sidebar: bool = False) -> Step:
+    """A selectbox step: its action is the click on `option`; opening `box` and typing the filter
+    (`Page.open_select`) happen before the clock starts, since no script runs until the option is clicked."""
+    return (label, lambda p: p.choose(option), lambda p: p.open_select(box, option, sidebar))
+
+
+def script(names: dict[str, str]) -> list[Step]:
+    """The interactions, in order: (label, action, before). Each action starts one script run."""
     long, a, b = names["long"], names["many_a"], names["many_b"]
-    steps: list[tuple[str, Callable[[Page], None]]] = []
+    steps: list[tuple] = []
     for view in ("Attention", "Massive activations"):
         steps.append((f"{long}: view {view}", lambda p, v=view: p.view(v)))
     steps += [
@@ -205,10 +213,10 @@ def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
     for view in ("Cosine to BOS", "Overview", "Dataset"):
         steps.append((f"{long}: view {view}", lambda p, v=view: p.view(v)))
     steps += [
-        (f"switch trace to {a} (Dataset)", lambda p: p.choose(a)),
+        _pick(f"switch trace to {a} (Dataset)", "Trace", a, sidebar=True),
         (f"{a}: Dataset, cosine layer +1", lambda p: p.slider_step("Layer for the cosine")),
         (f"{a}: view Overview", lambda p: p.view("Overview")),
-        (f"{a}: next sample", lambda p: p.choose("00001-")),
+        _pick(f"{a}: next sample", "Sample", "00001-", sidebar=True),
         (f"{a}: view Massive activations", lambda p: p.view("Massive activations")),
         (f"{a}: view Compare (B = {b})", lambda p: p.view("Compare")),
         (f"{a} vs {b}: whole traces, massive activations", lambda p: p.radio("Whole-trace part",
@@ -219,20 +227,11 @@ def script(names: dict[str, str]) -> list[tuple[str, Callable[[Page], None]]]:
         (f"{a} vs {b}: sink threshold +0.05", lambda p: p.slider_step("Sink threshold", "ArrowRight")),
         (f"{a} vs {b}: sink threshold back", lambda p: p.slider_step("Sink threshold", "ArrowLeft")),
         (f"{a} vs {b}: one sample in both", lambda p: p.page.get_by_text("One sample in both", exact=True).click()),
-        (f"{a} vs {b}: paired sample", lambda p: p.choose("00002-")),
-        ("switch trace to long (Compare)", lambda p: p.choose(long)),
+        _pick(f"{a} vs {b}: paired sample", "Paired sample", "00002-"),
+        _pick("switch trace to long (Compare)", "Trace", long, sidebar=True),
         (f"{long}: view Overview", lambda p: p.view("Overview")),
     ]
-    return steps
-
-
-def prepare(names: dict[str, str]) -> dict[str, Callable[[Page], None]]:
-    """What runs before an interaction's clock starts (script's docstring), by the interaction's label."""
-    long, a, b = names["long"], names["many_a"], names["many_b"]
-    return {f"switch trace to {a} (Dataset)": lambda p: p.open_select("Trace", a, sidebar=True),
-            f"{a}: next sample": lambda p: p.open_select("Sample", "00001-", sidebar=True),
-            f"{a} vs {b}: paired sample": lambda p: p.open_select("Paired sample", "00002-"),
-            "switch trace to long (Compare)": lambda p: p.open_select("Trace", long, sidebar=True)}
+    return [step if len(step) == 3 else (*step, None) for step in steps]
 
 
 FLOOR_PAGES = {
@@ -271,7 +270,6 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
 
     first, rounds, details = [], [], []
     steps = script(names)
-    before = prepare(names)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         floor = floor_first_render(browser, reps)
@@ -281,10 +279,10 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
                 first.append(page.timed(lambda pg=page: pg.page.goto(url)))
                 page.page.wait_for_selector('[data-testid="stSidebar"]')
                 times, seen = {}, {}
-                for label, action in steps:
+                for label, action, before in steps:
                     opened = time.perf_counter()
-                    if label in before:
-                        before[label](page)
+                    if before is not None:
+                        before(page)
                     opened = time.perf_counter() - opened
                     times[label] = page.timed(lambda a=action, pg=page: a(pg))
                     seen[label] = (page.last_run_s, page.bytes, page.last_busy_s, opened)
@@ -295,7 +293,7 @@ def run_browser(root: Path, names: dict[str, str], reps: int, chromium: str) -> 
                 details.append(seen)
                 page.page.close()
         browser.close()
-    labels = [label for label, _ in steps]
+    labels = [label for label, _, _ in steps]
     table = [{"interaction": label, "first_round_s": rounds[0][label],
               "median_s": statistics.median(r[label] for r in rounds), "max_s": max(r[label] for r in rounds),
               "finished_median_s": statistics.median(d[label][0] for d in details),

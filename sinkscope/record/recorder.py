@@ -361,10 +361,10 @@ class Recorder:
         if self.tokenizer is None:
             return list(map(str, np.asarray(ids).tolist()))
         # each id decoded once per recorder: a decode call per position cost 10 ms per 2,048 SmolLM2 tokens here
-        known = self._token_text
-        for i in set(np.asarray(ids).tolist()) - known.keys():
+        known, ids = self._token_text, np.asarray(ids).tolist()
+        for i in set(ids) - known.keys():
             known[i] = self.tokenizer.decode([i])
-        return [known[i] for i in np.asarray(ids).tolist()]
+        return [known[i] for i in ids]
 
     # --------------------------------------------------------------------------------------------------- saving
     def manifest(self, config: dict | None = None) -> dict:

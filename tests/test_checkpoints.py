@@ -191,7 +191,8 @@ DECORRELATION_TRACES = DEMO_DIR.parents[1] / "traces"
 
 def test_shipped_decorrelation_pair_loads_and_differs_inside():
     """The off/on checkpoints of the decorrelation experiment (issue 12) load as exported, and their shipped traces
-    show what the loss does: cos-to-BOS of the video tokens at the last layer near 0 with it, clearly above without."""
+    show what the loss does: cos-to-BOS of the audio tokens and delimiters at the last layer near 0 with it, clearly
+    above without, and the delimiter sink (one per utterance without the loss) gone with it."""
     from sinkscope.analysis import sink_statistics
     from sinkscope.trace import Trace
 
@@ -201,9 +202,10 @@ def test_shipped_decorrelation_pair_loads_and_differs_inside():
         assert all(v.dtype == torch.float16 for v in weights.values())
         assert sum(f.stat().st_size for f in (DECORRELATION / name).iterdir()) < 12 * 2**20
         model, config = load_trained(DECORRELATION / name)
-        assert config["decorrelation"] == lam and model.cfg.mode == "vsr" and model.cfg.k_video == 5
+        assert config["decorrelation"] == lam and model.cfg.mode == "asr" and model.cfg.k_audio == 32
         trace = Trace.load(DECORRELATION_TRACES / f"decorrelation-{name}")
         assert len(trace) == 16 and all("hypothesis" in s.extra for s in trace)
         stats[name] = sink_statistics(trace)
-    assert stats["off"]["cos_last_video"] > 0.1 > 0.05 > abs(stats["on"]["cos_last_video"])
+    assert stats["off"]["cos_last_audio"] > 0.1 > 0.05 > abs(stats["on"]["cos_last_audio"])
     assert stats["off"]["cos_last_delimiter"] > 0.3 > 0.05 > abs(stats["on"]["cos_last_delimiter"])
+    assert stats["off"]["sinks_per_utt_delimiter"] > 0.5 > stats["on"]["sinks_per_utt_delimiter"]

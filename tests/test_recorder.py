@@ -320,3 +320,38 @@ def test_recorder_restores_the_attention_implementation_it_found():
             pass
         assert model.config._attn_implementation == "sinkscope", "the inner recorder leaves the outer one's switch"
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_reductions_in_token_chunks_equal_one_chunk(monkeypatch, padded):
+    """A layer reduced in token chunks (long contexts: every temporary bounded) gives the fields and massive entries
+    of the layer reduced at once, with the workspace's |h| and |mlp_out| blocks reused from chunk to chunk."""
+    from sinkscope.record import reduce as R
+
+    gen = torch.Generator().manual_seed(0)
+    h, a, m = (torch.randn(3, 50, 16, generator=gen) for _ in range(3))
+    h[:, :, 5] *= 40  # a massive feature on every token, and one token with many
+    h[1, 7] *= 30
+    valid = torch.ones(3, 50, dtype=torch.bool)
+    if padded:
+        valid[1, 40:] = False
+        valid[2, :9] = False
+    args = (h, a, m, valid, padded, 4, 10.0, 20.0)
+    whole, whole_massive = R.reduce_layer(*args, workspace={})
+    monkeypatch.setattr(R, "CHUNK_ELEMENTS", 3 * 16 * 7)  # chunks of 7 tokens
+    parts, parts_massive = R.reduce_layer(*args, workspace={})
+    assert len(whole_massive) == 1 and len(parts_massive) > 1
+    for key, value in whole.items():
+        if key == "bos_cosine":
+            torch.testing.assert_close(parts[key], value, atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(parts[key], value), key
+    def by_position(found):  # chunks list their entries chunk by chunk: order them by (batch, token, feature)
+        cols = [torch.cat([f[i] for f in found]) for i in range(6)]
+        order = torch.argsort(cols[0] * 10**6 + cols[1] * 10**3 + cols[2])
+        return [c[order] for c in cols]
+
+    for i, (got, want) in enumerate(zip(by_position(parts_massive), by_position(whole_massive), strict=True)):
+        assert torch.equal(got, want), i
+    tokens = whole_massive[0][0] * 100 + whole_massive[0][1]
+    assert int(torch.unique(tokens, return_counts=True)[1].max()) > 3  # several entries on one token

@@ -253,7 +253,8 @@ class Recorder:
             cur["buffer"][layer] = None
         else:
             stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
-                                          self.abs_threshold, self.rel_threshold, first=cur["first"])
+                                          self.abs_threshold, self.rel_threshold, first=cur["first"],
+                                          workspace=cur.setdefault("workspace", {}))
             cur["massive"].extend((layer, *found) for found in massive)
             cur["layers"][layer] = {key: self._keep(x, key, layer) for key, x in stats.items()}
         if layer in self.hidden_layers:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def median_abs(h: torch.Tensor) -> torch.Tensor:
@@ -92,32 +91,37 @@ CHUNK_ELEMENTS = 1 << 22
 
 @torch.no_grad()
 def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor, padded: bool,
-                 top_k: int, abs_threshold: float, rel_threshold: float, first: torch.Tensor | None = None
-                 ) -> tuple[dict, list[tuple]]:
+                 top_k: int, abs_threshold: float, rel_threshold: float, first: torch.Tensor | None = None,
+                 workspace: dict | None = None) -> tuple[dict, list[tuple]]:
     """Reductions of one block output `h[B, T, D]` (with the block's `attn_out`, `mlp_out` of the same shape and
     `valid[B, T]`, True on real tokens), in torch. Returns the per-layer fields (torch, on h's device) and the
     massive entries as a list of `(batch, token, feature, value, attn_out, mlp_out)` index/value tensors (one per
     token chunk that has any).
 
     The median needs all of h; everything else runs over token chunks of CHUNK_ELEMENTS entries, upcast to float32
-    one chunk at a time. (On CUDA with Triton the recorder uses `kernels.reduce_layer_device` instead: the same
-    fields in five launches and no host synchronisation.) `first`: each row's first real position, when the caller
-    has it."""
+    one chunk at a time. When h fits one chunk, |h| is taken once for the median and the chunk. (On CUDA with
+    Triton the recorder uses `kernels.reduce_layer_device` instead: the same fields in five launches and no host
+    synchronisation.) `first`: each row's first real position, when the caller has it. `workspace`: a dict the
+    caller keeps across layers, where the |h| and |mlp_out| temporaries are reused instead of allocated per layer
+    (on the CPU a fresh multi-MiB block costs about as much in page faults as the pass that fills it)."""
     b, t, d = h.shape
     if first is None:
         first = valid.int().argmax(dim=1)  # first real position of each row
     h0 = h[torch.arange(b, device=h.device), first].float()  # [B, D]
-    med = torch.stack([median_nonneg((h[i][valid[i]] if padded else h[i]).abs().float().reshape(-1))
+    step = max(1, CHUNK_ELEMENTS // (b * d))
+    whole = _abs(h, workspace, "h") if step >= t else None  # one chunk: |h| serves the median and the chunk
+    rows = whole if whole is not None else h
+    med = torch.stack([median_nonneg(_abs_flat(rows[i][valid[i]] if padded else rows[i], whole is None))
                        for i in range(b)])  # [B]
     thr = massive_threshold(med, abs_threshold, rel_threshold)  # [B]
-    h0 = h0[:, None, :]
-    step = max(1, CHUNK_ELEMENTS // (b * d))
+    h0_norm = torch.linalg.vector_norm(h0, dim=-1).clamp_min(COS_EPS)  # [B]
     parts: list[dict] = []
     massive: list[tuple] = []
     for s0 in range(0, t, step):
         s1 = min(t, s0 + step)
-        part, found = _reduce_chunk(h[:, s0:s1], attn_out[:, s0:s1], mlp_out[:, s0:s1], valid[:, s0:s1], padded,
-                                    h0, thr, s0, top_k)
+        habs = whole if whole is not None else _abs(h[:, s0:s1], workspace, "h")
+        part, found = _reduce_chunk(h[:, s0:s1], habs, attn_out[:, s0:s1], mlp_out[:, s0:s1], valid[:, s0:s1],
+                                    padded, h0, h0_norm, thr, s0, top_k, workspace)
         parts.append(part)
         if found is not None:
             massive.append(found)
@@ -132,28 +136,50 @@ def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor,
 
 
 _FEATURE_MAX = ("feature_max_abs", "mlp_feature_max_abs")
+COS_EPS = 1e-12
+"""Each norm of cos-to-BOS is clamped at this (as `F.cosine_similarity` does), so a zero row gives 0."""
 
 
-def _reduce_chunk(hc, ac, mc, vc, padded, h0, thr, offset, top_k):
-    """The per-token fields of one token chunk, its per-feature maxima, and its massive entries (tokens counted
-    from the start of the sequence)."""
+def _abs(x: torch.Tensor, workspace: dict | None, key: str) -> torch.Tensor:
+    """`|x|` in float32, written into the workspace's block `key` (grown when too small) when there is one."""
+    if x.dtype != torch.float32:
+        return x.float().abs_()  # the upcast is a fresh copy already
+    if workspace is None:
+        return x.abs()
+    buf = workspace.get(key)
+    if buf is None or buf.numel() < x.numel() or buf.device != x.device:
+        buf = workspace[key] = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+    return torch.abs(x, out=buf[:x.numel()].view(x.shape))
+
+
+def _abs_flat(x: torch.Tensor, take_abs: bool) -> torch.Tensor:
+    return (x.abs().float() if take_abs else x).reshape(-1)
+
+
+def _reduce_chunk(hc, habs, ac, mc, vc, padded, h0, h0_norm, thr, offset, top_k, workspace):
+    """The per-token fields of one token chunk (`habs` its |h| in float32), its per-feature maxima, and its massive
+    entries (tokens counted from the start of the sequence)."""
     h = hc.float()  # [B, c, D]
-    habs = h.abs()
     top_v, top_i = habs.topk(top_k, dim=-1)  # [B, c, k], sorted: top_v[..., 0] is max_abs
-    cos = F.cosine_similarity(h, h0, dim=-1, eps=1e-12)  # [B, c]; a matmul would be faster but not chunk-exact
+    # cos-to-BOS as a batched matrix-vector product over two norms: no [B, c, D] temporary
+    dot = torch.bmm(h, h0[:, :, None])[..., 0]  # [B, c]
+    norm = torch.linalg.vector_norm(h, dim=-1).clamp_min_(COS_EPS)
+    cos = dot / (norm * h0_norm[:, None])
     massive = None
-    if bool((top_v[..., 0] >= thr[:, None]).any()):
-        hit = habs >= thr[:, None, None]
-        if padded:
-            hit &= vc[..., None]
-        bi, ti, ji = hit.nonzero(as_tuple=True)
+    candidate = top_v[..., 0] >= thr[:, None]  # tokens with at least one massive entry
+    if padded:
+        candidate &= vc
+    if bool(candidate.any()):
+        bi, ti = candidate.nonzero(as_tuple=True)
+        r, ji = (habs[bi, ti] >= thr[bi, None]).nonzero(as_tuple=True)  # the same (b, t, j) order as one nonzero
+        bi, ti = bi[r], ti[r]
         massive = (bi, ti + offset, ji, h[bi, ti, ji], ac[bi, ti, ji].float(), mc[bi, ti, ji].float())
     m = mc.float()
-    mabs = m.abs()
+    mabs = _abs(mc, workspace, "mlp")
     mtop_v, mtop_i = mabs.topk(top_k, dim=-1)
     if padded:
-        habs = habs.masked_fill(~vc[..., None], 0)
-        mabs = mabs.masked_fill(~vc[..., None], 0)
+        habs = habs.masked_fill_(~vc[..., None], 0)  # both are this function's own temporaries
+        mabs = mabs.masked_fill_(~vc[..., None], 0)
     return {
         "bos_cosine": cos,
         "max_abs": top_v[..., 0],

@@ -24,6 +24,35 @@ def command(port: int, address: str = "localhost", headless: bool = True, script
             "--server.address", address, "--server.headless", "true" if headless else "false", *STREAMLIT_OPTIONS]
 
 
+def warm_up() -> None:
+    """Build the first page's figures once on a tiny made-up sample and serialise them as `st.plotly_chart` does,
+    so that plotly's lazily imported validators and its JSON path are loaded before the first visitor's first
+    render rather than during it (the first chart then reaches the browser sooner, and Plotly's bundle, requested
+    when it does, downloads while the server is less busy)."""
+    import numpy as np
+    import pandas as pd
+    import plotly.io as pio
+
+    from sinkscope import viz
+    from sinkscope.metrics import MASSIVE_COLUMNS
+    from sinkscope.trace.schema import SampleRecord
+
+    layers, heads, n, d, k = 2, 2, 5, 8, 2
+    rng = np.random.default_rng(0)
+    massive = pd.DataFrame([[1, 0, 3, 500.0, 0.1, 0.9, 50.0, 450.0, 0]], columns=MASSIVE_COLUMNS)
+    sample = SampleRecord(
+        sample_id="warm-up", tokens=["<s>", "a", "b", "c", "."], segments=[("bos", 0, 1), ("text", 1, n)],
+        attention_received=rng.uniform(0, 1, (layers, heads, n)).astype(np.float32),
+        bos_cosine=rng.uniform(-1, 1, (layers, n)).astype(np.float32),
+        max_abs=rng.uniform(0, 500, (layers, n)).astype(np.float32), median_abs=np.ones(layers, np.float32),
+        massive=massive, feature_max_abs=rng.uniform(0, 500, (layers, d)).astype(np.float32),
+        mlp_feature_max_abs=rng.uniform(0, 500, (layers, d)).astype(np.float32),
+        top_features=rng.integers(0, d, (layers, n, k)).astype(np.int32),
+        top_values=rng.uniform(-500, 500, (layers, n, k)).astype(np.float32))
+    for fig in (viz.segment_profile_figure(sample), viz.top_activations_figure(sample)):
+        pio.to_json(fig, validate=False)
+
+
 if __name__ == "__main__":
     from streamlit.web.cli import main
 
@@ -31,4 +60,5 @@ if __name__ == "__main__":
     import sinkscope.trace  # noqa: F401
     import sinkscope.viz  # noqa: F401
 
+    warm_up()
     main(prog_name="streamlit")

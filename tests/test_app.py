@@ -417,3 +417,11 @@ def test_feature_numbers_from_widget_values():
     assert feature_number("f507") == 507 and feature_number("f507 (max 2.493e+04)") == 507
     assert feature_number("12") == 12
     assert all(feature_number(v) is None for v in (None, True, "abc", "f", "", [1]))
+
+
+def test_server_warm_up_builds_the_first_pages_figures():
+    """`python -m sinkscope.appserver` builds the Overview's figures once before serving (plotly's lazy imports off
+    the first render): on its made-up sample they must build and serialise."""
+    from sinkscope.appserver import warm_up
+
+    warm_up()

@@ -197,6 +197,21 @@ def test_cuda_matches_cpu():
         np.testing.assert_allclose(a.max_abs, b.max_abs, rtol=1e-4, atol=1e-4)
 
 
+def test_median_bracket_on_many_draws():
+    """The bracketed median equals np.median, bit for bit, over 100 arrays of several sizes and distributions (heavy
+    tails, a massive outlier, ties from rounding), each drawing its own random bracket."""
+    from sinkscope.record.reduce import median_nonneg
+
+    rng = np.random.default_rng(1)
+    for i in range(100):
+        n = int(rng.integers(65_537, 400_000))
+        kind = i % 4
+        x = (rng.standard_normal(n) if kind == 0 else rng.standard_t(2, n) if kind == 1 else
+             np.round(rng.standard_normal(n), 2) if kind == 2 else np.r_[rng.standard_normal(n - 1), 3e4])
+        a = np.abs(x).astype(np.float32)
+        assert median_nonneg(torch.from_numpy(a)).item() == np.float32(np.median(a)), (i, n, kind)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_device_path_matches_eager_with_padding(dtype):

@@ -75,7 +75,8 @@ def test_sweep_runs_each_point_once_and_resumes(spec_file, tmp_path):
 
     fig = decorrelation_wer_figure(pd.DataFrame(rows))
     panels = [a.text for a in fig.layout.annotations]
-    assert panels == ["VSR, clean", "AVSR, clean", "VSR, babble 0 dB", "AVSR, babble 0 dB"]
+    assert panels == ["VSR, clean", "AVSR, clean", "VSR, babble 0 dB", "AVSR, babble 0 dB",
+                      "not scored (no audio to add babble to)"]  # VSR at 0 dB: said, not left blank
     clean_off = [t for t in fig.data if t.name == "off (λ=0)" and t.mode == "lines" and t.xaxis == "x2"][0]
     assert list(clean_off.x) == ["K_a=2, K_v=1", "K_a=8, K_v=4"]
     assert list(clean_off.y) == [float(by_point[p]["wer_clean"]) for p in ("ka2-kv1-dec0", "ka8-kv4-dec0")]
@@ -183,6 +184,26 @@ def test_a_matryoshka_point_gives_one_row_per_rate(spec_file, tmp_path):
     messages: list[str] = []
     assert [r["point"] for r in run_sweep(spec, log=messages.append)] == [r["point"] for r in rows]
     assert messages == [f"[1/1] {name}: done"]
+
+
+def test_wer_figure_keeps_other_epoch_budgets_out_of_the_means():
+    """A learning-curve point (6 epochs where the sweep trains 3) is drawn as its own marker, not averaged with the
+    3-epoch seeds; the legend says what the marker shapes (seeds) mean."""
+    def row(point, lam, seed, epochs, wer):
+        return {"point": point, "mode": "vsr", "k_audio": "", "k_video": "5", "decorrelation": lam, "seed": seed,
+                "epochs": epochs, "wer_clean": wer, "wer_snr0": ""}
+
+    rows = [row("a", "0.0", "0", "3", "0.14"), row("b", "0.0", "1", "3", "0.16"), row("c", "10000.0", "0", "3", "0.43"),
+            row("d", "10000.0", "0", "6", "0.20"), row("e", "0.0", "0", "6", "0.12")]
+    fig = decorrelation_wer_figure(pd.DataFrame(rows))
+    lines = {t.name: t for t in fig.data if t.mode == "lines"}
+    assert lines["off (λ=0)"].y[0] == pytest.approx(0.15) and lines["λ=10000"].y[0] == pytest.approx(0.43)
+    apart = {t.name: list(t.y) for t in fig.data if t.name and "epochs" in t.name}
+    assert apart == {"off (λ=0), 6 epochs": [0.12], "λ=10000, 6 epochs": [0.20]}
+    assert {t.name for t in fig.data if t.legendgroup == "seeds"} == {"seed 0", "seed 1"}
+    assert "3 epochs" in fig.layout.title.text
+    sinks = decorrelation_sinks_figure([{**r, "sinks_per_utt_video": "1.0", "cos_last_video": "0.5"} for r in rows])
+    assert all(len(t.x) == 1 for t in sinks.data) and len(sinks.data) == 4  # the 3-epoch points only
 
 
 def test_mome_comparison_figure_puts_each_rate_against_its_single_rate_model():

@@ -60,12 +60,28 @@ SEED_SYMBOLS = ["circle", "diamond", "square", "triangle-up"]
 def _frame(rows: Sequence[dict] | pd.DataFrame) -> pd.DataFrame:
     df = pd.DataFrame(rows).copy()
     for col in df.columns:
-        if col.startswith(("wer_", "cer_", "sinks_per_utt_", "cos_")) or col in ("decorrelation", "seed"):
+        if col.startswith(("wer_", "cer_", "sinks_per_utt_", "cos_")) or col in ("decorrelation", "seed", "epochs"):
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["rate"] = [_rate(r) for r in df.itertuples()]
     df["order"] = [(pd.to_numeric(r.k_audio, errors="coerce") if r.mode != "vsr" else 0,
                     pd.to_numeric(r.k_video, errors="coerce") if r.mode != "asr" else 0) for r in df.itertuples()]
     return df
+
+
+def main_epochs(df: pd.DataFrame) -> float | None:
+    """The sweep's usual number of epochs (the most common): rows with another budget (a learning-curve pair) are
+    drawn apart, never averaged into its lines or bars."""
+    if "epochs" not in df or df["epochs"].isna().all():
+        return None
+    return float(df["epochs"].mode().iloc[0])
+
+
+def _split_epochs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    usual = main_epochs(df)
+    if usual is None:
+        return df, df.iloc[0:0]
+    same = df["epochs"] == usual
+    return df[same], df[~same]
 
 
 def _rate(r) -> str:
@@ -83,8 +99,10 @@ def _lam(lam: float) -> str:
 def decorrelation_wer_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure:
     """WER against compression rate with the decorrelation loss off and on: one panel per mode, clean (top)
     and babble 0 dB (bottom, where the sweep scored it), a line through the mean over seeds and a marker per
-    seed."""
+    seed (the marker's shape is the seed). Rows trained for another number of epochs than the sweep's usual one
+    are open markers labelled with their epochs, outside the means."""
     df = _frame(rows)
+    usual = main_epochs(df)
     tags = [t for t in ("clean", "snr0") if f"wer_{t}" in df and df[f"wer_{t}"].notna().any()]
     modes = [m for m in MODES if (df["mode"] == m).any()]
     fig = make_subplots(rows=len(tags), cols=len(modes), shared_yaxes=False, vertical_spacing=0.16,
@@ -93,8 +111,18 @@ def decorrelation_wer_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure:
     shown = set()
     for r_i, tag in enumerate(tags, start=1):
         for c_i, mode in enumerate(modes, start=1):
-            sub = df[(df["mode"] == mode) & df[f"wer_{tag}"].notna()]
-            order = [x for _, x in sorted({(o, r) for o, r in zip(sub["order"], sub["rate"], strict=True)})]
+            scored = df[(df["mode"] == mode) & df[f"wer_{tag}"].notna()]
+            if scored.empty:
+                # in paper coordinates: plotly.js does not draw the axes of a subplot without traces
+                k = (r_i - 1) * len(modes) + c_i
+                suffix = str(k) if k > 1 else ""
+                xd, yd = fig.layout[f"xaxis{suffix}"].domain, fig.layout[f"yaxis{suffix}"].domain
+                fig.add_annotation(text="not scored (no audio to add babble to)" if mode == "vsr" else "not scored",
+                                   showarrow=False, font={"color": "#7f7f7f"}, xref="paper", yref="paper",
+                                   x=sum(xd) / 2, y=sum(yd) / 2)
+                continue
+            sub, other = _split_epochs(scored) if usual is not None else (scored, scored.iloc[0:0])
+            order = [x for _, x in sorted({(o, r) for o, r in zip(scored["order"], scored["rate"], strict=True)})]
             for lam, group in sub.groupby("decorrelation"):
                 name = _lam(lam)
                 color = LAMBDA_COLORS.get(lam, "#1f77b4")
@@ -110,12 +138,27 @@ def decorrelation_wer_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure:
                         marker={"color": color, "size": 9, "symbol": SEED_SYMBOLS[int(seed) % len(SEED_SYMBOLS)]},
                         hovertemplate="%{x}<br>WER %{y:.1%}<extra>" + html.escape(f"{name}, seed {int(seed)}")
                                       + "</extra>"), row=r_i, col=c_i)
+            for (lam, epochs), group in other.groupby(["decorrelation", "epochs"]):
+                name = f"{_lam(lam)}, {epochs:g} epochs"
+                fig.add_trace(go.Scatter(
+                    x=group["rate"], y=group[f"wer_{tag}"], mode="markers", name=name, legendgroup=name,
+                    showlegend=name not in shown,
+                    marker={"color": LAMBDA_COLORS.get(lam, "#1f77b4"), "size": 11, "symbol": "star-open",
+                            "line": {"width": 2}},
+                    hovertemplate="%{x}<br>WER %{y:.1%}<extra>" + html.escape(name) + "</extra>"), row=r_i, col=c_i)
+                shown.add(name)
             fig.update_xaxes(categoryorder="array", categoryarray=order, title_text="compression rate",
                              row=r_i, col=c_i)
             fig.update_yaxes(tickformat=".0%", title_text="WER" if c_i == 1 else None, rangemode="tozero",
                              row=r_i, col=c_i)
+    seeds = sorted({int(x) for x in df["seed"].dropna()})
+    for seed in seeds if len(seeds) > 1 else []:  # what the marker shapes mean, in the legend
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"seed {seed}", legendgroup="seeds",
+                                 marker={"color": "#333333", "size": 9,
+                                         "symbol": SEED_SYMBOLS[seed % len(SEED_SYMBOLS)]}), row=1, col=1)
+    budget = f"{usual:g} epochs; " if usual is not None else ""
     fig.update_layout(title="WER across compression rates with the decorrelation loss off and on "
-                            "(line: mean over seeds; markers: seeds)", height=380 * len(tags) + 80,
+                            f"({budget}line: mean over seeds; marker shape: seed)", height=380 * len(tags) + 80,
                       legend={"title": "decorrelation"})
     return fig
 
@@ -123,7 +166,7 @@ def decorrelation_wer_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure:
 def decorrelation_sinks_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure:
     """Per point, off vs on: intermediate sinks per utterance (non-BOS input tokens that are sinks in at least
     half of the layers) and mean cos-to-BOS of the non-BOS input tokens at the last layer."""
-    df = _frame(rows)
+    df, _ = _split_epochs(_frame(rows))
     groups = [c.removeprefix("sinks_per_utt_") for c in df.columns if c.startswith("sinks_per_utt_")]
     df["sinks"] = df[[f"sinks_per_utt_{g}" for g in groups]].sum(axis=1, min_count=1)
     df["cos_last"] = df[[f"cos_last_{g}" for g in groups]].mean(axis=1)
@@ -139,8 +182,10 @@ def decorrelation_sinks_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure
                                  showlegend=col == 1, marker_color=LAMBDA_COLORS.get(lam, "#1f77b4"),
                                  hovertemplate="%{x}<br>%{y:.3f}<extra>" + html.escape(_lam(lam)) + "</extra>"),
                           row=1, col=col)
+    budget = f"; {main_epochs(df):g}-epoch points" if main_epochs(df) is not None else ""
     fig.update_layout(barmode="group", height=440, title="What the decorrelation loss changes inside "
-                      "(traces of the same held-out utterances; mean over seeds)", legend={"title": "decorrelation"})
+                      f"(traces of the same held-out utterances; mean over seeds{budget})",
+                      legend={"title": "decorrelation"})
     fig.update_yaxes(title_text="sinks / utterance", row=1, col=1)
     fig.update_yaxes(title_text="cos to BOS", range=[-1, 1], row=1, col=2)
     return fig
@@ -155,6 +200,8 @@ def mome_comparison_figure(mome_rows: Sequence[dict] | pd.DataFrame, single_rows
     mome = mome[mome["mode"] == mode]
     single = _frame(single_rows)
     single = single[(single["mode"] == mode) & (single["decorrelation"] == 0)]
+    if "epochs" in single and "epochs" in mome and mome["epochs"].notna().any():
+        single = single[single["epochs"].isin(set(mome["epochs"].dropna()))]  # the same training budget
     tags = [t for t in ("clean", "snr0") if f"wer_{t}" in mome and mome[f"wer_{t}"].notna().any()]
     order = [x for _, x in sorted({(o, r) for o, r in zip(pd.concat([mome["order"], single["order"]]),
                                                           pd.concat([mome["rate"], single["rate"]]), strict=True)})]

@@ -76,8 +76,9 @@ def main_epochs(df: pd.DataFrame) -> float | None:
     return float(df["epochs"].mode().iloc[0])
 
 
-def _split_epochs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    usual = main_epochs(df)
+def _split_epochs(df: pd.DataFrame, usual: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows of the usual budget, the other rows); `usual` defaults to `main_epochs(df)`."""
+    usual = main_epochs(df) if usual is None else usual
     if usual is None:
         return df, df.iloc[0:0]
     same = df["epochs"] == usual
@@ -121,7 +122,7 @@ def decorrelation_wer_figure(rows: Sequence[dict] | pd.DataFrame) -> go.Figure:
                                    showarrow=False, font={"color": "#7f7f7f"}, xref="paper", yref="paper",
                                    x=sum(xd) / 2, y=sum(yd) / 2)
                 continue
-            sub, other = _split_epochs(scored) if usual is not None else (scored, scored.iloc[0:0])
+            sub, other = _split_epochs(scored, usual)  # the budget of the whole table, not of this panel
             order = [x for _, x in sorted({(o, r) for o, r in zip(scored["order"], scored["rate"], strict=True)})]
             for lam, group in sub.groupby("decorrelation"):
                 name = _lam(lam)

@@ -1,8 +1,9 @@
 """Serving the app: `python -m sinkscope.appserver run SCRIPT [streamlit options]` is `streamlit run`, with the
 modules the first render needs (sinkscope's trace reader, analysis and figures: pandas, pyarrow, safetensors,
 pydantic, plotly) imported before the server starts rather than during the first visitor's first render (3.55 ->
-2.52 s in `python -m sinkscope.bench browser`). The Streamlit pages (`sinkscope.webapp`) are not imported here:
-their caches belong to the running server. `command()` is the one command line that `sinkscope app` and the
+2.52 s in `python -m sinkscope.bench browser`), and the first page's figures built once (`warm_up`: plotly's own
+lazy imports; 3.91 -> 3.78 s). The Streamlit pages (`sinkscope.webapp`) are not imported here: their caches belong
+to the running server. `command()` is the one command line that `sinkscope app` and the
 browser tests use."""
 
 from __future__ import annotations

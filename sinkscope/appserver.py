@@ -61,5 +61,8 @@ if __name__ == "__main__":
     import sinkscope.trace  # noqa: F401
     import sinkscope.viz  # noqa: F401
 
-    warm_up()
+    try:
+        warm_up()
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the app must be served without it
+        print(f"sinkscope: figure warm-up skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
     main(prog_name="streamlit")

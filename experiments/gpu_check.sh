@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issue 16 on a lent GPU, as one call: correctness first, then timings. Logs go to $OUT (the device tool brings
 # them back). From this machine:
-#   run(command="bash experiments/gpu_check.sh", carry=[".whl"], timeout_s=450)
+#   run(command="bash experiments/gpu_check.sh", carry=[".whl"], timeout_s=590)
 # .whl holds the wheels the GPU image lacks (pydantic and its needs; see the README's GPU section for the pip
 # download line). Stages, each time-boxed so that one failure never loses the others' numbers:
 #   1. the CUDA tests: the Triton kernels against float64, the device path against the torch path and eager;
-#   2. python -m sinkscope.bench.gpu: the device path against the torch path at real shapes (--check), the
-#      column-sum kernel's block configs against flash SDPA (--colsum), profiler tables (--profile), then the
-#      issue's table: recorder / plain SDPA / HF eager for the three Llama shapes (bf16, random weights).
+#   2. python -m sinkscope.bench.gpu: the per-layer reductions' variants (--kernels) and the column-sum kernel's
+#      (--colsum), each stage going on with its fastest exact one; the device path against the torch path at real
+#      shapes (--check); the issue's table: recorder / plain SDPA for the three Llama shapes (bf16, random
+#      weights); then, while time lasts, profiler tables (--profile) and the host's share (--host).
 set -uo pipefail
 OUT=${OUT:-/tmp/sinkscope-gpu}
 mkdir -p "$OUT"
@@ -27,7 +28,15 @@ timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -k "not smollm
   tests/test_kernels.py tests/test_recorder.py > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
 echo "== 2. benchmark"
-timeout "${BENCH_S:-300}" python3 -m sinkscope.bench.gpu --out "$OUT" ${FLAGS:---eager --check --colsum --profile} \
-  --budget-s "${BUDGET_S:-260}" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+timeout "${BENCH_S:-350}" python3 -m sinkscope.bench.gpu --out "$OUT" ${FLAGS:---kernels --colsum --check --profile --host} \
+  --budget-s "${BUDGET_S:-270}" --diagnostics-s 30 ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench exit $?"
 tail -60 "$OUT/bench.log"
+if [ -d ab_prev/sinkscope ]; then  # the previous commit's package (carried as ab_prev): the same cases, same machine
+  echo "== 3. the previous commit's recorder, same machine"
+  (cd ab_prev && PYTHONPATH=/tmp/site:. timeout "${AB_S:-90}" python3 -m sinkscope.bench.gpu --out "$OUT/prev" \
+    --cases "${AB_CASES:-llama-3.2-1b:1:8192,smollm2-135m:1:8192,llama-3.2-1b:1:32768,llama-3.2-1b:1:2048}" \
+    --budget-s 70 > "$OUT/prev_bench.log" 2>&1)
+  echo "prev exit $?"
+  tail -8 "$OUT/prev_bench.log"
+fi

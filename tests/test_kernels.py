@@ -37,7 +37,8 @@ def reference_colsum(q, k, valid, scale) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padded", [False, True])
-def test_column_sums_match_a_float64_reference(dtype, padded):
+@pytest.mark.parametrize("variant", ["cols", "rows", "rows-poly"])
+def test_column_sums_match_a_float64_reference(dtype, padded, variant):
     torch.manual_seed(0)
     b, hq, hkv, t, d = 3, 4, 2, 75, 24  # grouped heads, T and d off the block sizes
     q = torch.randn(b, hq, t, d, device=DEVICE).to(dtype)
@@ -53,7 +54,8 @@ def test_column_sums_match_a_float64_reference(dtype, padded):
     scale = d**-0.5
     _, lse = sdpa_with_lse(q, k, v, mask, scale)
     assert lse is not None
-    got = colsum_triton(q, k, lse, scale, valid, block_m=16, block_n=32).cpu().numpy()
+    got = colsum_triton(q, k, lse, scale, valid, block_m=16, block_n=32, rows=variant != "cols",
+                        poly=variant == "rows-poly").cpu().numpy()
     want = reference_colsum(q, k, valid, scale)
     count = np.arange(t, 0, -1, dtype=np.float64)  # queries that see each key (unpadded)
     # alpha (the column sum over the queries that see the key): within 1e-5 in fp32 and 1e-3 in bf16 (issue 16)
@@ -66,27 +68,50 @@ def test_column_sums_match_a_float64_reference(dtype, padded):
     np.testing.assert_allclose(got, torch_path.cpu().numpy(), rtol=1e-4, atol=1e-5 if dtype == torch.float32 else 1e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_radix_median_is_exact(dtype):
+def test_exp2_on_fma_units_is_within_its_bound():
+    """`exp2_fma`, the polynomial 2**x that takes half of the bf16 column sums' exponentials off the special-function
+    units: relative error at most 7.5e-5 over the range the column sums use (x <= 0, down to -100), and no
+    overflow or NaN far below (clamped to 2**-125)."""
+    from sinkscope.record.kernels import exp2_fma
+
+    x = torch.cat([torch.linspace(-30, 0, 200_001), torch.tensor([-0.5, -0.49999, -1e-7, -100.0, -1e4])])
+    got = exp2_fma(x.to(DEVICE)).cpu().double()
+    want = torch.exp2(x.double())
+    rel = ((got - want) / want)[:-1].abs().max().item()
+    assert rel <= 7.6e-5, rel
+    assert torch.all(torch.isfinite(got)) and got[-1].item() <= 2.0**-124
+
+
+@pytest.mark.parametrize("dtype,bits,onehot", [
+    (torch.float32, 8, False), (torch.bfloat16, 8, False), (torch.float16, 8, False),
+    (torch.float32, 6, True),  # float32 in six passes: a digit width that does not divide 31
+    (torch.bfloat16, 5, False), (torch.float16, 5, False), (torch.bfloat16, 4, True), (torch.float16, 4, True),
+], ids=lambda v: str(v).removeprefix("torch."))
+def test_radix_median_is_exact(dtype, bits, onehot):
+    """Every digit width and counting the recorder may be configured with (kernels.RADIX_CONFIG) gives numpy's
+    median bit for bit: ties, zeros, negative zeros, a massive entry, padding, and two middle values whose bit
+    patterns part in the first digit (row 4: half the entries 1, half 1000), so the ranks' prefixes differ."""
     torch.manual_seed(0)
-    h = torch.randn(4, 33, 40, device=DEVICE) * torch.rand(4, 33, 40, device=DEVICE) ** 3
+    h = torch.randn(5, 33, 40, device=DEVICE) * torch.rand(5, 33, 40, device=DEVICE) ** 3
     h[0, 0, 7] = 3e4  # a massive activation
     h[1, :, :5] = 0.0  # zeros and ties
     h[3] = torch.round(h[3] * 4) / 4  # many ties
     h[2, 5, :4] = -0.0  # negative zeros (the sign bit is cleared)
+    h[4] = torch.where(torch.arange(33 * 40, device=DEVICE).view(33, 40) % 2 == 0, 1.0, -1000.0)
     h = h.to(dtype)
-    valid = torch.ones(4, 33, dtype=torch.bool, device=DEVICE)
+    valid = torch.ones(5, 33, dtype=torch.bool, device=DEVICE)
     valid[1, 20:] = False
     valid[2, :3] = False
     for v in (None, valid):
-        med, thr = median_abs_triton(h, v, block=256, thresholds=(0.5, 3.0))
+        med, thr = median_abs_triton(h, v, block=256, thresholds=(0.5, 3.0), bits=bits, onehot=onehot)
         got = med.cpu().numpy()
         assert torch.equal(thr, torch.clamp(med * 3.0, min=0.5)), "the massive threshold, as the torch path has it"
-        for i in range(4):
+        for i in range(5):
             rows = h[i].float().cpu().numpy() if v is None else h[i][v[i]].float().cpu().numpy()
             assert got[i] == np.float32(np.median(np.abs(rows))), (i, v is None)
+    assert got[4] == 500.5
     odd = h[:1, :3, :5]  # 15 entries: the middle one
-    assert median_abs_triton(odd)[0].item() == np.median(np.abs(odd.float().cpu().numpy()))
+    assert median_abs_triton(odd, bits=bits, onehot=onehot)[0].item() == np.median(np.abs(odd.float().cpu().numpy()))
 
 
 def _record(model, device_path: bool, monkeypatch, **kwargs):
@@ -153,7 +178,8 @@ def test_token_chunks_give_the_same_record(monkeypatch):
         assert a.massive.equals(b.massive)
 
 
-@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 4)])
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 4),
+                                        (torch.float16, 1)])
 def test_token_stats_kernel_against_numpy(dtype, rows):
     """The one-pass per-token kernel of the device path on its own: ties (values rounded to quarters) resolved
     to the smaller feature index, signed values, cos to BOS, and the massive entries of real tokens only, against
@@ -189,6 +215,10 @@ def test_token_stats_kernel_against_numpy(dtype, rows):
     assert entries == [(3, 0, 2, 5), (3, 1, 3, 11)]
     values = {tuple(i): v for i, v in zip(ent_i[: count[0]].tolist(), ent_v[: count[0]].tolist(), strict=True)}
     np.testing.assert_array_equal(values[(3, 1, 3, 11)], [-50.0, a[1, 3, 11].item(), m[1, 3, 11].item()])
+    if dtype != torch.float32:  # the int32 keys of 16-bit formats rank exactly as int64 keys over float32 bits
+        wide = token_stats_triton(h, m, a, first, thr, valid, k, 3, massive_buffers(b, t, h.device), rows=rows,
+                                  narrow_keys=False)
+        assert torch.equal(wide, packed)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -137,8 +137,19 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
     return out
 
 
-COLSUM_CONFIGS = [(64, 64, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)]
-"""(BLOCK_M, BLOCK_N, num_warps, num_stages) of the column-sum kernel, timed by `--colsum`."""
+COLSUM_CONFIGS = [  # (keys as MMA rows, half the exps on FMA units, BLOCK_M queries, BLOCK_N keys, warps, stages)
+    (False, False, 64, 64, 4, 2), (False, False, 64, 128, 4, 2), (False, False, 128, 128, 8, 2),
+    (True, False, 64, 64, 4, 2), (True, False, 128, 64, 4, 2), (True, False, 64, 128, 4, 2),
+    (True, False, 128, 128, 8, 2), (True, False, 128, 128, 8, 3),
+    (True, True, 64, 64, 4, 2), (True, True, 128, 64, 4, 2), (True, True, 64, 128, 4, 2),
+    (True, True, 128, 128, 8, 2),
+]
+"""The column-sum kernel's variants and launch settings timed by `--colsum` (kernels.COLSUM_CONFIG)."""
+
+
+def _colsum_label(cfg: tuple) -> str:
+    rows, poly, bm, bn, warps, stages = cfg
+    return f"{'rows' if rows else 'cols'}{'+poly' if poly else ''} {bm}x{bn} w{warps} s{stages}"
 
 
 def event_time(fn, reps: int = 10) -> float:
@@ -156,8 +167,9 @@ def event_time(fn, reps: int = 10) -> float:
 
 
 def colsum_bench(shape: str, t: int) -> list[dict]:
-    """The attention of one layer alone: PyTorch's flash SDPA (with its log-sum-exp, as the recorder calls it)
-    against the Triton column sums at each of COLSUM_CONFIGS, with the float64-checked error of each config."""
+    """The attention of one layer alone: PyTorch's flash SDPA and the recorder's cuDNN call with its log-sum-exp,
+    against the Triton column sums at each of COLSUM_CONFIGS, with each config's largest alpha difference from
+    the first (the shipped kernel before session 14; the tests check every variant against float64)."""
     from sinkscope.record.attention import sdpa_with_lse
     from sinkscope.record.kernels import colsum_triton
 
@@ -171,22 +183,45 @@ def colsum_bench(shape: str, t: int) -> list[dict]:
     flash = event_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                  enable_gqa=True))
     with_lse = event_time(lambda: sdpa_with_lse(q, k, v, None, scale))
-    ref = colsum_triton(q, k, lse, scale, block_m=64, block_n=64, num_warps=4, num_stages=2)
+    count = torch.arange(t, 0, -1, device="cuda", dtype=torch.float32)
+    ref = None
     rows = []
-    for bm, bn, warps, stages in COLSUM_CONFIGS:
+    for config in COLSUM_CONFIGS:
+        r, poly, bm, bn, warps, stages = config
+        kwargs = dict(rows=r, poly=poly, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
         try:
-            got = colsum_triton(q, k, lse, scale, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
-            sec = event_time(lambda bm=bm, bn=bn, w=warps, st=stages: colsum_triton(
-                q, k, lse, scale, block_m=bm, block_n=bn, num_warps=w, num_stages=st))
-            count = torch.arange(t, 0, -1, device="cuda", dtype=torch.float32)
-            rows.append(dict(shape=shape, t=t, config=f"{bm}x{bn} w{warps} s{stages}", colsum_ms=1e3 * sec,
-                             flash_ms=1e3 * flash, sdpa_with_lse_ms=1e3 * with_lse, colsum_over_flash=sec / flash,
-                             alpha_diff_vs_64x64=float(((got - ref) / count).abs().max())))
+            got = colsum_triton(q, k, lse, scale, **kwargs)
+            ref = got if ref is None else ref
+            sec = event_time(lambda kw=kwargs: colsum_triton(q, k, lse, scale, **kw))
+            rows.append(dict(shape=shape, t=t, config=_colsum_label(config), colsum_ms=1e3 * sec,
+                             flash_ms=1e3 * flash, sdpa_with_lse_ms=1e3 * with_lse, colsum_over_with_lse=sec / with_lse,
+                             alpha_diff_vs_first=float(((got - ref) / count).abs().max())))
         except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (shared memory) is reported
-            rows.append(dict(shape=shape, t=t, config=f"{bm}x{bn} w{warps} s{stages}",
+            rows.append(dict(shape=shape, t=t, config=_colsum_label(config),
                              error=f"{type(exc).__name__}: {str(exc)[:160]}"))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def choose_colsum(rows: list[dict]) -> str | None:
+    """Set kernels.COLSUM_CONFIG to the config with the smallest mean time over the recorder's cuDNN call across
+    the shapes timed, among those that ran everywhere within alpha 1e-3 of the first (the bf16 bound)."""
+    from sinkscope.record.kernels import COLSUM_CONFIG
+
+    by_config: dict[str, list[float]] = {}
+    for row in rows:
+        ok = "error" not in row and row["alpha_diff_vs_first"] <= 1e-3
+        by_config.setdefault(row["config"], []).append(row["colsum_over_with_lse"] if ok else float("inf"))
+    scores = {label: statistics.mean(v) for label, v in by_config.items()}
+    if not scores:
+        return None
+    label = min(scores, key=scores.get)
+    if scores[label] == float("inf"):
+        return None
+    config = next(c for c in COLSUM_CONFIGS if _colsum_label(c) == label)
+    COLSUM_CONFIG.update(zip(("rows", "poly", "block_m", "block_n", "num_warps", "num_stages"), config, strict=True))
+    print(f"column sums: fastest {label} (mean {scores[label]:.3f}x the cuDNN call), used from here on", flush=True)
+    return label
 
 
 @torch.no_grad()
@@ -396,8 +431,8 @@ def kernel_bench(t: int, d: int) -> list[dict]:
     ref = token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers, rows=1, num_warps=4)
     n = t  # B = 1: the buffer's fields are cos [n], max [n], then four [n, 8] parts; cos depends on the sum order
     best = None
-    for per_program in (1, 2, 4):
-        for warps in (2, 4, 8):
+    for per_program, warps_list in ((1, (2, 4)), (2, (4,)), (4, (8,))):  # around session 11's fastest
+        for warps in warps_list:
             if per_program * block_d // (32 * warps) > 64 or per_program * block_d < 32 * warps:
                 continue  # more than 64 keys a thread spills; fewer than one element a thread idles lanes
             try:
@@ -422,22 +457,66 @@ def kernel_bench(t: int, d: int) -> list[dict]:
     torch_sec = event_time(lambda: [torch.linalg.vector_norm(x, ord=float("inf"), dim=1).float() for x in (h, m)])
     rows.append(dict(kernel="feature_max", t=t, d=d, config="torch vector_norm x2 (before)", us=1e6 * torch_sec,
                      gb_per_s=2 * h.numel() * 2 / torch_sec / 1e9, same=True))
-    for block_t, cols, warps in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8)):
+    for block_t, cols, warps in ((32, 128, 4), (64, 128, 4)):
         got = colmax_triton(h, m, None, block_t=block_t, block_d=cols, num_warps=warps)
         sec = event_time(lambda bt=block_t, bd=cols, w=warps: colmax_triton(h, m, None, block_t=bt, block_d=bd,
                                                                              num_warps=w))
         rows.append(dict(kernel="feature_max", t=t, d=d, config=f"T{block_t} D{cols} w{warps}", us=1e6 * sec,
                          gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
         print(json.dumps(rows[-1]), flush=True)
-    ref = median_abs_triton(h)[0]
-    passes = 2  # bf16: two radix passes over its 15 bits, each reading h once
-    for block, warps in ((4096, 8), (16384, 8)):  # the default first (session 8 swept six)
-        got = median_abs_triton(h, block=block, num_warps=warps)[0]
-        sec = event_time(lambda bl=block, w=warps: median_abs_triton(h, block=bl, num_warps=w))
-        rows.append(dict(kernel="median", t=t, d=d, config=f"B{block} w{warps}", us=1e6 * sec,
-                         gb_per_s=passes * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
+    if best is not None:  # the same pass with int64 keys (before session 14) for comparison
+        sec = event_time(lambda: token_stats_triton(h, m, a, first, thr, None, 8, 0, buffers, rows=best[1],
+                                                    num_warps=best[2], narrow_keys=False))
+        rows.append(dict(kernel="token_stats", t=t, d=d, config=f"r{best[1]} w{best[2]} int64 keys", us=1e6 * sec,
+                         gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=True))
         print(json.dumps(rows[-1]), flush=True)
+    ref = median_abs_triton(h, bits=8, onehot=False, block=4096, num_warps=8)[0]  # the shipped config first
+    fastest = None
+    for bits, onehot, block, warps in RADIX_CONFIGS:
+        passes = -(-15 // bits)  # bf16: passes over its 15 bits, each reading h once
+        label = f"{bits}-bit {'one-hot' if onehot else 'histogram'} B{block} w{warps}"
+        try:
+            got = median_abs_triton(h, bits=bits, onehot=onehot, block=block, num_warps=warps)[0]
+            sec = event_time(lambda c=(bits, onehot, block, warps): median_abs_triton(
+                h, bits=c[0], onehot=c[1], block=c[2], num_warps=c[3]))
+        except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is reported, not fatal
+            rows.append(dict(kernel="median", t=t, d=d, config=label, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
+            continue
+        same = bool(torch.equal(got, ref))
+        rows.append(dict(kernel="median", t=t, d=d, config=label, us=1e6 * sec,
+                         gb_per_s=passes * h.numel() * 2 / sec / 1e9, same=same))
+        print(json.dumps(rows[-1]), flush=True)
+        if same and (fastest is None or sec < fastest[0]):
+            fastest = (sec, (bits, onehot, block, warps))
+    if fastest is not None:
+        rows.append(dict(kernel="median", t=t, d=d, fastest=list(fastest[1]), us=1e6 * fastest[0]))
     return rows
+
+
+RADIX_CONFIGS = [(8, False, 4096, 8), (8, False, 16384, 8), (5, False, 4096, 8), (4, False, 4096, 8),
+                 (5, True, 512, 8), (4, True, 1024, 8)]
+"""(digit bits, one-hot counting, BLOCK, num_warps) of the radix median timed by `--kernels` on bf16 input."""
+
+
+def choose_radix(rows: list[dict]) -> tuple | None:
+    """Set kernels.RADIX_CONFIG for bf16 and fp16 to the config with the smallest total time over the shapes timed,
+    among those exact everywhere."""
+    from sinkscope.record.kernels import RADIX_CONFIG
+
+    totals: dict[str, float] = {}
+    for row in rows:
+        if row.get("kernel") == "median" and "config" in row:
+            ok = "error" not in row and row["same"]
+            totals[row["config"]] = totals.get(row["config"], 0.0) + (row["us"] if ok else float("inf"))
+    if not totals or min(totals.values()) == float("inf"):
+        return None
+    label = min(totals, key=totals.get)
+    config = next(c for c in RADIX_CONFIGS
+                  if f"{c[0]}-bit {'one-hot' if c[1] else 'histogram'} B{c[2]} w{c[3]}" == label)
+    RADIX_CONFIG[1] = RADIX_CONFIG[2] = config
+    print(f"radix median (bf16/fp16): fastest {label} ({totals[label]:.0f} us over the shapes), used from here on",
+          flush=True)
+    return config
 
 
 def _guarded(fn, *args):
@@ -463,8 +542,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eager", action="store_true", help="also time HF eager (attentions + hidden states), T<=8192")
     ap.add_argument("--check", action="store_true", help="first: device path vs torch path at real shapes")
     ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
-    ap.add_argument("--profile", action="store_true", help="first: profiler tables of one recorded forward")
-    ap.add_argument("--host", action="store_true", help="first: where a recorded forward's host time goes")
+    ap.add_argument("--profile", action="store_true", help="last: profiler tables of one recorded forward")
+    ap.add_argument("--host", action="store_true", help="last: where a recorded forward's host time goes")
+    ap.add_argument("--diagnostics-s", type=float, default=90.0,
+                    help="--profile and --host run after the table while fewer than budget + this many s have passed")
     ap.add_argument("--kernels", action="store_true", help="first: the per-layer Triton reductions' configs")
     args = ap.parse_args(argv)
     import transformers
@@ -484,29 +565,32 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": [], "host": []}
-    if args.host:
-        for shape, batch, t in (("smollm2-135m", 1, 2048), ("llama-3.2-1b", 1, 8192), ("llama-3.2-1b", 32, 256),
-                                ("llama-3.2-1b", 1, 2048)):
-            extra["host"].append(_guarded(host_case, shape, batch, t, args.out))
-            torch.cuda.empty_cache()
+
+    def save_extra() -> None:  # after every stage: a call cut short by its time limit keeps what it measured
+        (args.out / "bench_gpu_extra.json").write_text(json.dumps({"env": env, **extra}, indent=2, default=str))
+
     if args.kernels:
         for t, d in ((8192, 2048), (8192, 4096), (8192, 576)):
             extra["kernels"].extend(_guarded(kernel_bench, t, d) or [])
-        from sinkscope.record.kernels import TOKEN_CONFIG
+        from sinkscope.record.kernels import RADIX_CONFIG, TOKEN_CONFIG
 
+        choose_radix(extra["kernels"])
         env["token_config"] = {str(k): list(v) for k, v in TOKEN_CONFIG.items()}
-        print("token-stats configuration of this run:", env["token_config"], flush=True)
-    if args.check:
-        for shape, t, dtype in (("smollm2-135m", 2048, torch.float32), ("llama-3.2-1b", 4096, torch.bfloat16)):
-            extra["checks"].append(_guarded(check_case, shape, t, dtype))
+        env["radix_config"] = {str(k): list(v) for k, v in RADIX_CONFIG.items()}
+        print("token-stats and radix configuration of this run:", env["token_config"], env["radix_config"], flush=True)
+    save_extra()
     if args.colsum:
         for shape, t in (("llama-3.2-1b", 8192), ("llama-3.1-8b", 8192), ("llama-3.2-1b", 32768)):
             extra["colsum"].extend(_guarded(colsum_bench, shape, t) or [])
-    if args.profile:
-        for shape, batch, t in (("smollm2-135m", 1, 2048), ("llama-3.2-1b", 1, 8192)):
-            extra["profile"].append(_guarded(profile_case, shape, batch, t, args.out))
-            torch.cuda.empty_cache()
-    (args.out / "bench_gpu_extra.json").write_text(json.dumps(extra, indent=2, default=str))
+        choose_colsum(extra["colsum"])
+    from sinkscope.record.kernels import COLSUM_CONFIG
+
+    env["colsum_config"] = dict(COLSUM_CONFIG)
+    save_extra()
+    if args.check:
+        for shape, t, dtype in (("smollm2-135m", 2048, torch.float32), ("llama-3.2-1b", 4096, torch.bfloat16)):
+            extra["checks"].append(_guarded(check_case, shape, t, dtype))
+    save_extra()
     rows = []
     shapes = args.shapes.split(",")
     for shape in shapes:
@@ -547,6 +631,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['shape']:<14} {r['batch']:>3} {r['t']:>6} {r['recorder_ratio']:>13.2f}x {r['target']:>6.1f}x "
               f"{r['recorder_extra_peak_pct']:>10.1f}% {torch_ratio:>16} {eager:>11} {1e3 * r['sdpa_s']:>8.1f}{mark}")
     (args.out / "bench_gpu.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    # diagnostics after the table (where the time goes), while the call's time lasts
+    if args.profile and time.time() - start < args.budget_s + args.diagnostics_s:
+        for shape, batch, t in (("llama-3.2-1b", 1, 8192), ("smollm2-135m", 1, 8192)):
+            extra["profile"].append(_guarded(profile_case, shape, batch, t, args.out))
+            torch.cuda.empty_cache()
+    save_extra()
+    if args.host and time.time() - start < args.budget_s + args.diagnostics_s:
+        for shape, batch, t in (("smollm2-135m", 1, 8192), ("llama-3.2-1b", 1, 8192), ("llama-3.2-1b", 1, 2048),
+                                ("smollm2-135m", 1, 2048)):
+            extra["host"].append(_guarded(host_case, shape, batch, t, args.out))
+            torch.cuda.empty_cache()
+    save_extra()
 
 
 if __name__ == "__main__":

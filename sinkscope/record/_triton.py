@@ -90,18 +90,139 @@ def colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
 
 
 @triton.jit
-def _select_digit(hist, rank):
-    """The 8-bit digit at which the cumulative count of `hist` [256] first reaches `rank` (1-based), and the
-    rank within that digit's bin."""
+def exp2_fma(x):
+    """2**x for x <= 0 on the FMA units instead of the special-function units (which compute 16 exponentials a
+    clock per SM against 128 fused multiply-adds): x = j + f with j an integer (rounded by adding 1.5 * 2**23)
+    and f in [-0.5, 0.5], 2**f by a degree-3 polynomial fitted for relative error (at most 7.5e-5, see
+    tests/test_kernels.py), and j added to the result's exponent bits. x is clamped at -125 (2**-125 ~ 2e-38 stands
+    for anything smaller)."""
+    x = tl.maximum(x, -125.0)
+    y = x + 12582912.0
+    f = x - (y - 12582912.0)
+    p = tl.fma(tl.fma(tl.fma(0.05517132207751274, f, 0.24261054396629333), f, 0.6932609677314758), f,
+               0.9999281167984009)
+    # y's low mantissa bits hold j; shifted by 23 they land on the exponent (the constant's bits shift out)
+    return (p.to(tl.int32, bitcast=True) + (y.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T,
+                      scale_log2, HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                      MASKED: tl.constexpr, POLY: tl.constexpr):
+    """The column sums of one [BLOCK_N keys, BLOCK_M queries] tile, exp(k.q * scale - lse[q]) summed over the
+    queries (axis 1, which the MMA layout keeps within a warp): `[BLOCK_N]` float32. POLY: every other query's
+    exponential on the FMA units (`exp2_fma`), the rest on the special-function units, so that both work."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < T
+    q_ptrs = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+    if MASKED:
+        q = tl.load(q_ptrs, mask=m_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=m_in, other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            q = tl.load(q_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        lse = tl.load(lse_ptr + b * slb + h * slh + offs_m)
+    if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32, so this is the same sum
+        q = q.to(tl.float32)
+    if IEEE or UPCAST:
+        s = tl.dot(k, tl.trans(q), input_precision="ieee")
+    else:
+        s = tl.dot(k, tl.trans(q))
+    x = s * scale_log2 - lse[None, :] * 1.4426950408889634
+    if MASKED:
+        query_ok = m_in
+        if HAS_VALID:
+            query_ok = query_ok & (tl.load(valid_ptr + b * svb + offs_m, mask=m_in, other=0) != 0)
+        seen = (offs_m[None, :] >= offs_n[:, None]) & query_ok[None, :] & key_ok[:, None]
+        x = tl.where(seen, x, -float("inf"))
+    if POLY:
+        xa, xb = tl.split(tl.reshape(x, [BLOCK_N, BLOCK_M // 2, 2]))
+        pb = exp2_fma(xb)
+        if MASKED:  # exp2_fma clamps -inf to 2**-125: unseen entries must give exactly 0
+            sa, sb = tl.split(tl.reshape(seen, [BLOCK_N, BLOCK_M // 2, 2]))
+            pb = tl.where(sb, pb, 0.0)
+        return tl.sum(tl.exp2(xa), 1) + tl.sum(pb, 1)
+    return tl.sum(tl.exp2(x), 1)
+
+
+@triton.jit
+def colsum_rows_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
+                       sqb, sqh, sqt, skb, skh, skt, slb, slh, svb, sob, soh,
+                       T, H, GROUP, scale_log2,
+                       HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr, POLY: tl.constexpr):
+    """`colsum_kernel` with the keys as the MMA's rows: each tile is K Q^T, summed over its queries within each
+    warp, into a `[BLOCK_N]` accumulator (no `[BLOCK_M, BLOCK_N]` register tile, so more programs fit on an SM
+    and one's matrix products overlap another's exponentials). The same three runs of query blocks."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUP
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_in = offs_n < T
+    k = tl.load(k_ptr + b * skb + kvh * skh + offs_n[:, None] * skt + offs_d[None, :],
+                mask=n_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    key_ok = n_in
+    if HAS_VALID:
+        key_ok = key_ok & (tl.load(valid_ptr + b * svb + offs_n, mask=n_in, other=0) != 0)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    if HAS_VALID:
+        for m0 in range(start, T, BLOCK_M):
+            acc += _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
+                                     slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
+                                     UPCAST, True, POLY)
+    else:
+        diag_end = ((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full_end = T // BLOCK_M * BLOCK_M
+        for m0 in range(start, tl.minimum(diag_end, T), BLOCK_M):
+            acc += _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
+                                     slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
+                                     UPCAST, True, POLY)
+        for m0 in range(diag_end, full_end, BLOCK_M):
+            acc += _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
+                                     slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
+                                     UPCAST, False, POLY)
+        for m0 in range(tl.maximum(diag_end, full_end), T, BLOCK_M):
+            acc += _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
+                                     slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
+                                     UPCAST, True, POLY)
+    tl.store(out_ptr + b * sob + h * soh + offs_n, acc, mask=n_in)
+
+
+@triton.jit
+def exp2_fma_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    """`exp2_fma` over a vector, for its accuracy test."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    tl.store(out_ptr + offs, exp2_fma(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
+
+
+@triton.jit
+def _select_digit(hist, rank, BINS: tl.constexpr):
+    """The digit at which the cumulative count of `hist` [BINS] first reaches `rank` (1-based), and the rank
+    within that digit's bin."""
     cum = tl.cumsum(hist, 0)
     digit = tl.sum((cum < rank).to(tl.int32), 0)
-    below = tl.sum(tl.where(tl.arange(0, 256) < digit, hist, 0), 0)
+    below = tl.sum(tl.where(tl.arange(0, BINS) < digit, hist, 0), 0)
     return digit, rank - below
 
 
 @triton.jit
-def _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASSES: tl.constexpr, HAS_VALID: tl.constexpr):
-    """The two middle ranks' bit prefixes after PASSES radix passes, from the histograms written so far."""
+def _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASSES: tl.constexpr, HAS_VALID: tl.constexpr,
+              BITS: tl.constexpr):
+    """The two middle ranks' bit prefixes after PASSES radix passes of BITS bits, from the histograms written so
+    far."""
+    BINS: tl.constexpr = 1 << BITS
     if HAS_VALID:
         n = tl.load(count_ptr + b).to(tl.int64) * D
     else:
@@ -110,31 +231,48 @@ def _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASSES: tl.constexpr, HAS_VAL
     r_hi = (n // 2 + 1).to(tl.int32)
     p_lo = r_lo * 0
     p_hi = r_lo * 0
-    bins = tl.arange(0, 256)
+    bins = tl.arange(0, BINS)
     for q in tl.static_range(PASSES):
-        d_lo, r_lo = _select_digit(tl.load(hist_ptr + ((q * B + b) * 2) * 256 + bins), r_lo)
-        d_hi, r_hi = _select_digit(tl.load(hist_ptr + ((q * B + b) * 2 + 1) * 256 + bins), r_hi)
-        p_lo = (p_lo << 8) | d_lo
-        p_hi = (p_hi << 8) | d_hi
+        d_lo, r_lo = _select_digit(tl.load(hist_ptr + ((q * B + b) * 2) * BINS + bins), r_lo, BINS)
+        d_hi, r_hi = _select_digit(tl.load(hist_ptr + ((q * B + b) * 2 + 1) * BINS + bins), r_hi, BINS)
+        p_lo = (p_lo << BITS) | d_lo
+        p_hi = (p_hi << BITS) | d_hi
     return p_lo, p_hi, n
 
 
 @triton.jit
+def _count_digits(digit, ok, BINS: tl.constexpr, ONEHOT: tl.constexpr):
+    """How many of `digit` (where `ok`) fall in each of BINS bins: Triton's histogram, or (ONEHOT) a comparison
+    with every bin summed over the block, whose cost does not depend on how the digits are spread."""
+    if ONEHOT:
+        hit = (digit[:, None] == tl.arange(0, BINS)[None, :]) & ok[:, None]
+        return tl.sum(hit.to(tl.int32), 0)
+    else:
+        return tl.histogram(digit, BINS, mask=ok)
+
+
+@triton.jit
 def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, svb, B,
-                      PASS: tl.constexpr, FMT: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
-    """Radix pass PASS of the median's selection, for both middle ranks at once: count the 8-bit digit of the
-    |h| bit pattern below the PASS bytes already fixed, over the entries of row b whose higher bits match each
-    rank's prefix. FMT 0: h read as float32 (any float dtype, upcast exactly), four passes over 31 bits; FMT 1
-    (bf16) and 2 (fp16): h read as its raw 16 bits (the host passes an int16 view), sign cleared, two passes over
-    15 bits. Each program strides over many blocks and adds its two histograms once (few atomics)."""
+                      PASS: tl.constexpr, FMT: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr,
+                      BITS: tl.constexpr, ONEHOT: tl.constexpr):
+    """Radix pass PASS of the median's selection, for both middle ranks at once: count the BITS-bit digit of the
+    |h| bit pattern below the PASS digits already fixed, over the entries of row b whose higher bits match each
+    rank's prefix. FMT 0: h read as float32 (any float dtype, upcast exactly), 31 bits; FMT 1 (bf16) and 2
+    (fp16): h read as its raw 16 bits (the host passes an int16 view), sign cleared, 15 bits; ceil(bits / BITS)
+    passes. When both ranks share their prefix (always in the first pass, and almost always later: the two middle
+    values are neighbours) one count serves both. Each program strides over many blocks and adds its
+    histograms once (few atomics)."""
+    BINS: tl.constexpr = 1 << BITS
+    NBITS: tl.constexpr = 31 if FMT == 0 else 15
+    NPASS: tl.constexpr = (NBITS + BITS - 1) // BITS
+    SHIFT: tl.constexpr = BITS * (NPASS - 1 - PASS)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: rows of T * D entries at large B
-    p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASS, HAS_VALID)
-    NPASS: tl.constexpr = 4 if FMT == 0 else 2
-    SHIFT: tl.constexpr = 8 * (NPASS - 1 - PASS)
-    h_lo = tl.zeros([256], dtype=tl.int32)
-    h_hi = tl.zeros([256], dtype=tl.int32)
+    p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASS, HAS_VALID, BITS)
+    same = p_lo == p_hi
+    h_lo = tl.zeros([BINS], dtype=tl.int32)
+    h_hi = tl.zeros([BINS], dtype=tl.int32)
     for start in range(pid * BLOCK, N, nprog * BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         ok = offs < N
@@ -145,19 +283,17 @@ def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, s
             bits = x.to(tl.int32, bitcast=True)
         else:
             bits = tl.load(h_ptr + b * shb + offs, mask=ok, other=0).to(tl.int32) & 0x7FFF
-        digit = (bits >> SHIFT) & 255
-        if PASS == 0:
-            h_lo += tl.histogram(digit, 256, mask=ok)
+        digit = (bits >> SHIFT) & (BINS - 1)
+        if PASS == 0:  # no prefix yet (and a shift by the whole width would be undefined)
+            h_lo += _count_digits(digit, ok, BINS, ONEHOT)
         else:
-            high = bits >> (SHIFT + 8)
-            h_lo += tl.histogram(digit, 256, mask=ok & (high == p_lo))
-            h_hi += tl.histogram(digit, 256, mask=ok & (high == p_hi))
-    bins = tl.arange(0, 256)
-    tl.atomic_add(hist_ptr + ((PASS * B + b) * 2) * 256 + bins, h_lo)
-    if PASS == 0:  # both ranks share the (empty) prefix: one histogram serves both
-        tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * 256 + bins, h_lo)
-    else:
-        tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * 256 + bins, h_hi)
+            high = bits >> (SHIFT + BITS)
+            h_lo += _count_digits(digit, ok & (high == p_lo), BINS, ONEHOT)
+            if p_lo != p_hi:
+                h_hi += _count_digits(digit, ok & (high == p_hi), BINS, ONEHOT)
+    bins = tl.arange(0, BINS)
+    tl.atomic_add(hist_ptr + ((PASS * B + b) * 2) * BINS + bins, h_lo)
+    tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * BINS + bins, tl.where(same, h_lo, h_hi))
 
 
 @triton.jit
@@ -174,11 +310,12 @@ def _bits_to_float(p, FMT: tl.constexpr):
 
 @triton.jit
 def radix_final_kernel(hist_ptr, count_ptr, out_ptr, thr_ptr, abs_threshold, rel_threshold, T_ALL, D, B,
-                       FMT: tl.constexpr, HAS_VALID: tl.constexpr):
+                       FMT: tl.constexpr, HAS_VALID: tl.constexpr, BITS: tl.constexpr):
     """The median of row b from the passes (the middle value, or the mean of the two middle values), and the
     massive-activation threshold max(abs_threshold, rel_threshold * median)."""
     b = tl.program_id(0).to(tl.int64)
-    p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, 4 if FMT == 0 else 2, HAS_VALID)
+    NBITS: tl.constexpr = 31 if FMT == 0 else 15
+    p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, (NBITS + BITS - 1) // BITS, HAS_VALID, BITS)
     lo = _bits_to_float(p_lo, FMT)
     hi = _bits_to_float(p_hi, FMT)
     med = tl.where(n % 2 == 1, lo, 0.5 * (lo + hi))
@@ -187,27 +324,51 @@ def radix_final_kernel(hist_ptr, count_ptr, out_ptr, thr_ptr, abs_threshold, rel
 
 
 @triton.jit
-def _decode_key(key, BLOCK_D: tl.constexpr):
+def _abs_bits(x, FMT: tl.constexpr):
+    """The bit pattern of |x| (x float32, upcast from the input format FMT: see radix_pass_kernel), as int64 (FMT 0:
+    float32's 31 bits) or int32 (bf16 and fp16: their own 15 bits, exact since x came from that format)."""
+    if FMT == 0:
+        return tl.abs(x).to(tl.int32, bitcast=True).to(tl.int64)
+    elif FMT == 1:
+        return tl.abs(x).to(tl.int32, bitcast=True) >> 16  # bf16 is the upper half of a float32
+    else:
+        return tl.abs(x).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+
+
+@triton.jit
+def _decode_key(key, BLOCK_D: tl.constexpr, FMT: tl.constexpr):
     """(feature index, signed value) of a `_top_k_rows` key."""
-    j = BLOCK_D - 1 - ((key & 0xFFFFFFFF) >> 1).to(tl.int32)
-    v = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    if FMT == 0:
+        j = BLOCK_D - 1 - ((key & 0xFFFFFFFF) >> 1).to(tl.int32)
+        v = (key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        j = BLOCK_D - 1 - ((key & 0xFFFF) >> 1)
+        v = _bits_to_float(key >> 16, FMT)
     return j, tl.where((key & 1) == 1, -v, v)
 
 
 @triton.jit
-def _top_k_rows(x, dm, offs, out_i_ptr, out_v_ptr, rows_ok, K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _top_k_rows(x, dm, offs, out_i_ptr, out_v_ptr, rows_ok, K: tl.constexpr, BLOCK_D: tl.constexpr,
+                FMT: tl.constexpr):
     """The K largest |x| of each row of x `[ROWS, BLOCK_D]` in descending order: their feature indices (the smallest
     index among exact ties) and the signed values of x there, stored at `out_i_ptr[r] + i` and `out_v_ptr[r] + i`
-    (pointers `[ROWS]`); returns each row's largest |x|. One reduction per rank: each entry is an int64 key (the
+    (pointers `[ROWS]`); returns each row's largest |x|. One reduction per rank: each entry is one integer key (the
     bits of |x|, which order like the value; then BLOCK_D - 1 - index, so that the smaller index wins a tie; then
-    the sign), so a single max finds the value, its index and its sign together."""
-    bits = tl.abs(x).to(tl.int32, bitcast=True).to(tl.int64)
-    key = (bits << 32) | ((BLOCK_D - 1 - offs).to(tl.int64) << 1)[None, :] | (x < 0).to(tl.int64)
+    the sign), so a single max finds the value, its index and its sign together. The key is int64 for float32
+    input and int32 for bf16 and fp16 (15 bits of |x|, then 15 of index and the sign: BLOCK_D <= 32768), whose
+    comparisons cost half as much."""
+    if FMT == 0:
+        key = (_abs_bits(x, FMT) << 32) | ((BLOCK_D - 1 - offs).to(tl.int64) << 1)[None, :] | (x < 0).to(tl.int64)
+    else:
+        key = (_abs_bits(x, FMT) << 16) | ((BLOCK_D - 1 - offs) << 1)[None, :] | (x < 0).to(tl.int32)
     key = tl.where(dm[None, :], key, -1)
     kmax = tl.max(key, 1)
-    top = ((kmax >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+    if FMT == 0:
+        top = ((kmax >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+    else:
+        top = _bits_to_float(kmax >> 16, FMT)
     for i in tl.static_range(K):
-        j, v = _decode_key(kmax, BLOCK_D)
+        j, v = _decode_key(kmax, BLOCK_D, FMT)
         tl.store(out_i_ptr + i, j, mask=rows_ok)
         tl.store(out_v_ptr + i, v, mask=rows_ok)
         if i + 1 < K:
@@ -220,14 +381,16 @@ def _top_k_rows(x, dm, offs, out_i_ptr, out_v_ptr, rows_ok, K: tl.constexpr, BLO
 def token_stats_kernel(h_ptr, a_ptr, m_ptr, first_ptr, thr_ptr, valid_ptr, out_ptr, out_i_ptr,
                        count_ptr, ent_i_ptr, ent_v_ptr,
                        T, D, N, shb, sht, sab, sat, smb, smt, svb, layer, cap,
-                       K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr, ROWS: tl.constexpr):
+                       K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr, ROWS: tl.constexpr,
+                       FMT: tl.constexpr, MLP_FMT: tl.constexpr):
     """Everything the recorder keeps per token of one block output, in one pass over ROWS rows of h (and of the
     block's mlp_out) of one sample: cos to the sample's first real token (row `first[b]` of h), max |h|, the top-K
     features of |h| and |mlp_out| with their signed values, and the massive entries (|h| >= the sample's
     threshold), appended to a forward-wide buffer at slots reserved by one atomic per program that has any (rows
     are sorted on the host afterwards). The per-token fields go to one float32 buffer (`out_ptr`, and
     `out_i_ptr`, the same memory read as int32, for the feature indices), laid out as
-    `kernels.unpack_token_stats` reads it, N = B * T rows."""
+    `kernels.unpack_token_stats` reads it, N = B * T rows. FMT, MLP_FMT: the formats of h and mlp_out (0: keys
+    over float32 bits; 1: bf16, 2: fp16, narrower keys: see `_top_k_rows`)."""
     b = tl.program_id(1).to(tl.int64)
     t = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     t_ok = t < T
@@ -242,10 +405,11 @@ def token_stats_kernel(h_ptr, a_ptr, m_ptr, first_ptr, thr_ptr, valid_ptr, out_p
     dot = tl.sum(x * h0[None, :], 1)
     nn = tl.sum(x * x, 1) * tl.sum(h0 * h0, 0)
     tl.store(out_ptr + row, dot / tl.sqrt(tl.maximum(nn, 1e-24)), mask=t_ok)  # F.cosine_similarity, eps=1e-12
-    top = _top_k_rows(x, dm, offs, out_i_ptr + 2 * N + row * K, out_ptr + (2 + K) * N + row * K, t_ok, K, BLOCK_D)
+    top = _top_k_rows(x, dm, offs, out_i_ptr + 2 * N + row * K, out_ptr + (2 + K) * N + row * K, t_ok, K, BLOCK_D,
+                      FMT)
     tl.store(out_ptr + N + row, top, mask=t_ok)
     _top_k_rows(y, dm, offs, out_i_ptr + (2 + 2 * K) * N + row * K, out_ptr + (2 + 3 * K) * N + row * K, t_ok, K,
-                BLOCK_D)
+                BLOCK_D, MLP_FMT)
     thr = tl.load(thr_ptr + b)
     row_hit = t_ok & (top >= thr)
     if HAS_VALID:

@@ -272,7 +272,6 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
         # recorder's 2D mask gives as request.query_valid)
         with torch.no_grad():
             colsum = kernels.colsum_triton(query.detach(), key.detach(), lse.detach(), scale, request.query_valid,
-                                           block_n=128 if query.shape[-1] >= 128 else 64,  # measured on an H200
                                            out=request.colsum_out)
         request.deliver(None if request.colsum_out is not None else colsum, {})
         return out.transpose(1, 2).contiguous(), None

@@ -6,9 +6,9 @@
   needs no atomics and O(1) extra memory; it is the column-sum counterpart of a flash-attention pass (about half
   the causal attention work, since only the causal triangle is visited).
 - `median_abs_triton`: the exact median of |h| over each sample's real tokens and all features, by radix
-  selection on the bit pattern (|h| >= 0, so the bits order like the values): 8-bit histogram passes that follow
-  both middle ranks at once (four over the 31 bits of float32; two over the 15 bits of bf16 or fp16, read raw),
-  each reading h once and deriving its prefixes from the earlier passes' histograms on the device, then a final
+  selection on the bit pattern (|h| >= 0, so the bits order like the values): digit-histogram passes that follow
+  both middle ranks at once (over the 31 bits of float32, or the 15 bits of bf16 or fp16, read raw), each
+  reading h once and deriving its prefixes from the earlier passes' histograms on the device, then a final
   launch; no host synchronisation. The mean of the two middle values is taken for an even count, as numpy does.
 
 - `token_stats_triton`: one pass over the token rows (cos to BOS, max |h|, top-k features of |h| and |mlp_out|,
@@ -52,20 +52,33 @@ def _kernels() -> SimpleNamespace:
     """Compile-on-first-use: Triton is imported only when a kernel runs (0.4 s that CPU users never pay)."""
     from sinkscope.record import _triton
 
-    return SimpleNamespace(triton=_triton.triton, colsum=_triton.colsum_kernel, radix_pass=_triton.radix_pass_kernel,
+    return SimpleNamespace(triton=_triton.triton, colsum=_triton.colsum_kernel, colsum_rows=_triton.colsum_rows_kernel,
+                           exp2_fma=_triton.exp2_fma_kernel, radix_pass=_triton.radix_pass_kernel,
                            radix_final=_triton.radix_final_kernel, token_stats=_triton.token_stats_kernel,
                            colmax=_triton.colmax_kernel)
 
 
+COLSUM_CONFIG: dict[str, int | bool] = {"rows": False, "poly": False, "block_m": 64, "block_n": 0, "num_warps": 4,
+                                        "num_stages": 2}
+"""The column-sum kernel `colsum_triton` runs by default: `rows` the keys as the MMA's rows (`colsum_rows_kernel`:
+a `[BLOCK_N]` accumulator instead of a `[BLOCK_M, BLOCK_N]` register tile), `poly` (bf16/fp16 inputs with `rows`
+only) half the exponentials on the FMA units; the block sizes (`block_n` 0: 128 keys for head dim >= 128, else
+64; measured on an H200, session 11) and launch settings. `python -m sinkscope.bench.gpu --colsum` times the
+alternatives at real shapes and uses its run's fastest exact one from there on."""
+
+
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
-                  valid: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
-                  num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+                  valid: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None, out: torch.Tensor | None = None,
+                  rows: bool | None = None, poly: bool | None = None) -> torch.Tensor:
     """`sum_q A[b, h, q, k]` over the (valid) queries that see key k: `[B, Hq, T]` float32.
 
     `query` `[B, Hq, T, d]`, `key` `[B, Hkv, T, d]` (grouped-query heads map `h -> h // (Hq // Hkv)`), `lse` the
     forward's row log-sum-exp `[B, Hq, T]` (natural log, scores scaled by `scale`), `valid` `[B, T]` bool (False:
     padding, which neither attends nor is attended). `out`: a contiguous `[B, Hq, T]` float32 to write into (the
-    recorder's per-layer buffer), or None for a new one."""
+    recorder's per-layer buffer), or None for a new one. The kernel variant and launch settings: COLSUM_CONFIG's
+    where None; `poly` is ignored for float32 inputs, whose alpha must stay within 1e-5 (exp2_fma's relative error
+    is up to 7.5e-5)."""
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     if query.stride(-1) != 1:
@@ -79,18 +92,34 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
         out = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
     elif out.shape != (b, hq, t) or not out.is_contiguous():
         raise ValueError(f"colsum_triton: out has shape {tuple(out.shape)}, expected a contiguous {(b, hq, t)}")
+    cfg = COLSUM_CONFIG
+    rows = bool(cfg["rows"] if rows is None else rows)
+    poly = bool(cfg["poly"] if poly is None else poly) and rows and query.dtype != torch.float32
+    block_m = int(block_m or cfg["block_m"])
+    block_n = int(block_n or cfg["block_n"] or (128 if d >= 128 else 64))
+    num_warps, num_stages = int(num_warps or cfg["num_warps"]), int(num_stages or cfg["num_stages"])
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
     block_d = max(16, triton.next_power_of_2(d))
     grid = (triton.cdiv(t, block_n), b * hq)
-    kern.colsum[grid](
+    extra = {"POLY": poly} if rows else {}
+    (kern.colsum_rows if rows else kern.colsum)[grid](
         query, key, lse, v, out,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         lse.stride(0), lse.stride(1), v.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
         t, hq, hq // hkv, scale * LOG2E,
         HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **extra,
     )
+    return out
+
+
+def exp2_fma(x: torch.Tensor) -> torch.Tensor:
+    """`_triton.exp2_fma` (2**x on the FMA units, x <= 0) over a float32 tensor, for its accuracy test."""
+    kern = _kernels()
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    kern.exp2_fma[(kern.triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
     return out
 
 
@@ -99,30 +128,47 @@ RADIX_PROGRAMS = 1024
 atomics stay negligible."""
 
 
-def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int = 4096, num_warps: int = 8,
-                      thresholds: tuple[float, float] = (0.0, 0.0), count: torch.Tensor | None = None,
-                      hist: torch.Tensor | None = None, out: torch.Tensor | None = None
+RADIX_CONFIG: dict[int, tuple[int, bool, int, int]] = {0: (8, False, 4096, 8), 1: (8, False, 4096, 8),
+                                                      2: (8, False, 4096, 8)}
+"""(digit bits, one-hot counting, BLOCK, num_warps) of the radix median by input format (0: float32, 1: bf16, 2:
+fp16). 8-bit digits counted by Triton's histogram: two passes over bf16's 15 bits (session 8's sweep of block
+and warps). Narrower digits mean more passes of cheaper counting; `python -m sinkscope.bench.gpu --kernels` times
+the alternatives and uses its run's fastest exact one."""
+
+
+def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int | None = None,
+                      num_warps: int | None = None, thresholds: tuple[float, float] = (0.0, 0.0),
+                      count: torch.Tensor | None = None, hist: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None, bits: int | None = None, onehot: bool | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact `median(|h[b]|)` over each sample's valid tokens and all features, and the massive-activation
     threshold `max(thresholds[0], thresholds[1] * median)`: two `[B]` float32. `h` `[B, T, D]` in any float dtype;
     `valid` `[B, T]` bool or None (all tokens). numpy's convention: the mean of the two middle values for an even
-    count. At most six launches, whatever B and T: a zeroed histogram buffer, the radix passes (both middle
-    ranks at once, reading h once each: four for float32, two over the raw 15 bits of |h| for bf16 and fp16)
-    and a final one. The recorder passes its per-layer buffer's parts: `count` (real tokens per sample, int32
-    `[B]`), `hist` (a zeroed int32 block of at least 4 * B * 512) and `out` (a `[2, B]` float32 for the median and
-    the threshold); the zeroing launch is then not repeated here."""
+    count. A few launches, whatever B and T and without host synchronisation: the radix passes (both middle ranks
+    at once, reading h once each: `ceil(31 / bits)` for float32, `ceil(15 / bits)` over the raw 15 bits of |h|
+    for bf16 and fp16), then a final one. `bits`, `onehot`, `block`, `num_warps`: RADIX_CONFIG's for the format
+    when None. The recorder passes its per-layer buffer's parts: `count` (real tokens per sample, int32 `[B]`),
+    `hist` (a zeroed int32 block of at least 4 * B * 512) and `out` (a `[2, B]` float32 for the median and the
+    threshold); otherwise they are allocated here."""
     b, t, d = h.shape
     flat = h.reshape(b, t * d)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     fmt = {torch.bfloat16: 1, torch.float16: 2}.get(flat.dtype, 0)
-    if fmt:  # 16-bit formats: their raw bits, two passes over 15 bits instead of four over 31
+    if fmt:  # 16-bit formats: their raw bits, passes over 15 bits instead of 31
         flat = flat.view(torch.int16)
-    passes = 2 if fmt else 4
+    cfg_bits, cfg_onehot, cfg_block, cfg_warps = RADIX_CONFIG[fmt]
+    bits, onehot = bits or cfg_bits, cfg_onehot if onehot is None else onehot
+    block, num_warps = block or cfg_block, num_warps or cfg_warps
+    if not 1 <= bits <= 8:
+        raise ValueError(f"median_abs_triton: bits must be 1-8, got {bits}")
+    passes = -(-(15 if fmt else 31) // bits)
     kern = _kernels()
     n = t * d
     if hist is None:
-        hist = torch.zeros(passes, b, 2, 256, dtype=torch.int32, device=h.device)
+        hist = torch.zeros(passes, b, 2, 1 << bits, dtype=torch.int32, device=h.device)
+    elif hist.numel() < passes * b * 2 * (1 << bits):
+        raise ValueError(f"median_abs_triton: hist has {hist.numel()} entries, {passes * b * 2 * (1 << bits)} needed")
     if count is None:
         count = valid.sum(dim=1, dtype=torch.int32) if valid is not None else hist  # a placeholder when unused
     v = valid.contiguous().view(torch.int8) if valid is not None else hist
@@ -130,12 +176,12 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     for p in range(passes):
         kern.radix_pass[(programs, b)](flat, v, count, hist, n, t, d, flat.stride(0),
                                        v.stride(0) if valid is not None else 0, b,
-                                       PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block,
-                                       num_warps=num_warps)
+                                       PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block, BITS=bits,
+                                       ONEHOT=onehot, num_warps=num_warps)
     if out is None:
         out = torch.empty(2, b, dtype=torch.float32, device=h.device)
     kern.radix_final[(b,)](hist, count, out[0], out[1], float(thresholds[0]), float(thresholds[1]), t, d, b,
-                           FMT=fmt, HAS_VALID=valid is not None)
+                           FMT=fmt, HAS_VALID=valid is not None, BITS=bits)
     return out[0], out[1]
 
 
@@ -158,11 +204,13 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
                        thr: torch.Tensor, valid: torch.Tensor | None, top_k: int, layer: int,
                        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                        num_warps: int | None = None, out: torch.Tensor | None = None,
-                       rows: int | None = None) -> torch.Tensor:
+                       rows: int | None = None, narrow_keys: bool = True) -> torch.Tensor:
     """The per-token fields of one block output `h` `[B, T, D]` in one launch (see `token_stats_kernel`), packed
     in one float32 buffer (`out` when given: at least `B * T * (2 + 4 * top_k)` contiguous entries) that
     `unpack_token_stats` reads. The massive entries (|h| >= `thr[b]`, real tokens only) go to `buffers`
-    (`massive_buffers`). `first` `[B]` (int64): each sample's first real position, whose row of h is its BOS."""
+    (`massive_buffers`). `first` `[B]` (int64): each sample's first real position, whose row of h is its BOS.
+    `narrow_keys`: bf16 and fp16 inputs rank their features on int32 keys (the same result as int64 keys over
+    float32 bits, at half the comparison cost); False forces int64 keys (the benchmark's comparison)."""
     b, t, d = h.shape
     kern = _kernels()
     h, a, m = (x if x.stride(-1) == 1 else x.contiguous() for x in (h, attn_out, mlp_out))
@@ -173,11 +221,15 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
     block_d = kern.triton.next_power_of_2(d)
     default_rows, default_warps = token_config(block_d)
     rows = rows or default_rows
+
+    def fmt(x: torch.Tensor) -> int:
+        return {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if narrow_keys and block_d <= 32768 else 0
+
     kern.token_stats[(kern.triton.cdiv(t, rows), b)](
         h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v,
         t, d, b * t, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
         v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
-        K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, ROWS=rows,
+        K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, ROWS=rows, FMT=fmt(h), MLP_FMT=fmt(m),
         num_warps=num_warps or default_warps)
     return out
 

@@ -47,6 +47,16 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (Triton's own helpers cost a wrapper call each on the host; a layer needs about ten)."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (int(n) - 1).bit_length()
+
+
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """Compile-on-first-use: Triton is imported only when a kernel runs (0.4 s that CPU users never pay)."""
@@ -86,7 +96,6 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     if key.stride(-1) != 1:
         key = key.contiguous()
     kern = _kernels()
-    triton = kern.triton
     lse = lse.float().contiguous()
     if out is None:
         out = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
@@ -99,8 +108,8 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     block_n = int(block_n or cfg["block_n"] or (128 if d >= 128 else 64))
     num_warps, num_stages = int(num_warps or cfg["num_warps"]), int(num_stages or cfg["num_stages"])
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
-    block_d = max(16, triton.next_power_of_2(d))
-    grid = (triton.cdiv(t, block_n), b * hq)
+    block_d = max(16, _pow2(d))
+    grid = (_cdiv(t, block_n), b * hq)
     extra = {"POLY": poly} if rows else {}
     (kern.colsum_rows if rows else kern.colsum)[grid](
         query, key, lse, v, out,
@@ -119,7 +128,7 @@ def exp2_fma(x: torch.Tensor) -> torch.Tensor:
     kern = _kernels()
     x = x.float().contiguous()
     out = torch.empty_like(x)
-    kern.exp2_fma[(kern.triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    kern.exp2_fma[(_cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
     return out
 
 
@@ -172,7 +181,7 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     if count is None:
         count = valid.sum(dim=1, dtype=torch.int32) if valid is not None else hist  # a placeholder when unused
     v = valid.contiguous().view(torch.int8) if valid is not None else hist
-    programs = max(1, min(kern.triton.cdiv(n, block), RADIX_PROGRAMS // b))
+    programs = max(1, min(_cdiv(n, block), RADIX_PROGRAMS // b))
     for p in range(passes):
         kern.radix_pass[(programs, b)](flat, v, count, hist, n, t, d, flat.stride(0),
                                        v.stride(0) if valid is not None else 0, b,
@@ -218,14 +227,14 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
         out = torch.empty(b * t * (2 + 4 * top_k), dtype=torch.float32, device=h.device)
     count, ent_i, ent_v = buffers
     v = valid.contiguous().view(torch.int8) if valid is not None else count
-    block_d = kern.triton.next_power_of_2(d)
+    block_d = _pow2(d)
     default_rows, default_warps = token_config(block_d)
     rows = rows or default_rows
 
     def fmt(x: torch.Tensor) -> int:
         return {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if narrow_keys and block_d <= 32768 else 0
 
-    kern.token_stats[(kern.triton.cdiv(t, rows), b)](
+    kern.token_stats[(_cdiv(t, rows), b)](
         h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v,
         t, d, b * t, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
         v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
@@ -258,15 +267,14 @@ def colmax_triton(h: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor | 
     (`out`, when given, must be zeroed). Exact: the max is taken on the bit patterns of |x|."""
     b, t, d = h.shape
     kern = _kernels()
-    triton = kern.triton
     h, m = (x if x.stride(-1) == 1 else x.contiguous() for x in (h, mlp_out))
     if out is None:
         out = torch.zeros(2, b, d, dtype=torch.float32, device=h.device)
     v = valid.contiguous().view(torch.int8) if valid is not None else out
-    d_blocks = triton.cdiv(d, block_d)
-    splits = max(1, min(triton.cdiv(t, block_t), COLMAX_PROGRAMS // (d_blocks * b)))
-    rows = triton.cdiv(triton.cdiv(t, splits), block_t) * block_t
-    kern.colmax[(d_blocks, b, triton.cdiv(t, rows))](
+    d_blocks = _cdiv(d, block_d)
+    splits = max(1, min(_cdiv(t, block_t), COLMAX_PROGRAMS // (d_blocks * b)))
+    rows = _cdiv(_cdiv(t, splits), block_t) * block_t
+    kern.colmax[(d_blocks, b, _cdiv(t, rows))](
         h, m, v, out.view(torch.int32), t, d, b, h.stride(0), h.stride(1), m.stride(0), m.stride(1),
         v.stride(0) if valid is not None else 0, rows,
         HAS_VALID=valid is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)

@@ -146,6 +146,29 @@ def test_recorder_device_path_matches_the_torch_path(factory, rows, monkeypatch)
                                    mb[["value", "attn_share", "mlp_share"]].to_numpy(dtype=float), rtol=1e-5)
 
 
+def test_device_path_falls_back_to_torch_median_when_radix_does_not_compile(monkeypatch):
+    """Should the radix passes fail to compile on some GPU, the device path warns and takes torch's exact median
+    for the rest of the process: the record equals the torch path's (median, threshold, massive entries)."""
+    from sinkscope.record import kernels
+
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise RuntimeError("simulated compiler refusal")
+            return launch
+
+    monkeypatch.setattr(kernels._kernels(), "radix_pass", Refuses())
+    monkeypatch.setattr(kernels, "_RADIX_FAILED", [])
+    model = tiny_llama().to(DEVICE)
+    thresholds = {"abs_threshold": 0.0, "rel_threshold": 3.0}
+    with pytest.warns(RuntimeWarning, match="radix median"):
+        fast = _record(model, True, monkeypatch, **thresholds)
+    slow = _record(model, False, monkeypatch, **thresholds)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a.median_abs, b.median_abs)
+        assert len(a.massive) == len(b.massive) > 0
+
+
 def test_device_path_refuses_an_overflowing_massive_buffer(monkeypatch):
     from sinkscope.record import reduce
 
@@ -219,6 +242,35 @@ def test_token_stats_kernel_against_numpy(dtype, rows):
         wide = token_stats_triton(h, m, a, first, thr, valid, k, 3, massive_buffers(b, t, h.device), rows=rows,
                                   narrow_keys=False)
         assert torch.equal(wide, packed)
+
+
+def test_token_pass_falls_back_to_int64_keys_when_int32_keys_do_not_compile(monkeypatch):
+    """The int32-key token pass is newer than the GPUs it was measured on: if it fails to compile, the recorder
+    warns once and uses int64 keys (the same result) instead of failing the recording."""
+    from sinkscope.record import kernels
+
+    real = kernels._kernels().token_stats
+
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["FMT"] or kw["MLP_FMT"]:
+                    raise RuntimeError("simulated compiler refusal")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(kernels._kernels(), "token_stats", Refuses())
+    monkeypatch.setattr(kernels, "_NARROW_KEYS_FAILED", [])
+    torch.manual_seed(0)
+    h, a, m = (torch.randn(1, 5, 24, device=DEVICE).to(torch.bfloat16) for _ in range(3))
+    first, thr = torch.zeros(1, dtype=torch.long, device=DEVICE), torch.full((1,), 1e4, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="int64 keys"):
+        got = kernels.token_stats_triton(h, m, a, first, thr, None, 4, 0, kernels.massive_buffers(1, 5, h.device))
+    assert kernels._NARROW_KEYS_FAILED
+    monkeypatch.setattr(kernels._kernels(), "token_stats", real)
+    want = kernels.token_stats_triton(h, m, a, first, thr, None, 4, 0, kernels.massive_buffers(1, 5, h.device),
+                                      narrow_keys=False)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -234,13 +235,33 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
     def fmt(x: torch.Tensor) -> int:
         return {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if narrow_keys and block_d <= 32768 else 0
 
-    kern.token_stats[(_cdiv(t, rows), b)](
-        h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v,
-        t, d, b * t, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
-        v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
-        K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, ROWS=rows, FMT=fmt(h), MLP_FMT=fmt(m),
-        num_warps=num_warps or default_warps)
+    def launch(h_fmt: int, m_fmt: int) -> None:
+        kern.token_stats[(_cdiv(t, rows), b)](
+            h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v,
+            t, d, b * t, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
+            v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
+            K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, ROWS=rows, FMT=h_fmt, MLP_FMT=m_fmt,
+            num_warps=num_warps or default_warps)
+
+    formats = (fmt(h), fmt(m))
+    if formats != (0, 0) and not _NARROW_KEYS_FAILED:
+        try:
+            launch(*formats)
+            return out
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the int32-key variant is new (session 14): never the only way
+            _NARROW_KEYS_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            warnings.warn("sinkscope: the token pass with int32 keys did not compile here; using int64 keys "
+                          f"(the same result): {_NARROW_KEYS_FAILED[0]}", RuntimeWarning, stacklevel=2)
+    launch(0, 0)
     return out
+
+
+_NARROW_KEYS_FAILED: list[str] = []
+_RADIX_FAILED: list[str] = []
+"""Set when the radix median failed to compile on this machine: later layers use torch's selection."""
+"""Set when the int32-key token pass failed to compile on this machine: later layers use int64 keys directly."""
 
 
 TOKEN_CONFIG: dict[int, tuple[int, int]] = {1024: (2, 2), 2048: (1, 2), 4096: (1, 4)}
@@ -351,8 +372,23 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
         raise RecorderError(f"block {layer} output has shape {tuple(h.shape)}, expected "
                             f"{(layout.batch, layout.tokens, layout.hidden)} (batch, tokens, hidden size)")
     ints = buf.view(torch.int32)
-    median_abs_triton(h, valid, thresholds=thresholds, count=count, hist=ints[: layout.feat],
-                      out=buf[layout.stats: layout.stats + 2 * b].view(2, b))
+    stats = buf[layout.stats: layout.stats + 2 * b].view(2, b)
+    if not _RADIX_FAILED:
+        try:
+            median_abs_triton(h, valid, thresholds=thresholds, count=count, hist=ints[: layout.feat], out=stats)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the radix passes changed in session 14: never the only way
+            _RADIX_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            warnings.warn("sinkscope: the radix median did not compile here; using torch's selection (exact, "
+                          f"with a host synchronisation per layer): {_RADIX_FAILED[0]}", RuntimeWarning,
+                          stacklevel=2)
+    if _RADIX_FAILED:
+        from sinkscope.record.reduce import massive_threshold, median_nonneg
+
+        rows = [h[i][valid[i]] if valid is not None else h[i] for i in range(b)]
+        stats[0] = torch.stack([median_nonneg(r.abs().float().reshape(-1)) for r in rows])
+        stats[1] = massive_threshold(stats[0], *thresholds)
     thr = buf[layout.stats + b: layout.stats + 2 * b]
     token_stats_triton(h, mlp_out, attn_out, first, thr, valid, layout.top_k, layer, buffers,
                        out=buf[layout.tok: layout.col])

@@ -7,12 +7,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T, scale_log2,
-                 HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
-    """exp(q.k * scale - lse[q]) of one [BLOCK_M queries, BLOCK_N keys] tile, in fp32. MASKED: the tile crosses
-    the causal diagonal, the end of the sequence or padding, so the unseen entries are zeroed; tiles wholly below
-    the diagonal skip those comparisons."""
+def _query_tile(q_ptr, lse_ptr, valid_ptr, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T, HAS_VALID: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                MASKED: tl.constexpr):
+    """The BLOCK_M queries from m0 of one (sample, head) for the column sums: q `[BLOCK_M, BLOCK_D]`, their row
+    log-sum-exp, their positions, and which of them are real (in the sequence and, with padding, valid). MASKED:
+    the tile may run past the sequence, so loads are masked; otherwise they are not."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_in = offs_m < T
@@ -28,15 +28,27 @@ def _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sq
         lse = tl.load(lse_ptr + b * slb + h * slh + offs_m)
     if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32, so this is the same sum
         q = q.to(tl.float32)
+    query_ok = m_in
+    if MASKED and HAS_VALID:
+        query_ok = query_ok & (tl.load(valid_ptr + b * svb + offs_m, mask=m_in, other=0) != 0)
+    return q, lse, offs_m, query_ok
+
+
+@triton.jit
+def _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T, scale_log2,
+                 HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """exp(q.k * scale - lse[q]) of one [BLOCK_M queries, BLOCK_N keys] tile, in fp32. MASKED: the tile crosses
+    the causal diagonal, the end of the sequence or padding, so the unseen entries are zeroed; tiles wholly below
+    the diagonal skip those comparisons."""
+    q, lse, offs_m, query_ok = _query_tile(q_ptr, lse_ptr, valid_ptr, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T,
+                                           HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, MASKED)
     if IEEE or UPCAST:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
     p = tl.exp2(s * scale_log2 - lse[:, None] * 1.4426950408889634)
     if MASKED:
-        query_ok = m_in
-        if HAS_VALID:
-            query_ok = query_ok & (tl.load(valid_ptr + b * svb + offs_m, mask=m_in, other=0) != 0)
         seen = (offs_m[:, None] >= offs_n[None, :]) & query_ok[:, None] & key_ok[None, :]
         p = tl.where(seen, p, 0.0)
     return p
@@ -113,30 +125,14 @@ def _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sq
     """The column sums of one [BLOCK_N keys, BLOCK_M queries] tile, exp(k.q * scale - lse[q]) summed over the
     queries (axis 1, which the MMA layout keeps within a warp): `[BLOCK_N]` float32. POLY: every other query's
     exponential on the FMA units (`exp2_fma`), the rest on the special-function units, so that both work."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_in = offs_m < T
-    q_ptrs = q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
-    if MASKED:
-        q = tl.load(q_ptrs, mask=m_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        lse = tl.load(lse_ptr + b * slb + h * slh + offs_m, mask=m_in, other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            q = tl.load(q_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        lse = tl.load(lse_ptr + b * slb + h * slh + offs_m)
-    if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32, so this is the same sum
-        q = q.to(tl.float32)
+    q, lse, offs_m, query_ok = _query_tile(q_ptr, lse_ptr, valid_ptr, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T,
+                                           HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, MASKED)
     if IEEE or UPCAST:
         s = tl.dot(k, tl.trans(q), input_precision="ieee")
     else:
         s = tl.dot(k, tl.trans(q))
     x = s * scale_log2 - lse[None, :] * 1.4426950408889634
     if MASKED:
-        query_ok = m_in
-        if HAS_VALID:
-            query_ok = query_ok & (tl.load(valid_ptr + b * svb + offs_m, mask=m_in, other=0) != 0)
         seen = (offs_m[None, :] >= offs_n[:, None]) & query_ok[None, :] & key_ok[:, None]
         x = tl.where(seen, x, -float("inf"))
     if POLY:

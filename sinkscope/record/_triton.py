@@ -55,53 +55,6 @@ def _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sq
 
 
 @triton.jit
-def colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
-                  sqb, sqh, sqt, skb, skh, skt, slb, slh, svb, sob, soh,
-                  T, H, GROUP, scale_log2,
-                  HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                  UPCAST: tl.constexpr):
-    """Column sums of one (key block, batch x query head): the query blocks at and after the keys, in three runs
-    (tiles that cross the diagonal, masked; whole tiles below it, unmasked; the sequence's last partial tile,
-    masked). The tiles accumulate elementwise into a [BLOCK_M, BLOCK_N] register tile, reduced over queries
-    once at the end (a reduction per tile would cross warps every iteration)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 at B=16, T=32768
-    b = pid_bh // H
-    h = pid_bh % H
-    kvh = h // GROUP
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_in = offs_n < T
-    k = tl.load(k_ptr + b * skb + kvh * skh + offs_n[:, None] * skt + offs_d[None, :],
-                mask=n_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    key_ok = n_in
-    if HAS_VALID:
-        key_ok = key_ok & (tl.load(valid_ptr + b * svb + offs_n, mask=n_in, other=0) != 0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # the first query block that can see these keys
-    if HAS_VALID:
-        for m0 in range(start, T, BLOCK_M):
-            acc += _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
-                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, True)
-    else:
-        diag_end = ((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # past the last diagonal tile
-        full_end = T // BLOCK_M * BLOCK_M  # past the last whole tile
-        for m0 in range(start, tl.minimum(diag_end, T), BLOCK_M):
-            acc += _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
-                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, True)
-        for m0 in range(diag_end, full_end, BLOCK_M):
-            acc += _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
-                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, False)
-        for m0 in range(tl.maximum(diag_end, full_end), T, BLOCK_M):
-            acc += _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
-                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, True)
-    tl.store(out_ptr + b * sob + h * soh + offs_n, tl.sum(acc, axis=0), mask=n_in)
-
-
-@triton.jit
 def exp2_fma(x):
     """2**x for x <= 0 on the FMA units instead of the special-function units (which compute 16 exponentials a
     clock per SM against 128 fused multiply-adds): x = j + f with j an integer (rounded by adding 1.5 * 2**23)
@@ -146,17 +99,37 @@ def _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sq
 
 
 @triton.jit
-def colsum_rows_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
-                       sqb, sqh, sqt, skb, skh, skt, slb, slh, svb, sob, soh,
-                       T, H, GROUP, scale_log2,
-                       HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr, POLY: tl.constexpr):
-    """`colsum_kernel` with the keys as the MMA's rows: each tile is K Q^T, summed over its queries within each
-    warp, into a `[BLOCK_N]` accumulator (no `[BLOCK_M, BLOCK_N]` register tile, so more programs fit on an SM
-    and one's matrix products overlap another's exponentials). The same three runs of query blocks."""
+def _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T, scale_log2,
+                 HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+                 ROWS: tl.constexpr, POLY: tl.constexpr):
+    """One query block's contribution to the accumulator: `_colsum_rows_tile`'s `[BLOCK_N]` sums (ROWS) or
+    `_colsum_tile`'s `[BLOCK_M, BLOCK_N]` tile."""
+    if ROWS:
+        return _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                 svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
+                                 MASKED, POLY)
+    else:
+        return _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T,
+                            scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, MASKED)
+
+
+@triton.jit
+def colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
+                  sqb, sqh, sqt, skb, skh, skt, slb, slh, svb, sob, soh,
+                  T, H, GROUP, scale_log2,
+                  HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr, ROWS: tl.constexpr, POLY: tl.constexpr):
+    """Column sums of one (key block, batch x query head): the query blocks at and after the keys, in three runs
+    (tiles that cross the diagonal, masked; whole tiles below it, unmasked; the sequence's last partial tile,
+    masked). Default: the tiles accumulate elementwise into a [BLOCK_M, BLOCK_N] register tile, reduced over
+    queries once at the end (a reduction per tile would cross warps every iteration). ROWS: the keys are the
+    MMA's rows (`_colsum_rows_tile`), each tile summed over its queries within each warp into a `[BLOCK_N]`
+    accumulator, so no register tile is kept and more programs fit on an SM (one's matrix products can then
+    overlap another's exponentials); POLY (with ROWS) puts half the exponentials on the FMA units."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 at B=16, T=32768
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP
@@ -170,29 +143,36 @@ def colsum_rows_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
     key_ok = n_in
     if HAS_VALID:
         key_ok = key_ok & (tl.load(valid_ptr + b * svb + offs_n, mask=n_in, other=0) != 0)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    if ROWS:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    start = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # the first query block that can see these keys
     if HAS_VALID:
         for m0 in range(start, T, BLOCK_M):
-            acc += _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
-                                     slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
-                                     UPCAST, True, POLY)
+            acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
+                                True, ROWS, POLY)
     else:
-        diag_end = ((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        full_end = T // BLOCK_M * BLOCK_M
+        diag_end = ((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # past the last diagonal tile
+        full_end = T // BLOCK_M * BLOCK_M  # past the last whole tile
         for m0 in range(start, tl.minimum(diag_end, T), BLOCK_M):
-            acc += _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
-                                     slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
-                                     UPCAST, True, POLY)
+            acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
+                                True, ROWS, POLY)
         for m0 in range(diag_end, full_end, BLOCK_M):
-            acc += _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
-                                     slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
-                                     UPCAST, False, POLY)
+            acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
+                                False, ROWS, POLY)
         for m0 in range(tl.maximum(diag_end, full_end), T, BLOCK_M):
-            acc += _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
-                                     slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
-                                     UPCAST, True, POLY)
-    tl.store(out_ptr + b * sob + h * soh + offs_n, acc, mask=n_in)
+            acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
+                                True, ROWS, POLY)
+    if ROWS:
+        total = acc
+    else:
+        total = tl.sum(acc, axis=0)
+    tl.store(out_ptr + b * sob + h * soh + offs_n, total, mask=n_in)
 
 
 @triton.jit

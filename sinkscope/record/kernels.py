@@ -63,15 +63,15 @@ def _kernels() -> SimpleNamespace:
     """Compile-on-first-use: Triton is imported only when a kernel runs (0.4 s that CPU users never pay)."""
     from sinkscope.record import _triton
 
-    return SimpleNamespace(triton=_triton.triton, colsum=_triton.colsum_kernel, colsum_rows=_triton.colsum_rows_kernel,
-                           exp2_fma=_triton.exp2_fma_kernel, radix_pass=_triton.radix_pass_kernel,
+    return SimpleNamespace(triton=_triton.triton, colsum=_triton.colsum_kernel, exp2_fma=_triton.exp2_fma_kernel,
+                           radix_pass=_triton.radix_pass_kernel,
                            radix_final=_triton.radix_final_kernel, token_stats=_triton.token_stats_kernel,
                            colmax=_triton.colmax_kernel)
 
 
 COLSUM_CONFIG: dict[str, int | bool] = {"rows": False, "poly": False, "block_m": 64, "block_n": 0, "num_warps": 4,
                                         "num_stages": 2}
-"""The column-sum kernel `colsum_triton` runs by default: `rows` the keys as the MMA's rows (`colsum_rows_kernel`:
+"""The column-sum kernel `colsum_triton` runs by default: `rows` the keys as the MMA's rows (`colsum_kernel`'s ROWS:
 a `[BLOCK_N]` accumulator instead of a `[BLOCK_M, BLOCK_N]` register tile), `poly` (bf16/fp16 inputs with `rows`
 only) half the exponentials on the FMA units; the block sizes (`block_n` 0: 128 keys for head dim >= 128, else
 64; measured on an H200, session 11) and launch settings. `python -m sinkscope.bench.gpu --colsum` times the
@@ -111,15 +111,14 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
     block_d = max(16, _pow2(d))
     grid = (_cdiv(t, block_n), b * hq)
-    extra = {"POLY": poly} if rows else {}
-    (kern.colsum_rows if rows else kern.colsum)[grid](
+    kern.colsum[grid](
         query, key, lse, v, out,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         lse.stride(0), lse.stride(1), v.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
         t, hq, hq // hkv, scale * LOG2E,
         HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=num_warps, num_stages=num_stages, **extra,
+        ROWS=rows, POLY=poly, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -24,8 +24,9 @@ fi
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 echo "== 1. CUDA tests"
-timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -k "not smollm2" \
-  tests/test_kernels.py tests/test_recorder.py > "$OUT/pytest.log" 2>&1
+# TESTS picks a subset (pytest -k); the CUDA tests against eager are in tests/test_recorder.py ("cuda")
+timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -rA -k "${TESTS:-not smollm2}" \
+  ${TEST_FILES:-tests/test_recorder.py tests/test_kernels.py} > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
 echo "== 2. benchmark"
 timeout "${BENCH_S:-350}" python3 -m sinkscope.bench.gpu --out "$OUT" ${FLAGS:---kernels --colsum --check --profile --host} \

@@ -370,3 +370,28 @@ def test_reductions_in_token_chunks_equal_one_chunk(monkeypatch, padded):
         assert torch.equal(got, want), i
     tokens = whole_massive[0][0] * 100 + whole_massive[0][1]
     assert int(torch.unique(tokens, return_counts=True)[1].max()) > 3  # several entries on one token
+
+
+def test_cos_to_bos_is_the_same_on_the_elementwise_branch():
+    """cos-to-BOS takes an elementwise dot product on CUDA and whenever float32 matmuls may round (TF32 / bf16); on
+    the CPU at full precision a batched matmul. Both give the same values for a batch of several samples (the
+    elementwise branch once broadcast BOS over the wrong axis and failed for B > 1: caught on an H200, session 15),
+    and both equal torch's cosine similarity."""
+    from sinkscope.record import reduce as R
+
+    gen = torch.Generator().manual_seed(1)
+    h, a, m = (torch.randn(3, 20, 16, generator=gen) for _ in range(3))
+    valid = torch.ones(3, 20, dtype=torch.bool)
+    valid[2, :4] = False  # left padding: BOS of sample 2 is position 4
+    args = (h, a, m, valid, True, 4, 10.0, 20.0)
+    exact, _ = R.reduce_layer(*args, workspace={})
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        elementwise, _ = R.reduce_layer(*args, workspace={})
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    torch.testing.assert_close(elementwise["bos_cosine"], exact["bos_cosine"], atol=1e-6, rtol=0)
+    first = valid.int().argmax(dim=1)
+    want = torch.nn.functional.cosine_similarity(h, h[torch.arange(3), first][:, None, :], dim=-1)
+    torch.testing.assert_close(exact["bos_cosine"][valid], want[valid], atol=1e-6, rtol=0)

@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -524,7 +525,10 @@ def _guarded(fn, *args):
     try:
         return fn(*args)
     except Exception as exc:  # noqa: BLE001
-        print(f"{fn.__name__}{args}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        # the innermost frames too: GPU time is too short to rerun a failure just to see where it came from
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                            for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+        print(f"{fn.__name__}{args}: {type(exc).__name__}: {str(exc)[:300]} at {where}", flush=True)
         torch.cuda.empty_cache()
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "args": [str(a) for a in args]}
 

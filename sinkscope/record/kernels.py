@@ -258,16 +258,16 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
 
 
 _NARROW_KEYS_FAILED: list[str] = []
+"""Set when the int32-key token pass failed to compile on this machine: later layers use int64 keys directly."""
 _RADIX_FAILED: list[str] = []
 """Set when the radix median failed to compile on this machine: later layers use torch's selection."""
-"""Set when the int32-key token pass failed to compile on this machine: later layers use int64 keys directly."""
 
 
-TOKEN_CONFIG: dict[int, tuple[int, int]] = {1024: (2, 2), 2048: (1, 2), 4096: (1, 4)}
+TOKEN_CONFIG: dict[int, tuple[int, int]] = {1024: (1, 4), 2048: (1, 4), 4096: (1, 2)}
 """(rows per program, num_warps) of the token-stats pass by feature block (the hidden size rounded up to a power
-of two): the fastest exact ones on an H200 at T = 8192, bf16 (`python -m sinkscope.bench.gpu --kernels`, session
-11: hidden 576 157 us (one row: 162), 2048 291 us (4 warps: 301), 4096 499 us (2 rows, 8 warps: 571)). The
-benchmark's `--kernels` overwrites them with its own run's fastest."""
+of two): the fastest exact ones on an H200 at T = 8192, bf16, with int32 top-k keys (`python -m sinkscope.bench.gpu
+--kernels`, session 15: hidden 576 93 us (2 warps: 95), 2048 151 us (2 warps: 163), 4096 241 us (4 warps: 287);
+int64 keys took 168 / 319 / 710 us). The benchmark's `--kernels` overwrites them with its own run's fastest."""
 
 
 def token_config(block_d: int) -> tuple[int, int]:

@@ -168,7 +168,7 @@ def _reduce_chunk(hc, habs, ac, mc, vc, padded, h0, h0_norm, thr, offset, top_k,
     # cos-to-BOS as a batched matrix-vector product over two norms: no [B, c, D] temporary (on the CPU, in full
     # float32; elementwise where a matmul may round through TF32 or bfloat16)
     if h.is_cuda or torch.get_float32_matmul_precision() != "highest":
-        dot = (h * h0).sum(-1)
+        dot = (h * h0[:, None, :]).sum(-1)  # [B, c]
     else:
         dot = torch.bmm(h, h0[:, :, None])[..., 0]  # [B, c]
     norm = torch.linalg.vector_norm(h, dim=-1).clamp_min_(COS_EPS)

@@ -138,6 +138,29 @@ def test_attention_view_shows_the_trace_values_with_segment_bands(app, root):
     np.testing.assert_allclose(np.asarray(amap.data[0]["z"]), s.attention_maps[(1, 0)], rtol=1e-5)
 
 
+def test_token_map_waits_for_its_switch_on_long_samples(app, root, monkeypatch):
+    """The Massive view's tokens x features map is drawn by default for samples up to TOKEN_MAP_TOKENS tokens; a
+    longer sample's waits for its switch (a chart costs the browser time), and the switch draws it with the
+    selected feature first and the layer's pooled values."""
+    from sinkscope.webapp import views
+
+    s = Trace.load(root / "av-a")[0]
+    goto(app, "Massive activations")
+    assert by_title(app, "|h| at layer").data[0]["y"][0].startswith("f")
+    monkeypatch.setattr(views, "TOKEN_MAP_TOKENS", len(s.tokens) - 1)  # this sample is now a long one
+    app.run()
+    assert not [f for f in figures(app) if f.title.startswith("|h| at layer")]
+    switch = app.toggle(key="mass_tokmap_long")
+    assert switch.value is False and "waits for this switch" in switch.proto.help
+    switch.set_value(True).run()
+    assert not app.exception, app.exception
+    tokmap = by_title(app, "|h| at layer")
+    feature = int(np.argmax(np.asarray(s.feature_max_abs).max(axis=0)))
+    assert tokmap.data[0]["y"][0] == f"f{feature}"
+    layer = int(s.massive["layer"].min()) if len(s.massive) else 0
+    assert tokmap.title.startswith(f"|h| at layer {layer},")
+
+
 def test_overview_massive_and_cosine_views(app, root):
     s = Trace.load(root / "av-a")[0]
     goto(app, "Overview")

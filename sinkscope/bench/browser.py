@@ -206,6 +206,7 @@ def script(names: dict[str, str]) -> list[Step]:
         steps.append((f"{long}: view {view}", lambda p, v=view: p.view(v)))
     steps += [
         (f"{long}: Massive, click the 2nd feature bar", lambda p: p.click_bar(1)),
+        (f"{long}: Massive, tokens x features on", lambda p: p.toggle("Tokens x features")),
         (f"{long}: Massive, layer slider +1", lambda p: p.slider_step("Layer for tokens")),
         (f"{long}: Massive, MLP toggle", lambda p: p.toggle("MLP output")),
         (f"{long}: Massive, top features +4", lambda p: p.slider_step("Top features")),

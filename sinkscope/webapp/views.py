@@ -156,10 +156,23 @@ def _massive_features(tr: Trace, s) -> None:
             help="Default: the tokens that carry massive activations. The figure's legend names each token."),
             len(s.tokens))
         show(viz.feature_trajectory_figure(s, int(feature), chosen or default, mlp), "mass_traj")
+    long = len(s.tokens) > TOKEN_MAP_TOKENS
+    if not st.toggle("Tokens x features at one layer", value=not long, key=f"mass_tokmap_{'long' if long else 'short'}",
+                     help=f"The selected and top features across this sample's tokens at one layer (log colour; "
+                          f"more than 512 tokens are max-pooled into bins, so single spikes stay visible). Drawn "
+                          f"by default up to {TOKEN_MAP_TOKENS:,} tokens; a longer sample's map waits for this "
+                          f"switch, since each chart costs the browser time."):
+        return
     layer = st.slider("Layer for tokens x features", 0, n_layers - 1,
                       int(s.massive["layer"].min()) if len(s.massive) else 0, key="mass_layer")
     shown = [feature] + [f for f in features if f != feature][:7]
     show(viz.token_feature_heatmap(s, layer, shown, mlp=mlp), "mass_tokens_map")
+
+
+TOKEN_MAP_TOKENS = 1024
+"""Samples up to this many tokens show the Massive view's tokens x features map by default; longer ones behind a
+switch (on a 2,048-token trace it cost the view's first render 0.08-0.23 s in Chromium on the 2-core machine,
+session 15)."""
 
 
 def token_positions(text: str, n_tokens: int, most: int = 12) -> list[int]:

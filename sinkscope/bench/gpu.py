@@ -138,22 +138,19 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
     return out
 
 
-COLSUM_CONFIGS = [  # (keys as MMA rows, half the exps on FMA units, BLOCK_M, BLOCK_N (0: by head dim), warps, stages,
-    #                    the exps in half precision)
-    (False, False, 64, 0, 4, 2, False), (False, False, 64, 64, 4, 2, False), (False, False, 64, 128, 4, 2, False),
-    (True, False, 64, 128, 4, 2, False), (True, True, 64, 64, 4, 2, False),
-    (False, False, 64, 0, 4, 2, True), (False, False, 64, 128, 4, 2, True), (False, False, 128, 128, 8, 2, True),
-    (True, False, 64, 64, 4, 2, True), (True, False, 64, 128, 4, 2, True), (True, False, 128, 128, 8, 2, True),
+COLSUM_CONFIGS = [  # (keys as MMA rows, half the exps on FMA units, BLOCK_M queries, BLOCK_N keys, warps, stages)
+    (False, False, 64, 64, 4, 2), (False, False, 64, 128, 4, 2), (False, False, 128, 128, 8, 2),
+    (True, False, 64, 64, 4, 2), (True, False, 128, 64, 4, 2), (True, False, 64, 128, 4, 2),
+    (True, False, 128, 128, 8, 2), (True, False, 128, 128, 8, 3),
+    (True, True, 64, 64, 4, 2), (True, True, 128, 64, 4, 2), (True, True, 64, 128, 4, 2),
+    (True, True, 128, 128, 8, 2),
 ]
-"""The column-sum kernel's variants and launch settings timed by `--colsum` (kernels.COLSUM_CONFIG). The first is
-the shipped default. Session 15 timed twelve without half-precision exponentials (`session15/call1_bench.log`): none
-was more than 2 % faster than the default at any shape, so only the closest stay, next to the `exp16` variants."""
+"""The column-sum kernel's variants and launch settings timed by `--colsum` (kernels.COLSUM_CONFIG)."""
 
 
 def _colsum_label(cfg: tuple) -> str:
-    rows, poly, bm, bn, warps, stages, exp16 = cfg
-    return (f"{'rows' if rows else 'cols'}{'+poly' if poly else ''}{'+exp16' if exp16 else ''} "
-            f"{bm}x{bn or 'auto'} w{warps} s{stages}")
+    rows, poly, bm, bn, warps, stages = cfg
+    return f"{'rows' if rows else 'cols'}{'+poly' if poly else ''} {bm}x{bn} w{warps} s{stages}"
 
 
 def event_time(fn, reps: int = 10) -> float:
@@ -191,9 +188,8 @@ def colsum_bench(shape: str, t: int) -> list[dict]:
     ref = None
     rows = []
     for config in COLSUM_CONFIGS:
-        r, poly, bm, bn, warps, stages, exp16 = config
-        kwargs = dict(rows=r, poly=poly, block_m=bm, block_n=bn or None, num_warps=warps, num_stages=stages,
-                      exp16=exp16)
+        r, poly, bm, bn, warps, stages = config
+        kwargs = dict(rows=r, poly=poly, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
         try:
             got = colsum_triton(q, k, lse, scale, **kwargs)
             ref = got if ref is None else ref
@@ -208,47 +204,6 @@ def colsum_bench(shape: str, t: int) -> list[dict]:
     return rows
 
 
-def colsum_sink_accuracy(t: int = 4096, d: int = 64) -> list[dict]:
-    """Each COLSUM_CONFIGS variant's alpha against float64 where one key takes most of every query's attention (a
-    sink: alpha near 1, where a relative error of the exponentials counts most), bf16, two heads: the largest
-    difference over all keys and the sink's alpha. The half-precision exponentials must stay within 1e-3 (issue
-    16's bound for bf16 models) here, with the GPU's own approximate `ex2`, not only under the interpreter."""
-    from sinkscope.record.attention import sdpa_with_lse
-    from sinkscope.record.kernels import colsum_triton
-
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(1, 2, t, d, device="cuda", generator=gen) * 0.3
-    k = torch.randn(1, 1, t, d, device="cuda", generator=gen) * 0.3
-    u = torch.randn(d, device="cuda", generator=gen)
-    u = u / u.norm()
-    q += u * 3.0
-    k[:, :, 0] = u * 3.0 * d**0.5
-    q, k = q.bfloat16(), k.bfloat16()
-    scale = d**-0.5
-    _, lse = sdpa_with_lse(q, k, k, None, scale)
-    # float64 reference in query chunks: [2, 512, T] scores at a time
-    qd, kd = q.double()[0], k.double()[0, 0]
-    ref = torch.zeros(2, t, dtype=torch.float64, device="cuda")
-    for i in range(0, t, 512):
-        sc = torch.matmul(qd[:, i:i + 512], kd.T) * scale
-        sc = sc.masked_fill(torch.ones(min(512, t - i), t, dtype=torch.bool, device="cuda").triu(i + 1), float("-inf"))
-        ref += torch.softmax(sc, dim=-1).sum(dim=1)
-    count = torch.arange(t, 0, -1, device="cuda", dtype=torch.float64)
-    alpha_ref = ref / count
-    rows = []
-    for config in COLSUM_CONFIGS:
-        r, poly, bm, bn, warps, stages, exp16 = config
-        try:
-            got = colsum_triton(q, k, lse, scale, rows=r, poly=poly, block_m=bm, block_n=bn or None,
-                                num_warps=warps, num_stages=stages, exp16=exp16)[0].double() / count
-            rows.append(dict(config=_colsum_label(config), t=t, sink_alpha=float(alpha_ref[:, 0].min()),
-                             sink_alpha_err_vs_fp64=float((got - alpha_ref).abs().max())))
-        except Exception as exc:  # noqa: BLE001 - reported, not fatal
-            rows.append(dict(config=_colsum_label(config), error=f"{type(exc).__name__}: {str(exc)[:160]}"))
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
 def choose_colsum(rows: list[dict]) -> str | None:
     """Set kernels.COLSUM_CONFIG to the config with the smallest mean time over the recorder's cuDNN call across
     the shapes timed, among those that ran everywhere within alpha 1e-3 of the first (the bf16 bound)."""
@@ -256,8 +211,7 @@ def choose_colsum(rows: list[dict]) -> str | None:
 
     by_config: dict[str, list[float]] = {}
     for row in rows:
-        ok = ("error" not in row and row.get("alpha_diff_vs_first", float("inf")) <= 1e-3
-              and row.get("sink_alpha_err_vs_fp64", 0.0) <= 1e-3)
+        ok = "error" not in row and row["alpha_diff_vs_first"] <= 1e-3
         by_config.setdefault(row["config"], []).append(row["colsum_over_with_lse"] if ok else float("inf"))
     scores = {label: statistics.mean(v) for label, v in by_config.items()}
     if not scores:
@@ -266,8 +220,7 @@ def choose_colsum(rows: list[dict]) -> str | None:
     if scores[label] == float("inf"):
         return None
     config = next(c for c in COLSUM_CONFIGS if _colsum_label(c) == label)
-    COLSUM_CONFIG.update(zip(("rows", "poly", "block_m", "block_n", "num_warps", "num_stages", "exp16"), config,
-                             strict=True))
+    COLSUM_CONFIG.update(zip(("rows", "poly", "block_m", "block_n", "num_warps", "num_stages"), config, strict=True))
     print(f"column sums: fastest {label} (mean {scores[label]:.3f}x the cuDNN call), used from here on", flush=True)
     return label
 
@@ -631,14 +584,8 @@ def main(argv: list[str] | None = None) -> None:
         print("token-stats and radix configuration of this run:", env["token_config"], env["radix_config"], flush=True)
     save_extra()
     if args.colsum:
-        sink = {r["config"]: r.get("sink_alpha_err_vs_fp64", float("inf")) for r in
-                _guarded(colsum_sink_accuracy) or [] if isinstance(r, dict) and "config" in r}
-        extra["colsum_sink"] = [dict(config=c, sink_alpha_err_vs_fp64=e) for c, e in sink.items()]
-        save_extra()
         for shape, t in (("llama-3.2-1b", 8192), ("llama-3.1-8b", 8192), ("llama-3.2-1b", 32768)):
             extra["colsum"].extend(_guarded(colsum_bench, shape, t) or [])
-        for row in extra["colsum"]:  # a variant off by more than 1e-3 at the sink is never chosen
-            row["sink_alpha_err_vs_fp64"] = sink.get(row.get("config"), float("inf"))
         choose_colsum(extra["colsum"])
     from sinkscope.record.kernels import COLSUM_CONFIG
 

@@ -37,21 +37,17 @@ def _query_tile(q_ptr, lse_ptr, valid_ptr, m0, b, h, sqb, sqh, sqt, slb, slh, sv
 @triton.jit
 def _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T, scale_log2,
                  HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr, EXP16: tl.constexpr):
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """exp(q.k * scale - lse[q]) of one [BLOCK_M queries, BLOCK_N keys] tile, in fp32. MASKED: the tile crosses
     the causal diagonal, the end of the sequence or padding, so the unseen entries are zeroed; tiles wholly below
-    the diagonal skip those comparisons. EXP16 > 0: the exponentials in half precision (`exp2_f16`)."""
+    the diagonal skip those comparisons."""
     q, lse, offs_m, query_ok = _query_tile(q_ptr, lse_ptr, valid_ptr, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T,
                                            HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, MASKED)
     if IEEE or UPCAST:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    x = s * scale_log2 - lse[:, None] * 1.4426950408889634
-    if EXP16 > 0:
-        p = exp2_f16(x, EXP16)
-    else:
-        p = tl.exp2(x)
+    p = tl.exp2(s * scale_log2 - lse[:, None] * 1.4426950408889634)
     if MASKED:
         seen = (offs_m[:, None] >= offs_n[None, :]) & query_ok[:, None] & key_ok[None, :]
         p = tl.where(seen, p, 0.0)
@@ -75,25 +71,10 @@ def exp2_fma(x):
 
 
 @triton.jit
-def exp2_f16(x, EXP16: tl.constexpr):
-    """2**x rounded to float16, as float32. EXP16 1: the special-function unit's packed half-precision exponential
-    (`ex2.approx.f16x2`: two exponentials an instruction instead of one; x and the result rounded to float16, so a
-    relative error of about 1e-3 at most, for bf16/fp16 models only). EXP16 2: the same roundings around an exact
-    exponential, for Triton's interpreter, which runs no inline assembly (the tests' model of the variant)."""
-    if EXP16 == 1:
-        h = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-            "=r,r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
-        return h.to(tl.float32)
-    else:
-        return tl.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16).to(tl.float32)
-
-
-@triton.jit
 def _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T,
                       scale_log2, HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                      MASKED: tl.constexpr, POLY: tl.constexpr, EXP16: tl.constexpr):
+                      MASKED: tl.constexpr, POLY: tl.constexpr):
     """The column sums of one [BLOCK_N keys, BLOCK_M queries] tile, exp(k.q * scale - lse[q]) summed over the
     queries (axis 1, which the MMA layout keeps within a warp): `[BLOCK_N]` float32. POLY: every other query's
     exponential on the FMA units (`exp2_fma`), the rest on the special-function units, so that both work."""
@@ -114,8 +95,6 @@ def _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sq
             sa, sb = tl.split(tl.reshape(seen, [BLOCK_N, BLOCK_M // 2, 2]))
             pb = tl.where(sb, pb, 0.0)
         return tl.sum(tl.exp2(xa), 1) + tl.sum(pb, 1)
-    if EXP16 > 0:
-        return tl.sum(exp2_f16(x, EXP16), 1)
     return tl.sum(tl.exp2(x), 1)
 
 
@@ -123,16 +102,16 @@ def _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sq
 def _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T, scale_log2,
                  HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
-                 ROWS: tl.constexpr, POLY: tl.constexpr, EXP16: tl.constexpr):
+                 ROWS: tl.constexpr, POLY: tl.constexpr):
     """One query block's contribution to the accumulator: `_colsum_rows_tile`'s `[BLOCK_N]` sums (ROWS) or
     `_colsum_tile`'s `[BLOCK_M, BLOCK_N]` tile."""
     if ROWS:
         return _colsum_rows_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
                                  svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
-                                 MASKED, POLY, EXP16)
+                                 MASKED, POLY)
     else:
         return _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T,
-                            scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, MASKED, EXP16)
+                            scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST, MASKED)
 
 
 @triton.jit
@@ -141,15 +120,14 @@ def colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
                   T, H, GROUP, scale_log2,
                   HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                  UPCAST: tl.constexpr, ROWS: tl.constexpr, POLY: tl.constexpr, EXP16: tl.constexpr):
+                  UPCAST: tl.constexpr, ROWS: tl.constexpr, POLY: tl.constexpr):
     """Column sums of one (key block, batch x query head): the query blocks at and after the keys, in three runs
     (tiles that cross the diagonal, masked; whole tiles below it, unmasked; the sequence's last partial tile,
     masked). Default: the tiles accumulate elementwise into a [BLOCK_M, BLOCK_N] register tile, reduced over
     queries once at the end (a reduction per tile would cross warps every iteration). ROWS: the keys are the
     MMA's rows (`_colsum_rows_tile`), each tile summed over its queries within each warp into a `[BLOCK_N]`
     accumulator, so no register tile is kept and more programs fit on an SM (one's matrix products can then
-    overlap another's exponentials); POLY (with ROWS) puts half the exponentials on the FMA units; EXP16 computes
-    them in half precision, two an instruction (`exp2_f16`)."""
+    overlap another's exponentials); POLY (with ROWS) puts half the exponentials on the FMA units."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 at B=16, T=32768
     b = pid_bh // H
@@ -174,22 +152,22 @@ def colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
         for m0 in range(start, T, BLOCK_M):
             acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
                                 svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
-                                True, ROWS, POLY, EXP16)
+                                True, ROWS, POLY)
     else:
         diag_end = ((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # past the last diagonal tile
         full_end = T // BLOCK_M * BLOCK_M  # past the last whole tile
         for m0 in range(start, tl.minimum(diag_end, T), BLOCK_M):
             acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
                                 svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
-                                True, ROWS, POLY, EXP16)
+                                True, ROWS, POLY)
         for m0 in range(diag_end, full_end, BLOCK_M):
             acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
                                 svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
-                                False, ROWS, POLY, EXP16)
+                                False, ROWS, POLY)
         for m0 in range(tl.maximum(diag_end, full_end), T, BLOCK_M):
             acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
                                 svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
-                                True, ROWS, POLY, EXP16)
+                                True, ROWS, POLY)
     if ROWS:
         total = acc
     else:

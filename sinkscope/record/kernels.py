@@ -70,11 +70,10 @@ def _kernels() -> SimpleNamespace:
 
 
 COLSUM_CONFIG: dict[str, int | bool] = {"rows": False, "poly": False, "block_m": 64, "block_n": 0, "num_warps": 4,
-                                        "num_stages": 2, "exp16": False}
+                                        "num_stages": 2}
 """The column-sum kernel `colsum_triton` runs by default: `rows` the keys as the MMA's rows (`colsum_kernel`'s ROWS:
 a `[BLOCK_N]` accumulator instead of a `[BLOCK_M, BLOCK_N]` register tile), `poly` (bf16/fp16 inputs with `rows`
-only) half the exponentials on the FMA units; `exp16` (bf16/fp16 inputs only) the exponentials in half precision,
-two an instruction (`_triton.exp2_f16`); the block sizes (`block_n` 0: 128 keys for head dim >= 128, else
+only) half the exponentials on the FMA units; the block sizes (`block_n` 0: 128 keys for head dim >= 128, else
 64; measured on an H200, session 11) and launch settings. `python -m sinkscope.bench.gpu --colsum` times the
 alternatives at real shapes and uses its run's fastest exact one from there on. Session 15 (H200, bf16): the default
 0.825x / 0.664x / 0.698x of the cuDNN call at 1B T=8192 / 8B T=8192 / 1B T=32768, the best alternative within 2 %,
@@ -84,16 +83,15 @@ ROWS+POLY 0.81-1.36x: the default stays."""
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
                   valid: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, out: torch.Tensor | None = None,
-                  rows: bool | None = None, poly: bool | None = None, exp16: bool | None = None) -> torch.Tensor:
+                  rows: bool | None = None, poly: bool | None = None) -> torch.Tensor:
     """`sum_q A[b, h, q, k]` over the (valid) queries that see key k: `[B, Hq, T]` float32.
 
     `query` `[B, Hq, T, d]`, `key` `[B, Hkv, T, d]` (grouped-query heads map `h -> h // (Hq // Hkv)`), `lse` the
     forward's row log-sum-exp `[B, Hq, T]` (natural log, scores scaled by `scale`), `valid` `[B, T]` bool (False:
     padding, which neither attends nor is attended). `out`: a contiguous `[B, Hq, T]` float32 to write into (the
     recorder's per-layer buffer), or None for a new one. The kernel variant and launch settings: COLSUM_CONFIG's
-    where None; `poly` and `exp16` are ignored for float32 inputs, whose alpha must stay within 1e-5 (exp2_fma's
-    relative error is up to 7.5e-5, half precision's rounding about 5e-4). Under Triton's interpreter, which runs no
-    inline assembly, `exp16` applies the same roundings around an exact exponential."""
+    where None; `poly` is ignored for float32 inputs, whose alpha must stay within 1e-5 (exp2_fma's relative error
+    is up to 7.5e-5)."""
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     if query.stride(-1) != 1:
@@ -109,8 +107,6 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     cfg = COLSUM_CONFIG
     rows = bool(cfg["rows"] if rows is None else rows)
     poly = bool(cfg["poly"] if poly is None else poly) and rows and query.dtype != torch.float32
-    exp16 = bool(cfg.get("exp16", False) if exp16 is None else exp16) and query.dtype != torch.float32 and not poly
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     block_m = int(block_m or cfg["block_m"])
     block_n = int(block_n or cfg["block_n"] or (128 if d >= 128 else 64))
     num_warps, num_stages = int(num_warps or cfg["num_warps"]), int(num_stages or cfg["num_stages"])
@@ -123,9 +119,8 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
         lse.stride(0), lse.stride(1), v.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
         t, hq, hq // hkv, scale * LOG2E,
         HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=query.dtype == torch.float32, UPCAST=interpret,
-        ROWS=rows, POLY=poly, EXP16=(2 if interpret else 1) if exp16 else 0, num_warps=num_warps,
-        num_stages=num_stages,
+        IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+        ROWS=rows, POLY=poly, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

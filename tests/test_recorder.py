@@ -255,9 +255,10 @@ def test_cuda_unpadded_bf16_grouped_heads_match_eager(make):
 
 @pytest.mark.parametrize("case", ["odd", "even", "ties", "bracket-miss", "small"])
 def test_median_is_numpys_exactly(case):
-    """The CPU median (a random bracket, then a selection inside it; numpy) against np.median, bit for bit, also
-    where the bracket misses (half the entries equal, the rest spread) and the full selection runs."""
-    from sinkscope.record.reduce import median_nonneg
+    """The CPU median (a random bracket, then a selection inside it; numpy) and its torch twin (what GPU tensors
+    take on the torch path) against np.median, bit for bit, also where the bracket misses (half the entries equal,
+    the rest spread) and the full selection runs."""
+    from sinkscope.record.reduce import _median_torch, median_nonneg
 
     rng = np.random.default_rng(0)
     x = {"odd": lambda: rng.standard_normal(200_001),
@@ -267,6 +268,9 @@ def test_median_is_numpys_exactly(case):
          "small": lambda: rng.standard_normal(10)}[case]()
     a = np.abs(x).astype(np.float32)
     got = median_nonneg(torch.from_numpy(a))
+    assert got.dtype == torch.float32 and got.item() == np.float32(np.median(a)), (got.item(), np.median(a))
+    # the torch implementation that GPU tensors take (the same bracket, kthvalue for the selections), here on the CPU
+    got = _median_torch(torch.from_numpy(a))
     assert got.dtype == torch.float32 and got.item() == np.float32(np.median(a)), (got.item(), np.median(a))
 
 

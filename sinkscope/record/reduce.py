@@ -36,6 +36,12 @@ def median_nonneg(flat: torch.Tensor) -> torch.Tensor:
     """
     if flat.device.type == "cpu":
         return torch.as_tensor(_median_numpy(flat.numpy()))
+    return _median_torch(flat)
+
+
+def _median_torch(flat: torch.Tensor) -> torch.Tensor:
+    """`median_nonneg` in torch, for tensors off the CPU (the torch path on CUDA: no Triton, `SINKSCOPE_TRITON=0`,
+    or the radix median's fallback); the tests run it on the CPU too."""
     n = flat.numel()
     lo_rank, hi_rank = (n + 1) // 2, n // 2 + 1  # 1-based middle ranks (equal when n is odd)
     if n > 65536:

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Issue 16 on a lent GPU, as one call: correctness first, then timings. Logs go to $OUT (the device tool brings
 # them back). From this machine:
-#   run(command="bash experiments/gpu_check.sh", carry=[".whl"], timeout_s=590)
+#   run(command="bash experiments/gpu_check.sh", carry=[".whl", "ab_prev"], timeout_s=590)
+# (ab_prev/: an earlier commit's package for a same-machine before/after, `git archive <commit> sinkscope | tar -x
+# -C ab_prev`; leave it out to skip stage 3). Environment knobs: TESTS / TEST_FILES / TEST_S (which tests, how
+# long), FLAGS / BENCH_ARGS / BUDGET_S / BENCH_S (the benchmark), AB_CASES / AB_S (stage 3). Session 15's calls:
+#   TEST_S=100 TESTS=cuda TEST_FILES=tests/test_recorder.py FLAGS=--check BENCH_ARGS="--reps 5" BUDGET_S=190 \
+#     BENCH_S=280 bash experiments/gpu_check.sh          (131 s: CUDA tests against eager, --check, the table)
 # .whl holds the wheels the GPU image lacks (pydantic and its needs; see the README's GPU section for the pip
 # download line). Stages, each time-boxed so that one failure never loses the others' numbers:
 #   1. the CUDA tests: the Triton kernels against float64, the device path against the torch path and eager;

@@ -171,7 +171,7 @@ def _massive_features(tr: Trace, s) -> None:
 
 TOKEN_MAP_TOKENS = 1024
 """Samples up to this many tokens show the Massive view's tokens x features map by default; longer ones behind a
-switch (on a 2,048-token trace it cost the view's first render 0.08-0.23 s in Chromium on the 2-core machine,
+switch (on a 2,048-token trace it cost the view's first render 0.05-0.23 s in Chromium on the 2-core machine,
 session 15)."""
 
 

@@ -9,6 +9,8 @@ contributions at each of them. Only these `[T]`/`[D]`-sized results leave the de
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -62,23 +64,37 @@ def _median_torch(flat: torch.Tensor) -> torch.Tensor:
 
 
 def _median_numpy(a: np.ndarray):
-    """`median_nonneg` for a numpy array: the same bracket, `np.partition` for the selections."""
+    """`median_nonneg` for a numpy array: the same bracket, `np.partition` for the selections. The subsample's
+    positions depend only on the size (`_subsample_index`, cached), and the band is taken with one mask and
+    `np.compress` (a boolean index with the same mask cost 2.6x as much on this project's 2-core CPU; the whole
+    median of 512 x 576 entries of |N(0, 1)| went from 0.68 to 0.53 ms, session 16)."""
     n = a.size
     lo_rank, hi_rank = (n + 1) // 2, n // 2 + 1
     if n > 65536:
-        sub = a[np.random.default_rng(n).integers(0, n, SUBSAMPLE)]
+        sub = a[_subsample_index(n)]
         margin = int(MARGIN_SQRT * SUBSAMPLE**0.5) + 8
         centre = (lo_rank - 1) * SUBSAMPLE // n
         i_lo, i_hi = max(1, centre - margin), min(SUBSAMPLE, centre + margin + 2)
         part = np.partition(sub, [i_lo - 1, i_hi - 1])
         lo, hi = part[i_lo - 1], part[i_hi - 1]
-        below = int(np.count_nonzero(a < lo))
-        band = a[(a >= lo) & (a <= hi)]
+        inside = a >= lo
+        below = n - int(np.count_nonzero(inside))
+        inside &= a <= hi
+        band = np.compress(inside, a)
         if below < lo_rank and hi_rank <= below + band.size:
             a, lo_rank, hi_rank = band, lo_rank - below, hi_rank - below
     part = np.partition(a, sorted({lo_rank - 1, hi_rank - 1}))
     low = part[lo_rank - 1]
     return low if hi_rank == lo_rank else (low + part[hi_rank - 1]) * a.dtype.type(0.5)
+
+
+@functools.lru_cache(maxsize=32)
+def _subsample_index(n: int) -> np.ndarray:
+    """The SUBSAMPLE random positions (seeded by n) the CPU median brackets an array of n entries with: drawn once
+    per size (a generator's set-up and draw cost about as much as the selection that follows)."""
+    index = np.random.default_rng(n).integers(0, n, SUBSAMPLE)
+    index.flags.writeable = False
+    return index
 
 
 def massive_threshold(median: torch.Tensor, abs_threshold: float, rel_threshold: float) -> torch.Tensor:

@@ -37,10 +37,13 @@ def reference_colsum(q, k, valid, scale) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("variant", ["cols", "rows", "rows-poly"])
+@pytest.mark.parametrize("variant", ["cols", "rows", "rows-poly", "cols-pipe-heavy-first"])
 def test_column_sums_match_a_float64_reference(dtype, padded, variant):
+    """Every variant of the column-sum kernel (kernels.COLSUM_CONFIG) against float64. T = 150 with 16 x 32 tiles:
+    key blocks whose run of whole tiles below the diagonal is long, one tile (PIPE's prologue and epilogue only)
+    or empty, and a partial last tile."""
     torch.manual_seed(0)
-    b, hq, hkv, t, d = 3, 4, 2, 75, 24  # grouped heads, T and d off the block sizes
+    b, hq, hkv, t, d = 3, 4, 2, 150, 24  # grouped heads, T and d off the block sizes
     q = torch.randn(b, hq, t, d, device=DEVICE).to(dtype)
     k = torch.randn(b, hkv, t, d, device=DEVICE).to(dtype)
     v = torch.randn(b, hkv, t, d, device=DEVICE).to(dtype)
@@ -54,8 +57,9 @@ def test_column_sums_match_a_float64_reference(dtype, padded, variant):
     scale = d**-0.5
     _, lse = sdpa_with_lse(q, k, v, mask, scale)
     assert lse is not None
-    got = colsum_triton(q, k, lse, scale, valid, block_m=16, block_n=32, rows=variant != "cols",
-                        poly=variant == "rows-poly").cpu().numpy()
+    got = colsum_triton(q, k, lse, scale, valid, block_m=16, block_n=32, rows=variant.startswith("rows"),
+                        poly=variant == "rows-poly", pipe="pipe" in variant,
+                        heavy_first="heavy-first" in variant).cpu().numpy()
     want = reference_colsum(q, k, valid, scale)
     count = np.arange(t, 0, -1, dtype=np.float64)  # queries that see each key (unpadded)
     # alpha (the column sum over the queries that see the key): within 1e-5 in fp32 and 1e-3 in bf16 (issue 16)
@@ -66,6 +70,31 @@ def test_column_sums_match_a_float64_reference(dtype, padded, variant):
     # and the torch path of the recorder agrees
     torch_path, _ = column_sums(q, k, lse, mask, valid, scale)
     np.testing.assert_allclose(got, torch_path.cpu().numpy(), rtol=1e-4, atol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+def test_gpu_bench_chooses_the_fastest_exact_column_sum_config(monkeypatch):
+    """`bench.gpu --colsum` sets kernels.COLSUM_CONFIG (every key, the session-16 flags included) to the config
+    with the smallest mean time over the shapes, skipping one that is faster but off in alpha or failed on a shape."""
+    from sinkscope.bench import gpu
+    from sinkscope.record import kernels
+
+    monkeypatch.setattr(kernels, "COLSUM_CONFIG", dict(kernels.COLSUM_CONFIG))
+    labels = [gpu._colsum_label(c) for c in gpu.COLSUM_CONFIGS]
+    assert len(set(labels)) == len(labels)
+    fast_but_off, fastest, failed = gpu.COLSUM_CONFIGS[8], gpu.COLSUM_CONFIGS[10], gpu.COLSUM_CONFIGS[3]
+    rows = []
+    for shape in ("a", "b"):
+        for config in gpu.COLSUM_CONFIGS:
+            label = gpu._colsum_label(config)
+            if config == failed and shape == "b":
+                rows.append(dict(shape=shape, config=label, error="OutOfResources"))
+                continue
+            time = {fast_but_off: 0.5, fastest: 0.6, failed: 0.4}.get(config, 0.9)
+            rows.append(dict(shape=shape, config=label, colsum_over_with_lse=time,
+                             alpha_diff_vs_first=2e-3 if config == fast_but_off else 1e-6))
+    assert gpu.choose_colsum(rows) == gpu._colsum_label(fastest)
+    keys = ("rows", "poly", "block_m", "block_n", "num_warps", "num_stages", "heavy_first", "pipe")
+    assert tuple(kernels.COLSUM_CONFIG[k] for k in keys) == fastest and set(kernels.COLSUM_CONFIG) == set(keys)
 
 
 def test_exp2_on_fma_units_is_within_its_bound():

@@ -55,6 +55,21 @@ def _colsum_tile(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sq
 
 
 @triton.jit
+def _scores(q_ptr, lse_ptr, valid_ptr, k, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T, scale_log2,
+            HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+            IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The base-2 scores `q.k * scale * log2(e)` of one whole [BLOCK_M queries, BLOCK_N keys] tile below the
+    diagonal, and its queries' log-sum-exp in base 2: `exp2(scores - lse)` is the tile's attention (PIPE)."""
+    q, lse, offs_m, query_ok = _query_tile(q_ptr, lse_ptr, valid_ptr, m0, b, h, sqb, sqh, sqt, slb, slh, svb, T,
+                                           HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, False)
+    if IEEE or UPCAST:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return s * scale_log2, lse * 1.4426950408889634
+
+
+@triton.jit
 def exp2_fma(x):
     """2**x for x <= 0 on the FMA units instead of the special-function units (which compute 16 exponentials a
     clock per SM against 128 fused multiply-adds): x = j + f with j an integer (rounded by adding 1.5 * 2**23)
@@ -120,16 +135,25 @@ def colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
                   T, H, GROUP, scale_log2,
                   HAS_VALID: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                  UPCAST: tl.constexpr, ROWS: tl.constexpr, POLY: tl.constexpr):
+                  UPCAST: tl.constexpr, ROWS: tl.constexpr, POLY: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+                  PIPE: tl.constexpr):
     """Column sums of one (key block, batch x query head): the query blocks at and after the keys, in three runs
     (tiles that cross the diagonal, masked; whole tiles below it, unmasked; the sequence's last partial tile,
     masked). Default: the tiles accumulate elementwise into a [BLOCK_M, BLOCK_N] register tile, reduced over
     queries once at the end (a reduction per tile would cross warps every iteration). ROWS: the keys are the
     MMA's rows (`_colsum_rows_tile`), each tile summed over its queries within each warp into a `[BLOCK_N]`
     accumulator, so no register tile is kept and more programs fit on an SM (one's matrix products can then
-    overlap another's exponentials); POLY (with ROWS) puts half the exponentials on the FMA units."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 at B=16, T=32768
+    overlap another's exponentials); POLY (with ROWS) puts half the exponentials on the FMA units.
+    HEAVY_FIRST: the grid is (batch x head, key block), so that the GPU starts every head's first key blocks (the
+    longest runs: they see the most queries) before any lighter ones, rather than head after head, which leaves
+    the last heads' long runs for the end. PIPE (without ROWS): the run of whole tiles is software-pipelined, the
+    next tile's matrix product issued before this tile's exponentials, so that the two can overlap."""
+    if HEAVY_FIRST:
+        pid_n = tl.program_id(1)
+        pid_bh = tl.program_id(0).to(tl.int64)
+    else:
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 at B=16, T=32768
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUP
@@ -160,10 +184,23 @@ def colsum_kernel(q_ptr, k_ptr, lse_ptr, valid_ptr, out_ptr,
             acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
                                 svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
                                 True, ROWS, POLY)
-        for m0 in range(diag_end, full_end, BLOCK_M):
-            acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
-                                svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,
-                                False, ROWS, POLY)
+        if PIPE and not ROWS:
+            if diag_end < full_end:
+                s, lse = _scores(q_ptr, lse_ptr, valid_ptr, k, diag_end, b, h, sqb, sqh, sqt, slb, slh, svb, T,
+                                 scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+                for m0 in range(diag_end + BLOCK_M, full_end, BLOCK_M):
+                    s_next, lse_next = _scores(q_ptr, lse_ptr, valid_ptr, k, m0, b, h, sqb, sqh, sqt, slb, slh,
+                                               svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE,
+                                               UPCAST)
+                    acc += tl.exp2(s - lse[:, None])
+                    s = s_next
+                    lse = lse_next
+                acc += tl.exp2(s - lse[:, None])
+        else:
+            for m0 in range(diag_end, full_end, BLOCK_M):
+                acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb,
+                                    slh, svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE,
+                                    UPCAST, False, ROWS, POLY)
         for m0 in range(tl.maximum(diag_end, full_end), T, BLOCK_M):
             acc += _colsum_step(q_ptr, lse_ptr, valid_ptr, k, offs_n, key_ok, m0, b, h, sqb, sqh, sqt, slb, slh,
                                 svb, T, scale_log2, HAS_VALID, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IEEE, UPCAST,

@@ -70,20 +70,23 @@ def _kernels() -> SimpleNamespace:
 
 
 COLSUM_CONFIG: dict[str, int | bool] = {"rows": False, "poly": False, "block_m": 64, "block_n": 0, "num_warps": 4,
-                                        "num_stages": 2}
+                                        "num_stages": 2, "heavy_first": False, "pipe": False}
 """The column-sum kernel `colsum_triton` runs by default: `rows` the keys as the MMA's rows (`colsum_kernel`'s ROWS:
 a `[BLOCK_N]` accumulator instead of a `[BLOCK_M, BLOCK_N]` register tile), `poly` (bf16/fp16 inputs with `rows`
 only) half the exponentials on the FMA units; the block sizes (`block_n` 0: 128 keys for head dim >= 128, else
 64; measured on an H200, session 11) and launch settings. `python -m sinkscope.bench.gpu --colsum` times the
 alternatives at real shapes and uses its run's fastest exact one from there on. Session 15 (H200, bf16): the default
 0.825x / 0.664x / 0.698x of the cuDNN call at 1B T=8192 / 8B T=8192 / 1B T=32768, the best alternative within 2 %,
-ROWS+POLY 0.81-1.36x: the default stays."""
+ROWS+POLY 0.81-1.36x: the default stays. `heavy_first` (the longest runs first, over all heads) and `pipe` (the
+next tile's matrix product before this tile's exponentials) were added in session 16 without a GPU: exact under
+the interpreter, not yet timed; off until `--colsum` shows them faster."""
 
 
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
                   valid: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, out: torch.Tensor | None = None,
-                  rows: bool | None = None, poly: bool | None = None) -> torch.Tensor:
+                  rows: bool | None = None, poly: bool | None = None, heavy_first: bool | None = None,
+                  pipe: bool | None = None) -> torch.Tensor:
     """`sum_q A[b, h, q, k]` over the (valid) queries that see key k: `[B, Hq, T]` float32.
 
     `query` `[B, Hq, T, d]`, `key` `[B, Hkv, T, d]` (grouped-query heads map `h -> h // (Hq // Hkv)`), `lse` the
@@ -91,7 +94,7 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     padding, which neither attends nor is attended). `out`: a contiguous `[B, Hq, T]` float32 to write into (the
     recorder's per-layer buffer), or None for a new one. The kernel variant and launch settings: COLSUM_CONFIG's
     where None; `poly` is ignored for float32 inputs, whose alpha must stay within 1e-5 (exp2_fma's relative error
-    is up to 7.5e-5)."""
+    is up to 7.5e-5); `pipe` applies without `rows` only."""
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     if query.stride(-1) != 1:
@@ -110,9 +113,11 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     block_m = int(block_m or cfg["block_m"])
     block_n = int(block_n or cfg["block_n"] or (128 if d >= 128 else 64))
     num_warps, num_stages = int(num_warps or cfg["num_warps"]), int(num_stages or cfg["num_stages"])
+    heavy_first = bool(cfg["heavy_first"] if heavy_first is None else heavy_first)
+    pipe = bool(cfg["pipe"] if pipe is None else pipe) and not rows
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
     block_d = max(16, _pow2(d))
-    grid = (_cdiv(t, block_n), b * hq)
+    grid = (b * hq, _cdiv(t, block_n)) if heavy_first else (_cdiv(t, block_n), b * hq)
     kern.colsum[grid](
         query, key, lse, v, out,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
@@ -120,7 +125,7 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
         t, hq, hq // hkv, scale * LOG2E,
         HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        ROWS=rows, POLY=poly, num_warps=num_warps, num_stages=num_stages,
+        ROWS=rows, POLY=poly, HEAVY_FIRST=heavy_first, PIPE=pipe, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

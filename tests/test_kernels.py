@@ -143,6 +143,68 @@ def test_radix_median_is_exact(dtype, bits, onehot):
     assert median_abs_triton(odd, bits=bits, onehot=onehot)[0].item() == np.median(np.abs(odd.float().cpu().numpy()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda v: str(v)[6:])
+def test_token_pass_takes_the_radix_final_step_exactly(dtype):
+    """FOLD_RADIX_FINAL: the token pass that derives the median and the threshold from the radix passes' histograms
+    itself writes the same median and threshold as the final launch, bit for bit, and the same per-token fields as
+    the pass given that threshold: with and without padding, on the rows whose middle ranks part in the first digit
+    (row 4) or whose median is a tie, with thresholds that put some entries over them (massive entries appended)."""
+    from sinkscope.record import kernels
+
+    torch.manual_seed(0)
+    h = torch.randn(5, 9, 40, device=DEVICE) * torch.rand(5, 9, 40, device=DEVICE) ** 3
+    h[0, 0, 7] = 3e4
+    h[3] = torch.round(h[3] * 4) / 4
+    h[4] = torch.where(torch.arange(9 * 40, device=DEVICE).view(9, 40) % 2 == 0, 1.0, -1000.0)
+    h = h.to(dtype)
+    a, m = (torch.randn(5, 9, 40, device=DEVICE).to(dtype) for _ in range(2))
+    valid = torch.ones(5, 9, dtype=torch.bool, device=DEVICE)
+    valid[1, 6:] = False
+    valid[2, :3] = False
+    first = valid.int().argmax(dim=1)
+    for v in (None, valid):
+        count = None if v is None else v.sum(dim=1, dtype=torch.int32)
+        med, thr = median_abs_triton(h, v, block=256, thresholds=(0.5, 3.0), count=count)
+        want = kernels.token_stats_triton(h, m, a, first, thr, v, 4, 2, kernels.massive_buffers(5, 9, h.device))
+        radix = median_abs_triton(h, v, block=256, thresholds=(0.5, 3.0), count=count, final=False)
+        buffers = kernels.massive_buffers(5, 9, h.device)
+        got = kernels.token_stats_triton(h, m, a, first, torch.full_like(thr, float("nan")), v, 4, 2, buffers,
+                                         radix=radix)
+        assert torch.equal(radix.out[0], med) and torch.equal(radix.out[1], thr)
+        assert torch.equal(got, want)
+        assert int(buffers[0].item()) > 0  # some entries were over the threshold the pass derived
+
+
+def test_token_pass_falls_back_to_its_own_final_launch_when_the_fold_does_not_compile(monkeypatch):
+    """If the token pass with the radix median's final step fails to compile, the recorder warns once and launches
+    the final step on its own (the record equal to the torch path's), without giving up the int32 keys."""
+    from sinkscope.record import kernels
+
+    real = kernels._kernels().token_stats
+
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["FROM_HIST"]:
+                    raise RuntimeError("simulated compiler refusal")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(kernels._kernels(), "token_stats", Refuses())
+    monkeypatch.setattr(kernels, "_FOLD_FAILED", [])
+    monkeypatch.setattr(kernels, "_NARROW_KEYS_FAILED", [])
+    model = tiny_llama().to(DEVICE)
+    thresholds = {"abs_threshold": 0.0, "rel_threshold": 3.0}
+    with pytest.warns(RuntimeWarning, match="final step"):
+        fast = _record(model, True, monkeypatch, **thresholds)
+    assert kernels._FOLD_FAILED and not kernels._NARROW_KEYS_FAILED
+    slow = _record(model, False, monkeypatch, **thresholds)
+    for x, y in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(x.median_abs, y.median_abs)
+        np.testing.assert_array_equal(x.top_features, y.top_features)
+        assert len(x.massive) == len(y.massive) > 0
+
+
 def _record(model, device_path: bool, monkeypatch, **kwargs):
     monkeypatch.setenv("SINKSCOPE_TRITON", "1" if device_path else "0")
     ids, mask = padded_batch()

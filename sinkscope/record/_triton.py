@@ -392,10 +392,11 @@ def _top_k_rows(x, dm, offs, out_i_ptr, out_v_ptr, rows_ok, K: tl.constexpr, BLO
 
 @triton.jit
 def token_stats_kernel(h_ptr, a_ptr, m_ptr, first_ptr, thr_ptr, valid_ptr, out_ptr, out_i_ptr,
-                       count_ptr, ent_i_ptr, ent_v_ptr,
-                       T, D, N, shb, sht, sab, sat, smb, smt, svb, layer, cap,
+                       count_ptr, ent_i_ptr, ent_v_ptr, hist_ptr, real_ptr, med_ptr, abs_threshold, rel_threshold,
+                       T, D, N, B, shb, sht, sab, sat, smb, smt, svb, layer, cap,
                        K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr, ROWS: tl.constexpr,
-                       FMT: tl.constexpr, MLP_FMT: tl.constexpr):
+                       FMT: tl.constexpr, MLP_FMT: tl.constexpr, FROM_HIST: tl.constexpr,
+                       RADIX_FMT: tl.constexpr, RADIX_BITS: tl.constexpr):
     """Everything the recorder keeps per token of one block output, in one pass over ROWS rows of h (and of the
     block's mlp_out) of one sample: cos to the sample's first real token (row `first[b]` of h), max |h|, the top-K
     features of |h| and |mlp_out| with their signed values, and the massive entries (|h| >= the sample's
@@ -403,7 +404,11 @@ def token_stats_kernel(h_ptr, a_ptr, m_ptr, first_ptr, thr_ptr, valid_ptr, out_p
     are sorted on the host afterwards). The per-token fields go to one float32 buffer (`out_ptr`, and
     `out_i_ptr`, the same memory read as int32, for the feature indices), laid out as
     `kernels.unpack_token_stats` reads it, N = B * T rows. FMT, MLP_FMT: the formats of h and mlp_out (0: keys
-    over float32 bits; 1: bf16, 2: fp16, narrower keys: see `_top_k_rows`)."""
+    over float32 bits; 1: bf16, 2: fp16, narrower keys: see `_top_k_rows`). FROM_HIST: the radix median's final
+    step is done here instead of in `radix_final_kernel` (one launch a layer fewer): every program derives the
+    median and the massive threshold from the radix passes' histograms (`hist_ptr`; `real_ptr` the real tokens
+    per sample, RADIX_FMT and RADIX_BITS those of the passes), the first program of each sample writes both (to
+    `med_ptr` and `thr_ptr`); otherwise the threshold is read from `thr_ptr`."""
     b = tl.program_id(1).to(tl.int64)
     t = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     t_ok = t < T
@@ -423,7 +428,19 @@ def token_stats_kernel(h_ptr, a_ptr, m_ptr, first_ptr, thr_ptr, valid_ptr, out_p
     tl.store(out_ptr + N + row, top, mask=t_ok)
     _top_k_rows(y, dm, offs, out_i_ptr + (2 + 2 * K) * N + row * K, out_ptr + (2 + 3 * K) * N + row * K, t_ok, K,
                 BLOCK_D, MLP_FMT)
-    thr = tl.load(thr_ptr + b)
+    if FROM_HIST:
+        NBITS: tl.constexpr = 31 if RADIX_FMT == 0 else 15
+        p_lo, p_hi, n = _prefixes(hist_ptr, real_ptr, b, B, T, D, (NBITS + RADIX_BITS - 1) // RADIX_BITS, HAS_VALID,
+                                  RADIX_BITS)
+        lo = _bits_to_float(p_lo, RADIX_FMT)
+        hi = _bits_to_float(p_hi, RADIX_FMT)
+        med = tl.where(n % 2 == 1, lo, 0.5 * (lo + hi))  # as radix_final_kernel
+        thr = tl.maximum(med * rel_threshold, abs_threshold)
+        if tl.program_id(0) == 0:
+            tl.store(med_ptr + b, med)
+            tl.store(thr_ptr + b, thr)
+    else:
+        thr = tl.load(thr_ptr + b)
     row_hit = t_ok & (top >= thr)
     if HAS_VALID:
         row_hit = row_hit & (tl.load(valid_ptr + b * svb + t, mask=t_ok, other=0) != 0)

@@ -156,8 +156,8 @@ the alternatives and uses its run's fastest exact one. Session 15 (H200, T=8192,
 def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int | None = None,
                       num_warps: int | None = None, thresholds: tuple[float, float] = (0.0, 0.0),
                       count: torch.Tensor | None = None, hist: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None, bits: int | None = None, onehot: bool | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      out: torch.Tensor | None = None, bits: int | None = None, onehot: bool | None = None,
+                      final: bool = True) -> tuple[torch.Tensor, torch.Tensor] | SimpleNamespace:
     """Exact `median(|h[b]|)` over each sample's valid tokens and all features, and the massive-activation
     threshold `max(thresholds[0], thresholds[1] * median)`: two `[B]` float32. `h` `[B, T, D]` in any float dtype;
     `valid` `[B, T]` bool or None (all tokens). numpy's convention: the mean of the two middle values for an even
@@ -166,7 +166,8 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     for bf16 and fp16), then a final one. `bits`, `onehot`, `block`, `num_warps`: RADIX_CONFIG's for the format
     when None. The recorder passes its per-layer buffer's parts: `count` (real tokens per sample, int32 `[B]`),
     `hist` (a zeroed int32 block of at least 4 * B * 512) and `out` (a `[2, B]` float32 for the median and the
-    threshold); otherwise they are allocated here."""
+    threshold); otherwise they are allocated here. `final=False`: only the passes; returns what
+    `token_stats_triton(radix=...)` needs to take the final step itself (the recorder's way: one launch fewer)."""
     b, t, d = h.shape
     flat = h.reshape(b, t * d)
     if flat.stride(-1) != 1:
@@ -197,9 +198,20 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
                                        ONEHOT=onehot, num_warps=num_warps)
     if out is None:
         out = torch.empty(2, b, dtype=torch.float32, device=h.device)
-    kern.radix_final[(b,)](hist, count, out[0], out[1], float(thresholds[0]), float(thresholds[1]), t, d, b,
-                           FMT=fmt, HAS_VALID=valid is not None, BITS=bits)
+    radix = SimpleNamespace(hist=hist, count=count, fmt=fmt, bits=bits, out=out, shape=(b, t, d),
+                            has_valid=valid is not None, thresholds=(float(thresholds[0]), float(thresholds[1])))
+    if not final:
+        return radix
+    radix_final(radix)
     return out[0], out[1]
+
+
+def radix_final(radix: SimpleNamespace) -> None:
+    """The radix median's final launch for `median_abs_triton(final=False)`'s passes: the median and the threshold
+    into `radix.out`."""
+    b, t, d = radix.shape
+    _kernels().radix_final[(b,)](radix.hist, radix.count, radix.out[0], radix.out[1], *radix.thresholds, t, d, b,
+                                 FMT=radix.fmt, HAS_VALID=radix.has_valid, BITS=radix.bits)
 
 
 def massive_buffers(batch: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,13 +233,16 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
                        thr: torch.Tensor, valid: torch.Tensor | None, top_k: int, layer: int,
                        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                        num_warps: int | None = None, out: torch.Tensor | None = None,
-                       rows: int | None = None, narrow_keys: bool = True) -> torch.Tensor:
+                       rows: int | None = None, narrow_keys: bool = True,
+                       radix: SimpleNamespace | None = None) -> torch.Tensor:
     """The per-token fields of one block output `h` `[B, T, D]` in one launch (see `token_stats_kernel`), packed
     in one float32 buffer (`out` when given: at least `B * T * (2 + 4 * top_k)` contiguous entries) that
     `unpack_token_stats` reads. The massive entries (|h| >= `thr[b]`, real tokens only) go to `buffers`
     (`massive_buffers`). `first` `[B]` (int64): each sample's first real position, whose row of h is its BOS.
     `narrow_keys`: bf16 and fp16 inputs rank their features on int32 keys (the same result as int64 keys over
-    float32 bits, at half the comparison cost); False forces int64 keys (the benchmark's comparison)."""
+    float32 bits, at half the comparison cost); False forces int64 keys (the benchmark's comparison). `radix`:
+    `median_abs_triton(final=False)`'s result, whose final step this launch then takes (the median and the
+    threshold written to `radix.out`, `thr` ignored)."""
     b, t, d = h.shape
     kern = _kernels()
     h, a, m = (x if x.stride(-1) == 1 else x.contiguous() for x in (h, attn_out, mlp_out))
@@ -242,12 +257,20 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
     def fmt(x: torch.Tensor) -> int:
         return {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0) if narrow_keys and block_d <= 32768 else 0
 
+    if radix is not None:  # the radix median's final step in this launch
+        thr, hist, real, med = radix.out[1], radix.hist, radix.count, radix.out[0]
+        thresholds, radix_fmt, radix_bits = radix.thresholds, radix.fmt, radix.bits
+    else:  # placeholders, unused
+        hist, real, med, thresholds, radix_fmt, radix_bits = count, count, thr, (0.0, 0.0), 0, 8
+
     def launch(h_fmt: int, m_fmt: int) -> None:
         kern.token_stats[(_cdiv(t, rows), b)](
-            h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v,
-            t, d, b * t, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
+            h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v, hist, real, med,
+            thresholds[0], thresholds[1],
+            t, d, b * t, b, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
             v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
             K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, ROWS=rows, FMT=h_fmt, MLP_FMT=m_fmt,
+            FROM_HIST=radix is not None, RADIX_FMT=radix_fmt, RADIX_BITS=radix_bits,
             num_warps=num_warps or default_warps)
 
     formats = (fmt(h), fmt(m))
@@ -269,6 +292,9 @@ _NARROW_KEYS_FAILED: list[str] = []
 """Set when the int32-key token pass failed to compile on this machine: later layers use int64 keys directly."""
 _RADIX_FAILED: list[str] = []
 """Set when the radix median failed to compile on this machine: later layers use torch's selection."""
+_FOLD_FAILED: list[str] = []
+"""Set when the token pass with the radix median's final step (FOLD_RADIX_FINAL) failed to compile on this machine:
+later layers launch the final step on its own."""
 
 
 TOKEN_CONFIG: dict[int, tuple[int, int]] = {1024: (1, 4), 2048: (1, 4), 4096: (1, 2)}
@@ -363,14 +389,22 @@ def colsum_view(buf: torch.Tensor, layout: SimpleNamespace) -> torch.Tensor:
     return buf[layout.col:].view(layout.batch, layout.heads, layout.tokens)
 
 
+FOLD_RADIX_FINAL = True
+"""The recorder's device path takes the radix median's final step inside the token pass (`token_stats_triton(radix=
+...)`) instead of in a launch of its own: five launches a layer instead of six for bf16 (session 16; on a GPU host
+each Triton launch costs tens of microseconds of host time, and the short-context cases are bound by that time).
+False restores the separate launch (`radix_final_kernel`); the outputs are the same bit for bit (tested)."""
+
+
 def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, buf: torch.Tensor,
                         layout: SimpleNamespace, first: torch.Tensor, valid: torch.Tensor | None,
                         count: torch.Tensor | None, layer: int, thresholds: tuple[float, float],
                         buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The recorder's reductions of one block output `h` `[B, T, D]` on the device, into the layer's buffer: the
     exact median of |h| and the massive threshold (radix select), the per-token fields and massive entries (one
-    pass over the rows; entries to `buffers`), and the per-feature maxima (one pass over the columns). Five
-    launches, no host synchronisation. `valid` `[B, T]` bool (None: no padding), `count` its per-sample sums
+    pass over the rows, which also takes the median's final step (FOLD_RADIX_FINAL); entries to `buffers`), and the
+    per-feature maxima (one pass over the columns). Four launches for bf16 and fp16 (two radix passes), six for
+    float32 (four), no host synchronisation. `valid` `[B, T]` bool (None: no padding), `count` its per-sample sums
     (int32), `first` each sample's first real position. Returns the part of `buf` that goes to the host."""
     b, t, d = h.shape
     if (b, t, d) != (layout.batch, layout.tokens, layout.hidden):
@@ -380,9 +414,11 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
                             f"{(layout.batch, layout.tokens, layout.hidden)} (batch, tokens, hidden size)")
     ints = buf.view(torch.int32)
     stats = buf[layout.stats: layout.stats + 2 * b].view(2, b)
+    radix = None
     if not _RADIX_FAILED:
-        try:
-            median_abs_triton(h, valid, thresholds=thresholds, count=count, hist=ints[: layout.feat], out=stats)
+        try:  # the passes only: the token pass below takes the final step (one launch fewer)
+            radix = median_abs_triton(h, valid, thresholds=thresholds, count=count, hist=ints[: layout.feat],
+                                      out=stats, final=not FOLD_RADIX_FINAL)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - the radix passes changed in session 14: never the only way
@@ -397,8 +433,26 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
         stats[0] = torch.stack([median_nonneg(r.abs().float().reshape(-1)) for r in rows])
         stats[1] = massive_threshold(stats[0], *thresholds)
     thr = buf[layout.stats + b: layout.stats + 2 * b]
-    token_stats_triton(h, mlp_out, attn_out, first, thr, valid, layout.top_k, layer, buffers,
-                       out=buf[layout.tok: layout.col])
+    tok = buf[layout.tok: layout.col]
+    folded = False
+    if isinstance(radix, SimpleNamespace) and not _RADIX_FAILED and not _FOLD_FAILED:
+        narrow_failed = len(_NARROW_KEYS_FAILED)
+        try:
+            token_stats_triton(h, mlp_out, attn_out, first, thr, valid, layout.top_k, layer, buffers, out=tok,
+                               radix=radix)
+            folded = True
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the folded final step is new (session 16): never the only way
+            del _NARROW_KEYS_FAILED[narrow_failed:]  # the fold failed, not the int32 keys
+            _FOLD_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            warnings.warn("sinkscope: the token pass with the radix median's final step did not compile here; "
+                          f"using a launch of its own (the same result): {_FOLD_FAILED[0]}", RuntimeWarning,
+                          stacklevel=2)
+    if not folded:
+        if isinstance(radix, SimpleNamespace) and not _RADIX_FAILED:
+            radix_final(radix)
+        token_stats_triton(h, mlp_out, attn_out, first, thr, valid, layout.top_k, layer, buffers, out=tok)
     colmax_triton(h, mlp_out, valid, out=buf[layout.feat: layout.feat + 2 * b * d].view(2, b, d))
     return buf[layout.feat:]
 

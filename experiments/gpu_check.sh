@@ -7,6 +7,10 @@
 # long), FLAGS / BENCH_ARGS / BUDGET_S / BENCH_S (the benchmark), AB_CASES / AB_S (stage 3). Session 15's calls:
 #   TEST_S=100 TESTS=cuda TEST_FILES=tests/test_recorder.py FLAGS=--check BENCH_ARGS="--reps 5" BUDGET_S=190 \
 #     BENCH_S=280 bash experiments/gpu_check.sh          (131 s: CUDA tests against eager, --check, the table)
+# Session 16 (no GPU) left for the next call: the column-sum variants heavy_first and pipe (--colsum times them),
+# the radix final step folded into the token pass (one launch a layer fewer) and the token strings built before the
+# end-of-forward waits; ab_prev then holds session 15's final package (0477bfe) for stage 3's before/after, whose
+# default cases include the host-bound 135M T=2048.
 # .whl holds the wheels the GPU image lacks (pydantic and its needs; see the README's GPU section for the pip
 # download line). Stages, each time-boxed so that one failure never loses the others' numbers:
 #   1. the CUDA tests: the Triton kernels against float64, the device path against the torch path and eager;
@@ -41,7 +45,7 @@ tail -60 "$OUT/bench.log"
 if [ -d ab_prev/sinkscope ]; then  # the previous commit's package (carried as ab_prev): the same cases, same machine
   echo "== 3. the previous commit's recorder, same machine"
   (cd ab_prev && PYTHONPATH=/tmp/site:. timeout "${AB_S:-90}" python3 -m sinkscope.bench.gpu --out "$OUT/prev" \
-    --cases "${AB_CASES:-llama-3.2-1b:1:8192,smollm2-135m:1:8192,llama-3.2-1b:1:32768,llama-3.2-1b:1:2048}" \
+    --cases "${AB_CASES:-llama-3.2-1b:1:8192,smollm2-135m:1:8192,smollm2-135m:1:2048,llama-3.2-1b:1:2048}" \
     --budget-s 70 > "$OUT/prev_bench.log" 2>&1)
   echo "prev exit $?"
   tail -8 "$OUT/prev_bench.log"

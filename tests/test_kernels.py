@@ -394,6 +394,22 @@ def test_feature_max_kernel_is_exact(padded):
     assert got[0, 0, 7] == 900.0 and got[0, 2, 11].isnan()
 
 
+def test_host_blocks_are_separate_views_of_one_aligned_block():
+    """The device path's per-forward host fields (`recorder._host_blocks`): one 2 MiB-aligned block (huge pages),
+    carved into C-contiguous fields of the right shapes and dtypes that do not overlap."""
+    from sinkscope.record.recorder import _HOST_ALIGN, _host_blocks
+
+    blocks = _host_blocks(3, 17, 4, 5, 33, 8)
+    assert blocks["alpha"].shape == (3, 4, 5, 17) and blocks["top_features"].dtype == np.int32
+    assert blocks["alpha"].ctypes.data % _HOST_ALIGN == 0
+    assert len({id(a.base) for a in blocks.values()}) == 1
+    for i, a in enumerate(blocks.values()):
+        assert a.flags.c_contiguous
+        a[...] = i + 1
+    for i, (name, a) in enumerate(blocks.items()):
+        assert (a == i + 1).all(), name
+
+
 def test_layer_buffer_round_trip():
     """The recorder's one buffer per layer: the five device reductions write their parts of it, and the host
     copy unpacks into the same fields as the separate kernels give (median, feature maxima, per-token fields,

@@ -413,6 +413,41 @@ def check_case(shape: str, t: int, dtype: torch.dtype) -> dict:
     return row
 
 
+def unpack_bench(reps: int = 9) -> list[dict]:
+    """The device path's host work at the end of a forward, alone: `_unpack_layers` copying every layer's results
+    from the landing block `[L, N]` into the sample-major fields (alpha divided by the query counts), into fresh
+    `_host_blocks` as the recorder does, and into blocks already touched (the floor without page faults); medians
+    of `reps`, at the issue's shapes (B=1, top-k 8). In host-bound forwards this is wall time after the GPU is done
+    (session 15: 10.8 ms at the 135M shape, T=8192)."""
+    import numpy as np
+
+    from sinkscope.record import kernels
+    from sinkscope.record.recorder import _host_blocks, _query_count, _unpack_layers
+
+    rows = []
+    for shape, batch, t in (("smollm2-135m", 1, 8192), ("llama-3.2-1b", 1, 8192), ("llama-3.2-1b", 32, 256),
+                            ("llama-3.2-1b", 1, 32768)):
+        cfg = SHAPES[shape]
+        n_layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+        layout = kernels.layer_layout(batch, t, hidden, heads, 8)
+        landing = torch.rand(n_layers, layout.total - layout.feat)
+        count = _query_count(np.ones((batch, t), dtype=bool))
+        touched = _host_blocks(batch, t, n_layers, heads, hidden, 8)
+        times: dict[str, list[float]] = {"fresh": [], "touched": []}
+        for _ in range(reps):
+            for label in times:
+                out = _host_blocks(batch, t, n_layers, heads, hidden, 8) if label == "fresh" else touched
+                start = time.perf_counter()
+                _unpack_layers(landing, [None] * n_layers, layout, out, count, [True] * n_layers)
+                times[label].append(time.perf_counter() - start)
+                del out
+        rows.append(dict(shape=shape, batch=batch, t=t, landing_mib=landing.numel() * 4 / 2**20,
+                         fresh_ms=1e3 * statistics.median(times["fresh"]),
+                         touched_ms=1e3 * statistics.median(times["touched"])))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def kernel_bench(t: int, d: int) -> list[dict]:
     """The recorder's per-layer Triton reductions alone on one bf16 block output [1, T, D]: the token-stats pass
     at several num_warps and the radix median at several (BLOCK, num_warps), with the bandwidth each reaches
@@ -558,6 +593,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--diagnostics-s", type=float, default=90.0,
                     help="--profile and --host run after the table while fewer than budget + this many s have passed")
     ap.add_argument("--kernels", action="store_true", help="first: the per-layer Triton reductions' configs")
+    ap.add_argument("--unpack", action="store_true",
+                    help="first: the host's unpacking at the end of a recorded forward (no GPU needed: with "
+                         "--device cpu --shapes '' only this runs)")
     args = ap.parse_args(argv)
     import transformers
 
@@ -575,11 +613,14 @@ def main(argv: list[str] | None = None) -> None:
         env["triton"] = None
     print(json.dumps(env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": [], "host": []}
+    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": [], "host": [], "unpack": []}
 
     def save_extra() -> None:  # after every stage: a call cut short by its time limit keeps what it measured
         (args.out / "bench_gpu_extra.json").write_text(json.dumps({"env": env, **extra}, indent=2, default=str))
 
+    if args.unpack:
+        extra["unpack"] = _guarded(unpack_bench) or []
+        save_extra()
     if args.kernels:
         for t, d in ((8192, 2048), (8192, 4096), (8192, 576)):
             extra["kernels"].extend(_guarded(kernel_bench, t, d) or [])

@@ -399,3 +399,22 @@ def test_cos_to_bos_is_the_same_on_the_elementwise_branch():
     first = valid.int().argmax(dim=1)
     want = torch.nn.functional.cosine_similarity(h, h[torch.arange(3), first][:, None, :], dim=-1)
     torch.testing.assert_close(exact["bos_cosine"][valid], want[valid], atol=1e-6, rtol=0)
+
+
+def test_sliding_window_attention_is_recorded_as_eager_sees_it():
+    """A model whose layers attend within a sliding window shorter than the input (Mistral, window 6, T=20): the
+    window's mask reaches the column sums (no one-pass shortcut over the full causal triangle), so alpha equals HF
+    eager's attentions."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.tiny_models import BASE
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**{**BASE, "num_key_value_heads": 2, "sliding_window": 6})).eval()
+    ids = torch.randint(3, 128, (1, 20))
+    ids[0, 0] = 1
+    with Recorder(model) as rec:
+        model(input_ids=ids)
+    attn, _, _ = eager_reference(model, ids)
+    assert int((attn[0, 0, -1] > 0).sum()) == 6  # eager applies the window
+    np.testing.assert_allclose(rec.samples[0].attention_received, metrics.attention_received(attn), atol=1e-6)

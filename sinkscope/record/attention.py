@@ -243,6 +243,15 @@ def _one_pass(query, attention_mask, request, window) -> bool:
             and os.environ.get("SINKSCOPE_ONE_PASS") != "0")
 
 
+def without_grad(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` with autograd off: under `torch.no_grad()` only when it is on (the recorded forward
+    usually runs without it already, and entering the context costs a few microseconds a call, twice a layer)."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                         **kwargs):
     """AttentionInterface entry: SDPA for the output; column sums handed to the active recorder."""
@@ -259,10 +268,9 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
             "do not call generate() or pass a KV cache inside `with Recorder(...)`."
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = getattr(getattr(module, "config", None), "sliding_window", None)
+    window = request.window
     if _one_pass(query, attention_mask, request, window):
-        with torch.no_grad():
-            out, colsum = attention_with_column_sums(query, key, value, scale)
+        out, colsum = without_grad(attention_with_column_sums, query, key, value, scale)
         request.deliver(colsum, {})
         return out, None
     out, lse = sdpa_with_lse(query, key, value, attention_mask, scale)
@@ -270,15 +278,13 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
             and request.device_path:
         # the device path: one Triton pass over the causal triangle (the mask is causal + padding, which the
         # recorder's 2D mask gives as request.query_valid)
-        with torch.no_grad():
-            colsum = kernels.colsum_triton(query.detach(), key.detach(), lse.detach(), scale, request.query_valid,
-                                           out=request.colsum_out)
+        colsum = without_grad(kernels.colsum_triton, query.detach(), key.detach(), lse.detach(), scale,
+                              request.query_valid, out=request.colsum_out)
         request.deliver(None if request.colsum_out is not None else colsum, {})
         return out.transpose(1, 2).contiguous(), None
-    with torch.no_grad():
-        colsum, maps = column_sums(query.detach(), key.detach(), None if lse is None else lse.detach(),
-                                   attention_mask, request.query_valid, scale, request.map_heads,
-                                   compile=request.compile)
+    colsum, maps = without_grad(column_sums, query.detach(), key.detach(), None if lse is None else lse.detach(),
+                                attention_mask, request.query_valid, scale, request.map_heads,
+                                compile=request.compile)
     request.deliver(colsum, maps)
     return out.transpose(1, 2).contiguous(), None
 

@@ -41,6 +41,7 @@ class _Request:
     compile: bool = False
     device_path: bool = False  # the Triton kernels (kernels.available), decided once per forward
     colsum_out: torch.Tensor | None = None  # device path: where the column sums go (the layer's buffer)
+    window: int | None = None  # the layer's sliding window (its attention config's `sliding_window`), if any
 
 
 class Recorder:
@@ -102,6 +103,9 @@ class Recorder:
         self._counter = 0
         self._next: dict[str, Any] = {}
         self._attn_index = {id(block.self_attn): i for i, block in enumerate(self.layers)}
+        self._map_heads = [tuple(h for lay, h in self.attention_maps if lay == i) for i in range(self.n_layers)]
+        self._windows = [getattr(getattr(block.self_attn, "config", None), "sliding_window", None)
+                         for block in self.layers]  # read once: transformers' config attributes are slow to get
         self._hooks: list = []
         self._cur: dict[str, Any] | None = None
         self._previous_impl: str | None = None
@@ -204,7 +208,7 @@ class Recorder:
         layer = self._attn_index.get(id(module))
         if layer is None or self._cur is None:
             return None
-        heads = tuple(h for lay, h in self.attention_maps if lay == layer)
+        heads = self._map_heads[layer]
 
         def deliver(colsum, maps, layer=layer):
             # None: the column sums were written to the layer's device buffer (request.colsum_out)
@@ -217,7 +221,8 @@ class Recorder:
             layout = self._cur["layout"]
             buf = self._cur["buffer"][layer] = attn_fn.kernels.layer_buffer(layout, self._cur["valid"].device)
             colsum_out = attn_fn.kernels.colsum_view(buf, layout)
-        return _Request(self._cur["query_valid"], heads, deliver, self.compile, self._cur["device_path"], colsum_out)
+        return _Request(self._cur["query_valid"], heads, deliver, self.compile, self._cur["device_path"], colsum_out,
+                        self._windows[layer])
 
     def _store(self, name: str, layer: int):
         def hook(module, args, output):
@@ -229,11 +234,10 @@ class Recorder:
     def _on_block_end(self, layer: int):
         def hook(module, args, output):
             if self._cur is not None:
-                self._reduce_layer(layer, first_output(output).detach())
+                attn_fn.without_grad(self._reduce_layer, layer, first_output(output).detach())
 
         return hook
 
-    @torch.no_grad()
     def _reduce_layer(self, layer: int, h: torch.Tensor) -> None:
         cur = self._cur
         a, m = cur["attn_out"][layer], cur["mlp_out"][layer]

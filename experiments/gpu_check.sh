@@ -38,7 +38,7 @@ timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -rA -k "${TEST
   ${TEST_FILES:-tests/test_recorder.py tests/test_kernels.py} > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
 echo "== 2. benchmark"
-timeout "${BENCH_S:-350}" python3 -m sinkscope.bench.gpu --out "$OUT" ${FLAGS:---unpack --kernels --colsum --check --profile --host} \
+timeout "${BENCH_S:-350}" python3 -m sinkscope.bench.gpu --out "$OUT" ${FLAGS:---unpack --launch --kernels --colsum --check --profile --host} \
   --budget-s "${BUDGET_S:-270}" --diagnostics-s 30 ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench exit $?"
 tail -60 "$OUT/bench.log"

@@ -448,6 +448,111 @@ def unpack_bench(reps: int = 9) -> list[dict]:
     return rows
 
 
+def launch_bench(shape: str = "smollm2-135m", t: int = 2048, n: int = 200, device: str = "cuda") -> list[dict]:
+    """The host's cost of each call the device path makes per layer, on CUDA at a host-bound shape (135M, T=2048):
+    `n` calls back to back, host time over n (the GPU runs each in less time than the host takes to launch it, so
+    the loop measures the host), against a small torch launch (`x.add_(0)`). Tells how much of a recorded layer's
+    ~0.9 ms of extra host time (session 15) each call takes. `device="cpu"` under TRITON_INTERPRET=1 is the
+    tests' smoke run of this stage."""
+    from sinkscope.record import kernels
+    from sinkscope.record.attention import sdpa_with_lse
+
+    cfg = SHAPES[shape]
+    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    torch.manual_seed(0)
+    q = torch.randn(1, hq, t, d // hq, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, t, d // hq, device=device, dtype=torch.bfloat16)
+    h, a, m = (torch.randn(1, t, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+    first = torch.zeros(1, dtype=torch.long, device=device)
+    _, lse = sdpa_with_lse(q, k, k, None, (d // hq) ** -0.5)
+    layout = kernels.layer_layout(1, t, d, hq, 8)
+    buf = kernels.layer_buffer(layout, h.device)
+    massive = kernels.massive_buffers(1, t, h.device)
+    radix = kernels.median_abs_triton(h, final=False)
+    x = torch.zeros(1, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    calls = {
+        "torch add_ (one small launch)": lambda: x.add_(0),
+        "layer_buffer (empty + zero_)": lambda: kernels.layer_buffer(layout, h.device),
+        "colsum_triton": lambda: kernels.colsum_triton(q, k, lse, (d // hq) ** -0.5,
+                                                       out=kernels.colsum_view(buf, layout)),
+        "median_abs_triton passes (2 launches)": lambda: kernels.median_abs_triton(h, final=False),
+        "radix_final": lambda: kernels.radix_final(radix),
+        "token_stats_triton (final step folded)": lambda: kernels.token_stats_triton(
+            h, m, a, first, radix.out[1], None, 8, 0, massive, radix=radix),
+        "colmax_triton": lambda: kernels.colmax_triton(h, m, None),
+        "reduce_layer_device (all of a layer's reductions)": lambda: kernels.reduce_layer_device(
+            h, a, m, kernels.layer_buffer(layout, h.device), layout, first, None, None, 0, (100.0, 1000.0), massive),
+    }
+    rows = []
+    for name, fn in calls.items():
+        try:
+            for _ in range(5):
+                fn()
+            sync()
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            host = (time.perf_counter() - start) / n
+            sync()
+            wall = (time.perf_counter() - start) / n
+            rows.append(dict(call=name, shape=shape, t=t, host_us=1e6 * host, wall_us=1e6 * wall))
+        except Exception as exc:  # noqa: BLE001 - one failing call must not lose the others' numbers
+            rows.append(dict(call=name, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
+    """The recorder's own Python per layer on the device path, without a GPU: a tiny Llama (hidden 64, 30 layers,
+    T=16) on the CPU, every Triton launch replaced by a no-op and SDPA by zeros, so that what is left of a recorded
+    forward over a plain one is the recorder's hooks and the wrappers around its launches (medians of `reps`
+    interleaved forwards). Runs in a process of its own: it stubs the kernels module."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sinkscope.record import Recorder, kernels
+    from sinkscope.record import attention as attention_module
+
+    os.environ.update(TRITON_INTERPRET="1", SINKSCOPE_TRITON="1")
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    kernels._kernels = lambda: SimpleNamespace(**{name: NoLaunch() for name in (
+        "colsum", "exp2_fma", "radix_pass", "radix_final", "token_stats", "colmax")})
+    attention_module.sdpa_with_lse = lambda query, key, value, mask, scale: (
+        torch.zeros_like(query), torch.zeros(query.shape[:3]))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                         attn_implementation="sdpa")).eval()
+    ids = torch.randint(0, 256, (1, 16))
+
+    def recorded():
+        with Recorder(model):
+            model.model(input_ids=ids, use_cache=False)
+
+    times: dict[str, list[float]] = {"plain": [], "recorded": []}
+    with torch.no_grad():
+        for _ in range(5):
+            model.model(input_ids=ids, use_cache=False)
+            recorded()
+        for _ in range(reps):
+            for label, fn in (("plain", lambda: model.model(input_ids=ids, use_cache=False)), ("recorded", recorded)):
+                start = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - start)
+    plain, rec = (statistics.median(times[k]) for k in ("plain", "recorded"))
+    result = dict(layers=layers, plain_ms=1e3 * plain, recorded_ms=1e3 * rec,
+                  extra_us_per_layer=1e6 * (rec - plain) / layers)
+    print("host python", json.dumps(result), flush=True)
+    return result
+
+
 def kernel_bench(t: int, d: int) -> list[dict]:
     """The recorder's per-layer Triton reductions alone on one bf16 block output [1, T, D]: the token-stats pass
     at several num_warps and the radix median at several (BLOCK, num_warps), with the bandwidth each reaches
@@ -593,6 +698,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--diagnostics-s", type=float, default=90.0,
                     help="--profile and --host run after the table while fewer than budget + this many s have passed")
     ap.add_argument("--kernels", action="store_true", help="first: the per-layer Triton reductions' configs")
+    ap.add_argument("--launch", action="store_true", help="first: the host's cost of each per-layer call (CUDA)")
+    ap.add_argument("--host-python", action="store_true",
+                    help="only: the recorder's own Python per layer, launches stubbed (CPU; stubs this process)")
     ap.add_argument("--unpack", action="store_true",
                     help="first: the host's unpacking at the end of a recorded forward (no GPU needed: with "
                          "--device cpu --shapes '' only this runs)")
@@ -613,13 +721,20 @@ def main(argv: list[str] | None = None) -> None:
         env["triton"] = None
     print(json.dumps(env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": [], "host": [], "unpack": []}
+    extra: dict[str, list] = {"checks": [], "colsum": [], "profile": [], "kernels": [], "host": [], "unpack": [],
+                              "launch": []}
 
     def save_extra() -> None:  # after every stage: a call cut short by its time limit keeps what it measured
         (args.out / "bench_gpu_extra.json").write_text(json.dumps({"env": env, **extra}, indent=2, default=str))
 
+    if args.host_python:  # stubs the kernels: nothing else can run in this process afterwards
+        (args.out / "bench_host_python.json").write_text(json.dumps({"env": env, **host_python_bench()}, indent=2))
+        return
     if args.unpack:
         extra["unpack"] = _guarded(unpack_bench) or []
+        save_extra()
+    if args.launch:
+        extra["launch"] = _guarded(launch_bench) or []
         save_extra()
     if args.kernels:
         for t, d in ((8192, 2048), (8192, 4096), (8192, 576)):

@@ -418,3 +418,25 @@ def test_sliding_window_attention_is_recorded_as_eager_sees_it():
     attn, _, _ = eager_reference(model, ids)
     assert int((attn[0, 0, -1] > 0).sum()) == 6  # eager applies the window
     np.testing.assert_allclose(rec.samples[0].attention_received, metrics.attention_received(attn), atol=1e-6)
+
+
+def test_cpu_recording_sets_glibc_malloc_once_and_can_be_told_not_to(monkeypatch):
+    """A CPU recording sets glibc's mmap and trim thresholds once per process (sinkscope.record._malloc: the heap
+    churn that made some processes' recorded forwards 10 % slower); SINKSCOPE_MALLOPT=0 leaves malloc alone, and
+    non-glibc systems are a no-op."""
+    import sys
+
+    from sinkscope.record import _malloc
+
+    monkeypatch.setattr(_malloc, "_STATE", [])
+    monkeypatch.setenv("SINKSCOPE_MALLOPT", "0")
+    assert _malloc.tune() is False and _malloc._STATE == [False]
+    monkeypatch.setattr(_malloc, "_STATE", [])
+    monkeypatch.delenv("SINKSCOPE_MALLOPT")
+    model = tiny_llama()
+    with Recorder(model):
+        model(input_ids=torch.randint(3, 128, (1, 8)))
+    import ctypes
+
+    glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    assert _malloc._STATE == [glibc]

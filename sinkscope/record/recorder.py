@@ -25,6 +25,7 @@ from torch import nn
 
 from sinkscope.errors import RecorderError
 from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, MIN_QUERIES, SINK_EPS, SINK_HEAD_FRACTION, massive_frames
+from sinkscope.record import _malloc
 from sinkscope.record import attention as attn_fn
 from sinkscope.record.blocks import find_decoder_layers, find_hf_model, first_output
 from sinkscope.record.reduce import reduce_layer
@@ -172,6 +173,8 @@ class Recorder:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
                 raise RecorderError("the recorder records full forward passes; a filled KV cache was passed")
+        if ref.device.type == "cpu":
+            _malloc.tune()  # once per process: see sinkscope.record._malloc
         valid = torch.ones(b, t, dtype=torch.bool, device=ref.device) if mask is None else mask.to(ref.device).bool()
         valid_np = valid.cpu().numpy()  # once per forward, before any of its work is queued
         self._cur = {

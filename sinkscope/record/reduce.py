@@ -126,7 +126,7 @@ def reduce_layer(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor,
 
     The median needs all of h; everything else runs over token chunks of CHUNK_ELEMENTS entries, upcast to float32
     one chunk at a time. When h fits one chunk, |h| is taken once for the median and the chunk. (On CUDA with
-    Triton the recorder uses `kernels.reduce_layer_device` instead: the same fields in five launches and no host
+    Triton the recorder uses `kernels.reduce_layer_device` instead: the same fields in four launches (bf16) and no host
     synchronisation.) `first`: each row's first real position, when the caller has it. `workspace`: a dict the
     caller keeps across layers, where the |h| and |mlp_out| temporaries are reused instead of allocated per layer
     (on the CPU a fresh multi-MiB block costs about as much in page faults as the pass that fills it)."""

@@ -419,11 +419,13 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
                             f"{(layout.batch, layout.tokens, layout.hidden)} (batch, tokens, hidden size)")
     ints = buf.view(torch.int32)
     stats = buf[layout.stats: layout.stats + 2 * b].view(2, b)
-    radix = None
+    radix = None  # the radix passes' state when the final step is left to the token pass
+    fold = FOLD_RADIX_FINAL and not _FOLD_FAILED
     if not _RADIX_FAILED:
-        try:  # the passes only: the token pass below takes the final step (one launch fewer)
-            radix = median_abs_triton(h, valid, thresholds=thresholds, count=count, hist=ints[: layout.feat],
-                                      out=stats, final=not FOLD_RADIX_FINAL)
+        try:
+            result = median_abs_triton(h, valid, thresholds=thresholds, count=count, hist=ints[: layout.feat],
+                                       out=stats, final=not fold)
+            radix = result if fold else None
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - the radix passes changed in session 14: never the only way
@@ -440,7 +442,7 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
     thr = buf[layout.stats + b: layout.stats + 2 * b]
     tok = buf[layout.tok: layout.col]
     folded = False
-    if isinstance(radix, SimpleNamespace) and not _RADIX_FAILED and not _FOLD_FAILED:
+    if radix is not None:
         narrow_failed = len(_NARROW_KEYS_FAILED)
         try:
             token_stats_triton(h, mlp_out, attn_out, first, thr, valid, layout.top_k, layer, buffers, out=tok,
@@ -455,7 +457,7 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
                           f"using a launch of its own (the same result): {_FOLD_FAILED[0]}", RuntimeWarning,
                           stacklevel=2)
     if not folded:
-        if isinstance(radix, SimpleNamespace) and not _RADIX_FAILED:
+        if radix is not None:  # the fold failed to compile: the final step on its own
             radix_final(radix)
         token_stats_triton(h, mlp_out, attn_out, first, thr, valid, layout.top_k, layer, buffers, out=tok)
     colmax_triton(h, mlp_out, valid, out=buf[layout.feat: layout.feat + 2 * b * d].view(2, b, d))

@@ -43,11 +43,6 @@ def available(device: torch.device) -> bool:
     return _triton_installed()
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs its interpreter (`TRITON_INTERPRET=1`: the kernels on the CPU, as in the tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -129,7 +124,7 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
         lse.stride(0), lse.stride(1), v.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
         t, hq, hq // hkv, scale * LOG2E,
         HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=query.dtype == torch.float32, UPCAST=_interpreting(),
+        IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
         ROWS=rows, POLY=poly, HEAVY_FIRST=heavy_first, PIPE=pipe, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -331,7 +331,7 @@ class Recorder:
         self._cur = None
 
     def _sample_head(self, b, valid, input_ids, meta) -> dict:
-        """What sample b of a forward takes from its inputs alone: its real positions, id, tokens and segments."""
+        """What sample b of a forward takes from its inputs alone: its real positions, tokens and segments."""
         idx = np.flatnonzero(valid)
         n = len(idx)
         sel = slice(int(idx[0]), int(idx[-1]) + 1) if n and idx[-1] - idx[0] + 1 == n else idx  # views, no copy

@@ -25,7 +25,7 @@ from torch import nn
 
 from sinkscope.errors import RecorderError
 from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, MIN_QUERIES, SINK_EPS, SINK_HEAD_FRACTION, massive_frames
-from sinkscope.record import _malloc
+from sinkscope.record import _malloc, fused_cpu
 from sinkscope.record import attention as attn_fn
 from sinkscope.record.blocks import find_decoder_layers, find_hf_model, first_output
 from sinkscope.record.reduce import reduce_layer
@@ -193,6 +193,10 @@ class Recorder:
             "massive": [],
         }
         self._cur["first"] = valid.int().argmax(dim=1)  # each row's first real position
+        # the CPU's fused reductions (numba) write every layer's fields, and alpha, into sample-major blocks
+        self._cur["fused"] = not self._cur["device_path"] and ref.device.type == "cpu" and fused_cpu.available()
+        if self._cur["fused"]:
+            self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
         if self._cur["device_path"]:
             self._cur["massive_buffers"] = attn_fn.kernels.massive_buffers(b, t, ref.device)
             self._cur["layout"] = attn_fn.kernels.layer_layout(b, t, self.hidden_size, self.n_heads, self.top_k)
@@ -215,7 +219,12 @@ class Recorder:
 
         def deliver(colsum, maps, layer=layer):
             # None: the column sums were written to the layer's device buffer (request.colsum_out)
-            self._cur["colsum"][layer] = _IN_BUFFER if colsum is None else self._keep(colsum, "colsum", layer)
+            cur = self._cur
+            if colsum is not None and cur["fused"]:  # alpha straight into the sample-major block
+                np.divide(colsum.numpy(), cur["query_count"][:, None, :], out=cur["host"]["alpha"][:, layer])
+                cur["colsum"][layer] = _IN_BUFFER
+            else:
+                cur["colsum"][layer] = _IN_BUFFER if colsum is None else self._keep(colsum, "colsum", layer)
             for h, m in maps.items():
                 self._cur["maps"][(layer, h)] = m.cpu()
 
@@ -260,11 +269,22 @@ class Recorder:
             cur["layers"][layer] = True
             cur["buffer"][layer] = None
         else:
-            stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
-                                          self.abs_threshold, self.rel_threshold, first=cur["first"],
-                                          workspace=cur.setdefault("workspace", {}))
+            massive = None
+            if cur["fused"]:  # numba's two passes into the host blocks (None: a NaN or infinity, or no real token)
+                massive = fused_cpu.reduce_layer_cpu(h, a, m, cur["valid_np"], self.top_k, self.abs_threshold,
+                                                     self.rel_threshold, cur["host"], layer)
+            if massive is None:
+                stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
+                                              self.abs_threshold, self.rel_threshold, first=cur["first"],
+                                              workspace=cur.setdefault("workspace", {}))
+                if cur["fused"]:
+                    for key, x in stats.items():
+                        cur["host"][key][:, layer] = x.numpy()
+                else:
+                    cur["layers"][layer] = {key: self._keep(x, key, layer) for key, x in stats.items()}
             cur["massive"].extend((layer, *found) for found in massive)
-            cur["layers"][layer] = {key: self._keep(x, key, layer) for key, x in stats.items()}
+            if cur["fused"]:
+                cur["layers"][layer] = True
         if layer in self.hidden_layers:
             cur.setdefault("hidden", {})[layer] = h.float().to(self.hidden_dtype).cpu()
         cur["attn_out"][layer] = cur["mlp_out"][layer] = None
@@ -305,7 +325,7 @@ class Recorder:
                            [c is _IN_BUFFER for c in cur["colsum"]])
         if valid.is_cuda:  # the other copies to pinned host memory were queued without waiting: wait once
             torch.cuda.current_stream(valid.device).synchronize()
-        if cur["device_path"]:
+        if cur["device_path"] or cur["fused"]:
             per_layer = dict(cur["host"])
             alpha = per_layer.pop("alpha")
             for layer, colsum in enumerate(cur["colsum"]):
@@ -516,7 +536,8 @@ def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, n
 
 
 _IN_BUFFER = object()
-"""Marks a layer whose column sums the device path wrote into its layer buffer."""
+"""Marks a layer whose column sums are in place already: written by the device path into its layer buffer, or
+divided into the host block's alpha on the CPU's fused path."""
 
 
 def _to_host(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,397 @@
+"""The recorder's per-layer reductions on the CPU, in two passes compiled by numba.
+
+`reduce.reduce_layer` takes them in about twenty torch operations a layer, each a pass over `[B, T, D]`; at T =
+512 on SmolLM2 they cost 2.0-2.8 ms a layer, most of the recorder's time over a plain forward. Here each sample's
+block output `h` and MLP output take one pass each, row by row while the row is in L1 (1.5 ms a layer together in
+a recorded forward at T = 512, session 17):
+
+- `h`: cos-to-BOS (float64 sums), the top-k features of |h| (their signed values alongside), max |h|, the
+  per-feature max over real tokens, the count of |h| below the median's bracket and the entries inside it, and
+  the real tokens whose max |h| reaches the absolute massive threshold;
+- the MLP output: its top-k features and per-feature max.
+
+The median is the exact bracketed selection of `reduce.median_nonneg` (the bracket from the same random subsample,
+the full selection when it misses); the selections inside take a histogram of the values' bits (`_select`). The
+massive entries are read from the candidate tokens once the median gives the threshold. The fields are written
+straight into the recorder's sample-major blocks.
+
+Top-k: a row is read as runs of GROUP entries; each column's max over the runs (with the run it is in) comes from
+vector instructions, the k largest column maxima start the list, and only the columns whose max reaches its k-th
+value are scanned. Ties go to the lower feature index. A row with a NaN or an infinity makes a pass stop and
+report it; the caller then takes torch's reductions for the layer, which propagate it as they always did.
+
+The fields equal the torch path's exactly (cos-to-BOS within float32 rounding: its sums are float64 here), which
+tests/test_fused_cpu.py checks. Not tried here: a second thread for the MLP pass. The forward's OpenMP threads
+spin on the other core after each matmul, and in a recorded forward the two-thread version was no faster
+(56-58 ms a forward against 54-55 sequential, T = 512).
+
+`available()` is False without numba, with `SINKSCOPE_NUMBA=0`, or after the kernels failed to compile (a warning
+says so); the recorder then uses the torch reductions. numba is imported, and the kernels compiled, at the first
+recording on the CPU (about 4 s; numba caches the machine code on disk, after which it takes about 0.1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import numpy as np
+
+from sinkscope.record.reduce import MARGIN_SQRT, SUBSAMPLE, _subsample_index
+
+FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+"""Reassociation lets the sums and counts vectorise; no `nnan`/`ninf`, so a NaN or infinity still shows in a sum of
+squares and the row is reported rather than silently mis-ranked."""
+GROUP = 32
+"""Runs of the top-k scan (32 was faster than 16, 64 and 96 on SmolLM2's activations)."""
+ABS_MASK = np.int32(0x7FFFFFFF)
+"""The low 31 bits of a float32: as an integer they order like |x| (NaN excluded)."""
+BAND_SLACK = 2
+"""The band buffer holds BAND_SLACK times the expected band (plus a row); a band that outgrows it (adversarial
+values) is counted, not stored, and the median takes the full selection."""
+KERNELS = ("_insert", "_row_topk", "_h_pass", "_m_pass", "_select")
+"""The module's functions numba compiles (callees first: a caller resolves them when it is compiled)."""
+
+_STATE: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """Whether the recorder takes these passes on the CPU."""
+    if os.environ.get("SINKSCOPE_NUMBA") == "0" or _STATE.get("failed"):
+        return False
+    return _STATE.get("ready") or importlib.util.find_spec("numba") is not None
+
+
+def _compile() -> bool:
+    """Compile the kernels (once per process) and run them on a tiny input; on failure warn once and stay off."""
+    if _STATE.get("ready") or _STATE.get("failed"):
+        return bool(_STATE.get("ready"))
+    try:
+        import numba
+
+        g = globals()
+        for name in KERNELS:
+            g[name] = numba.njit(nogil=True, cache=True, fastmath=FASTMATH)(_PYTHON[name])
+        _smoke()
+    except Exception as exc:  # noqa: BLE001 - any numba failure leaves the torch reductions in charge
+        _STATE["failed"] = True
+        warnings.warn(f"sinkscope: numba could not compile the CPU recorder's reductions ({type(exc).__name__}: "
+                      f"{exc}); recording takes torch's reductions instead (slower, same results)", stacklevel=3)
+        return False
+    _STATE["ready"] = True
+    return True
+
+
+def _smoke() -> None:
+    """Each kernel once on a small input (compiles them, or loads them from numba's cache)."""
+    x = np.arange(-40, 40, dtype=np.float32).reshape(2, 40)
+    valid = np.ones(2, np.bool_)
+    ti, tv = np.empty((2, 4), np.int32), np.empty((2, 4), np.float32)
+    band, cand = np.empty(x.size + 41, np.float32), np.empty(2, np.int64)
+    _m_pass(x, valid, 4, ti, tv, np.zeros(40, np.float32))
+    _h_pass(x, valid, 4, x[0], np.float32(0), np.float32(np.inf), np.float32(30), band, ti, tv,
+            np.empty(2, np.float32), np.empty(2, np.float32), np.zeros(40, np.float32), cand)
+    _select(np.abs(x).reshape(-1), 3, 50)
+
+
+def _insert(tv, ti, a, j, k):
+    """Insert key a at index j into the sorted top list (key descending, index ascending) of length k, dropping the
+    last entry."""
+    p = k - 1
+    while p > 0 and (tv[p - 1] < a or (tv[p - 1] == a and ti[p - 1] > j)):
+        tv[p] = tv[p - 1]
+        ti[p] = ti[p - 1]
+        p -= 1
+    tv[p] = a
+    ti[p] = j
+
+
+def _row_topk(row, bits, k, gm, gr, tv, ti, out_i, out_v):
+    """The k largest |row| entries, sorted (value descending, index ascending), into out_i (indices) and out_v
+    (signed values); returns max |row| as int32 bits. `bits`: the row's float32 bits as int32, whose low 31 bits
+    order like |row| (the caller has refused NaN); gm, gr: int32 scratch of GROUP entries; tv, ti: scratch of k.
+
+    The row is read as runs of GROUP entries: the max of each column over the runs (and the run it is in) comes
+    from vector instructions, the k largest column maxima start the list, and only the columns whose max reaches
+    its k-th value are scanned for more. (Indices go through slices: an index computed as `run * GROUP + column`
+    made numba emit gathers, 3x slower.)"""
+    d = row.shape[0]
+    s = gm.shape[0]
+    r_n = d // s
+    seg = bits[:s]
+    for c in range(s):
+        gm[c] = seg[c] & ABS_MASK
+        gr[c] = 0
+    for r in range(1, r_n):
+        seg = bits[r * s:r * s + s]
+        for c in range(s):
+            v = seg[c] & ABS_MASK
+            g = v > gm[c]
+            gm[c] = v if g else gm[c]
+            gr[c] = r if g else gr[c]
+    for q in range(k):
+        tv[q] = -1
+        ti[q] = d
+    kv = np.int32(-1)
+    kj = d
+    for c in range(s):  # the k largest column maxima (ties: lower index first)
+        a = gm[c]
+        j = gr[c] * s + c
+        if a > kv or (a == kv and j < kj):
+            _insert(tv, ti, a, j, k)
+            kv = tv[k - 1]
+            kj = ti[k - 1]
+    for c in range(s):  # columns that may hold more of the k largest (each column's max is in the list already)
+        if gm[c] < kv:
+            continue
+        skip = gr[c]
+        for r in range(r_n):
+            if r == skip:
+                continue
+            j = r * s + c
+            a = bits[j] & ABS_MASK
+            if a > kv or (a == kv and j < kj):
+                _insert(tv, ti, a, j, k)
+                kv = tv[k - 1]
+                kj = ti[k - 1]
+    for j in range(r_n * s, d):  # the tail after the last whole run
+        a = bits[j] & ABS_MASK
+        if a > kv or (a == kv and j < kj):
+            _insert(tv, ti, a, j, k)
+            kv = tv[k - 1]
+            kj = ti[k - 1]
+    for q in range(k):
+        out_i[q] = ti[q]
+        out_v[q] = row[ti[q]]
+    return tv[0]
+
+
+def _h_pass(h, valid, k, h0, lo, hi, cand_min, band, top_i, top_v, max_abs, cos, feat_max, cand):
+    """One sample's block output `h[T, D]` (float32, C-contiguous). Fills top_i/top_v `[T, k]`, max_abs and cos `[T]`,
+    feat_max `[D]` (max over real tokens, from 0), band (entries in [lo, hi] of real tokens, while it has room) and
+    cand (real tokens with max |h| >= cand_min). Returns (entries below lo, entries in the band, candidates,
+    whether the band overflowed, whether every row is finite)."""
+    t_len, d = h.shape
+    bits = h.view(np.int32)
+    n0 = 0.0
+    for j in range(d):
+        n0 += np.float64(h0[j]) * np.float64(h0[j])
+    n0 = max(np.sqrt(n0), 1e-12)
+    gm = np.empty(min(GROUP, d), np.int32)
+    gr = np.empty(min(GROUP, d), np.int32)
+    tv = np.empty(k, np.int32)
+    ti = np.empty(k, np.int64)
+    cand_bits = np.float32(cand_min).view(np.int32)
+    below = 0
+    nb = 0
+    nc = 0
+    cap = band.shape[0]
+    overflow = False
+    for t in range(t_len):
+        row = h[t]
+        dot = 0.0
+        sq = 0.0
+        for j in range(d):
+            x = np.float64(row[j])
+            dot += x * np.float64(h0[j])
+            sq += x * x
+        if not np.isfinite(sq):
+            return below, nb, nc, overflow, False
+        cos[t] = dot / (max(np.sqrt(sq), 1e-12) * n0)
+        top = _row_topk(row, bits[t], k, gm, gr, tv, ti, top_i[t], top_v[t])
+        max_abs[t] = abs(row[ti[0]])
+        if not valid[t]:
+            continue
+        c = 0
+        for j in range(d):
+            a = abs(row[j])
+            feat_max[j] = max(feat_max[j], a)
+            c += a < lo
+        below += c
+        if nb + d < cap:  # branch-free store: every entry is written, the count moves only for those inside
+            for j in range(d):
+                a = abs(row[j])
+                band[nb] = a
+                nb += (a >= lo) & (a <= hi)
+        else:
+            overflow = True
+            for j in range(d):
+                a = abs(row[j])
+                nb += (a >= lo) & (a <= hi)
+        if top >= cand_bits:
+            cand[nc] = t
+            nc += 1
+    return below, nb, nc, overflow, True
+
+
+def _m_pass(m, valid, k, top_i, top_v, feat_max):
+    """One sample's MLP output `m[T, D]`: top_i/top_v `[T, k]` and feat_max `[D]` (over real tokens, from 0). Returns
+    whether every row is finite."""
+    t_len, d = m.shape
+    bits = m.view(np.int32)
+    gm = np.empty(min(GROUP, d), np.int32)
+    gr = np.empty(min(GROUP, d), np.int32)
+    tv = np.empty(k, np.int32)
+    ti = np.empty(k, np.int64)
+    for t in range(t_len):
+        row = m[t]
+        sq = 0.0
+        for j in range(d):
+            x = np.float64(row[j])
+            sq += x * x
+        if not np.isfinite(sq):
+            return False
+        _row_topk(row, bits[t], k, gm, gr, tv, ti, top_i[t], top_v[t])
+        if valid[t]:
+            for j in range(d):
+                feat_max[j] = max(feat_max[j], abs(row[j]))
+    return True
+
+
+def _select(vals, r_lo, r_hi):
+    """The r_lo-th and r_hi-th smallest (1-based, r_lo <= r_hi) of non-negative float32 `vals`, as int32 bits: a
+    histogram of at most 4096 bins over the values' bit range, then a sort of the bin (or the two bins) that holds
+    the two ranks. (`np.partition` on the same 8,000-15,000 values cost 100-170 us in a recorded forward, where
+    this takes about 25-35 us: introselect's branches are unpredictable on fresh data.)"""
+    keys = vals.view(np.int32)
+    n = keys.shape[0]
+    kmin = keys[0]
+    kmax = keys[0]
+    for i in range(n):
+        kmin = min(kmin, keys[i])
+        kmax = max(kmax, keys[i])
+    shift = 0
+    while ((kmax - kmin) >> shift) >= 4096:
+        shift += 1
+    hist = np.zeros(((kmax - kmin) >> shift) + 1, np.int64)
+    for i in range(n):
+        hist[(keys[i] - kmin) >> shift] += 1
+    cum = 0
+    b_lo = -1
+    b_hi = -1
+    before_lo = 0
+    before_hi = 0
+    for b in range(hist.shape[0]):
+        c = hist[b]
+        if b_lo < 0 and cum + c >= r_lo:
+            b_lo = b
+            before_lo = cum
+        if cum + c >= r_hi:
+            b_hi = b
+            before_hi = cum
+            break
+        cum += c
+    if shift == 0:  # one key per bin
+        return kmin + b_lo, kmin + b_hi
+    sel_lo = np.empty(hist[b_lo], np.int32)
+    sel_hi = np.empty(hist[b_hi], np.int32)
+    i_lo = 0
+    i_hi = 0
+    for i in range(n):
+        bb = (keys[i] - kmin) >> shift
+        if bb == b_lo:
+            sel_lo[i_lo] = keys[i]
+            i_lo += 1
+        if bb == b_hi:
+            sel_hi[i_hi] = keys[i]
+            i_hi += 1
+    sel_lo.sort()
+    if b_hi != b_lo:
+        sel_hi.sort()
+    else:
+        sel_hi = sel_lo
+    return sel_lo[r_lo - before_lo - 1], sel_hi[r_hi - before_hi - 1]
+
+
+def _ranks(vals: np.ndarray, r_lo: int, r_hi: int) -> tuple[np.float32, np.float32]:
+    lo, hi = _select(vals, r_lo, r_hi)
+    pair = np.array([lo, hi], np.int32).view(np.float32)
+    return pair[0], pair[1]
+
+
+def _bracket(a: np.ndarray, rows: np.ndarray | None, n: int) -> tuple[np.float32, np.float32, int]:
+    """(lo, hi, band capacity) of the median's bracket for one sample's `a[T, D]` (its real rows `rows`, None when
+    all are real), from the subsample of reduce.median_nonneg; below 65,537 entries all are in the band."""
+    d = a.shape[1]
+    if n <= 65536:
+        return np.float32(0.0), np.float32(np.inf), n + d + 1
+    lo_rank = (n + 1) // 2
+    index = _subsample_index(n)
+    sub = np.abs(a.reshape(-1)[index] if rows is None else a[rows[index // d], index % d])
+    margin = int(MARGIN_SQRT * SUBSAMPLE**0.5) + 8
+    centre = (lo_rank - 1) * SUBSAMPLE // n
+    i_lo, i_hi = max(1, centre - margin), min(SUBSAMPLE, centre + margin + 2)
+    lo, hi = _ranks(sub, i_lo, i_hi)
+    return lo, hi, int(BAND_SLACK * n * (i_hi - i_lo + 1) / SUBSAMPLE) + 2 * d
+
+
+def _median(band: np.ndarray, below: int, overflow: bool, a: np.ndarray, rows: np.ndarray | None, n: int):
+    """The exact median (numpy's convention: the mean of the two middle values) from the band, or from all the
+    entries when the bracket missed."""
+    lo_rank, hi_rank = (n + 1) // 2, n // 2 + 1
+    if not overflow and below < lo_rank and hi_rank <= below + band.size:
+        sel, lo_rank, hi_rank = band, lo_rank - below, hi_rank - below
+    else:
+        sel = np.abs(a if rows is None else a[rows]).reshape(-1)
+    low, high = _ranks(sel, lo_rank, hi_rank)
+    return low if hi_rank == lo_rank else (low + high) * np.float32(0.5)
+
+
+FIELDS = ("bos_cosine", "max_abs", "median_abs", "feature_max_abs", "mlp_feature_max_abs", "top_features",
+          "top_values", "mlp_top_features", "mlp_top_values")
+"""The per-layer fields `reduce_layer_cpu` writes (`recorder._host_blocks` holds them, sample-major)."""
+
+
+def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_threshold: float,
+                     rel_threshold: float, out: dict[str, np.ndarray], layer: int) -> list[tuple] | None:
+    """`reduce.reduce_layer` for CPU tensors `[B, T, D]` (`valid` `[B, T]` as numpy): the fields go into `out[key][:,
+    layer]` (blocks `[B, L, ...]` as `recorder._host_blocks` makes them), the massive entries are returned as
+    `reduce_layer` returns them, `(batch, token, feature, value, attn_out, mlp_out)` tensors. Returns None (the
+    caller then takes the torch path and overwrites what was written) when a row holds a NaN or an infinity, a
+    sample has no real token, or the kernels could not be compiled."""
+    import torch
+
+    b_n, t_len, d = h.shape
+    counts = valid.sum(axis=1)
+    if not counts.all() or not _compile():
+        return None
+    hn = h.detach().float().contiguous().numpy()
+    mn = mlp_out.detach().float().contiguous().numpy()
+    k = top_k
+    abs_t, rel_t = np.float32(abs_threshold), np.float32(rel_threshold)
+    found = []
+    for b in range(b_n):
+        o = {key: out[key][b, layer] for key in FIELDS if key != "median_abs"}  # views, [T, ...] / [D]
+        o["feature_max_abs"][:] = 0
+        o["mlp_feature_max_abs"][:] = 0
+        if not _m_pass(mn[b], valid[b], k, o["mlp_top_features"], o["mlp_top_values"], o["mlp_feature_max_abs"]):
+            return None
+        rows = None if counts[b] == t_len else np.flatnonzero(valid[b])
+        n = d * int(counts[b])
+        lo, hi, cap = _bracket(hn[b], rows, n)
+        band = np.empty(cap, np.float32)
+        cand = np.empty(t_len, np.int64)
+        below, nb, nc, overflow, ok = _h_pass(
+            hn[b], valid[b], k, hn[b, int(np.argmax(valid[b]))], np.float32(lo), np.float32(hi), abs_t, band,
+            o["top_features"], o["top_values"], o["max_abs"], o["bos_cosine"], o["feature_max_abs"], cand)
+        if not ok:
+            return None
+        med = _median(band[:nb], below, overflow, hn[b], rows, n)
+        out["median_abs"][b, layer] = med
+        thr = max(abs_t, np.float32(med) * rel_t)  # reduce.massive_threshold, in float32
+        tok = cand[:nc]
+        tok = tok[o["max_abs"][tok] >= thr]  # the candidates were taken at the absolute threshold
+        if len(tok):
+            ti, fj = np.nonzero(np.abs(hn[b, tok]) >= thr)
+            found.append((b, tok[ti], fj))
+    massive = []
+    for b, tok, fj in found:
+        ti, ji = torch.from_numpy(tok), torch.from_numpy(fj)
+        massive.append((torch.full_like(ti, b), ti, ji, torch.from_numpy(hn[b, tok, fj]),
+                        attn_out[b, ti, ji].float(), mlp_out[b, ti, ji].float()))
+    return massive
+
+
+_PYTHON = {name: globals()[name] for name in KERNELS}
+"""The kernels as plain Python functions, which `_compile` hands to numba."""

@@ -1,0 +1,179 @@
+"""The CPU recorder's numba reductions (sinkscope.record.fused_cpu) against the torch reductions they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sinkscope.record import Recorder, fused_cpu
+from sinkscope.record.recorder import _host_blocks
+from sinkscope.record.reduce import reduce_layer
+from tests.tiny_models import tiny_llama
+
+pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+
+FIELDS = [f for f in fused_cpu.FIELDS if f != "bos_cosine"]
+
+
+def _layer(seed: int, b: int, t: int, d: int, pad: bool):
+    g = torch.Generator().manual_seed(seed)
+    h, a, m = (torch.randn(b, t, d, generator=g) for _ in range(3))
+    h[:, 0] *= 4  # a BOS-like first token
+    h[0, 3, 5] = 250.0  # massive entries (one negative), and a token just under the absolute threshold
+    h[-1, t - 2, d - 1] = -400.0
+    h[-1, 7, 2] = 99.0
+    m[0, 1, d - 3] = 60.0
+    valid = torch.ones(b, t, dtype=torch.bool)
+    if pad:
+        valid[0, t - 5:] = False  # right padding
+        valid[-1, :9] = False  # left padding
+        h[-1, 9] *= 4
+    return h, a, m, valid
+
+
+def _both(h, a, m, valid, top_k=5, abs_threshold=100.0, rel_threshold=50.0):
+    """(torch path's fields, massive) and (fused fields, massive), fields as [B, ...] numpy arrays."""
+    b, t, d = h.shape
+    padded = not bool(valid.all())
+    ref, ref_massive = reduce_layer(h, a, m, valid, padded, top_k, abs_threshold, rel_threshold, workspace={})
+    out = _host_blocks(b, t, 2, 1, d, top_k)
+    got_massive = fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), top_k, abs_threshold, rel_threshold, out, 1)
+    got = {key: out[key][:, 1] for key in fused_cpu.FIELDS}
+    return ({k: v.numpy() for k, v in ref.items()}, ref_massive), (got, got_massive)
+
+
+def _massive_arrays(massive):
+    if not massive:
+        return [np.zeros(0)] * 6
+    return [torch.cat([x[i].reshape(-1) for x in massive]).double().numpy() for i in range(6)]
+
+
+@pytest.mark.parametrize("shape,pad", [((2, 300, 250), False), ((2, 300, 250), True), ((3, 40, 72), True),
+                                       ((1, 130, 576), False)], ids=["bracket", "bracket-padded", "small-padded",
+                                                                      "smollm2-width"])
+def test_fields_equal_the_torch_reductions(shape, pad):
+    (ref, ref_massive), (got, got_massive) = _both(*_layer(0, *shape, pad))
+    for key in FIELDS:
+        np.testing.assert_array_equal(got[key], ref[key].astype(got[key].dtype), err_msg=key)
+    np.testing.assert_allclose(got["bos_cosine"], ref["bos_cosine"], atol=1e-6)
+    for x, y in zip(_massive_arrays(got_massive), _massive_arrays(ref_massive), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert len(_massive_arrays(got_massive)[0]) == 2
+
+
+def test_ties_go_to_the_lower_feature_index():
+    first = torch.tensor([3.0, -5.0, 5.0, 1.0, -3.0, 5.0, 0.0, 2.0] * 5)  # D = 40: a run of 32 and a tail
+    first[33] = -5.0
+    second = torch.full((96,), 0.1)  # three runs: the tie at 32 is found in the scan, after 33 entered the list
+    second[0], second[32], second[33] = 7.0, 5.0, -5.0
+    for row, k in ((first, 6), (second, 2)):
+        h = row[None, None]
+        (_, _), (got, _) = _both(h, h, h, torch.ones(1, 1, dtype=torch.bool), top_k=k)
+        order = np.argsort(-np.abs(row.numpy()), kind="stable")[:k]
+        np.testing.assert_array_equal(got["top_features"][0, 0], order)
+        np.testing.assert_array_equal(got["top_values"][0, 0], row.numpy()[order])
+
+
+@pytest.mark.parametrize("case", ["bracket-miss", "band-overflow"])
+def test_median_stays_exact_when_the_bracket_fails(monkeypatch, case):
+    h, a, m, valid = _layer(1, 1, 300, 250, False)
+    if case == "bracket-miss":  # a subsample of the smallest entries: the bracket lies below the median
+        smallest = np.argsort(np.abs(h.numpy()).reshape(-1))[:20000]
+        monkeypatch.setattr(fused_cpu, "_subsample_index", lambda n: smallest[np.arange(8192) % len(smallest)])
+    else:
+        monkeypatch.setattr(fused_cpu, "BAND_SLACK", 0)  # room for two rows only
+    (ref, _), (got, _) = _both(h, a, m, valid)
+    assert got["median_abs"][0] == np.median(np.abs(h.numpy()))
+    np.testing.assert_array_equal(got["median_abs"], ref["median_abs"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_returns_the_ranks_of_a_sort(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 20000))
+    kind = seed % 3
+    if kind == 0:
+        x = np.abs(rng.standard_normal(n)).astype(np.float32)
+    elif kind == 1:  # heavy ties and zeros
+        x = rng.integers(0, 4, n).astype(np.float32)
+    else:  # magnitudes across the float32 range, subnormals included
+        x = (10.0 ** rng.uniform(-44, 38, n)).astype(np.float32)
+    fused_cpu._compile()
+    ref = np.sort(x)
+    for r_lo, r_hi in [((n + 1) // 2, n // 2 + 1), (1, n), (max(1, n // 3), max(1, n // 3) + min(n - 1, 377)),
+                       (n, n)]:
+        lo, hi = fused_cpu._ranks(x, r_lo, r_hi)
+        assert (lo, hi) == (ref[r_lo - 1], ref[r_hi - 1]), (n, r_lo, r_hi)
+
+
+@pytest.mark.parametrize("where", ["h", "mlp"])
+def test_a_non_finite_row_hands_the_layer_to_torch(where):
+    h, a, m, valid = _layer(2, 2, 40, 72, False)
+    (h if where == "h" else m)[1, 17, 3] = float("nan" if where == "h" else "inf")
+    out = _host_blocks(2, 40, 1, 1, 72, 5)
+    assert fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), 5, 100.0, 50.0, out, 0) is None
+
+
+def _record(model, ids, mask):
+    with Recorder(model, abs_threshold=0.01, rel_threshold=3.0) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    return rec.samples
+
+
+def _assert_same_samples(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
+        for key in ("attention_received", "max_abs", "median_abs", "feature_max_abs", "mlp_feature_max_abs",
+                    "top_features", "top_values", "mlp_top_features", "mlp_top_values"):
+            np.testing.assert_array_equal(getattr(x, key), getattr(y, key), err_msg=key)
+        np.testing.assert_allclose(x.bos_cosine, y.bos_cosine, atol=1e-6)
+        assert len(x.massive) > 0
+        np.testing.assert_array_equal(x.massive.to_numpy(), y.massive.to_numpy())
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_recorder_records_the_same_with_and_without_numba(monkeypatch, padded):
+    model = tiny_llama()
+    torch.manual_seed(3)
+    ids = torch.randint(3, 128, (2, 30))
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 22:] = 0
+    calls = []
+    original = fused_cpu.reduce_layer_cpu
+    monkeypatch.setattr(fused_cpu, "reduce_layer_cpu", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fused = _record(model, ids, mask)
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setenv("SINKSCOPE_NUMBA", "0")
+    _assert_same_samples(fused, _record(model, ids, mask))
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def test_a_layer_refused_by_the_kernels_is_recorded_by_torch(monkeypatch):
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (1, 25), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    original = fused_cpu.reduce_layer_cpu
+    monkeypatch.setattr(fused_cpu, "reduce_layer_cpu", lambda *a, **k: None if a[-1] == 1 else original(*a, **k))
+    mixed = _record(model, ids, mask)
+    monkeypatch.setenv("SINKSCOPE_NUMBA", "0")
+    _assert_same_samples(mixed, _record(model, ids, mask))
+
+
+def test_a_compile_failure_warns_once_and_leaves_torch_in_charge(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_STATE", {})
+
+    def broken():
+        raise RuntimeError("no LLVM here")
+
+    monkeypatch.setattr(fused_cpu, "_smoke", broken)
+    h, a, m, valid = _layer(5, 1, 20, 40, False)
+    out = _host_blocks(1, 20, 1, 1, 40, 5)
+    with pytest.warns(UserWarning, match="numba could not compile.*no LLVM here"):
+        assert fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), 5, 100.0, 50.0, out, 0) is None
+    assert not fused_cpu.available()
+    model = tiny_llama()
+    with Recorder(model) as rec:
+        model(input_ids=torch.randint(3, 128, (1, 12)))
+    assert len(rec.samples) == 1

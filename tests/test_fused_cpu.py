@@ -38,9 +38,12 @@ def _both(h, a, m, valid, top_k=5, abs_threshold=100.0, rel_threshold=50.0):
     padded = not bool(valid.all())
     ref, ref_massive = reduce_layer(h, a, m, valid, padded, top_k, abs_threshold, rel_threshold, workspace={})
     out = _host_blocks(b, t, 2, 1, d, top_k)
-    got_massive = fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), top_k, abs_threshold, rel_threshold, out, 1)
+    block = fused_cpu.MassiveBlock(2)  # grown as the entries come
+    assert fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), top_k, abs_threshold, rel_threshold, out, 1, block)
     got = {key: out[key][:, 1] for key in fused_cpu.FIELDS}
-    return ({k: v.numpy() for k, v in ref.items()}, ref_massive), (got, got_massive)
+    layer, *got_massive = block.arrays()
+    assert (layer == 1).all()
+    return ({k: v.numpy() for k, v in ref.items()}, _massive_arrays(ref_massive)), (got, got_massive)
 
 
 def _massive_arrays(massive):
@@ -57,9 +60,9 @@ def test_fields_equal_the_torch_reductions(shape, pad):
     for key in FIELDS:
         np.testing.assert_array_equal(got[key], ref[key].astype(got[key].dtype), err_msg=key)
     np.testing.assert_allclose(got["bos_cosine"], ref["bos_cosine"], atol=1e-6)
-    for x, y in zip(_massive_arrays(got_massive), _massive_arrays(ref_massive), strict=True):
+    for x, y in zip(got_massive, ref_massive, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert len(_massive_arrays(got_massive)[0]) == 2
+    assert len(got_massive[0]) == 2
 
 
 def test_ties_go_to_the_lower_feature_index():
@@ -111,8 +114,10 @@ def test_select_returns_the_ranks_of_a_sort(seed):
 def test_a_non_finite_row_hands_the_layer_to_torch(where):
     h, a, m, valid = _layer(2, 2, 40, 72, False)
     (h if where == "h" else m)[1, 17, 3] = float("nan" if where == "h" else "inf")
-    out = _host_blocks(2, 40, 1, 1, 72, 5)
-    assert fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), 5, 100.0, 50.0, out, 0) is None
+    out, block = _host_blocks(2, 40, 1, 1, 72, 5), fused_cpu.MassiveBlock(8)
+    h[0, 2, 4] = 300.0  # sample 0 has a massive entry: it must not be added when sample 1 refuses the layer
+    assert not fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), 5, 100.0, 50.0, out, 0, block)
+    assert block.n == 0
 
 
 def _record(model, ids, mask):
@@ -155,7 +160,7 @@ def test_a_layer_refused_by_the_kernels_is_recorded_by_torch(monkeypatch):
     ids = torch.randint(3, 128, (1, 25), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     original = fused_cpu.reduce_layer_cpu
-    monkeypatch.setattr(fused_cpu, "reduce_layer_cpu", lambda *a, **k: None if a[-1] == 1 else original(*a, **k))
+    monkeypatch.setattr(fused_cpu, "reduce_layer_cpu", lambda *a, **k: a[-2] != 1 and original(*a, **k))
     mixed = _record(model, ids, mask)
     monkeypatch.setenv("SINKSCOPE_NUMBA", "0")
     _assert_same_samples(mixed, _record(model, ids, mask))
@@ -171,7 +176,8 @@ def test_a_compile_failure_warns_once_and_leaves_torch_in_charge(monkeypatch):
     h, a, m, valid = _layer(5, 1, 20, 40, False)
     out = _host_blocks(1, 20, 1, 1, 40, 5)
     with pytest.warns(UserWarning, match="numba could not compile.*no LLVM here"):
-        assert fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), 5, 100.0, 50.0, out, 0) is None
+        assert not fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), 5, 100.0, 50.0, out, 0,
+                                              fused_cpu.MassiveBlock(8))
     assert not fused_cpu.available()
     model = tiny_llama()
     with Recorder(model) as rec:

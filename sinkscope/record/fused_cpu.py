@@ -343,19 +343,45 @@ FIELDS = ("bos_cosine", "max_abs", "median_abs", "feature_max_abs", "mlp_feature
 """The per-layer fields `reduce_layer_cpu` writes (`recorder._host_blocks` holds them, sample-major)."""
 
 
-def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_threshold: float,
-                     rel_threshold: float, out: dict[str, np.ndarray], layer: int) -> list[tuple] | None:
-    """`reduce.reduce_layer` for CPU tensors `[B, T, D]` (`valid` `[B, T]` as numpy): the fields go into `out[key][:,
-    layer]` (blocks `[B, L, ...]` as `recorder._host_blocks` makes them), the massive entries are returned as
-    `reduce_layer` returns them, `(batch, token, feature, value, attn_out, mlp_out)` tensors. Returns None (the
-    caller then takes the torch path and overwrites what was written) when a row holds a NaN or an infinity, a
-    sample has no real token, or the kernels could not be compiled."""
-    import torch
+class MassiveBlock:
+    """A forward's massive entries, in arrays allocated before its layers run and grown (doubled) only when full.
 
+    They live until the end of the forward, and a few small arrays a layer allocated between the forward's
+    multi-MiB temporaries kept the heap around them from being reused: at T = 2048 the process's peak RSS rose by
+    about 250 MiB when each layer's entries were kept as small arrays of their own (session 17)."""
+
+    def __init__(self, capacity: int):
+        self.index = np.empty((capacity, 4), np.int64)  # layer, batch, token, feature
+        self.value = np.empty((capacity, 3), np.float32)  # h, attn_out, mlp_out at the entry
+        self.n = 0
+
+    def add(self, layer: int, b: int, token: np.ndarray, feature: np.ndarray, h, a, m) -> None:
+        k = len(token)
+        if self.n + k > len(self.index):
+            grow = max(2 * len(self.index), self.n + k)
+            self.index = np.concatenate([self.index[: self.n], np.empty((grow - self.n, 4), np.int64)])
+            self.value = np.concatenate([self.value[: self.n], np.empty((grow - self.n, 3), np.float32)])
+        rows = slice(self.n, self.n + k)
+        self.index[rows, 0], self.index[rows, 1], self.index[rows, 2], self.index[rows, 3] = layer, b, token, feature
+        self.value[rows, 0], self.value[rows, 1], self.value[rows, 2] = h, a, m
+        self.n += k
+
+    def arrays(self) -> tuple:
+        """(layer, batch, token, feature, value, attn_out, mlp_out), as the recorder's massive records."""
+        i, v = self.index[: self.n], self.value[: self.n]
+        return (i[:, 0], i[:, 1], i[:, 2], i[:, 3], v[:, 0], v[:, 1], v[:, 2])
+
+
+def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_threshold: float,
+                     rel_threshold: float, out: dict[str, np.ndarray], layer: int, massive: MassiveBlock) -> bool:
+    """`reduce.reduce_layer` for CPU tensors `[B, T, D]` (`valid` `[B, T]` as numpy): the fields go into `out[key][:,
+    layer]` (blocks `[B, L, ...]` as `recorder._host_blocks` makes them), the massive entries into `massive`.
+    Returns False (the caller then takes the torch path, which overwrites the fields; `massive` is left as it was)
+    when a row holds a NaN or an infinity, a sample has no real token, or the kernels could not be compiled."""
     b_n, t_len, d = h.shape
     counts = valid.sum(axis=1)
     if not counts.all() or not _compile():
-        return None
+        return False
     hn = h.detach().float().contiguous().numpy()
     mn = mlp_out.detach().float().contiguous().numpy()
     k = top_k
@@ -366,7 +392,7 @@ def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_th
         o["feature_max_abs"][:] = 0
         o["mlp_feature_max_abs"][:] = 0
         if not _m_pass(mn[b], valid[b], k, o["mlp_top_features"], o["mlp_top_values"], o["mlp_feature_max_abs"]):
-            return None
+            return False
         rows = None if counts[b] == t_len else np.flatnonzero(valid[b])
         n = d * int(counts[b])
         lo, hi, cap = _bracket(hn[b], rows, n)
@@ -376,7 +402,7 @@ def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_th
             hn[b], valid[b], k, hn[b, int(np.argmax(valid[b]))], np.float32(lo), np.float32(hi), abs_t, band,
             o["top_features"], o["top_values"], o["max_abs"], o["bos_cosine"], o["feature_max_abs"], cand)
         if not ok:
-            return None
+            return False
         med = _median(band[:nb], below, overflow, hn[b], rows, n)
         out["median_abs"][b, layer] = med
         thr = max(abs_t, np.float32(med) * rel_t)  # reduce.massive_threshold, in float32
@@ -385,12 +411,11 @@ def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_th
         if len(tok):
             ti, fj = np.nonzero(np.abs(hn[b, tok]) >= thr)
             found.append((b, tok[ti], fj))
-    massive = []
-    for b, tok, fj in found:
-        ti, ji = torch.from_numpy(tok), torch.from_numpy(fj)
-        massive.append((torch.full_like(ti, b), ti, ji, torch.from_numpy(hn[b, tok, fj]),
-                        attn_out[b, ti, ji].float(), mlp_out[b, ti, ji].float()))
-    return massive
+    if found:
+        an = attn_out.detach().float().numpy()
+        for b, tok, fj in found:  # added once every sample passed, so that a refused layer adds nothing
+            massive.add(layer, b, tok, fj, hn[b, tok, fj], an[b, tok, fj], mn[b, tok, fj])
+    return True
 
 
 _PYTHON = {name: globals()[name] for name in KERNELS}

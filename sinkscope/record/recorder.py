@@ -197,6 +197,7 @@ class Recorder:
         self._cur["fused"] = not self._cur["device_path"] and ref.device.type == "cpu" and fused_cpu.available()
         if self._cur["fused"]:
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
+            self._cur["massive_block"] = fused_cpu.MassiveBlock(max(4096, b * t))  # grows if a forward has more
         if self._cur["device_path"]:
             self._cur["massive_buffers"] = attn_fn.kernels.massive_buffers(b, t, ref.device)
             self._cur["layout"] = attn_fn.kernels.layer_layout(b, t, self.hidden_size, self.n_heads, self.top_k)
@@ -269,20 +270,20 @@ class Recorder:
             cur["layers"][layer] = True
             cur["buffer"][layer] = None
         else:
-            massive = None
-            if cur["fused"]:  # numba's two passes into the host blocks (None: a NaN or infinity, or no real token)
-                massive = fused_cpu.reduce_layer_cpu(h, a, m, cur["valid_np"], self.top_k, self.abs_threshold,
-                                                     self.rel_threshold, cur["host"], layer)
-            if massive is None:
+            # numba's two passes, into the host blocks (False: a NaN or infinity, or a sample without real tokens)
+            done = cur["fused"] and fused_cpu.reduce_layer_cpu(
+                h, a, m, cur["valid_np"], self.top_k, self.abs_threshold, self.rel_threshold, cur["host"], layer,
+                cur["massive_block"])
+            if not done:
                 stats, massive = reduce_layer(h, a, m, cur["valid"], cur["query_valid"] is not None, self.top_k,
                                               self.abs_threshold, self.rel_threshold, first=cur["first"],
                                               workspace=cur.setdefault("workspace", {}))
+                cur["massive"].extend((layer, *found) for found in massive)
                 if cur["fused"]:
                     for key, x in stats.items():
                         cur["host"][key][:, layer] = x.numpy()
                 else:
                     cur["layers"][layer] = {key: self._keep(x, key, layer) for key, x in stats.items()}
-            cur["massive"].extend((layer, *found) for found in massive)
             if cur["fused"]:
                 cur["layers"][layer] = True
         if layer in self.hidden_layers:
@@ -339,6 +340,8 @@ class Recorder:
         massive = [_massive_to_numpy(rec) for rec in cur["massive"]]
         if "massive_buffers" in cur:
             massive.append(_device_massive(*cur["massive_buffers"]))
+        if "massive_block" in cur:
+            massive.append(cur["massive_block"].arrays())
         if self.routing is not None:
             missing = [i for i in range(self.n_layers) if i not in self.routing.routing]
             if missing:

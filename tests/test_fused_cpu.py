@@ -8,10 +8,10 @@ import torch
 
 from sinkscope.record import Recorder, fused_cpu
 from sinkscope.record.recorder import _host_blocks
-from sinkscope.record.reduce import reduce_layer
+from sinkscope.record.reduce import _two_ranks, reduce_layer
 from tests.tiny_models import tiny_llama
 
-pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+needs_numba = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
 
 FIELDS = [f for f in fused_cpu.FIELDS if f != "bos_cosine"]
 
@@ -52,6 +52,7 @@ def _massive_arrays(massive):
     return [torch.cat([x[i].reshape(-1) for x in massive]).double().numpy() for i in range(6)]
 
 
+@needs_numba
 @pytest.mark.parametrize("shape,pad", [((2, 300, 250), False), ((2, 300, 250), True), ((3, 40, 72), True),
                                        ((1, 130, 576), False)], ids=["bracket", "bracket-padded", "small-padded",
                                                                       "smollm2-width"])
@@ -65,6 +66,7 @@ def test_fields_equal_the_torch_reductions(shape, pad):
     assert len(got_massive[0]) == 2
 
 
+@needs_numba
 def test_ties_go_to_the_lower_feature_index():
     first = torch.tensor([3.0, -5.0, 5.0, 1.0, -3.0, 5.0, 0.0, 2.0] * 5)  # D = 40: a run of 32 and a tail
     first[33] = -5.0
@@ -78,6 +80,7 @@ def test_ties_go_to_the_lower_feature_index():
         np.testing.assert_array_equal(got["top_values"][0, 0], row.numpy()[order])
 
 
+@needs_numba
 @pytest.mark.parametrize("case", ["bracket-miss", "band-overflow"])
 def test_median_stays_exact_when_the_bracket_fails(monkeypatch, case):
     h, a, m, valid = _layer(1, 1, 300, 250, False)
@@ -92,7 +95,16 @@ def test_median_stays_exact_when_the_bracket_fails(monkeypatch, case):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_select_returns_the_ranks_of_a_sort(seed):
+@pytest.mark.parametrize("impl", ["numba", "numpy"])
+def test_selections_return_the_ranks_of_a_sort(seed, impl):
+    """Both histogram selections (numba's for the fused path, numpy's for the torch path's median)."""
+    if impl == "numba":
+        if not fused_cpu.available():
+            pytest.skip("numba is not installed")
+        fused_cpu._compile()
+        select = fused_cpu._ranks
+    else:
+        select = _two_ranks
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 20000))
     kind = seed % 3
@@ -102,14 +114,14 @@ def test_select_returns_the_ranks_of_a_sort(seed):
         x = rng.integers(0, 4, n).astype(np.float32)
     else:  # magnitudes across the float32 range, subnormals included
         x = (10.0 ** rng.uniform(-44, 38, n)).astype(np.float32)
-    fused_cpu._compile()
     ref = np.sort(x)
     for r_lo, r_hi in [((n + 1) // 2, n // 2 + 1), (1, n), (max(1, n // 3), max(1, n // 3) + min(n - 1, 377)),
                        (n, n)]:
-        lo, hi = fused_cpu._ranks(x, r_lo, r_hi)
+        lo, hi = select(x, r_lo, r_hi)
         assert (lo, hi) == (ref[r_lo - 1], ref[r_hi - 1]), (n, r_lo, r_hi)
 
 
+@needs_numba
 @pytest.mark.parametrize("where", ["h", "mlp"])
 def test_a_non_finite_row_hands_the_layer_to_torch(where):
     h, a, m, valid = _layer(2, 2, 40, 72, False)
@@ -136,6 +148,7 @@ def _assert_same_samples(xs, ys):
         np.testing.assert_array_equal(x.massive.to_numpy(), y.massive.to_numpy())
 
 
+@needs_numba
 @pytest.mark.parametrize("padded", [False, True])
 def test_recorder_records_the_same_with_and_without_numba(monkeypatch, padded):
     model = tiny_llama()
@@ -155,6 +168,7 @@ def test_recorder_records_the_same_with_and_without_numba(monkeypatch, padded):
     assert len(calls) == model.config.num_hidden_layers
 
 
+@needs_numba
 def test_a_layer_refused_by_the_kernels_is_recorded_by_torch(monkeypatch):
     model = tiny_llama()
     ids = torch.randint(3, 128, (1, 25), generator=torch.Generator().manual_seed(4))
@@ -166,6 +180,7 @@ def test_a_layer_refused_by_the_kernels_is_recorded_by_torch(monkeypatch):
     _assert_same_samples(mixed, _record(model, ids, mask))
 
 
+@needs_numba
 def test_a_compile_failure_warns_once_and_leaves_torch_in_charge(monkeypatch):
     monkeypatch.setattr(fused_cpu, "_STATE", {})
 

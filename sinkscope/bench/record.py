@@ -40,7 +40,7 @@ import typer
 
 from sinkscope.bench import app
 from sinkscope.models.llm import load_llm, resolve_llm_dir
-from sinkscope.record import Recorder
+from sinkscope.record import Recorder, fused_cpu
 
 METHODS = ("sdpa", "recorder", "eager", "tl4")
 TARGETS = {512: 1.10, 2048: 1.25}
@@ -185,6 +185,8 @@ def bench_record(model_name: str, lengths: list[int], reps: int, device: str, me
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "recorder_compile": compile,
         "rss_reps": rss_reps,
+        # which per-layer reductions a CPU recording took: numba's fused passes, or torch's (SINKSCOPE_NUMBA=0)
+        "cpu_reductions": "numba" if fused_cpu.available() else "torch",
     }
     return {"info": info, "rows": rows}
 
@@ -232,7 +234,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"{info['model']} on {info['device']} ({info['threads']} threads), torch {info['torch']}, {info['date']}, "
         f"B=1, median of {result['rows'][0]['reps']} interleaved repetitions, recorder compile="
-        f"{info['recorder_compile']}.",
+        f"{info['recorder_compile']}" + (f", CPU reductions: {info['cpu_reductions']}" if "cpu_reductions" in info
+                                        and info["device"] == "cpu" else "") + ".",
         "",
     ]
     rss = "maxrss_mib" in result["rows"][0]

@@ -11,7 +11,8 @@ forward). Setting the thresholds to the values glibc's own adjustment tops out a
 1.11-1.15x in four processes out of four.
 
 The setting is process-wide and stays (glibc cannot go back to adapting once a threshold is set): up to 64 MiB of
-freed heap is kept for reuse instead of being returned at once. `SINKSCOPE_MALLOPT=0` leaves malloc as it is.
+freed heap is kept for reuse instead of being returned at once. `SINKSCOPE_MALLOPT=0`, or either threshold set
+through glibc's environment variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`), leaves malloc as it is.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def tune() -> bool:
     if _STATE:
         return _STATE[0]
     ok = False
-    if sys.platform.startswith("linux") and os.environ.get("SINKSCOPE_MALLOPT") != "0":
+    # a threshold the user set through glibc's own variables is theirs (the benchmark's live-memory child sets
+    # MALLOC_MMAP_THRESHOLD_ so that freed blocks go back to the OS at once; until session 17 this overrode it)
+    user_set = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    if sys.platform.startswith("linux") and os.environ.get("SINKSCOPE_MALLOPT") != "0" and not user_set:
         try:
             libc = ctypes.CDLL(None)
             libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl's mallopt does nothing)

@@ -21,9 +21,9 @@ value are scanned. Ties go to the lower feature index. A row with a NaN or an in
 report it; the caller then takes torch's reductions for the layer, which propagate it as they always did.
 
 The fields equal the torch path's exactly (cos-to-BOS within float32 rounding: its sums are float64 here), which
-tests/test_fused_cpu.py checks. Not tried here: a second thread for the MLP pass. The forward's OpenMP threads
-spin on the other core after each matmul, and in a recorded forward the two-thread version was no faster
-(56-58 ms a forward against 54-55 sequential, T = 512).
+tests/test_fused_cpu.py checks. Tried and dropped: the MLP pass in a second thread next to the `h` pass. The
+forward's OpenMP threads spin on the other core after each matmul, and in a recorded forward the two threads were
+no faster (56-58 ms of reductions a forward against 54-55 in one thread, T = 512, session 17).
 
 `available()` is False without numba, with `SINKSCOPE_NUMBA=0`, or after the kernels failed to compile (a warning
 says so); the recorder then uses the torch reductions. numba is imported, and the kernels compiled, at the first

@@ -95,16 +95,8 @@ def test_median_stays_exact_when_the_bracket_fails(monkeypatch, case):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("impl", ["numba", "numpy"])
-def test_selections_return_the_ranks_of_a_sort(seed, impl):
-    """Both histogram selections (numba's for the fused path, numpy's for the torch path's median)."""
-    if impl == "numba":
-        if not fused_cpu.available():
-            pytest.skip("numba is not installed")
-        fused_cpu._compile()
-        select = fused_cpu._ranks
-    else:
-        select = _two_ranks
+def test_histogram_selection_returns_the_ranks_of_a_sort(seed):
+    """`reduce._two_ranks`, the selections of both paths' medians."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 20000))
     kind = seed % 3
@@ -117,7 +109,7 @@ def test_selections_return_the_ranks_of_a_sort(seed, impl):
     ref = np.sort(x)
     for r_lo, r_hi in [((n + 1) // 2, n // 2 + 1), (1, n), (max(1, n // 3), max(1, n // 3) + min(n - 1, 377)),
                        (n, n)]:
-        lo, hi = select(x, r_lo, r_hi)
+        lo, hi = _two_ranks(x, r_lo, r_hi)
         assert (lo, hi) == (ref[r_lo - 1], ref[r_hi - 1]), (n, r_lo, r_hi)
 
 

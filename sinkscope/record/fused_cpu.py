@@ -11,7 +11,7 @@ a recorded forward at T = 512, session 17):
 - the MLP output: its top-k features and per-feature max.
 
 The median is the exact bracketed selection of `reduce.median_nonneg` (the bracket from the same random subsample,
-the full selection when it misses); the selections inside take a histogram of the values' bits (`_select`). The
+the full selection when it misses), its selections `reduce._two_ranks`' histogram of the values' bits. The
 massive entries are read from the candidate tokens once the median gives the threshold. The fields are written
 straight into the recorder's sample-major blocks.
 
@@ -38,7 +38,7 @@ import warnings
 
 import numpy as np
 
-from sinkscope.record.reduce import MARGIN_SQRT, SUBSAMPLE, _subsample_index
+from sinkscope.record.reduce import SUBSAMPLE, _subsample_index, _two_ranks, subsample_ranks
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 """Reassociation lets the sums and counts vectorise; no `nnan`/`ninf`, so a NaN or infinity still shows in a sum of
@@ -50,7 +50,7 @@ ABS_MASK = np.int32(0x7FFFFFFF)
 BAND_SLACK = 2
 """The band buffer holds BAND_SLACK times the expected band (plus a row); a band that outgrows it (adversarial
 values) is counted, not stored, and the median takes the full selection."""
-KERNELS = ("_insert", "_row_topk", "_h_pass", "_m_pass", "_select")
+KERNELS = ("_insert", "_row_topk", "_h_pass", "_m_pass")
 """The module's functions numba compiles (callees first: a caller resolves them when it is compiled)."""
 
 _STATE: dict[str, bool] = {}
@@ -92,7 +92,6 @@ def _smoke() -> None:
     _m_pass(x, valid, 4, ti, tv, np.zeros(40, np.float32))
     _h_pass(x, valid, 4, x[0], np.float32(0), np.float32(np.inf), np.float32(30), band, ti, tv,
             np.empty(2, np.float32), np.empty(2, np.float32), np.zeros(40, np.float32), cand)
-    _select(np.abs(x).reshape(-1), 3, 50)
 
 
 def _insert(tv, ti, a, j, k):
@@ -249,80 +248,16 @@ def _m_pass(m, valid, k, top_i, top_v, feat_max):
     return True
 
 
-def _select(vals, r_lo, r_hi):
-    """The r_lo-th and r_hi-th smallest (1-based, r_lo <= r_hi) of non-negative float32 `vals`, as int32 bits: a
-    histogram of at most 4096 bins over the values' bit range, then a sort of the bin (or the two bins) that holds
-    the two ranks. (`np.partition` on the same 8,000-15,000 values cost 100-170 us in a recorded forward, where
-    this takes about 25-35 us: introselect's branches are unpredictable on fresh data.)"""
-    keys = vals.view(np.int32)
-    n = keys.shape[0]
-    kmin = keys[0]
-    kmax = keys[0]
-    for i in range(n):
-        kmin = min(kmin, keys[i])
-        kmax = max(kmax, keys[i])
-    shift = 0
-    while ((kmax - kmin) >> shift) >= 4096:
-        shift += 1
-    hist = np.zeros(((kmax - kmin) >> shift) + 1, np.int64)
-    for i in range(n):
-        hist[(keys[i] - kmin) >> shift] += 1
-    cum = 0
-    b_lo = -1
-    b_hi = -1
-    before_lo = 0
-    before_hi = 0
-    for b in range(hist.shape[0]):
-        c = hist[b]
-        if b_lo < 0 and cum + c >= r_lo:
-            b_lo = b
-            before_lo = cum
-        if cum + c >= r_hi:
-            b_hi = b
-            before_hi = cum
-            break
-        cum += c
-    if shift == 0:  # one key per bin
-        return kmin + b_lo, kmin + b_hi
-    sel_lo = np.empty(hist[b_lo], np.int32)
-    sel_hi = np.empty(hist[b_hi], np.int32)
-    i_lo = 0
-    i_hi = 0
-    for i in range(n):
-        bb = (keys[i] - kmin) >> shift
-        if bb == b_lo:
-            sel_lo[i_lo] = keys[i]
-            i_lo += 1
-        if bb == b_hi:
-            sel_hi[i_hi] = keys[i]
-            i_hi += 1
-    sel_lo.sort()
-    if b_hi != b_lo:
-        sel_hi.sort()
-    else:
-        sel_hi = sel_lo
-    return sel_lo[r_lo - before_lo - 1], sel_hi[r_hi - before_hi - 1]
-
-
-def _ranks(vals: np.ndarray, r_lo: int, r_hi: int) -> tuple[np.float32, np.float32]:
-    lo, hi = _select(vals, r_lo, r_hi)
-    pair = np.array([lo, hi], np.int32).view(np.float32)
-    return pair[0], pair[1]
-
-
 def _bracket(a: np.ndarray, rows: np.ndarray | None, n: int) -> tuple[np.float32, np.float32, int]:
     """(lo, hi, band capacity) of the median's bracket for one sample's `a[T, D]` (its real rows `rows`, None when
     all are real), from the subsample of reduce.median_nonneg; below 65,537 entries all are in the band."""
     d = a.shape[1]
     if n <= 65536:
         return np.float32(0.0), np.float32(np.inf), n + d + 1
-    lo_rank = (n + 1) // 2
     index = _subsample_index(n)
     sub = np.abs(a.reshape(-1)[index] if rows is None else a[rows[index // d], index % d])
-    margin = int(MARGIN_SQRT * SUBSAMPLE**0.5) + 8
-    centre = (lo_rank - 1) * SUBSAMPLE // n
-    i_lo, i_hi = max(1, centre - margin), min(SUBSAMPLE, centre + margin + 2)
-    lo, hi = _ranks(sub, i_lo, i_hi)
+    i_lo, i_hi = subsample_ranks(n)
+    lo, hi = _two_ranks(sub, i_lo, i_hi)
     return lo, hi, int(BAND_SLACK * n * (i_hi - i_lo + 1) / SUBSAMPLE) + 2 * d
 
 
@@ -334,7 +269,7 @@ def _median(band: np.ndarray, below: int, overflow: bool, a: np.ndarray, rows: n
         sel, lo_rank, hi_rank = band, lo_rank - below, hi_rank - below
     else:
         sel = np.abs(a if rows is None else a[rows]).reshape(-1)
-    low, high = _ranks(sel, lo_rank, hi_rank)
+    low, high = _two_ranks(sel, lo_rank, hi_rank)
     return low if hi_rank == lo_rank else (low + high) * np.float32(0.5)
 
 

@@ -72,9 +72,7 @@ def _median_numpy(a: np.ndarray):
     lo_rank, hi_rank = (n + 1) // 2, n // 2 + 1
     if n > 65536:
         sub = a[_subsample_index(n)]
-        margin = int(MARGIN_SQRT * SUBSAMPLE**0.5) + 8
-        centre = (lo_rank - 1) * SUBSAMPLE // n
-        lo, hi = _two_ranks(sub, max(1, centre - margin), min(SUBSAMPLE, centre + margin + 2))
+        lo, hi = _two_ranks(sub, *subsample_ranks(n))
         inside = a >= lo
         below = n - int(np.count_nonzero(inside))
         inside &= a <= hi
@@ -106,6 +104,13 @@ def _two_ranks(a: np.ndarray, r_lo: int, r_hi: int):
     sorted_lo = np.sort(np.compress(bins == b_lo, a))
     sorted_hi = sorted_lo if b_hi == b_lo else np.sort(np.compress(bins == b_hi, a))
     return (sorted_lo[r_lo - int(cum[b_lo] - counts[b_lo]) - 1], sorted_hi[r_hi - int(cum[b_hi] - counts[b_hi]) - 1])
+
+
+def subsample_ranks(n: int) -> tuple[int, int]:
+    """The 1-based ranks in the sorted subsample of an array of n entries whose values bracket its median's ranks."""
+    margin = int(MARGIN_SQRT * SUBSAMPLE**0.5) + 8
+    centre = ((n + 1) // 2 - 1) * SUBSAMPLE // n
+    return max(1, centre - margin), min(SUBSAMPLE, centre + margin + 2)
 
 
 @functools.lru_cache(maxsize=32)

@@ -38,7 +38,7 @@ import warnings
 
 import numpy as np
 
-from sinkscope.record.reduce import SUBSAMPLE, _subsample_index, _two_ranks, subsample_ranks
+from sinkscope.record.reduce import SUBSAMPLE, _subsample_index, _two_ranks, median_from_band, subsample_ranks
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 """Reassociation lets the sums and counts vectorise; no `nnan`/`ninf`, so a NaN or infinity still shows in a sum of
@@ -261,18 +261,6 @@ def _bracket(a: np.ndarray, rows: np.ndarray | None, n: int) -> tuple[np.float32
     return lo, hi, int(BAND_SLACK * n * (i_hi - i_lo + 1) / SUBSAMPLE) + 2 * d
 
 
-def _median(band: np.ndarray, below: int, overflow: bool, a: np.ndarray, rows: np.ndarray | None, n: int):
-    """The exact median (numpy's convention: the mean of the two middle values) from the band, or from all the
-    entries when the bracket missed."""
-    lo_rank, hi_rank = (n + 1) // 2, n // 2 + 1
-    if not overflow and below < lo_rank and hi_rank <= below + band.size:
-        sel, lo_rank, hi_rank = band, lo_rank - below, hi_rank - below
-    else:
-        sel = np.abs(a if rows is None else a[rows]).reshape(-1)
-    low, high = _two_ranks(sel, lo_rank, hi_rank)
-    return low if hi_rank == lo_rank else (low + high) * np.float32(0.5)
-
-
 FIELDS = ("bos_cosine", "max_abs", "median_abs", "feature_max_abs", "mlp_feature_max_abs", "top_features",
           "top_values", "mlp_top_features", "mlp_top_values")
 """The per-layer fields `reduce_layer_cpu` writes (`recorder._host_blocks` holds them, sample-major)."""
@@ -338,7 +326,8 @@ def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_th
             o["top_features"], o["top_values"], o["max_abs"], o["bos_cosine"], o["feature_max_abs"], cand)
         if not ok:
             return False
-        med = _median(band[:nb], below, overflow, hn[b], rows, n)
+        med = median_from_band(None if overflow else band[:nb], below, n,
+                               lambda a=hn[b], rows=rows: np.abs(a if rows is None else a[rows]).reshape(-1))
         out["median_abs"][b, layer] = med
         thr = max(abs_t, np.float32(med) * rel_t)  # reduce.massive_threshold, in float32
         tok = cand[:nc]

@@ -1,6 +1,8 @@
-"""The CPU recorder's numba reductions (sinkscope.record.fused_cpu) against the torch reductions they replace."""
+"""The CPU recorder's C reductions (sinkscope.record.fused_cpu) against the torch reductions they replace."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from sinkscope.record.recorder import _host_blocks
 from sinkscope.record.reduce import _two_ranks, reduce_layer
 from tests.tiny_models import tiny_llama
 
-needs_numba = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+needs_cc = pytest.mark.skipif(not fused_cpu.available(), reason="no C compiler (or SINKSCOPE_CPU_KERNELS=0)")
 
 FIELDS = [f for f in fused_cpu.FIELDS if f != "bos_cosine"]
 
@@ -52,7 +54,7 @@ def _massive_arrays(massive):
     return [torch.cat([x[i].reshape(-1) for x in massive]).double().numpy() for i in range(6)]
 
 
-@needs_numba
+@needs_cc
 @pytest.mark.parametrize("shape,pad", [((2, 300, 250), False), ((2, 300, 250), True), ((3, 40, 72), True),
                                        ((1, 130, 576), False)], ids=["bracket", "bracket-padded", "small-padded",
                                                                       "smollm2-width"])
@@ -66,7 +68,7 @@ def test_fields_equal_the_torch_reductions(shape, pad):
     assert len(got_massive[0]) == 2
 
 
-@needs_numba
+@needs_cc
 def test_ties_go_to_the_lower_feature_index():
     first = torch.tensor([3.0, -5.0, 5.0, 1.0, -3.0, 5.0, 0.0, 2.0] * 5)  # D = 40: a run of 32 and a tail
     first[33] = -5.0
@@ -80,7 +82,7 @@ def test_ties_go_to_the_lower_feature_index():
         np.testing.assert_array_equal(got["top_values"][0, 0], row.numpy()[order])
 
 
-@needs_numba
+@needs_cc
 @pytest.mark.parametrize("case", ["bracket-miss", "band-overflow"])
 def test_median_stays_exact_when_the_bracket_fails(monkeypatch, case):
     h, a, m, valid = _layer(1, 1, 300, 250, False)
@@ -113,7 +115,7 @@ def test_histogram_selection_returns_the_ranks_of_a_sort(seed):
         assert (lo, hi) == (ref[r_lo - 1], ref[r_hi - 1]), (n, r_lo, r_hi)
 
 
-@needs_numba
+@needs_cc
 @pytest.mark.parametrize("where", ["h", "mlp"])
 def test_a_non_finite_row_hands_the_layer_to_torch(where):
     h, a, m, valid = _layer(2, 2, 40, 72, False)
@@ -140,9 +142,9 @@ def _assert_same_samples(xs, ys):
         np.testing.assert_array_equal(x.massive.to_numpy(), y.massive.to_numpy())
 
 
-@needs_numba
+@needs_cc
 @pytest.mark.parametrize("padded", [False, True])
-def test_recorder_records_the_same_with_and_without_numba(monkeypatch, padded):
+def test_recorder_records_the_same_with_and_without_the_c_passes(monkeypatch, padded):
     model = tiny_llama()
     torch.manual_seed(3)
     ids = torch.randint(3, 128, (2, 30))
@@ -155,12 +157,12 @@ def test_recorder_records_the_same_with_and_without_numba(monkeypatch, padded):
     monkeypatch.setattr(fused_cpu, "reduce_layer_cpu", lambda *a, **k: calls.append(1) or original(*a, **k))
     fused = _record(model, ids, mask)
     assert len(calls) == model.config.num_hidden_layers
-    monkeypatch.setenv("SINKSCOPE_NUMBA", "0")
+    monkeypatch.setenv("SINKSCOPE_CPU_KERNELS", "0")
     _assert_same_samples(fused, _record(model, ids, mask))
     assert len(calls) == model.config.num_hidden_layers
 
 
-@needs_numba
+@needs_cc
 def test_a_layer_refused_by_the_kernels_is_recorded_by_torch(monkeypatch):
     model = tiny_llama()
     ids = torch.randint(3, 128, (1, 25), generator=torch.Generator().manual_seed(4))
@@ -168,25 +170,82 @@ def test_a_layer_refused_by_the_kernels_is_recorded_by_torch(monkeypatch):
     original = fused_cpu.reduce_layer_cpu
     monkeypatch.setattr(fused_cpu, "reduce_layer_cpu", lambda *a, **k: a[-2] != 1 and original(*a, **k))
     mixed = _record(model, ids, mask)
-    monkeypatch.setenv("SINKSCOPE_NUMBA", "0")
+    monkeypatch.setenv("SINKSCOPE_CPU_KERNELS", "0")
     _assert_same_samples(mixed, _record(model, ids, mask))
 
 
-@needs_numba
-def test_a_compile_failure_warns_once_and_leaves_torch_in_charge(monkeypatch):
+def _fresh(monkeypatch, tmp_path, cc=None):
+    """fused_cpu as in a new process, its cache in tmp_path (and $CC set when given)."""
     monkeypatch.setattr(fused_cpu, "_STATE", {})
+    monkeypatch.setenv("SINKSCOPE_CACHE_DIR", str(tmp_path))
+    if cc is not None:
+        monkeypatch.setenv("CC", cc)
 
-    def broken():
-        raise RuntimeError("no LLVM here")
 
-    monkeypatch.setattr(fused_cpu, "_smoke", broken)
+def _reduce_small():
     h, a, m, valid = _layer(5, 1, 20, 40, False)
     out = _host_blocks(1, 20, 1, 1, 40, 5)
-    with pytest.warns(UserWarning, match="numba could not compile.*no LLVM here"):
-        assert not fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), 5, 100.0, 50.0, out, 0,
-                                              fused_cpu.MassiveBlock(8))
-    assert not fused_cpu.available()
+    return fused_cpu.reduce_layer_cpu(h, a, m, valid.numpy(), 5, 100.0, 50.0, out, 0, fused_cpu.MassiveBlock(8))
+
+
+def _recorder_still_records():
     model = tiny_llama()
     with Recorder(model) as rec:
         model(input_ids=torch.randint(3, 128, (1, 12)))
     assert len(rec.samples) == 1
+
+
+@needs_cc
+def test_the_library_is_built_once_and_taken_from_the_cache(monkeypatch, tmp_path):
+    _fresh(monkeypatch, tmp_path)
+    assert _reduce_small()
+    built = list(tmp_path.glob("fused_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    _fresh(monkeypatch, tmp_path)
+    assert _reduce_small()
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("fused_cpu-*.so")] == [stamp]
+    assert not list(tmp_path.glob("*.so.tmp*")) and len(list(tmp_path.iterdir())) == 1  # no temporaries left
+
+
+@needs_cc
+def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
+    _fresh(monkeypatch, tmp_path)
+    target = fused_cpu._target(fused_cpu._compiler())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"not a shared library")  # e.g. a disk that filled up while another process built it
+    assert _reduce_small()
+    assert target.read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("how", ["no-compiler", "compiler-fails", "wrong-results"])
+def test_a_build_failure_warns_once_and_leaves_torch_in_charge(monkeypatch, tmp_path, how):
+    if how == "no-compiler":
+        _fresh(monkeypatch, tmp_path, cc="no-such-compiler")
+        monkeypatch.setattr(fused_cpu.shutil, "which", lambda name: None)
+        assert not fused_cpu.available()
+        match = "no C compiler found"
+    elif how == "compiler-fails":
+        script = tmp_path / "cc"
+        script.write_text("#!/bin/sh\necho 'cc: error: out of licences' >&2\nexit 1\n")
+        script.chmod(0o755)
+        _fresh(monkeypatch, tmp_path, cc=str(script))
+        match = "could not build fused_cpu.c.*out of licences"
+    else:
+        if not fused_cpu.available():
+            pytest.skip("no C compiler")
+        _fresh(monkeypatch, tmp_path)
+
+        class Wrong:  # a library that loads but leaves its outputs unwritten
+            def __init__(self, path):
+                self.m_pass = self.h_pass = lambda *args: 1
+
+        monkeypatch.setattr(fused_cpu.ctypes, "CDLL", Wrong)
+        match = "m_pass computed wrong top features"
+    with pytest.warns(UserWarning, match=f"C reductions are unavailable.*{match}"):
+        assert not _reduce_small()
+    assert not fused_cpu.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second layer and the recorder stay quiet
+        assert not _reduce_small()
+        _recorder_still_records()

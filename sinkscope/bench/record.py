@@ -185,8 +185,9 @@ def bench_record(model_name: str, lengths: list[int], reps: int, device: str, me
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "recorder_compile": compile,
         "rss_reps": rss_reps,
-        # which per-layer reductions a CPU recording took: numba's fused passes, or torch's (SINKSCOPE_NUMBA=0)
-        "cpu_reductions": "numba" if fused_cpu.available() else "torch",
+        # which per-layer reductions a CPU recording took: the C passes, or torch's (SINKSCOPE_CPU_KERNELS=0, no
+        # C compiler)
+        "cpu_reductions": "C" if fused_cpu.available() else "torch",
     }
     return {"info": info, "rows": rows}
 

@@ -1,9 +1,8 @@
-"""The recorder's per-layer reductions on the CPU, in two passes compiled by numba.
+"""The recorder's per-layer reductions on the CPU, in two passes of C (`fused_cpu.c`).
 
 `reduce.reduce_layer` takes them in about twenty torch operations a layer, each a pass over `[B, T, D]`; at T =
 512 on SmolLM2 they cost 2.0-2.8 ms a layer, most of the recorder's time over a plain forward. Here each sample's
-block output `h` and MLP output take one pass each, row by row while the row is in L1 (1.5 ms a layer together in
-a recorded forward at T = 512, session 17):
+block output `h` and MLP output take one pass each, row by row while the row is in L1:
 
 - `h`: cos-to-BOS (float64 sums), the top-k features of |h| (their signed values alongside), max |h|, the
   per-feature max over real tokens, the count of |h| below the median's bracket and the entries inside it, and
@@ -21,231 +20,175 @@ value are scanned. Ties go to the lower feature index. A row with a NaN or an in
 report it; the caller then takes torch's reductions for the layer, which propagate it as they always did.
 
 The fields equal the torch path's exactly (cos-to-BOS within float32 rounding: its sums are float64 here), which
-tests/test_fused_cpu.py checks. Tried and dropped: the MLP pass in a second thread next to the `h` pass. The
-forward's OpenMP threads spin on the other core after each matmul, and in a recorded forward the two threads were
-no faster (56-58 ms of reductions a forward against 54-55 in one thread, T = 512, session 17).
+tests/test_fused_cpu.py checks.
 
-`available()` is False without numba, with `SINKSCOPE_NUMBA=0`, or after the kernels failed to compile (a warning
-says so); the recorder then uses the torch reductions. numba is imported, and the kernels compiled, at the first
-recording on the CPU (about 4 s; numba caches the machine code on disk, after which it takes about 0.1 s).
+Why C and not numba: session 17 wrote these passes for numba, which met the time targets but not the memory one.
+Its runtime (the numba modules, LLVM and the cached machine code) added about 100 MiB to the process's peak RSS,
+more than the whole budget of 96 MiB at T = 2048. The same passes in C, built once by the system's compiler
+(`cc`, or `$CC`) into a shared library of about 20 KiB that ctypes loads, cost nothing measurable in memory. The
+library is cached under the user's cache directory (`SINKSCOPE_CACHE_DIR` moves it), keyed by the source, the
+compiler, its flags and the CPU (it is built for the CPU it runs on). Tried and dropped (session 17): the MLP pass
+in a second thread next to the `h` pass. The forward's OpenMP threads spin on the other core after each matmul,
+and the two threads were no faster.
+
+`available()` is False with `SINKSCOPE_CPU_KERNELS=0`, without a C compiler, or after the library failed to build
+or load (a warning says so); the recorder then uses the torch reductions, which record the same fields (slower).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import ctypes
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 from sinkscope.record.reduce import SUBSAMPLE, _subsample_index, _two_ranks, median_from_band, subsample_ranks
 
-FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
-"""Reassociation lets the sums and counts vectorise; no `nnan`/`ninf`, so a NaN or infinity still shows in a sum of
-squares and the row is reported rather than silently mis-ranked."""
+SOURCE = Path(__file__).with_suffix(".c")
 GROUP = 32
-"""Runs of the top-k scan (32 was faster than 16, 64 and 96 on SmolLM2's activations)."""
-ABS_MASK = np.int32(0x7FFFFFFF)
-"""The low 31 bits of a float32: as an integer they order like |x| (NaN excluded)."""
+"""Runs of the top-k scan (`GROUP` in fused_cpu.c; 32 was faster than 16, 64 and 96 on SmolLM2's activations)."""
+MAX_K = 256
+"""The largest top-k the passes take (`MAX_K` in fused_cpu.c); a larger one takes the torch reductions."""
 BAND_SLACK = 2
 """The band buffer holds BAND_SLACK times the expected band (plus a row); a band that outgrows it (adversarial
 values) is counted, not stored, and the median takes the full selection."""
-KERNELS = ("_insert", "_row_topk", "_h_pass", "_m_pass")
-"""The module's functions numba compiles (callees first: a caller resolves them when it is compiled)."""
+CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+          "-fassociative-math", "-freciprocal-math", "-ffp-contract=fast")
+"""Reassociation lets the sums vectorise; no -ffinite-math-only, so that a NaN or an infinity still shows in a sum
+of squares and the row is reported rather than silently mis-ranked."""
+NATIVE = ("-march=native",)
+"""Tried first (the library is built for, and cached per, the CPU it runs on); dropped if the compiler refuses."""
 
-_STATE: dict[str, bool] = {}
+_STATE: dict = {}
+_P = ctypes.c_void_p
+_ARGTYPES = {
+    "h_pass": (_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, _P, ctypes.c_float, ctypes.c_float,
+               ctypes.c_float, _P, ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P),
+    "m_pass": (_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, _P, _P, _P),
+}
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
 
 
 def available() -> bool:
     """Whether the recorder takes these passes on the CPU."""
-    if os.environ.get("SINKSCOPE_NUMBA") == "0" or _STATE.get("failed"):
+    if os.environ.get("SINKSCOPE_CPU_KERNELS") == "0" or _STATE.get("failed"):
         return False
-    return _STATE.get("ready") or importlib.util.find_spec("numba") is not None
+    if "lib" in _STATE:
+        return True
+    if "compiler" not in _STATE:
+        _STATE["compiler"] = _compiler()
+    return _STATE["compiler"] is not None
 
 
-def _compile() -> bool:
-    """Compile the kernels (once per process) and run them on a tiny input; on failure warn once and stay off."""
-    if _STATE.get("ready") or _STATE.get("failed"):
-        return bool(_STATE.get("ready"))
+def cache_dir() -> Path:
+    """Where the built library is kept: `$SINKSCOPE_CACHE_DIR`, else the user's cache directory."""
+    if os.environ.get("SINKSCOPE_CACHE_DIR"):
+        return Path(os.environ["SINKSCOPE_CACHE_DIR"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("sinkscope")) / "kernels"
+
+
+def _cpu_id() -> str:
+    """What the machine code may depend on (it is built with -march=native): the CPU's model and flags."""
     try:
-        import numba
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({x for x in lines if x.startswith(("model name", "flags", "Features", "CPU part"))}))
+    except OSError:
+        return platform.machine() + platform.processor()
 
-        g = globals()
-        for name in KERNELS:
-            g[name] = numba.njit(nogil=True, cache=True, fastmath=FASTMATH)(_PYTHON[name])
-        _smoke()
-    except Exception as exc:  # noqa: BLE001 - any numba failure leaves the torch reductions in charge
+
+def _open(cc: str) -> ctypes.CDLL:
+    """The library, loaded; a cached file that does not load (truncated, or not a library) is built again."""
+    path = _build(cc)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(_build(cc)))
+
+
+def _target(cc: str) -> Path:
+    """Where the library for this source, compiler, flags and CPU is cached."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(),
+                                     _cpu_id().encode()]))
+    return cache_dir() / f"fused_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(cc: str) -> Path:
+    """The library: from the cache, or built into it (a new file moved into place, so that two processes building
+    at once both end with a whole file, and one that has the old file loaded keeps its copy)."""
+    target = _target(cc)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in (NATIVE, ()):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        done = subprocess.run([cc, *CFLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode == 0:
+            os.replace(tmp, target)
+            return target
+        os.unlink(tmp)
+        errors.append(done.stderr.strip()[-400:])
+    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
+
+
+def _load() -> ctypes.CDLL | None:
+    """The library (built, loaded and tried on a small input once per process); None, with a warning the first
+    time, when that fails."""
+    if "lib" in _STATE or _STATE.get("failed"):
+        return _STATE.get("lib")
+    try:
+        cc = _STATE.get("compiler") or _compiler()
+        if cc is None:
+            raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+        lib = _open(cc)
+        for name, argtypes in _ARGTYPES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        _smoke(lib)
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the torch reductions in charge
         _STATE["failed"] = True
-        warnings.warn(f"sinkscope: numba could not compile the CPU recorder's reductions ({type(exc).__name__}: "
-                      f"{exc}); recording takes torch's reductions instead (slower, same results)", stacklevel=3)
-        return False
-    _STATE["ready"] = True
-    return True
+        warnings.warn(f"sinkscope: the CPU recorder's C reductions are unavailable ({type(exc).__name__}: {exc}); "
+                      "recording takes torch's reductions instead (slower, same results)", stacklevel=3)
+        return None
+    _STATE["lib"] = lib
+    return lib
 
 
-def _smoke() -> None:
-    """Each kernel once on a small input (compiles them, or loads them from numba's cache)."""
+def _ptr(a: np.ndarray) -> int:
+    if not a.flags.c_contiguous:
+        raise ValueError("fused_cpu: an array handed to the C passes is not C-contiguous")
+    return a.ctypes.data
+
+
+def _smoke(lib) -> None:
+    """Both passes once on a small input, checked against numpy (a library that loads but computes wrongly, e.g.
+    a stale file from another build, is refused)."""
     x = np.arange(-40, 40, dtype=np.float32).reshape(2, 40)
+    x[1, 7] = 100.0
     valid = np.ones(2, np.bool_)
     ti, tv = np.empty((2, 4), np.int32), np.empty((2, 4), np.float32)
-    band, cand = np.empty(x.size + 41, np.float32), np.empty(2, np.int64)
-    _m_pass(x, valid, 4, ti, tv, np.zeros(40, np.float32))
-    _h_pass(x, valid, 4, x[0], np.float32(0), np.float32(np.inf), np.float32(30), band, ti, tv,
-            np.empty(2, np.float32), np.empty(2, np.float32), np.zeros(40, np.float32), cand)
-
-
-def _insert(tv, ti, a, j, k):
-    """Insert key a at index j into the sorted top list (key descending, index ascending) of length k, dropping the
-    last entry."""
-    p = k - 1
-    while p > 0 and (tv[p - 1] < a or (tv[p - 1] == a and ti[p - 1] > j)):
-        tv[p] = tv[p - 1]
-        ti[p] = ti[p - 1]
-        p -= 1
-    tv[p] = a
-    ti[p] = j
-
-
-def _row_topk(row, bits, k, gm, gr, tv, ti, out_i, out_v):
-    """The k largest |row| entries, sorted (value descending, index ascending), into out_i (indices) and out_v
-    (signed values); returns max |row| as int32 bits. `bits`: the row's float32 bits as int32, whose low 31 bits
-    order like |row| (the caller has refused NaN); gm, gr: int32 scratch of GROUP entries; tv, ti: scratch of k.
-
-    The row is read as runs of GROUP entries: the max of each column over the runs (and the run it is in) comes
-    from vector instructions, the k largest column maxima start the list, and only the columns whose max reaches
-    its k-th value are scanned for more. (Indices go through slices: an index computed as `run * GROUP + column`
-    made numba emit gathers, 3x slower.)"""
-    d = row.shape[0]
-    s = gm.shape[0]
-    r_n = d // s
-    seg = bits[:s]
-    for c in range(s):
-        gm[c] = seg[c] & ABS_MASK
-        gr[c] = 0
-    for r in range(1, r_n):
-        seg = bits[r * s:r * s + s]
-        for c in range(s):
-            v = seg[c] & ABS_MASK
-            g = v > gm[c]
-            gm[c] = v if g else gm[c]
-            gr[c] = r if g else gr[c]
-    for q in range(k):
-        tv[q] = -1
-        ti[q] = d
-    kv = np.int32(-1)
-    kj = d
-    for c in range(s):  # the k largest column maxima (ties: lower index first)
-        a = gm[c]
-        j = gr[c] * s + c
-        if a > kv or (a == kv and j < kj):
-            _insert(tv, ti, a, j, k)
-            kv = tv[k - 1]
-            kj = ti[k - 1]
-    for c in range(s):  # columns that may hold more of the k largest (each column's max is in the list already)
-        if gm[c] < kv:
-            continue
-        skip = gr[c]
-        for r in range(r_n):
-            if r == skip:
-                continue
-            j = r * s + c
-            a = bits[j] & ABS_MASK
-            if a > kv or (a == kv and j < kj):
-                _insert(tv, ti, a, j, k)
-                kv = tv[k - 1]
-                kj = ti[k - 1]
-    for j in range(r_n * s, d):  # the tail after the last whole run
-        a = bits[j] & ABS_MASK
-        if a > kv or (a == kv and j < kj):
-            _insert(tv, ti, a, j, k)
-            kv = tv[k - 1]
-            kj = ti[k - 1]
-    for q in range(k):
-        out_i[q] = ti[q]
-        out_v[q] = row[ti[q]]
-    return tv[0]
-
-
-def _h_pass(h, valid, k, h0, lo, hi, cand_min, band, top_i, top_v, max_abs, cos, feat_max, cand):
-    """One sample's block output `h[T, D]` (float32, C-contiguous). Fills top_i/top_v `[T, k]`, max_abs and cos `[T]`,
-    feat_max `[D]` (max over real tokens, from 0), band (entries in [lo, hi] of real tokens, while it has room) and
-    cand (real tokens with max |h| >= cand_min). Returns (entries below lo, entries in the band, candidates,
-    whether the band overflowed, whether every row is finite)."""
-    t_len, d = h.shape
-    bits = h.view(np.int32)
-    n0 = 0.0
-    for j in range(d):
-        n0 += np.float64(h0[j]) * np.float64(h0[j])
-    n0 = max(np.sqrt(n0), 1e-12)
-    gm = np.empty(min(GROUP, d), np.int32)
-    gr = np.empty(min(GROUP, d), np.int32)
-    tv = np.empty(k, np.int32)
-    ti = np.empty(k, np.int64)
-    cand_bits = np.float32(cand_min).view(np.int32)
-    below = 0
-    nb = 0
-    nc = 0
-    cap = band.shape[0]
-    overflow = False
-    for t in range(t_len):
-        row = h[t]
-        dot = 0.0
-        sq = 0.0
-        for j in range(d):
-            x = np.float64(row[j])
-            dot += x * np.float64(h0[j])
-            sq += x * x
-        if not np.isfinite(sq):
-            return below, nb, nc, overflow, False
-        cos[t] = dot / (max(np.sqrt(sq), 1e-12) * n0)
-        top = _row_topk(row, bits[t], k, gm, gr, tv, ti, top_i[t], top_v[t])
-        max_abs[t] = abs(row[ti[0]])
-        if not valid[t]:
-            continue
-        c = 0
-        for j in range(d):
-            a = abs(row[j])
-            feat_max[j] = max(feat_max[j], a)
-            c += a < lo
-        below += c
-        if nb + d < cap:  # branch-free store: every entry is written, the count moves only for those inside
-            for j in range(d):
-                a = abs(row[j])
-                band[nb] = a
-                nb += (a >= lo) & (a <= hi)
-        else:
-            overflow = True
-            for j in range(d):
-                a = abs(row[j])
-                nb += (a >= lo) & (a <= hi)
-        if top >= cand_bits:
-            cand[nc] = t
-            nc += 1
-    return below, nb, nc, overflow, True
-
-
-def _m_pass(m, valid, k, top_i, top_v, feat_max):
-    """One sample's MLP output `m[T, D]`: top_i/top_v `[T, k]` and feat_max `[D]` (over real tokens, from 0). Returns
-    whether every row is finite."""
-    t_len, d = m.shape
-    bits = m.view(np.int32)
-    gm = np.empty(min(GROUP, d), np.int32)
-    gr = np.empty(min(GROUP, d), np.int32)
-    tv = np.empty(k, np.int32)
-    ti = np.empty(k, np.int64)
-    for t in range(t_len):
-        row = m[t]
-        sq = 0.0
-        for j in range(d):
-            x = np.float64(row[j])
-            sq += x * x
-        if not np.isfinite(sq):
-            return False
-        _row_topk(row, bits[t], k, gm, gr, tv, ti, top_i[t], top_v[t])
-        if valid[t]:
-            for j in range(d):
-                feat_max[j] = max(feat_max[j], abs(row[j]))
-    return True
+    fm = np.zeros(40, np.float32)
+    if lib.m_pass(_ptr(x), _ptr(valid), 2, 40, 4, _ptr(ti), _ptr(tv), _ptr(fm)) != 1:
+        raise RuntimeError("m_pass refused a finite input")
+    want = np.argsort(-np.abs(x), axis=1, kind="stable")[:, :4]
+    if not ((ti == want).all() and (fm == np.abs(x).max(axis=0)).all()):
+        raise RuntimeError(f"m_pass computed wrong top features on a test input: {ti.tolist()}")
 
 
 def _bracket(a: np.ndarray, rows: np.ndarray | None, n: int) -> tuple[np.float32, np.float32, int]:
@@ -303,29 +246,36 @@ def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_th
     when a row holds a NaN or an infinity, a sample has no real token, or the kernels could not be compiled."""
     b_n, t_len, d = h.shape
     counts = valid.sum(axis=1)
-    if not counts.all() or not _compile():
+    if not counts.all() or not 1 <= top_k <= min(MAX_K, d):
+        return False
+    lib = _load()
+    if lib is None:
         return False
     hn = h.detach().float().contiguous().numpy()
     mn = mlp_out.detach().float().contiguous().numpy()
+    valid = np.ascontiguousarray(valid, dtype=np.bool_)
     k = top_k
     abs_t, rel_t = np.float32(abs_threshold), np.float32(rel_threshold)
+    res = np.empty(4, np.int64)
     found = []
     for b in range(b_n):
         o = {key: out[key][b, layer] for key in FIELDS if key != "median_abs"}  # views, [T, ...] / [D]
         o["feature_max_abs"][:] = 0
         o["mlp_feature_max_abs"][:] = 0
-        if not _m_pass(mn[b], valid[b], k, o["mlp_top_features"], o["mlp_top_values"], o["mlp_feature_max_abs"]):
+        if not lib.m_pass(_ptr(mn[b]), _ptr(valid[b]), t_len, d, k, _ptr(o["mlp_top_features"]),
+                          _ptr(o["mlp_top_values"]), _ptr(o["mlp_feature_max_abs"])):
             return False
         rows = None if counts[b] == t_len else np.flatnonzero(valid[b])
         n = d * int(counts[b])
         lo, hi, cap = _bracket(hn[b], rows, n)
         band = np.empty(cap, np.float32)
         cand = np.empty(t_len, np.int64)
-        below, nb, nc, overflow, ok = _h_pass(
-            hn[b], valid[b], k, hn[b, int(np.argmax(valid[b]))], np.float32(lo), np.float32(hi), abs_t, band,
-            o["top_features"], o["top_values"], o["max_abs"], o["bos_cosine"], o["feature_max_abs"], cand)
-        if not ok:
+        if not lib.h_pass(_ptr(hn[b]), _ptr(valid[b]), t_len, d, k, _ptr(hn[b, int(np.argmax(valid[b]))]),
+                          float(lo), float(hi), float(abs_t), _ptr(band), cap, _ptr(o["top_features"]),
+                          _ptr(o["top_values"]), _ptr(o["max_abs"]), _ptr(o["bos_cosine"]),
+                          _ptr(o["feature_max_abs"]), _ptr(cand), _ptr(res)):
             return False
+        below, nb, nc, overflow = (int(x) for x in res)
         med = median_from_band(None if overflow else band[:nb], below, n,
                                lambda a=hn[b], rows=rows: np.abs(a if rows is None else a[rows]).reshape(-1))
         out["median_abs"][b, layer] = med
@@ -342,5 +292,3 @@ def reduce_layer_cpu(h, attn_out, mlp_out, valid: np.ndarray, top_k: int, abs_th
     return True
 
 
-_PYTHON = {name: globals()[name] for name in KERNELS}
-"""The kernels as plain Python functions, which `_compile` hands to numba."""

@@ -193,7 +193,8 @@ class Recorder:
             "massive": [],
         }
         self._cur["first"] = valid.int().argmax(dim=1)  # each row's first real position
-        # the CPU's fused reductions (numba) write every layer's fields, and alpha, into sample-major blocks
+        # the CPU's fused reductions (C: record/fused_cpu.c) write every layer's fields, and alpha, into
+        # sample-major blocks
         self._cur["fused"] = not self._cur["device_path"] and ref.device.type == "cpu" and fused_cpu.available()
         if self._cur["fused"]:
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
@@ -270,7 +271,7 @@ class Recorder:
             cur["layers"][layer] = True
             cur["buffer"][layer] = None
         else:
-            # numba's two passes, into the host blocks (False: a NaN or infinity, or a sample without real tokens)
+            # the two C passes, into the host blocks (False: a NaN or infinity, or a sample without real tokens)
             done = cur["fused"] and fused_cpu.reduce_layer_cpu(
                 h, a, m, cur["valid_np"], self.top_k, self.abs_threshold, self.rel_threshold, cur["host"], layer,
                 cur["massive_block"])

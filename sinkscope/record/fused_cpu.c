@@ -1,0 +1,193 @@
+/* The CPU recorder's per-layer reductions: one pass over a sample's block output and one over its MLP output.
+ *
+ * sinkscope/record/fused_cpu.py compiles this file with the system's C compiler at the first CPU recording, loads
+ * it with ctypes and documents what each pass computes; tests/test_fused_cpu.py checks every field against the
+ * torch reductions of sinkscope/record/reduce.py. Arrays are C-contiguous: h and m [T, D] float32, valid [T] bytes,
+ * top indices int32 and top values float32 [T, K], cos and max_abs [T], feature maxima [D], band float32, candidate
+ * tokens int64.
+ *
+ * Built with reassociation (so that the sums vectorise) but without -ffinite-math-only: a NaN or an infinity still
+ * shows in a row's sum of squares, and the pass stops and reports it instead of mis-ranking the row.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define GROUP 32          /* runs of the top-k scan: fused_cpu.GROUP */
+#define ABS_MASK 0x7FFFFFFF /* the low 31 bits of a float32 order like |x| as an integer (NaN excluded) */
+#define MAX_K 256         /* the largest top-k the passes take (fused_cpu.MAX_K) */
+
+static inline int32_t abs_bits(const int32_t *bits, int64_t j) { return bits[j] & ABS_MASK; }
+
+/* Insert key a at index j into the top list (key descending, index ascending) of length k; the last entry drops. */
+static inline void insert(int32_t *tv, int64_t *ti, int32_t a, int64_t j, int k) {
+    int p = k - 1;
+    while (p > 0 && (tv[p - 1] < a || (tv[p - 1] == a && ti[p - 1] > j))) {
+        tv[p] = tv[p - 1];
+        ti[p] = ti[p - 1];
+        p--;
+    }
+    tv[p] = a;
+    ti[p] = j;
+}
+
+/* The k largest |row| entries (value descending, index ascending) into out_i and out_v (signed values); returns
+ * max |row| as float32 bits. The row is read as runs of s entries: each column's max over the runs (and the run it
+ * is in) first, the k largest column maxima start the list, and only the columns whose max reaches its k-th key
+ * are scanned for more. */
+static int32_t row_topk(const float *row, const int32_t *bits, int64_t d, int k, int32_t *tv, int64_t *ti,
+                        int32_t *out_i, float *out_v) {
+    const int64_t s = d < GROUP ? d : GROUP;
+    const int64_t r_n = d / s;
+    int32_t gm[GROUP], gr[GROUP];
+    for (int64_t c = 0; c < s; c++) {
+        gm[c] = abs_bits(bits, c);
+        gr[c] = 0;
+    }
+    for (int64_t r = 1; r < r_n; r++) {
+        const int32_t *seg = bits + r * s;
+        for (int64_t c = 0; c < s; c++) {
+            int32_t v = seg[c] & ABS_MASK;
+            int g = v > gm[c];
+            gm[c] = g ? v : gm[c];
+            gr[c] = g ? (int32_t)r : gr[c];
+        }
+    }
+    for (int q = 0; q < k; q++) {
+        tv[q] = -1;
+        ti[q] = d;
+    }
+    int32_t kv = -1;
+    int64_t kj = d;
+    for (int64_t c = 0; c < s; c++) { /* the k largest column maxima (ties: lower index first) */
+        int32_t a = gm[c];
+        int64_t j = (int64_t)gr[c] * s + c;
+        if (a > kv || (a == kv && j < kj)) {
+            insert(tv, ti, a, j, k);
+            kv = tv[k - 1];
+            kj = ti[k - 1];
+        }
+    }
+    for (int64_t c = 0; c < s; c++) { /* columns that may hold more of the k largest (their max is listed) */
+        if (gm[c] < kv) continue;
+        for (int64_t r = 0; r < r_n; r++) {
+            if (r == gr[c]) continue;
+            int64_t j = r * s + c;
+            int32_t a = abs_bits(bits, j);
+            if (a > kv || (a == kv && j < kj)) {
+                insert(tv, ti, a, j, k);
+                kv = tv[k - 1];
+                kj = ti[k - 1];
+            }
+        }
+    }
+    for (int64_t j = r_n * s; j < d; j++) { /* the tail after the last whole run */
+        int32_t a = abs_bits(bits, j);
+        if (a > kv || (a == kv && j < kj)) {
+            insert(tv, ti, a, j, k);
+            kv = tv[k - 1];
+            kj = ti[k - 1];
+        }
+    }
+    for (int q = 0; q < k; q++) {
+        out_i[q] = (int32_t)ti[q];
+        out_v[q] = row[ti[q]];
+    }
+    return tv[0];
+}
+
+/* A row's sum of squares in float64 (and its dot product with h0 when h0 is given). */
+static inline double sums(const float *row, const float *h0, int64_t d, double *dot) {
+    double sq = 0.0, dt = 0.0;
+    if (h0) {
+        for (int64_t j = 0; j < d; j++) {
+            double x = (double)row[j];
+            dt += x * (double)h0[j];
+            sq += x * x;
+        }
+    } else {
+        for (int64_t j = 0; j < d; j++) {
+            double x = (double)row[j];
+            sq += x * x;
+        }
+    }
+    *dot = dt;
+    return sq;
+}
+
+/* One sample's block output h [T, D]. Fills top_i/top_v [T, K], max_abs and cos [T], feat_max [D] (max over real
+ * tokens; the caller zeroes it), band (the |h| of real tokens in [lo, hi], while it has room for a whole row) and
+ * cand (real tokens whose max |h| reaches cand_min). res: entries below lo, entries in the band, candidates,
+ * whether the band overflowed. Returns 0 when a row holds a NaN or an infinity (res then incomplete), else 1. */
+int h_pass(const float *restrict h, const uint8_t *restrict valid, int64_t t_len, int64_t d, int k,
+           const float *restrict h0, float lo, float hi, float cand_min, float *restrict band, int64_t cap,
+           int32_t *restrict top_i, float *restrict top_v, float *restrict max_abs, float *restrict cos_out,
+           float *restrict feat_max, int64_t *restrict cand, int64_t *restrict res) {
+    if (k < 1 || k > MAX_K || k > d) return 0;
+    const int32_t *bits = (const int32_t *)h;
+    double n0 = 0.0;
+    for (int64_t j = 0; j < d; j++) n0 += (double)h0[j] * (double)h0[j];
+    n0 = fmax(sqrt(n0), 1e-12);
+    int32_t tv[MAX_K];
+    int64_t ti[MAX_K];
+    int32_t cand_bits;
+    __builtin_memcpy(&cand_bits, &cand_min, 4);
+    int64_t below = 0, nb = 0, nc = 0, overflow = 0;
+    for (int64_t t = 0; t < t_len; t++) {
+        const float *row = h + t * d;
+        double dot;
+        double sq = sums(row, h0, d, &dot);
+        if (!isfinite(sq)) return 0;
+        cos_out[t] = (float)(dot / (fmax(sqrt(sq), 1e-12) * n0));
+        int32_t top = row_topk(row, bits + t * d, d, k, tv, ti, top_i + t * k, top_v + t * k);
+        max_abs[t] = fabsf(row[ti[0]]);
+        if (!valid[t]) continue;
+        int64_t c = 0;
+        for (int64_t j = 0; j < d; j++) {
+            float a = fabsf(row[j]);
+            feat_max[j] = a > feat_max[j] ? a : feat_max[j];
+            c += a < lo;
+        }
+        below += c;
+        if (nb + d < cap) { /* branch-free store: every entry is written, the count moves for those inside */
+            for (int64_t j = 0; j < d; j++) {
+                float a = fabsf(row[j]);
+                band[nb] = a;
+                nb += (a >= lo) & (a <= hi);
+            }
+        } else {
+            overflow = 1;
+            for (int64_t j = 0; j < d; j++) {
+                float a = fabsf(row[j]);
+                nb += (a >= lo) & (a <= hi);
+            }
+        }
+        if (top >= cand_bits) cand[nc++] = t;
+    }
+    res[0] = below;
+    res[1] = nb;
+    res[2] = nc;
+    res[3] = overflow;
+    return 1;
+}
+
+/* One sample's MLP output m [T, D]: top_i/top_v [T, K] and feat_max [D] (over real tokens; the caller zeroes it).
+ * Returns 0 when a row holds a NaN or an infinity, else 1. */
+int m_pass(const float *restrict m, const uint8_t *restrict valid, int64_t t_len, int64_t d, int k,
+           int32_t *restrict top_i, float *restrict top_v, float *restrict feat_max) {
+    if (k < 1 || k > MAX_K || k > d) return 0;
+    const int32_t *bits = (const int32_t *)m;
+    int32_t tv[MAX_K];
+    int64_t ti[MAX_K];
+    for (int64_t t = 0; t < t_len; t++) {
+        const float *row = m + t * d;
+        double dot;
+        if (!isfinite(sums(row, 0, d, &dot))) return 0;
+        row_topk(row, bits + t * d, d, k, tv, ti, top_i + t * k, top_v + t * k);
+        if (!valid[t]) continue;
+        for (int64_t j = 0; j < d; j++) {
+            float a = fabsf(row[j]);
+            feat_max[j] = a > feat_max[j] ? a : feat_max[j];
+        }
+    }
+    return 1;
+}

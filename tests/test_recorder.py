@@ -440,3 +440,34 @@ def test_cpu_recording_sets_glibc_malloc_once_and_can_be_told_not_to(monkeypatch
 
     glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
     assert _malloc._STATE == [glibc]
+
+
+def test_cpu_recording_gives_the_freed_heap_back_once_a_forward(monkeypatch):
+    """After the decoder body, a CPU recording hands the heap's free pages back (`malloc_trim(0)`) before the
+    logits are allocated (sinkscope.record._malloc.trim: the retained heap raised the peak RSS); not when
+    SINKSCOPE_MALLOPT=0 left malloc alone."""
+    import ctypes
+    import sys
+
+    from sinkscope.record import _malloc
+
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (2, 8))
+    monkeypatch.setattr(_malloc, "_STATE", [])
+    monkeypatch.setattr(_malloc, "_TRIM", [])
+    monkeypatch.setenv("SINKSCOPE_MALLOPT", "0")
+    with Recorder(model) as rec:
+        model(input_ids=ids)
+    assert _malloc._STATE == [False] and _malloc._TRIM == [] and len(rec.samples) == 2
+    if not (sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")):
+        pytest.skip("not glibc: nothing to trim")
+    monkeypatch.setattr(_malloc, "_STATE", [])
+    monkeypatch.delenv("SINKSCOPE_MALLOPT")
+    assert _malloc.tune() and len(_malloc._TRIM) == 1
+    calls = []
+    monkeypatch.setattr(_malloc, "_TRIM", [calls.append])
+    with Recorder(model) as rec:
+        model(input_ids=ids)
+        assert calls == [0]
+        model(input_ids=ids)
+    assert calls == [0, 0] and len(rec.samples) == 4

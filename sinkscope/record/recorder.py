@@ -353,6 +353,8 @@ class Recorder:
         for b, head in enumerate(heads):
             self.samples.append(self._sample(b, head, alpha, per_layer, frames[b], cur, meta))
         self._cur = None
+        if not valid.is_cuda:
+            _malloc.trim()  # the layers' freed heap back to the kernel before the logits (see _malloc.trim)
 
     def _sample_head(self, b, valid, input_ids, meta) -> dict:
         """What sample b of a forward takes from its inputs alone: its real positions, tokens and segments."""

@@ -211,11 +211,28 @@ def test_the_library_is_built_once_and_taken_from_the_cache(monkeypatch, tmp_pat
 @needs_cc
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
     _fresh(monkeypatch, tmp_path)
-    target = fused_cpu._target(fused_cpu._compiler())
+    target = fused_cpu._target(fused_cpu._compiler(), tmp_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"not a shared library")  # e.g. a disk that filled up while another process built it
     assert _reduce_small()
     assert target.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_cc
+def test_an_unwritable_cache_directory_falls_back_to_a_private_temporary_one(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    _fresh(monkeypatch, blocker / "kernels")
+    monkeypatch.setattr(fused_cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert _reduce_small()
+    (private,) = (tmp_path / "tmp").iterdir()
+    assert private.name.startswith("sinkscope-kernels-") and private.stat().st_mode & 0o077 == 0
+    assert len(list(private.glob("fused_cpu-*.so"))) == 1
+    private.chmod(0o777)  # another user could have planted a library there: refused, with the first error
+    _fresh(monkeypatch, blocker / "kernels")
+    with pytest.warns(UserWarning, match="C reductions are unavailable"):
+        assert not _reduce_small()
 
 
 @pytest.mark.parametrize("how", ["no-compiler", "compiler-fails", "wrong-results"])

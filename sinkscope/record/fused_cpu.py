@@ -27,8 +27,9 @@ Its runtime (the numba modules, LLVM and the cached machine code) added about 10
 more than the whole budget of 96 MiB at T = 2048. The same passes in C, built once by the system's compiler
 (`cc`, or `$CC`; 0.2 s) into a shared library of 23 KiB that ctypes loads (5 ms), add only that library's pages,
 and run as fast (43 against 44 ms of reductions a forward at T = 512, session 18). The
-library is cached under the user's cache directory (`SINKSCOPE_CACHE_DIR` moves it), keyed by the source, the
-compiler, its flags and the CPU (it is built for the CPU it runs on). Tried and dropped (session 17): the MLP pass
+library is cached under the user's cache directory (`SINKSCOPE_CACHE_DIR` moves it; a private directory under the
+temporary one when it cannot be written), keyed by the source, the compiler, its flags and the CPU (it is built for
+the CPU it runs on). Tried and dropped (session 17): the MLP pass
 in a second thread next to the `h` pass. The forward's OpenMP threads spin on the other core after each matmul,
 and the two threads were no faster.
 
@@ -110,27 +111,52 @@ def _cpu_id() -> str:
 
 
 def _open(cc: str) -> ctypes.CDLL:
-    """The library, loaded; a cached file that does not load (truncated, or not a library) is built again."""
-    path = _build(cc)
+    """The library, loaded from the cache directory, or from a private one under the temporary directory when the
+    cache directory cannot be written (a read-only home, a full disk)."""
+    try:
+        return _open_in(cc, cache_dir())
+    except OSError as exc:
+        try:
+            return _open_in(cc, _private_temp_dir())
+        except OSError:
+            raise exc from None
+
+
+def _open_in(cc: str, directory: Path) -> ctypes.CDLL:
+    """The library cached in `directory`, loaded; a cached file that does not load (truncated, or not a library)
+    is built again."""
+    path = _build(cc, directory)
     try:
         return ctypes.CDLL(str(path))
     except OSError:
         path.unlink(missing_ok=True)
-        return ctypes.CDLL(str(_build(cc)))
+        return ctypes.CDLL(str(_build(cc, directory)))
 
 
-def _target(cc: str) -> Path:
-    """Where the library for this source, compiler, flags and CPU is cached."""
+def _private_temp_dir() -> Path:
+    """`sinkscope-kernels-<uid>` under the temporary directory, readable by this user only (a library found in a
+    directory others can write to would be code they chose)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = Path(tempfile.gettempdir()) / f"sinkscope-kernels-{uid if uid is not None else 'user'}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = path.stat()
+    if uid is not None and (st.st_uid != uid or st.st_mode & 0o077):
+        raise PermissionError(f"{path} is not private to this user (owner {st.st_uid}, mode {st.st_mode & 0o777:o})")
+    return path
+
+
+def _target(cc: str, directory: Path) -> Path:
+    """Where the library for this source, compiler, flags and CPU is cached in `directory`."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(),
                                      _cpu_id().encode()]))
-    return cache_dir() / f"fused_cpu-{key.hexdigest()[:16]}.so"
+    return directory / f"fused_cpu-{key.hexdigest()[:16]}.so"
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, directory: Path) -> Path:
     """The library: from the cache, or built into it (a new file moved into place, so that two processes building
     at once both end with a whole file, and one that has the old file loaded keeps its copy)."""
-    target = _target(cc)
+    target = _target(cc, directory)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

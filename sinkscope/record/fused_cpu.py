@@ -164,13 +164,15 @@ def _build(cc: str, directory: Path) -> Path:
     for extra in (NATIVE, ()):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        done = subprocess.run([cc, *CFLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
-                              text=True, timeout=300)
-        if done.returncode == 0:
-            os.replace(tmp, target)
-            return target
-        os.unlink(tmp)
-        errors.append(done.stderr.strip()[-400:])
+        try:
+            done = subprocess.run([cc, *CFLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                  text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(done.stderr.strip()[-400:])
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # a failed or timed-out build leaves nothing behind
     raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
 
 
@@ -216,6 +218,14 @@ def _smoke(lib) -> None:
     want = np.argsort(-np.abs(x), axis=1, kind="stable")[:, :4]
     if not ((ti == want).all() and (fm == np.abs(x).max(axis=0)).all()):
         raise RuntimeError(f"m_pass computed wrong top features on a test input: {ti.tolist()}")
+    band, cand, res = np.empty(x.size + 41, np.float32), np.empty(2, np.int64), np.empty(4, np.int64)
+    max_abs, cos = np.empty(2, np.float32), np.empty(2, np.float32)
+    fm[:] = 0
+    ok = lib.h_pass(_ptr(x), _ptr(valid), 2, 40, 4, _ptr(x[0]), 0.0, float("inf"), 50.0, _ptr(band), len(band),
+                    _ptr(ti), _ptr(tv), _ptr(max_abs), _ptr(cos), _ptr(fm), _ptr(cand), _ptr(res))
+    if not (ok == 1 and (ti == want).all() and (max_abs == np.abs(x).max(axis=1)).all() and abs(cos[0] - 1) < 1e-6
+            and res.tolist() == [0, x.size, 1, 0] and cand[0] == 1):
+        raise RuntimeError(f"h_pass computed wrong fields on a test input: {res.tolist()}")
 
 
 def _bracket(a: np.ndarray, rows: np.ndarray | None, n: int) -> tuple[np.float32, np.float32, int]:

@@ -65,8 +65,7 @@ def trim() -> None:
     The recorder calls it once per CPU forward, when the decoder body has run: the layers' freed temporaries (kept
     in the heap by `tune`'s thresholds, and in holes between live blocks) would otherwise still be resident when
     the forward allocates its logits, the largest block of the forward, and raise the process's peak RSS by what
-    they hold. SmolLM2 at T = 2048 (session 18, /tmp script, 3 processes each): peak RSS 1628-1669 MiB without,
-    1510-1513 MiB with it, a plain forward 1510-1601 MiB."""
+    they hold. SmolLM2 at T = 2048 (session 18, /tmp script, 3 processes each): a recording's peak RSS 1628-1669 MiB
+    without, 1495-1497 MiB with it; a plain forward's 1510-1601 MiB."""
     if _STATE and _STATE[0]:
         _TRIM[0](0)
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import numpy as np
@@ -54,11 +55,27 @@ def _massive_arrays(massive):
     return [torch.cat([x[i].reshape(-1) for x in massive]).double().numpy() for i in range(6)]
 
 
+@pytest.fixture(params=["native", "no-avx512"])
+def isa(request, monkeypatch, tmp_path):
+    """The library as built for this CPU, and built without AVX-512 (the passes' portable code) on x86-64."""
+    if request.param == "no-avx512":
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            pytest.skip("AVX-512 is an x86-64 extension")
+        _fresh(monkeypatch, tmp_path)
+        monkeypatch.setattr(fused_cpu, "CFLAGS", (*fused_cpu.CFLAGS, "-mno-avx512f"))
+    return request.param
+
+
+def _stable_top(x: np.ndarray, k: int) -> np.ndarray:
+    """The k largest |x| of each row, ties to the lower index."""
+    return np.argsort(-np.abs(x), axis=-1, kind="stable")[..., :k]
+
+
 @needs_cc
 @pytest.mark.parametrize("shape,pad", [((2, 300, 250), False), ((2, 300, 250), True), ((3, 40, 72), True),
                                        ((1, 130, 576), False)], ids=["bracket", "bracket-padded", "small-padded",
                                                                       "smollm2-width"])
-def test_fields_equal_the_torch_reductions(shape, pad):
+def test_fields_equal_the_torch_reductions(isa, shape, pad):
     (ref, ref_massive), (got, got_massive) = _both(*_layer(0, *shape, pad))
     for key in FIELDS:
         np.testing.assert_array_equal(got[key], ref[key].astype(got[key].dtype), err_msg=key)
@@ -69,7 +86,7 @@ def test_fields_equal_the_torch_reductions(shape, pad):
 
 
 @needs_cc
-def test_ties_go_to_the_lower_feature_index():
+def test_ties_go_to_the_lower_feature_index(isa):
     first = torch.tensor([3.0, -5.0, 5.0, 1.0, -3.0, 5.0, 0.0, 2.0] * 5)  # D = 40: a run of 32 and a tail
     first[33] = -5.0
     second = torch.full((96,), 0.1)  # three runs: the tie at 32 is found in the scan, after 33 entered the list
@@ -84,7 +101,7 @@ def test_ties_go_to_the_lower_feature_index():
 
 @needs_cc
 @pytest.mark.parametrize("case", ["bracket-miss", "band-overflow"])
-def test_median_stays_exact_when_the_bracket_fails(monkeypatch, case):
+def test_median_stays_exact_when_the_bracket_fails(isa, monkeypatch, case):
     h, a, m, valid = _layer(1, 1, 300, 250, False)
     if case == "bracket-miss":  # a subsample of the smallest entries: the bracket lies below the median
         smallest = np.argsort(np.abs(h.numpy()).reshape(-1))[:20000]
@@ -94,6 +111,28 @@ def test_median_stays_exact_when_the_bracket_fails(monkeypatch, case):
     (ref, _), (got, _) = _both(h, a, m, valid)
     assert got["median_abs"][0] == np.median(np.abs(h.numpy()))
     np.testing.assert_array_equal(got["median_abs"], ref["median_abs"])
+
+
+@needs_cc
+@pytest.mark.parametrize("case", ["tied-rows", "top-20", "narrow"])
+def test_rows_outside_the_threshold_route_take_the_scan(isa, case):
+    """The top-k's threshold route (AVX-512) hands a row to the scan when more than 64 entries reach its threshold
+    (ties), when k > 16, or when D < 32; the fields stay those of the torch reductions, ties to the lower index."""
+    d, top_k = {"tied-rows": (576, 5), "top-20": (576, 20), "narrow": (24, 5)}[case]
+    h, a, m, valid = _layer(6, 2, 50, d, False)
+    if case == "tied-rows":
+        h[:, 10:20] = 3.0  # every entry of these rows ties
+        m[0, 5:9] = -2.0
+        m[1, 7, :100] = 9.0  # 100 tied maxima
+    (ref, ref_massive), (got, got_massive) = _both(h, a, m, valid, top_k=top_k)
+    for key in ("top_features", "mlp_top_features"):  # torch.topk's order among ties is unspecified
+        x = (h if key == "top_features" else m).numpy()
+        np.testing.assert_array_equal(got[key], _stable_top(x, top_k), err_msg=key)
+    for key in set(FIELDS) - {"top_features", "mlp_top_features"}:
+        np.testing.assert_array_equal(got[key], ref[key].astype(got[key].dtype), err_msg=key)
+    np.testing.assert_allclose(got["bos_cosine"], ref["bos_cosine"], atol=1e-6)
+    for x, y in zip(got_massive, ref_massive, strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("seed", range(6))

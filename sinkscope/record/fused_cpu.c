@@ -7,10 +7,15 @@
  * tokens int64.
  *
  * Built with reassociation (so that the sums vectorise) but without -ffinite-math-only: a NaN or an infinity still
- * shows in a row's sum of squares, and the pass stops and reports it instead of mis-ranking the row.
+ * shows in a row's sum of squares, and the pass stops and reports it instead of mis-ranking the row. Built for a
+ * CPU with AVX-512, the top-k and the median's band take routes through register compression first (same
+ * results; the portable code decides whenever a route declines a row).
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define GROUP 32          /* runs of the top-k scan: fused_cpu.GROUP */
 #define ABS_MASK 0x7FFFFFFF /* the low 31 bits of a float32 order like |x| as an integer (NaN excluded) */
@@ -34,8 +39,8 @@ static inline void insert(int32_t *tv, int64_t *ti, int32_t a, int64_t j, int k)
  * max |row| as float32 bits. The row is read as runs of s entries: each column's max over the runs (and the run it
  * is in) first, the k largest column maxima start the list, and only the columns whose max reaches its k-th key
  * are scanned for more. */
-static int32_t row_topk(const float *row, const int32_t *bits, int64_t d, int k, int32_t *tv, int64_t *ti,
-                        int32_t *out_i, float *out_v) {
+static int32_t row_topk_scan(const float *row, const int32_t *bits, int64_t d, int k, int32_t *tv, int64_t *ti,
+                             int32_t *out_i, float *out_v) {
     const int64_t s = d < GROUP ? d : GROUP;
     const int64_t r_n = d / s;
     int32_t gm[GROUP], gr[GROUP];
@@ -95,6 +100,84 @@ static int32_t row_topk(const float *row, const int32_t *bits, int64_t d, int k,
     return tv[0];
 }
 
+#ifdef __AVX512F__
+#define CAND 64 /* candidates row_topk_avx512 sorts; a row with more at its threshold (ties) takes the scan */
+
+/* row_topk_scan's result through a threshold, for 32 <= d and k <= 16 (returns 0, and the scan decides, otherwise).
+ * The maxima of 8 (k <= 8) or 16 disjoint groups of columns are distinct entries, so the smallest of them, tau,
+ * is reached by at least k entries and every one of the row's k largest reaches it. One pass compresses the
+ * indices of the entries reaching tau into a list (in index order; usually a few more than k), whose k largest
+ * are then sorted as in the scan. */
+static int row_topk_avx512(const float *row, const int32_t *bits, int64_t d, int k, int32_t *tv, int64_t *ti,
+                           int32_t *out_i, float *out_v, int32_t *top) {
+    if (d < GROUP || k > 16) return 0;
+    const int64_t r_n = d / GROUP;
+    const __m512i absm = _mm512_set1_epi32(ABS_MASK);
+    __m512i g0 = _mm512_and_si512(_mm512_loadu_si512(bits), absm);
+    __m512i g1 = _mm512_and_si512(_mm512_loadu_si512(bits + 16), absm);
+    for (int64_t r = 1; r < r_n; r++) {
+        g0 = _mm512_max_epi32(g0, _mm512_and_si512(_mm512_loadu_si512(bits + r * GROUP), absm));
+        g1 = _mm512_max_epi32(g1, _mm512_and_si512(_mm512_loadu_si512(bits + r * GROUP + 16), absm));
+    }
+    __m512i g = _mm512_max_epi32(g0, g1); /* 16 groups: columns c and c + 16 */
+    int32_t tau;
+    if (k <= 8) /* 8 groups: columns c, c + 8, c + 16, c + 24 */
+        tau = _mm512_mask_reduce_min_epi32(0x00FF, _mm512_max_epi32(g, _mm512_shuffle_i32x4(g, g, 0x4E)));
+    else
+        tau = _mm512_reduce_min_epi32(g);
+    const __m512i vt = _mm512_set1_epi32(tau), step = _mm512_set1_epi32(16);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int32_t cand[CAND + 16];
+    int n = 0;
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) { /* branch-free: every chunk stores, the count moves by its hits */
+        if (n > CAND) return 0;
+        __mmask16 hit = _mm512_cmpge_epi32_mask(_mm512_and_si512(_mm512_loadu_si512(bits + j), absm), vt);
+        _mm512_storeu_si512(cand + n, _mm512_maskz_compress_epi32(hit, idx));
+        n += __builtin_popcount((unsigned)hit);
+        idx = _mm512_add_epi32(idx, step);
+    }
+    for (; j < d; j++) {
+        if (n > CAND) return 0;
+        cand[n] = (int32_t)j;
+        n += abs_bits(bits, j) >= tau;
+    }
+    if (n > CAND) return 0;
+    for (int q = 0; q < k; q++) {
+        tv[q] = -1;
+        ti[q] = d;
+    }
+    int32_t kv = -1;
+    int64_t kj = d;
+    for (int q = 0; q < n; q++) {
+        int64_t jj = cand[q];
+        int32_t a = abs_bits(bits, jj);
+        if (a > kv || (a == kv && jj < kj)) {
+            insert(tv, ti, a, jj, k);
+            kv = tv[k - 1];
+            kj = ti[k - 1];
+        }
+    }
+    for (int q = 0; q < k; q++) {
+        out_i[q] = (int32_t)ti[q];
+        out_v[q] = row[ti[q]];
+    }
+    *top = tv[0];
+    return 1;
+}
+#endif
+
+/* The k largest |row| entries (value descending, index ascending) into out_i and out_v; returns max |row| as
+ * float32 bits. */
+static int32_t row_topk(const float *row, const int32_t *bits, int64_t d, int k, int32_t *tv, int64_t *ti,
+                        int32_t *out_i, float *out_v) {
+#ifdef __AVX512F__
+    int32_t top;
+    if (row_topk_avx512(row, bits, d, k, tv, ti, out_i, out_v, &top)) return top;
+#endif
+    return row_topk_scan(row, bits, d, k, tv, ti, out_i, out_v);
+}
+
 /* A row's sum of squares in float64 (and its dot product with h0 when h0 is given). */
 static inline double sums(const float *row, const float *h0, int64_t d, double *dot) {
     double sq = 0.0, dt = 0.0;
@@ -149,7 +232,17 @@ int h_pass(const float *restrict h, const uint8_t *restrict valid, int64_t t_len
         }
         below += c;
         if (nb + d < cap) { /* branch-free store: every entry is written, the count moves for those inside */
-            for (int64_t j = 0; j < d; j++) {
+            int64_t j = 0;
+#ifdef __AVX512F__
+            const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+            for (; j + 16 <= d; j += 16) { /* compressed in a register, then stored whole (room: nb + d < cap) */
+                __m512 a = _mm512_abs_ps(_mm512_loadu_ps(row + j));
+                __mmask16 in = _mm512_cmp_ps_mask(a, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, vhi, _CMP_LE_OQ);
+                _mm512_storeu_ps(band + nb, _mm512_maskz_compress_ps(in, a));
+                nb += __builtin_popcount((unsigned)in);
+            }
+#endif
+            for (; j < d; j++) {
                 float a = fabsf(row[j]);
                 band[nb] = a;
                 nb += (a >= lo) & (a <= hi);

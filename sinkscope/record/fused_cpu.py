@@ -14,7 +14,8 @@ the full selection when it misses), its selections `reduce._two_ranks`' histogra
 massive entries are read from the candidate tokens once the median gives the threshold. The fields are written
 straight into the recorder's sample-major blocks.
 
-Top-k: a row is read as runs of GROUP entries; each column's max over the runs (with the run it is in) comes from
+Top-k: a row is read as runs of 32 entries (`GROUP` in fused_cpu.c; faster than 16, 64 and 96 on SmolLM2's
+activations); each column's max over the runs (with the run it is in) comes from
 vector instructions, the k largest column maxima start the list, and only the columns whose max reaches its k-th
 value are scanned. Ties go to the lower feature index. Built for a CPU with AVX-512 (and k <= 16, D >= 32), a
 threshold route comes first: the smallest of 8 or 16 disjoint column groups' maxima is reached by at least k
@@ -33,12 +34,11 @@ Its runtime (the numba modules, LLVM and the cached machine code) added about 10
 more than the whole budget of 96 MiB at T = 2048. The same passes in C, built once by the system's compiler
 (`cc`, or `$CC`; 0.2 s) into a shared library of 23 KiB that ctypes loads (5 ms), add only that library's pages,
 and ran as fast before their AVX-512 routes (43 against 44 ms of reductions a forward at T = 512; 25 ms with
-them, session 18). The
-library is cached under the user's cache directory (`SINKSCOPE_CACHE_DIR` moves it; a private directory under the
-temporary one when it cannot be written), keyed by the source, the compiler, its flags and the CPU (it is built for
-the CPU it runs on). Tried and dropped (session 17): the MLP pass
-in a second thread next to the `h` pass. The forward's OpenMP threads spin on the other core after each matmul,
-and the two threads were no faster.
+them, session 18). The library is cached under the user's cache directory (`SINKSCOPE_CACHE_DIR` moves it; a
+private directory under the temporary one when it cannot be written), keyed by the source, the compiler, its flags
+and the CPU (it is built for the CPU it runs on). Tried and dropped (session 17): the MLP pass in a second thread
+next to the `h` pass. The forward's OpenMP threads spin on the other core after each matmul, and the two threads
+were no faster.
 
 `available()` is False with `SINKSCOPE_CPU_KERNELS=0`, without a C compiler, or after the library failed to build
 or load (a warning says so); the recorder then uses the torch reductions, which record the same fields (slower).
@@ -61,8 +61,6 @@ import numpy as np
 from sinkscope.record.reduce import SUBSAMPLE, _subsample_index, _two_ranks, median_from_band, subsample_ranks
 
 SOURCE = Path(__file__).with_suffix(".c")
-GROUP = 32
-"""Runs of the top-k scan (`GROUP` in fused_cpu.c; 32 was faster than 16, 64 and 96 on SmolLM2's activations)."""
 MAX_K = 256
 """The largest top-k the passes take (`MAX_K` in fused_cpu.c); a larger one takes the torch reductions."""
 BAND_SLACK = 2

@@ -17,7 +17,7 @@
 #include <immintrin.h>
 #endif
 
-#define GROUP 32          /* runs of the top-k scan: fused_cpu.GROUP */
+#define GROUP 32          /* runs of the top-k scan (faster than 16, 64 and 96 on SmolLM2's activations) */
 #define ABS_MASK 0x7FFFFFFF /* the low 31 bits of a float32 order like |x| as an integer (NaN excluded) */
 #define MAX_K 256         /* the largest top-k the passes take (fused_cpu.MAX_K) */
 

@@ -35,6 +35,26 @@ static inline void insert(int32_t *tv, int64_t *ti, int32_t a, int64_t j, int k)
     ti[p] = j;
 }
 
+/* Offer key a at index j to the top list, whose last entry is (kv, kj): it enters if it beats that entry (ties: the
+ * lower index). kv and kj are the caller's locals, so that they stay in registers once this is inlined. */
+static inline void offer(int32_t *tv, int64_t *ti, int k, int32_t a, int64_t j, int32_t *kv, int64_t *kj) {
+    if (a > *kv || (a == *kv && j < *kj)) {
+        insert(tv, ti, a, j, k);
+        *kv = tv[k - 1];
+        *kj = ti[k - 1];
+    }
+}
+
+/* The top list's indices and signed values into out_i and out_v; returns its largest key. */
+static inline int32_t emit(const int32_t *tv, const int64_t *ti, int k, const float *row, int32_t *out_i,
+                           float *out_v) {
+    for (int q = 0; q < k; q++) {
+        out_i[q] = (int32_t)ti[q];
+        out_v[q] = row[ti[q]];
+    }
+    return tv[0];
+}
+
 /* The k largest |row| entries (value descending, index ascending) into out_i and out_v (signed values); returns
  * max |row| as float32 bits. The row is read as runs of s entries: each column's max over the runs (and the run it
  * is in) first, the k largest column maxima start the list, and only the columns whose max reaches its k-th key
@@ -63,41 +83,17 @@ static int32_t row_topk_scan(const float *row, const int32_t *bits, int64_t d, i
     }
     int32_t kv = -1;
     int64_t kj = d;
-    for (int64_t c = 0; c < s; c++) { /* the k largest column maxima (ties: lower index first) */
-        int32_t a = gm[c];
-        int64_t j = (int64_t)gr[c] * s + c;
-        if (a > kv || (a == kv && j < kj)) {
-            insert(tv, ti, a, j, k);
-            kv = tv[k - 1];
-            kj = ti[k - 1];
-        }
-    }
+    for (int64_t c = 0; c < s; c++) /* the k largest column maxima (ties: lower index first) */
+        offer(tv, ti, k, gm[c], (int64_t)gr[c] * s + c, &kv, &kj);
     for (int64_t c = 0; c < s; c++) { /* columns that may hold more of the k largest (their max is listed) */
         if (gm[c] < kv) continue;
         for (int64_t r = 0; r < r_n; r++) {
             if (r == gr[c]) continue;
-            int64_t j = r * s + c;
-            int32_t a = abs_bits(bits, j);
-            if (a > kv || (a == kv && j < kj)) {
-                insert(tv, ti, a, j, k);
-                kv = tv[k - 1];
-                kj = ti[k - 1];
-            }
+            offer(tv, ti, k, abs_bits(bits, r * s + c), r * s + c, &kv, &kj);
         }
     }
-    for (int64_t j = r_n * s; j < d; j++) { /* the tail after the last whole run */
-        int32_t a = abs_bits(bits, j);
-        if (a > kv || (a == kv && j < kj)) {
-            insert(tv, ti, a, j, k);
-            kv = tv[k - 1];
-            kj = ti[k - 1];
-        }
-    }
-    for (int q = 0; q < k; q++) {
-        out_i[q] = (int32_t)ti[q];
-        out_v[q] = row[ti[q]];
-    }
-    return tv[0];
+    for (int64_t j = r_n * s; j < d; j++) offer(tv, ti, k, abs_bits(bits, j), j, &kv, &kj); /* the tail */
+    return emit(tv, ti, k, row, out_i, out_v);
 }
 
 #ifdef __AVX512F__
@@ -149,20 +145,8 @@ static int row_topk_avx512(const float *row, const int32_t *bits, int64_t d, int
     }
     int32_t kv = -1;
     int64_t kj = d;
-    for (int q = 0; q < n; q++) {
-        int64_t jj = cand[q];
-        int32_t a = abs_bits(bits, jj);
-        if (a > kv || (a == kv && jj < kj)) {
-            insert(tv, ti, a, jj, k);
-            kv = tv[k - 1];
-            kj = ti[k - 1];
-        }
-    }
-    for (int q = 0; q < k; q++) {
-        out_i[q] = (int32_t)ti[q];
-        out_v[q] = row[ti[q]];
-    }
-    *top = tv[0];
+    for (int q = 0; q < n; q++) offer(tv, ti, k, abs_bits(bits, cand[q]), cand[q], &kv, &kj);
+    *top = emit(tv, ti, k, row, out_i, out_v);
     return 1;
 }
 #endif

@@ -7,6 +7,9 @@
 # long), FLAGS / BENCH_ARGS / BUDGET_S / BENCH_S (the benchmark), AB_CASES / AB_S (stage 3). Session 15's calls:
 #   TEST_S=100 TESTS=cuda TEST_FILES=tests/test_recorder.py FLAGS=--check BENCH_ARGS="--reps 5" BUDGET_S=190 \
 #     BENCH_S=280 bash experiments/gpu_check.sh          (131 s: CUDA tests against eager, --check, the table)
+# Session 19's second call (the fast launch and the prefault thread, against both off in the same process):
+#   TEST_S=70 TESTS="cuda or matches_the_torch_path or full_map or fold" FLAGS="--unpack --launch --check --host \
+#     --host-ab" BENCH_ARGS="--reps 5" BUDGET_S=190 BENCH_S=260 bash experiments/gpu_check.sh
 # Session 16 (no GPU) left for the next call: the column-sum variants heavy_first and pipe (--colsum times them),
 # the radix final step folded into the token pass (one launch a layer fewer) and the token strings built before the
 # end-of-forward waits; ab_prev then holds session 15's final package (0477bfe) for stage 3's before/after, whose
@@ -31,6 +34,7 @@ else
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+  echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>&1); defrag: $(cat /sys/kernel/mm/transparent_hugepage/defrag 2>&1); $(nproc) CPUs"
 } 2>&1 | tee "$OUT/env.txt"
 echo "== 1. CUDA tests"
 # TESTS picks a subset (pytest -k); the CUDA tests against eager are in tests/test_recorder.py ("cuda")

@@ -465,7 +465,7 @@ def test_gpu_bench_launch_stage_runs(monkeypatch):
     from sinkscope.bench import gpu
 
     rows = gpu.launch_bench(t=16, n=1, device=DEVICE)
-    assert len(rows) == 8 and all("error" not in r and r["host_us"] > 0 for r in rows), rows
+    assert len(rows) == 16 and all("error" not in r and r["host_us"] > 0 for r in rows), rows
 
 
 def test_gpu_bench_unpack_stage_runs():
@@ -473,4 +473,119 @@ def test_gpu_bench_unpack_stage_runs():
     from sinkscope.bench import gpu
 
     rows = gpu.unpack_bench(reps=1)
-    assert len(rows) == 4 and all(r["fresh_ms"] > 0 and r["touched_ms"] > 0 for r in rows)
+    assert len(rows) == 4 and all(r["fresh_ms"] > 0 and r["touched_ms"] > 0 and r["touch_ms"] > 0 for r in rows)
+
+
+class _FakeParam:
+    def __init__(self, name, default=None, has_default=False):
+        self.name, self.default, self.has_default = name, default, has_default
+
+
+class _FakeJit:
+    """A stand-in for a `triton.jit` function (its `params`, `fn[grid](...)` returning a compiled kernel) that
+    records what each launch received: through "Triton" (its dispatch) or straight to the compiled kernel."""
+
+    def __init__(self, compiles: bool = True):
+        self.params = [_FakeParam(n) for n in ("x_ptr", "n", "scale", "BLOCK")] + [_FakeParam("FLAG", 7, True)]
+        self.calls: list[tuple] = []
+        self.compiles = compiles
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(("triton", grid, args, kwargs))
+            return self._compiled() if self.compiles else None
+
+        return run
+
+    def _compiled(self):
+        jit = self
+
+        class Compiled:
+            function = object()
+
+            def __getitem__(self, grid):
+                return lambda *args, stream=None: jit.calls.append(("direct", grid, args, stream))
+
+        return Compiled()
+
+
+def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monkeypatch):
+    """`kernels.launch`: the first call with a key goes through Triton's dispatch; a repeat with the same dtypes,
+    alignment and scalar values goes to the compiled kernel with every parameter in the kernel's order (the
+    constexpr left out taking its default) and a 3-D grid; another alignment, scalar or constexpr goes through
+    Triton again. Off under the interpreter and with FAST_LAUNCH False."""
+    from sinkscope.record import kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "_stream", lambda args: 123)
+    monkeypatch.setattr(kernels, "_LAUNCHES", {})
+    fn = _FakeJit()
+    x = torch.zeros(64)
+    kernels.launch(fn, (4,), (x, 32, 0.5), {"BLOCK": 16}, num_warps=4)
+    kernels.launch(fn, (4,), (x, 32, 0.5), {"BLOCK": 16}, num_warps=4)
+    assert [c[0] for c in fn.calls] == ["triton", "direct"]
+    assert fn.calls[0][2:] == ((x, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
+    _, grid, args, stream = fn.calls[1]
+    assert grid == (4, 1, 1) and args == (x, 32, 0.5, 16, 7) and stream == 123
+    kernels.launch(fn, (4, 2), (torch.zeros(64), 32, 0.5), {"BLOCK": 16}, num_warps=4)  # another tensor, same spec
+    assert fn.calls[-1][0] == "direct" and fn.calls[-1][1] == (4, 2, 1)
+    for args, consts, options in (((x[1:], 32, 0.5), {"BLOCK": 16}, {"num_warps": 4}),  # 4-byte aligned only
+                                  ((x.double(), 32, 0.5), {"BLOCK": 16}, {"num_warps": 4}),  # another dtype
+                                  ((x, 33, 0.5), {"BLOCK": 16}, {"num_warps": 4}),  # another integer
+                                  ((x, 32.0, 0.5), {"BLOCK": 16}, {"num_warps": 4}),  # a float where an int was
+                                  ((x, 32, 0.5), {"BLOCK": 32}, {"num_warps": 4}),  # another constexpr
+                                  ((x, 32, 0.5), {"BLOCK": 16}, {"num_warps": 8})):  # another option
+        n = len(fn.calls)
+        kernels.launch(fn, (4,), args, consts, **options)
+        assert fn.calls[n][0] == "triton", (args, consts, options)
+        kernels.launch(fn, (4,), args, consts, **options)
+        assert fn.calls[n + 1][0] == "direct", (args, consts, options)
+    n = len(fn.calls)
+    kernels.launch(fn, (4,), (x, 32, 0.5), {"BLOCK": 16, "NOT_A_PARAM": 1})  # never cached: Triton each time
+    kernels.launch(fn, (4,), (x, 32, 0.5), {"BLOCK": 16, "NOT_A_PARAM": 1})
+    assert [c[0] for c in fn.calls[n:]] == ["triton", "triton"]
+    none = _FakeJit(compiles=False)  # Triton returned no compiled kernel (as the interpreter does)
+    kernels.launch(none, (4,), (x, 32, 0.5), {"BLOCK": 16})
+    kernels.launch(none, (4,), (x, 32, 0.5), {"BLOCK": 16})
+    assert [c[0] for c in none.calls] == ["triton", "triton"]
+    for setting in ({"env": "1"}, {"flag": False}):
+        fresh = _FakeJit()
+        with monkeypatch.context() as m:
+            if "env" in setting:
+                m.setenv("TRITON_INTERPRET", setting["env"])
+            else:
+                m.setattr(kernels, "FAST_LAUNCH", setting["flag"])
+            kernels.launch(fresh, (4,), (x, 32, 0.5), {"BLOCK": 16})
+            kernels.launch(fresh, (4,), (x, 32, 0.5), {"BLOCK": 16})
+        assert [c[0] for c in fresh.calls] == ["triton", "triton"], setting
+
+
+def test_launch_cache_is_bounded(monkeypatch):
+    from sinkscope.record import kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "_stream", lambda args: 0)
+    monkeypatch.setattr(kernels, "_LAUNCHES", {})
+    monkeypatch.setattr(kernels, "_LAUNCH_CAP", 3)
+    fn, x = _FakeJit(), torch.zeros(4)
+    for n in range(7):
+        kernels.launch(fn, (1,), (x, n, 0.5), {"BLOCK": 16})
+        assert 1 <= len(kernels._LAUNCHES) <= 3
+
+
+def test_prefault_touches_every_page_of_the_host_block():
+    """`_touch_pages` (the CUDA path's worker thread) writes one byte of every 4 KiB page of the whole block that
+    `_host_blocks` carves the fields from, and nothing else."""
+    from sinkscope.record.recorder import _PAGE, _host_blocks, _touch_pages
+
+    blocks = _host_blocks(2, 300, 3, 4, 96, 8)
+    raw = blocks["alpha"]
+    while raw.base is not None:
+        raw = raw.base
+    raw = raw.reshape(-1).view(np.uint8)
+    raw[:] = 0xFF
+    _touch_pages(blocks)
+    assert (raw[::_PAGE] == 0).all() and raw.size > 20 * _PAGE
+    rest = np.ones(raw.size, dtype=bool)
+    rest[::_PAGE] = False
+    assert (raw[rest] == 0xFF).all()

@@ -76,8 +76,14 @@ def timed(fn, reps: int, cuda: bool) -> tuple[list[float], list[int]]:
     return times, peaks
 
 
-def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False) -> dict:
+def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False,
+             host_ab: bool = False) -> dict:
+    """One case: plain SDPA, the recorder (and the torch path, HF eager) timed in interleaved repetitions.
+    `host_ab`: also the recorder with session 19's host-side changes off (`kernels.FAST_LAUNCH`, `recorder.
+    PREFAULT`), as `recorder_host_before`."""
     from sinkscope.record import Recorder
+    from sinkscope.record import kernels as kernels_module
+    from sinkscope.record import recorder as recorder_module
 
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -104,7 +110,17 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
         finally:
             model.set_attn_implementation("sdpa")
 
+    def host_before():
+        saved = kernels_module.FAST_LAUNCH, recorder_module.PREFAULT
+        kernels_module.FAST_LAUNCH = recorder_module.PREFAULT = False
+        try:
+            recorder("1")()
+        finally:
+            kernels_module.FAST_LAUNCH, recorder_module.PREFAULT = saved
+
     methods = {"sdpa": sdpa, "recorder": recorder("1")}
+    if host_ab:
+        methods["recorder_host_before"] = host_before
     if torch_path:
         methods["recorder_torch_path"] = recorder("0")
     if eager:
@@ -422,7 +438,7 @@ def unpack_bench(reps: int = 9) -> list[dict]:
     import numpy as np
 
     from sinkscope.record import kernels
-    from sinkscope.record.recorder import _host_blocks, _query_count, _unpack_layers
+    from sinkscope.record.recorder import _host_blocks, _query_count, _touch_pages, _unpack_layers
 
     rows = []
     for shape, batch, t in (("smollm2-135m", 1, 8192), ("llama-3.2-1b", 1, 8192), ("llama-3.2-1b", 32, 256),
@@ -433,17 +449,21 @@ def unpack_bench(reps: int = 9) -> list[dict]:
         landing = torch.rand(n_layers, layout.total - layout.feat)
         count = _query_count(np.ones((batch, t), dtype=bool))
         touched = _host_blocks(batch, t, n_layers, heads, hidden, 8)
-        times: dict[str, list[float]] = {"fresh": [], "touched": []}
+        times: dict[str, list[float]] = {"fresh": [], "touched": [], "touch": []}
         for _ in range(reps):
             for label in times:
-                out = _host_blocks(batch, t, n_layers, heads, hidden, 8) if label == "fresh" else touched
+                out = touched if label == "touched" else _host_blocks(batch, t, n_layers, heads, hidden, 8)
                 start = time.perf_counter()
-                _unpack_layers(landing, [None] * n_layers, layout, out, count, [True] * n_layers)
+                if label == "touch":  # the CUDA path's prefault thread's work (recorder.PREFAULT)
+                    _touch_pages(out)
+                else:
+                    _unpack_layers(landing, [None] * n_layers, layout, out, count, [True] * n_layers)
                 times[label].append(time.perf_counter() - start)
                 del out
         rows.append(dict(shape=shape, batch=batch, t=t, landing_mib=landing.numel() * 4 / 2**20,
                          fresh_ms=1e3 * statistics.median(times["fresh"]),
-                         touched_ms=1e3 * statistics.median(times["touched"])))
+                         touched_ms=1e3 * statistics.median(times["touched"]),
+                         touch_ms=1e3 * statistics.median(times["touch"])))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -485,21 +505,28 @@ def launch_bench(shape: str = "smollm2-135m", t: int = 2048, n: int = 200, devic
             h, a, m, kernels.layer_buffer(layout, h.device), layout, first, None, None, 0, (100.0, 1000.0), massive),
     }
     rows = []
-    for name, fn in calls.items():
-        try:
-            for _ in range(5):
-                fn()
-            sync()
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            host = (time.perf_counter() - start) / n
-            sync()
-            wall = (time.perf_counter() - start) / n
-            rows.append(dict(call=name, shape=shape, t=t, host_us=1e6 * host, wall_us=1e6 * wall))
-        except Exception as exc:  # noqa: BLE001 - one failing call must not lose the others' numbers
-            rows.append(dict(call=name, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-        print(json.dumps(rows[-1]), flush=True)
+    saved = kernels.FAST_LAUNCH
+    try:
+        for fast in (False, True):  # Triton's dispatch on every call, then kernels.launch's own cache
+            kernels.FAST_LAUNCH = fast
+            for name, fn in calls.items():
+                try:
+                    for _ in range(5):
+                        fn()
+                    sync()
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    host = (time.perf_counter() - start) / n
+                    sync()
+                    wall = (time.perf_counter() - start) / n
+                    rows.append(dict(call=name, fast_launch=fast, shape=shape, t=t, host_us=1e6 * host,
+                                     wall_us=1e6 * wall))
+                except Exception as exc:  # noqa: BLE001 - one failing call must not lose the others' numbers
+                    rows.append(dict(call=name, fast_launch=fast, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        kernels.FAST_LAUNCH = saved
     return rows
 
 
@@ -691,6 +718,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
     ap.add_argument("--cases", default=None, help="SHAPE:B:T,... instead of the issue's cases")
     ap.add_argument("--eager", action="store_true", help="also time HF eager (attentions + hidden states), T<=8192")
+    ap.add_argument("--host-ab", action="store_true",
+                    help="also time the recorder without session 19's host changes (fast launch, prefault)")
     ap.add_argument("--check", action="store_true", help="first: device path vs torch path at real shapes")
     ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
     ap.add_argument("--profile", action="store_true", help="last: profiler tables of one recorded forward")
@@ -774,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
             try:
                 row = run_case(model, batch, t, args.reps, args.torch_path and t <= 8192,
-                               eager=args.eager and batch * t <= 8192)
+                               eager=args.eager and batch * t <= 8192, host_ab=args.host_ab)
             except torch.OutOfMemoryError as exc:
                 row = {"error": f"out of memory: {str(exc)[:200]}"}
                 torch.cuda.empty_cache()
@@ -795,6 +824,8 @@ def main(argv: list[str] | None = None) -> None:
         torch_ratio = f"{r['recorder_torch_path_ratio']:.2f}x" if "recorder_torch_path_ratio" in r else "-"
         eager = f"{r['eager_ratio']:.2f}x" if "eager_ratio" in r else r.get("eager_error", "-")
         mark = "" if r["recorder_ratio"] <= r["target"] else "  MISSED"
+        if "recorder_host_before_ratio" in r:
+            mark += f"  (host changes off: {r['recorder_host_before_ratio']:.2f}x)"
         print(f"{r['shape']:<14} {r['batch']:>3} {r['t']:>6} {r['recorder_ratio']:>13.2f}x {r['target']:>6.1f}x "
               f"{r['recorder_extra_peak_pct']:>10.1f}% {torch_ratio:>16} {eager:>11} {1e3 * r['sdpa_s']:>8.1f}{mark}")
     (args.out / "bench_gpu.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))

@@ -69,6 +69,77 @@ def _kernels() -> SimpleNamespace:
                            colmax=_triton.colmax_kernel)
 
 
+FAST_LAUNCH = os.environ.get("SINKSCOPE_FAST_LAUNCH", "1") != "0"
+"""Launch the kernels through `launch`'s own cache of compiled kernels (below) instead of Triton's per-call
+dispatch. `SINKSCOPE_FAST_LAUNCH=0` (read at import) or False here: Triton's dispatch on every call."""
+
+_LAUNCHES: dict[tuple, tuple] = {}
+"""`launch`'s cache: key (kernel, every argument that Triton could specialise on, the constexprs and the options)
+-> (compiled kernel, the constexprs' values in the kernel's parameter order)."""
+
+_LAUNCH_CAP = 4096
+"""Entries kept before `launch`'s cache is emptied (each new shape adds one per kernel, the token pass one per
+layer: its layer index is an argument)."""
+
+
+def launch(fn, grid: tuple[int, ...], args: tuple, consts: dict, **options) -> None:
+    """`fn[grid](*args, **consts, **options)`, the way every kernel here is launched. On a GPU, Triton's dispatch
+    costs tens of microseconds of host time a launch (it binds and specialises every argument, then looks the
+    compiled kernel up; 31-83 us a call of the recorder's wrappers against 8 us for a small torch launch on the
+    H200's host, session 19's `bench.gpu --launch`), and the recorder makes five launches a layer, which is what
+    the short-context forwards wait on. So the first call with a given key goes through Triton (compiling if need
+    be) and keeps the compiled kernel it returns; later calls with the same key hand it the arguments directly,
+    as Triton's own launch does. The key holds what Triton specialises on, conservatively: each tensor's dtype,
+    device and 16-byte alignment, and every other argument's exact type and value (so any integer property
+    Triton looks at, 1 or divisibility by 16, is the same), plus the constexprs and launch options by name. Under
+    the interpreter (`TRITON_INTERPRET=1`), with FAST_LAUNCH off, or when Triton returns no compiled kernel,
+    every call goes through Triton."""
+    if not FAST_LAUNCH or os.environ.get("TRITON_INTERPRET") == "1":
+        fn[grid](*args, **consts, **options)
+        return
+    key = (fn, tuple(consts.items()), tuple(options.items()),
+           *[(a.dtype, a.device, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
+             for a in args])
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        compiled, tail = hit
+        compiled[(*grid, 1, 1)[:3]](*args, *tail, stream=_stream(args))
+        return
+    compiled = fn[grid](*args, **consts, **options)
+    tail = _constexpr_tail(fn, len(args), consts)
+    if tail is not None and callable(getattr(compiled, "__getitem__", None)) and hasattr(compiled, "function"):
+        if len(_LAUNCHES) >= _LAUNCH_CAP:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = (compiled, tail)
+
+
+def _constexpr_tail(fn, n_args: int, consts: dict) -> tuple | None:
+    """The values of `fn`'s parameters after the first `n_args`, in its order: from `consts` by name, else the
+    parameter's default. None when that is not the whole of `consts` or a parameter has neither (then `launch`
+    keeps using Triton's dispatch for this call)."""
+    params = getattr(fn, "params", None)
+    if params is None or len(params) < n_args:
+        return None
+    rest = params[n_args:]
+    if not set(consts) <= {p.name for p in rest}:
+        return None  # a keyword that is no parameter of fn
+    tail = []
+    for p in rest:
+        if p.name in consts:
+            tail.append(consts[p.name])
+        elif getattr(p, "has_default", False):
+            tail.append(p.default)
+        else:
+            return None
+    return tuple(tail)
+
+
+def _stream(args: tuple) -> int:
+    """The current CUDA stream of the first tensor argument's device, as Triton's launch takes it."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    return _kernels().triton.runtime.driver.active.get_current_stream(device.index)
+
+
 COLSUM_CONFIG: dict[str, int | bool] = {"rows": False, "poly": False, "block_m": 64, "block_n": 0, "num_warps": 4,
                                         "num_stages": 2, "heavy_first": False, "pipe": False}
 """The column-sum kernel `colsum_triton` runs by default: `rows` the keys as the MMA's rows (`colsum_kernel`'s ROWS:
@@ -118,15 +189,14 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
     block_d = max(16, _pow2(d))
     grid = (b * hq, _cdiv(t, block_n)) if heavy_first else (_cdiv(t, block_n), b * hq)
-    kern.colsum[grid](
+    launch(kern.colsum, grid, (
         query, key, lse, v, out,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         lse.stride(0), lse.stride(1), v.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
-        t, hq, hq // hkv, scale * LOG2E,
-        HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-        ROWS=rows, POLY=poly, HEAVY_FIRST=heavy_first, PIPE=pipe, num_warps=num_warps, num_stages=num_stages,
-    )
+        t, hq, hq // hkv, scale * LOG2E),
+        dict(HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+             IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+             ROWS=rows, POLY=poly, HEAVY_FIRST=heavy_first, PIPE=pipe), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -192,10 +262,10 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     v = valid.contiguous().view(torch.int8) if valid is not None else hist
     programs = max(1, min(_cdiv(n, block), RADIX_PROGRAMS // b))
     for p in range(passes):
-        kern.radix_pass[(programs, b)](flat, v, count, hist, n, t, d, flat.stride(0),
-                                       v.stride(0) if valid is not None else 0, b,
-                                       PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block, BITS=bits,
-                                       ONEHOT=onehot, num_warps=num_warps)
+        launch(kern.radix_pass, (programs, b),
+               (flat, v, count, hist, n, t, d, flat.stride(0), v.stride(0) if valid is not None else 0, b),
+               dict(PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block, BITS=bits, ONEHOT=onehot),
+               num_warps=num_warps)
     if out is None:
         out = torch.empty(2, b, dtype=torch.float32, device=h.device)
     radix = SimpleNamespace(hist=hist, count=count, fmt=fmt, bits=bits, out=out, shape=(b, t, d),
@@ -210,8 +280,9 @@ def radix_final(radix: SimpleNamespace) -> None:
     """The radix median's final launch for `median_abs_triton(final=False)`'s passes: the median and the threshold
     into `radix.out`."""
     b, t, d = radix.shape
-    _kernels().radix_final[(b,)](radix.hist, radix.count, radix.out[0], radix.out[1], *radix.thresholds, t, d, b,
-                                 FMT=radix.fmt, HAS_VALID=radix.has_valid, BITS=radix.bits)
+    launch(_kernels().radix_final, (b,), (radix.hist, radix.count, radix.out[0], radix.out[1], *radix.thresholds,
+                                          t, d, b),
+           dict(FMT=radix.fmt, HAS_VALID=radix.has_valid, BITS=radix.bits))
 
 
 def massive_buffers(batch: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,20 +334,20 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
     else:  # placeholders, unused
         hist, real, med, thresholds, radix_fmt, radix_bits = count, count, thr, (0.0, 0.0), 0, 8
 
-    def launch(h_fmt: int, m_fmt: int) -> None:
-        kern.token_stats[(_cdiv(t, rows), b)](
+    def run(h_fmt: int, m_fmt: int) -> None:
+        launch(kern.token_stats, (_cdiv(t, rows), b), (
             h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v, hist, real, med,
             thresholds[0], thresholds[1],
             t, d, b * t, b, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
-            v.stride(0) if valid is not None else 0, layer, ent_i.shape[0],
-            K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, ROWS=rows, FMT=h_fmt, MLP_FMT=m_fmt,
-            FROM_HIST=radix is not None, RADIX_FMT=radix_fmt, RADIX_BITS=radix_bits,
+            v.stride(0) if valid is not None else 0, layer, ent_i.shape[0]),
+            dict(K=top_k, BLOCK_D=block_d, HAS_VALID=valid is not None, ROWS=rows, FMT=h_fmt, MLP_FMT=m_fmt,
+                 FROM_HIST=radix is not None, RADIX_FMT=radix_fmt, RADIX_BITS=radix_bits),
             num_warps=num_warps or default_warps)
 
     formats = (fmt(h), fmt(m))
     if formats != (0, 0) and not _NARROW_KEYS_FAILED:
         try:
-            launch(*formats)
+            run(*formats)
             return out
         except torch.OutOfMemoryError:
             raise
@@ -284,7 +355,7 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
             _NARROW_KEYS_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
             warnings.warn("sinkscope: the token pass with int32 keys did not compile here; using int64 keys "
                           f"(the same result): {_NARROW_KEYS_FAILED[0]}", RuntimeWarning, stacklevel=2)
-    launch(0, 0)
+    run(0, 0)
     return out
 
 
@@ -328,10 +399,10 @@ def colmax_triton(h: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor | 
     d_blocks = _cdiv(d, block_d)
     splits = max(1, min(_cdiv(t, block_t), COLMAX_PROGRAMS // (d_blocks * b)))
     rows = _cdiv(_cdiv(t, splits), block_t) * block_t
-    kern.colmax[(d_blocks, b, _cdiv(t, rows))](
+    launch(kern.colmax, (d_blocks, b, _cdiv(t, rows)), (
         h, m, v, out.view(torch.int32), t, d, b, h.stride(0), h.stride(1), m.stride(0), m.stride(1),
-        v.stride(0) if valid is not None else 0, rows,
-        HAS_VALID=valid is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+        v.stride(0) if valid is not None else 0, rows),
+        dict(HAS_VALID=valid is not None, BLOCK_T=block_t, BLOCK_D=block_d), num_warps=num_warps)
     return out
 
 

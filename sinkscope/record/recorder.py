@@ -12,6 +12,7 @@ model's device and only `[L, H, T]`-sized results move to the CPU.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Iterable, Sequence
@@ -212,6 +213,8 @@ class Recorder:
                                                pin_memory=ref.is_cuda)
             self._cur["events"] = [None] * self.n_layers
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
+            if ref.is_cuda and PREFAULT:  # its pages faulted in by a thread while the GPU forward is queued
+                self._cur["prefault"] = _prefault_pool().submit(_touch_pages, self._cur["host"])
 
     def _attention_request(self, module) -> _Request | None:
         layer = self._attn_index.get(id(module))
@@ -323,6 +326,8 @@ class Recorder:
         input_ids = cur["input_ids_np"]
         heads = [self._sample_head(b, valid_np[b], input_ids, meta) for b in range(valid_np.shape[0])]
         if cur["device_path"]:  # unpacked while the GPU finishes the last layers, in runs of landed layers
+            if "prefault" in cur:
+                cur.pop("prefault").result()
             _unpack_layers(cur["landing"], cur["events"], cur["layout"], cur["host"], count,
                            [c is _IN_BUFFER for c in cur["colsum"]])
         if valid.is_cuda:  # the other copies to pinned host memory were queued without waiting: wait once
@@ -512,6 +517,32 @@ def _host_blocks(b: int, t: int, n_layers: int, heads: int, hidden: int, top_k: 
 
 _HOST_ALIGN = 2 << 20
 """Where `_host_blocks` starts its block: a huge page's size (x86-64, 2 MiB)."""
+
+PREFAULT = os.environ.get("SINKSCOPE_PREFAULT", "1") != "0"
+"""On CUDA, a worker thread writes one byte of every page of a forward's fresh `_host_blocks` while the forward
+is being queued, so that the end-of-forward unpacking copies into memory already faulted in. On the H200's host
+(session 19's call 1) the unpacking into fresh memory cost 12 ms a forward at the 135M shape, T=8192 (40 MiB),
+and it is wall time after the GPU is done wherever the host is the bottleneck. The thread holds no lock the
+forward needs: numpy releases the GIL for the strided write, and the page faults happen inside it.
+`SINKSCOPE_PREFAULT=0` (read at import) leaves the pages to the unpacking."""
+
+_PAGE = 4096
+
+
+@functools.cache
+def _prefault_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinkscope-prefault")
+
+
+def _touch_pages(blocks: dict[str, np.ndarray]) -> None:
+    """Fault in the pages of `_host_blocks`' block (one write per 4 KiB page; the values are overwritten later)."""
+    first = next(iter(blocks.values()))
+    raw = first.base if first.base is not None else first
+    while isinstance(raw, np.ndarray) and raw.base is not None and isinstance(raw.base, np.ndarray):
+        raw = raw.base
+    raw.reshape(-1).view(np.uint8)[:: _PAGE] = 0
 
 
 def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, np.ndarray], count: np.ndarray,

@@ -517,36 +517,36 @@ def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monk
     from sinkscope.record import kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(kernels, "_stream", lambda args: 123)
+    monkeypatch.setattr(kernels, "_stream", lambda device: 123)
     monkeypatch.setattr(kernels, "_LAUNCHES", {})
     fn = _FakeJit()
     x = torch.zeros(64)
-    kernels.launch(fn, (4,), (x, 32, 0.5), {"BLOCK": 16}, num_warps=4)
-    kernels.launch(fn, (4,), (x, 32, 0.5), {"BLOCK": 16}, num_warps=4)
+    kernels.launch(fn, (4,), (x,), (32, 0.5), {"BLOCK": 16}, num_warps=4)
+    kernels.launch(fn, (4,), (x,), (32, 0.5), {"BLOCK": 16}, num_warps=4)
     assert [c[0] for c in fn.calls] == ["triton", "direct"]
     assert fn.calls[0][2:] == ((x, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
     _, grid, args, stream = fn.calls[1]
     assert grid == (4, 1, 1) and args == (x, 32, 0.5, 16, 7) and stream == 123
-    kernels.launch(fn, (4, 2), (torch.zeros(64), 32, 0.5), {"BLOCK": 16}, num_warps=4)  # another tensor, same spec
+    kernels.launch(fn, (4, 2), (torch.zeros(64),), (32, 0.5), {"BLOCK": 16}, num_warps=4)  # another tensor, same spec
     assert fn.calls[-1][0] == "direct" and fn.calls[-1][1] == (4, 2, 1)
-    for args, consts, options in (((x[1:], 32, 0.5), {"BLOCK": 16}, {"num_warps": 4}),  # 4-byte aligned only
-                                  ((x.double(), 32, 0.5), {"BLOCK": 16}, {"num_warps": 4}),  # another dtype
-                                  ((x, 33, 0.5), {"BLOCK": 16}, {"num_warps": 4}),  # another integer
-                                  ((x, 32.0, 0.5), {"BLOCK": 16}, {"num_warps": 4}),  # a float where an int was
-                                  ((x, 32, 0.5), {"BLOCK": 32}, {"num_warps": 4}),  # another constexpr
-                                  ((x, 32, 0.5), {"BLOCK": 16}, {"num_warps": 8})):  # another option
+    for tensors, scalars, consts, options, cached in (
+            ((x[1:],), (32, 0.5), {"BLOCK": 16}, {"num_warps": 4}, False),  # 4-byte aligned only: never cached
+            ((x.double(),), (32, 0.5), {"BLOCK": 16}, {"num_warps": 4}, True),  # another dtype
+            ((x,), (33, 0.5), {"BLOCK": 16}, {"num_warps": 4}, True),  # another integer
+            ((x,), (32.0, 0.5), {"BLOCK": 16}, {"num_warps": 4}, True),  # a float where an int was
+            ((x,), (32, 0.5), {"BLOCK": 32}, {"num_warps": 4}, True),  # another constexpr
+            ((x,), (32, 0.5), {"BLOCK": 16}, {"num_warps": 8}, True)):  # another option
         n = len(fn.calls)
-        kernels.launch(fn, (4,), args, consts, **options)
-        assert fn.calls[n][0] == "triton", (args, consts, options)
-        kernels.launch(fn, (4,), args, consts, **options)
-        assert fn.calls[n + 1][0] == "direct", (args, consts, options)
+        kernels.launch(fn, (4,), tensors, scalars, consts, **options)
+        kernels.launch(fn, (4,), tensors, scalars, consts, **options)
+        assert [c[0] for c in fn.calls[n:]] == ["triton", "direct" if cached else "triton"], (scalars, consts)
     n = len(fn.calls)
-    kernels.launch(fn, (4,), (x, 32, 0.5), {"BLOCK": 16, "NOT_A_PARAM": 1})  # never cached: Triton each time
-    kernels.launch(fn, (4,), (x, 32, 0.5), {"BLOCK": 16, "NOT_A_PARAM": 1})
+    kernels.launch(fn, (4,), (x,), (32, 0.5), {"BLOCK": 16, "NOT_A_PARAM": 1})  # never cached: Triton each time
+    kernels.launch(fn, (4,), (x,), (32, 0.5), {"BLOCK": 16, "NOT_A_PARAM": 1})
     assert [c[0] for c in fn.calls[n:]] == ["triton", "triton"]
     none = _FakeJit(compiles=False)  # Triton returned no compiled kernel (as the interpreter does)
-    kernels.launch(none, (4,), (x, 32, 0.5), {"BLOCK": 16})
-    kernels.launch(none, (4,), (x, 32, 0.5), {"BLOCK": 16})
+    kernels.launch(none, (4,), (x,), (32, 0.5), {"BLOCK": 16})
+    kernels.launch(none, (4,), (x,), (32, 0.5), {"BLOCK": 16})
     assert [c[0] for c in none.calls] == ["triton", "triton"]
     for setting in ({"env": "1"}, {"flag": False}):
         fresh = _FakeJit()
@@ -555,8 +555,8 @@ def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monk
                 m.setenv("TRITON_INTERPRET", setting["env"])
             else:
                 m.setattr(kernels, "FAST_LAUNCH", setting["flag"])
-            kernels.launch(fresh, (4,), (x, 32, 0.5), {"BLOCK": 16})
-            kernels.launch(fresh, (4,), (x, 32, 0.5), {"BLOCK": 16})
+            kernels.launch(fresh, (4,), (x,), (32, 0.5), {"BLOCK": 16})
+            kernels.launch(fresh, (4,), (x,), (32, 0.5), {"BLOCK": 16})
         assert [c[0] for c in fresh.calls] == ["triton", "triton"], setting
 
 
@@ -564,12 +564,12 @@ def test_launch_cache_is_bounded(monkeypatch):
     from sinkscope.record import kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(kernels, "_stream", lambda args: 0)
+    monkeypatch.setattr(kernels, "_stream", lambda device: 0)
     monkeypatch.setattr(kernels, "_LAUNCHES", {})
     monkeypatch.setattr(kernels, "_LAUNCH_CAP", 3)
     fn, x = _FakeJit(), torch.zeros(4)
     for n in range(7):
-        kernels.launch(fn, (1,), (x, n, 0.5), {"BLOCK": 16})
+        kernels.launch(fn, (1,), (x,), (n, 0.5), {"BLOCK": 16})
         assert 1 <= len(kernels._LAUNCHES) <= 3
 
 

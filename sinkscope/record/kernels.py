@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 import os
 import warnings
 from types import SimpleNamespace
@@ -82,35 +83,40 @@ _LAUNCH_CAP = 4096
 layer: its layer index is an argument)."""
 
 
-def launch(fn, grid: tuple[int, ...], args: tuple, consts: dict, **options) -> None:
-    """`fn[grid](*args, **consts, **options)`, the way every kernel here is launched. On a GPU, Triton's dispatch
-    costs tens of microseconds of host time a launch (it binds and specialises every argument, then looks the
-    compiled kernel up; 31-83 us a call of the recorder's wrappers against 8 us for a small torch launch on the
-    H200's host, session 19's `bench.gpu --launch`), and the recorder makes five launches a layer, which is what
-    the short-context forwards wait on. So the first call with a given key goes through Triton (compiling if need
-    be) and keeps the compiled kernel it returns; later calls with the same key hand it the arguments directly,
-    as Triton's own launch does. The key holds what Triton specialises on, conservatively: each tensor's dtype,
-    device and 16-byte alignment, and every other argument's exact type and value (so any integer property
-    Triton looks at, 1 or divisibility by 16, is the same), plus the constexprs and launch options by name. Under
-    the interpreter (`TRITON_INTERPRET=1`), with FAST_LAUNCH off, or when Triton returns no compiled kernel,
-    every call goes through Triton."""
+def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: dict, **options) -> None:
+    """`fn[grid](*tensors, *scalars, **consts, **options)`, the way every kernel here is launched (each takes its
+    pointers first, then its scalars, then its constexprs). On a GPU, Triton's dispatch costs tens of microseconds
+    of host time a launch (it binds and specialises every argument, then looks the compiled kernel up: 31-83 us a
+    call of the recorder's wrappers against 8 us for a small torch launch on the H200's host, session 19), and
+    the recorder makes five launches a layer, which is what the short-context forwards wait on. So the first call
+    with a given key goes through Triton (compiling if need be) and keeps the compiled kernel it returns; later
+    calls with the same key hand the arguments to that kernel's own launcher. The key holds what Triton
+    specialises on, conservatively: the tensors' device and dtypes, their 16-byte alignment (only calls whose
+    tensors are all aligned are cached), every scalar's exact type and value (so any integer property Triton
+    looks at, being 1 or a multiple of 16, is the same), the constexprs and the launch options. Under the
+    interpreter (`TRITON_INTERPRET=1`), with FAST_LAUNCH off, or when Triton returns no compiled kernel, every
+    call goes through Triton."""
     if not FAST_LAUNCH or os.environ.get("TRITON_INTERPRET") == "1":
-        fn[grid](*args, **consts, **options)
+        fn[grid](*tensors, *scalars, **consts, **options)
         return
-    key = (fn, tuple(consts.items()), tuple(options.items()),
-           *[(a.dtype, a.device, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
-             for a in args])
-    hit = _LAUNCHES.get(key)
-    if hit is not None:
-        compiled, tail = hit
-        compiled[(*grid, 1, 1)[:3]](*args, *tail, stream=_stream(args))
-        return
-    compiled = fn[grid](*args, **consts, **options)
-    tail = _constexpr_tail(fn, len(args), consts)
-    if tail is not None and callable(getattr(compiled, "__getitem__", None)) and hasattr(compiled, "function"):
+    key = None
+    if not functools.reduce(operator.or_, map(torch.Tensor.data_ptr, tensors)) & 15:
+        key = (fn, tensors[0].get_device(), tuple(map(_DTYPE, tensors)), scalars, tuple(map(type, scalars)),
+               tuple(consts.items()), tuple(options.items()))
+        hit = _LAUNCHES.get(key)
+        if hit is not None:
+            compiled, tail = hit
+            compiled[(*grid, 1, 1)[:3]](*tensors, *scalars, *tail, stream=_stream(key[1]))
+            return
+    compiled = fn[grid](*tensors, *scalars, **consts, **options)
+    tail = _constexpr_tail(fn, len(tensors) + len(scalars), consts)
+    if key is not None and tail is not None and hasattr(compiled, "function") and hasattr(compiled, "__getitem__"):
         if len(_LAUNCHES) >= _LAUNCH_CAP:
             _LAUNCHES.clear()
         _LAUNCHES[key] = (compiled, tail)
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _constexpr_tail(fn, n_args: int, consts: dict) -> tuple | None:
@@ -134,10 +140,14 @@ def _constexpr_tail(fn, n_args: int, consts: dict) -> tuple | None:
     return tuple(tail)
 
 
-def _stream(args: tuple) -> int:
-    """The current CUDA stream of the first tensor argument's device, as Triton's launch takes it."""
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    return _kernels().triton.runtime.driver.active.get_current_stream(device.index)
+def _stream(device: int) -> int:
+    """The current CUDA stream of `device`, as Triton's launch takes it."""
+    return _stream_getter()(device)
+
+
+@functools.cache
+def _stream_getter():
+    return _kernels().triton.runtime.driver.active.get_current_stream
 
 
 COLSUM_CONFIG: dict[str, int | bool] = {"rows": False, "poly": False, "block_m": 64, "block_n": 0, "num_warps": 4,
@@ -189,8 +199,7 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
     block_d = max(16, _pow2(d))
     grid = (b * hq, _cdiv(t, block_n)) if heavy_first else (_cdiv(t, block_n), b * hq)
-    launch(kern.colsum, grid, (
-        query, key, lse, v, out,
+    launch(kern.colsum, grid, (query, key, lse, v, out), (
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         lse.stride(0), lse.stride(1), v.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
         t, hq, hq // hkv, scale * LOG2E),
@@ -263,7 +272,7 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     programs = max(1, min(_cdiv(n, block), RADIX_PROGRAMS // b))
     for p in range(passes):
         launch(kern.radix_pass, (programs, b),
-               (flat, v, count, hist, n, t, d, flat.stride(0), v.stride(0) if valid is not None else 0, b),
+               (flat, v, count, hist), (n, t, d, flat.stride(0), v.stride(0) if valid is not None else 0, b),
                dict(PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block, BITS=bits, ONEHOT=onehot),
                num_warps=num_warps)
     if out is None:
@@ -280,8 +289,8 @@ def radix_final(radix: SimpleNamespace) -> None:
     """The radix median's final launch for `median_abs_triton(final=False)`'s passes: the median and the threshold
     into `radix.out`."""
     b, t, d = radix.shape
-    launch(_kernels().radix_final, (b,), (radix.hist, radix.count, radix.out[0], radix.out[1], *radix.thresholds,
-                                          t, d, b),
+    launch(_kernels().radix_final, (b,), (radix.hist, radix.count, radix.out[0], radix.out[1]),
+           (*radix.thresholds, t, d, b),
            dict(FMT=radix.fmt, HAS_VALID=radix.has_valid, BITS=radix.bits))
 
 
@@ -336,7 +345,7 @@ def token_stats_triton(h: torch.Tensor, mlp_out: torch.Tensor, attn_out: torch.T
 
     def run(h_fmt: int, m_fmt: int) -> None:
         launch(kern.token_stats, (_cdiv(t, rows), b), (
-            h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v, hist, real, med,
+            h, a, m, first, thr, v, out, out.view(torch.int32), count, ent_i, ent_v, hist, real, med), (
             thresholds[0], thresholds[1],
             t, d, b * t, b, h.stride(0), h.stride(1), a.stride(0), a.stride(1), m.stride(0), m.stride(1),
             v.stride(0) if valid is not None else 0, layer, ent_i.shape[0]),
@@ -399,8 +408,8 @@ def colmax_triton(h: torch.Tensor, mlp_out: torch.Tensor, valid: torch.Tensor | 
     d_blocks = _cdiv(d, block_d)
     splits = max(1, min(_cdiv(t, block_t), COLMAX_PROGRAMS // (d_blocks * b)))
     rows = _cdiv(_cdiv(t, splits), block_t) * block_t
-    launch(kern.colmax, (d_blocks, b, _cdiv(t, rows)), (
-        h, m, v, out.view(torch.int32), t, d, b, h.stride(0), h.stride(1), m.stride(0), m.stride(1),
+    launch(kern.colmax, (d_blocks, b, _cdiv(t, rows)), (h, m, v, out.view(torch.int32)), (
+        t, d, b, h.stride(0), h.stride(1), m.stride(0), m.stride(1),
         v.stride(0) if valid is not None else 0, rows),
         dict(HAS_VALID=valid is not None, BLOCK_T=block_t, BLOCK_D=block_d), num_warps=num_warps)
     return out

@@ -530,7 +530,8 @@ def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monk
     kernels.launch(fn, (4, 2), (torch.zeros(64),), (32, 0.5), {"BLOCK": 16}, num_warps=4)  # another tensor, same spec
     assert fn.calls[-1][0] == "direct" and fn.calls[-1][1] == (4, 2, 1)
     for tensors, scalars, consts, options, cached in (
-            ((x[1:],), (32, 0.5), {"BLOCK": 16}, {"num_warps": 4}, False),  # 4-byte aligned only: never cached
+            ((x[1:],), (32, 0.5), {"BLOCK": 16}, {"num_warps": 4}, True),  # 4-byte aligned only
+            ((x[2:],), (32, 0.5), {"BLOCK": 16}, {"num_warps": 4}, True),  # 8-byte aligned
             ((x.double(),), (32, 0.5), {"BLOCK": 16}, {"num_warps": 4}, True),  # another dtype
             ((x,), (33, 0.5), {"BLOCK": 16}, {"num_warps": 4}, True),  # another integer
             ((x,), (32.0, 0.5), {"BLOCK": 16}, {"num_warps": 4}, True),  # a float where an int was

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import operator
 import os
 import warnings
@@ -91,32 +92,33 @@ def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: di
     the recorder makes five launches a layer, which is what the short-context forwards wait on. So the first call
     with a given key goes through Triton (compiling if need be) and keeps the compiled kernel it returns; later
     calls with the same key hand the arguments to that kernel's own launcher. The key holds what Triton
-    specialises on, conservatively: the tensors' device and dtypes, their 16-byte alignment (only calls whose
-    tensors are all aligned are cached), every scalar's exact type and value (so any integer property Triton
-    looks at, being 1 or a multiple of 16, is the same), the constexprs and the launch options. Under the
+    specialises on, conservatively: the tensors' device and dtypes, each pointer's address modulo 16 (Triton
+    specialises on 16-byte alignment; a layer buffer's threshold sits 4 bytes into a 16-byte word), every
+    scalar's exact type and value (so any integer property Triton looks at, being 1 or a multiple of 16, is the
+    same), the constexprs and the launch options. Under the
     interpreter (`TRITON_INTERPRET=1`), with FAST_LAUNCH off, or when Triton returns no compiled kernel, every
     call goes through Triton."""
     if not FAST_LAUNCH or os.environ.get("TRITON_INTERPRET") == "1":
         fn[grid](*tensors, *scalars, **consts, **options)
         return
-    key = None
-    if not functools.reduce(operator.or_, map(torch.Tensor.data_ptr, tensors)) & 15:
-        key = (fn, tensors[0].get_device(), tuple(map(_DTYPE, tensors)), scalars, tuple(map(type, scalars)),
-               tuple(consts.items()), tuple(options.items()))
-        hit = _LAUNCHES.get(key)
-        if hit is not None:
-            compiled, tail = hit
-            compiled[(*grid, 1, 1)[:3]](*tensors, *scalars, *tail, stream=_stream(key[1]))
-            return
+    key = (fn, tensors[0].get_device(), tuple(map(_DTYPE, tensors)),
+           tuple(map(operator.and_, map(torch.Tensor.data_ptr, tensors), _FIFTEENS)),  # each pointer's address % 16
+           scalars, tuple(map(type, scalars)), tuple(consts.items()), tuple(options.items()))
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        compiled, tail = hit
+        compiled[(*grid, 1, 1)[:3]](*tensors, *scalars, *tail, stream=_stream(key[1]))
+        return
     compiled = fn[grid](*tensors, *scalars, **consts, **options)
     tail = _constexpr_tail(fn, len(tensors) + len(scalars), consts)
-    if key is not None and tail is not None and hasattr(compiled, "function") and hasattr(compiled, "__getitem__"):
+    if tail is not None and hasattr(compiled, "function") and hasattr(compiled, "__getitem__"):
         if len(_LAUNCHES) >= _LAUNCH_CAP:
             _LAUNCHES.clear()
         _LAUNCHES[key] = (compiled, tail)
 
 
 _DTYPE = operator.attrgetter("dtype")
+_FIFTEENS = itertools.repeat(15)
 
 
 def _constexpr_tail(fn, n_args: int, consts: dict) -> tuple | None:

@@ -7,9 +7,15 @@
 # long), FLAGS / BENCH_ARGS / BUDGET_S / BENCH_S (the benchmark), AB_CASES / AB_S (stage 3). Session 15's calls:
 #   TEST_S=100 TESTS=cuda TEST_FILES=tests/test_recorder.py FLAGS=--check BENCH_ARGS="--reps 5" BUDGET_S=190 \
 #     BENCH_S=280 bash experiments/gpu_check.sh          (131 s: CUDA tests against eager, --check, the table)
-# Session 19's second call (the fast launch and the prefault thread, against both off in the same process):
-#   TEST_S=70 TESTS="cuda or matches_the_torch_path or full_map or fold" FLAGS="--unpack --launch --check --host \
-#     --host-ab" BENCH_ARGS="--reps 5" BUDGET_S=190 BENCH_S=260 bash experiments/gpu_check.sh
+# Session 19's calls (H200; wall 227 / 177 / 176 s):
+#   1. TEST_S=90 TESTS="cuda or (column_sums_match and not rows) or takes_the_radix or matches_the_torch_path or \
+#      full_map or token_stats_kernel or fold" TEST_FILES="tests/test_recorder.py tests/test_kernels.py" \
+#      FLAGS="--launch --colsum --check --eager --host" BENCH_ARGS="--reps 5" BUDGET_S=230 BENCH_S=300 AB_S=70 \
+#      bash experiments/gpu_check.sh; rm -rf $OUT/prev              (carry .whl and ab_prev: session 15's package)
+#   2. and 3. (the fast launch and the prefault thread, against both off in the same process; 2 also --unpack):
+#      TEST_S=70 TESTS="cuda or matches_the_torch_path or full_map or fold" TEST_FILES="tests/test_recorder.py \
+#      tests/test_kernels.py" FLAGS="--launch --check --host --host-ab" BENCH_ARGS="--reps 5" BUDGET_S=170 \
+#      BENCH_S=230 bash experiments/gpu_check.sh                        (carry .whl)
 # Session 16 (no GPU) left for the next call: the column-sum variants heavy_first and pipe (--colsum times them),
 # the radix final step folded into the token pass (one launch a layer fewer) and the token strings built before the
 # end-of-forward waits; ab_prev then holds session 15's final package (0477bfe) for stage 3's before/after, whose

@@ -590,3 +590,24 @@ def test_prefault_touches_every_page_of_the_host_block():
     rest = np.ones(raw.size, dtype=bool)
     rest[::_PAGE] = False
     assert (raw[rest] == 0xFF).all()
+
+
+def test_prefault_pool_is_per_process():
+    """A forked child must not queue work on its parent's worker thread, which does not exist there."""
+    import os
+
+    from sinkscope.record import recorder
+
+    pool = recorder._prefault_pool()
+    assert recorder._prefault_pool() is pool and pool.submit(lambda: 7).result(timeout=10) == 7
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own pool, which runs work
+        try:
+            child = recorder._prefault_pool()
+            ok = child is not pool and child.submit(lambda: 7).result(timeout=10) == 7
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"

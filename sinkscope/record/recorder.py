@@ -12,7 +12,6 @@ model's device and only `[L, H, T]`-sized results move to the CPU.
 
 from __future__ import annotations
 
-import functools
 import os
 import weakref
 from collections.abc import Iterable, Sequence
@@ -529,11 +528,19 @@ forward needs: numpy releases the GIL for the strided write, and the page faults
 _PAGE = 4096
 
 
-@functools.cache
-def _prefault_pool():
-    from concurrent.futures import ThreadPoolExecutor
+_POOL: dict[int, Any] = {}
 
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinkscope-prefault")
+
+def _prefault_pool():
+    """The prefault worker (one thread), one per process: a forked child gets its own, since the parent's thread
+    does not exist there."""
+    pool = _POOL.get(os.getpid())
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.clear()
+        pool = _POOL[os.getpid()] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinkscope-prefault")
+    return pool
 
 
 def _touch_pages(blocks: dict[str, np.ndarray]) -> None:

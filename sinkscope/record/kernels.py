@@ -95,9 +95,8 @@ def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: di
     specialises on, conservatively: the tensors' device and dtypes, each pointer's address modulo 16 (Triton
     specialises on 16-byte alignment; a layer buffer's threshold sits 4 bytes into a 16-byte word), every
     scalar's exact type and value (so any integer property Triton looks at, being 1 or a multiple of 16, is the
-    same), the constexprs and the launch options. Under the
-    interpreter (`TRITON_INTERPRET=1`), with FAST_LAUNCH off, or when Triton returns no compiled kernel, every
-    call goes through Triton."""
+    same), the constexprs and the launch options. Under the interpreter (`TRITON_INTERPRET=1`), with FAST_LAUNCH
+    off, or when Triton returns no compiled kernel, every call goes through Triton."""
     if not FAST_LAUNCH or os.environ.get("TRITON_INTERPRET") == "1":
         fn[grid](*tensors, *scalars, **consts, **options)
         return

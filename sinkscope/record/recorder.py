@@ -522,8 +522,9 @@ PREFAULT = os.environ.get("SINKSCOPE_PREFAULT", "1") != "0"
 is being queued, so that the end-of-forward unpacking copies into memory already faulted in. On the H200's host
 (session 19, `bench.gpu --unpack`) the unpacking took 10.0 ms into fresh memory and 7.4 ms into touched memory at
 the 135M shape, T=8192 (40 MiB), and it is wall time after the GPU is done wherever the host is the bottleneck;
-in-process A/B, this and the fast launch against neither: 2.15x against 2.33x of the plain forward. The thread holds no lock the
-forward needs: numpy releases the GIL for the strided write, and the page faults happen inside it.
+in-process A/B there, this and the fast launch against neither: 2.15x against 2.33x of the plain forward. The
+thread holds no lock the forward needs: numpy releases the GIL for the strided write, and the page faults happen
+inside it.
 `SINKSCOPE_PREFAULT=0` (read at import) leaves the pages to the unpacking."""
 
 _PAGE = 4096

@@ -611,3 +611,63 @@ def test_prefault_pool_is_per_process():
             os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
+
+
+@pytest.mark.parametrize("dtype,padded,shapes,rel", [(torch.float32, True, ((3, 24), (1, 10)), 3.0),
+                                                     (torch.bfloat16, False, ((2, 16),), 1000.0)],
+                         ids=["fp32-padded-two-forwards", "bf16-unpadded"])
+def test_layer_plan_repeats_the_first_layer_exactly(dtype, padded, shapes, rel, monkeypatch):
+    """`kernels.LayerPlan`: every layer after a forward's first repeats its launches with its own tensors (counted),
+    and the record is the one the wrappers give at every layer, bit for bit (in fp32 with padding, many massive
+    entries and two forwards in a row, the second of another shape, so a new plan; in bf16 without)."""
+    from sinkscope.record import kernels
+
+    monkeypatch.setenv("SINKSCOPE_TRITON", "1")
+    model = tiny_llama().to(DEVICE, dtype)
+    ids, mask = padded_batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    replays = {"reductions": 0, "colsum": 0}
+    for name in ("reductions", "colsum"):
+        original = getattr(kernels.LayerPlan, f"replay_{name}")
+
+        def counted(self, *args, _original=original, _name=name):
+            done = _original(self, *args)
+            replays[_name] += done
+            return done
+
+        monkeypatch.setattr(kernels.LayerPlan, f"replay_{name}", counted)
+
+    def record(plan: bool):
+        monkeypatch.setattr(kernels, "LAYER_PLAN", plan)
+        with Recorder(model, abs_threshold=0.0, rel_threshold=rel) as rec:
+            for b, n in shapes:
+                model(input_ids=ids[:b, :n].to(DEVICE), attention_mask=mask[:b, :n].to(DEVICE))
+        return rec.samples
+
+    planned = record(True)
+    n = 2 * len(shapes)  # layers 1 and 2 of each forward
+    assert replays == {"reductions": n, "colsum": n}
+    plain = record(False)
+    assert replays == {"reductions": n, "colsum": n}
+    assert sum(len(s.massive) for s in plain) > (10 if rel < 10 else -1)
+    for a, b in zip(planned, plain, strict=True):
+        for field in ("attention_received", "bos_cosine", "max_abs", "median_abs", "top_features", "top_values",
+                      "mlp_top_features", "mlp_top_values", "feature_max_abs", "mlp_feature_max_abs"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+        assert a.massive.equals(b.massive)
+
+
+def test_layer_plan_takes_the_wrappers_for_a_layer_unlike_the_first(monkeypatch):
+    """A layer whose block output differs in layout from the first layer's (here: strided) is not replayed: the
+    recorded scalars hold the first layer's strides."""
+    from sinkscope.record import kernels
+
+    plan = kernels.LayerPlan()
+    h, a, m = (torch.randn(1, 8, 32) for _ in range(3))
+    plan.reductions, plan._inputs = [], (kernels._layout_of(h), kernels._layout_of(a), kernels._layout_of(m), "buf")
+    assert plan.replay_reductions(h.clone(), a, m, 1, "buf")
+    strided = torch.randn(1, 8, 64)[..., ::2]
+    assert not plan.replay_reductions(strided, a, m, 1, "buf")
+    assert not plan.replay_reductions(h.double(), a, m, 1, "buf")
+    assert not plan.replay_reductions(h.clone(), a, m, 1, "another buffer")

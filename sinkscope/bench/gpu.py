@@ -79,8 +79,8 @@ def timed(fn, reps: int, cuda: bool) -> tuple[list[float], list[int]]:
 def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False,
              host_ab: bool = False) -> dict:
     """One case: plain SDPA, the recorder (and the torch path, HF eager) timed in interleaved repetitions.
-    `host_ab`: also the recorder with session 19's host-side changes off (`kernels.FAST_LAUNCH`, `recorder.
-    PREFAULT`), as `recorder_host_before`."""
+    `host_ab`: also the recorder with session 19's host-side changes off (`kernels.FAST_LAUNCH`, `kernels.
+    LAYER_PLAN`, `recorder.PREFAULT`), as `recorder_host_before`."""
     from sinkscope.record import Recorder
     from sinkscope.record import kernels as kernels_module
     from sinkscope.record import recorder as recorder_module
@@ -111,12 +111,12 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
             model.set_attn_implementation("sdpa")
 
     def host_before():
-        saved = kernels_module.FAST_LAUNCH, recorder_module.PREFAULT
-        kernels_module.FAST_LAUNCH = recorder_module.PREFAULT = False
+        saved = kernels_module.FAST_LAUNCH, kernels_module.LAYER_PLAN, recorder_module.PREFAULT
+        kernels_module.FAST_LAUNCH = kernels_module.LAYER_PLAN = recorder_module.PREFAULT = False
         try:
             recorder("1")()
         finally:
-            kernels_module.FAST_LAUNCH, recorder_module.PREFAULT = saved
+            kernels_module.FAST_LAUNCH, kernels_module.LAYER_PLAN, recorder_module.PREFAULT = saved
 
     methods = {"sdpa": sdpa, "recorder": recorder("1")}
     if host_ab:
@@ -548,8 +548,9 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    kernels._kernels = lambda: SimpleNamespace(**{name: NoLaunch() for name in (
+    stubs = SimpleNamespace(**{name: NoLaunch() for name in (  # one object per kernel, as _kernels() gives
         "colsum", "exp2_fma", "radix_pass", "radix_final", "token_stats", "colmax")})
+    kernels._kernels = lambda: stubs
     attention_module.sdpa_with_lse = lambda query, key, value, mask, scale: (
         torch.zeros_like(query), torch.zeros(query.shape[:3]))
     torch.set_num_threads(1)
@@ -719,7 +720,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cases", default=None, help="SHAPE:B:T,... instead of the issue's cases")
     ap.add_argument("--eager", action="store_true", help="also time HF eager (attentions + hidden states), T<=8192")
     ap.add_argument("--host-ab", action="store_true",
-                    help="also time the recorder without session 19's host changes (fast launch, prefault)")
+                    help="also time the recorder without session 19's host changes (fast launch, layer plan, "
+                         "prefault)")
     ap.add_argument("--check", action="store_true", help="first: device path vs torch path at real shapes")
     ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
     ap.add_argument("--profile", action="store_true", help="last: profiler tables of one recorded forward")

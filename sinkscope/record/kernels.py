@@ -71,6 +71,10 @@ def _kernels() -> SimpleNamespace:
                            colmax=_triton.colmax_kernel)
 
 
+LAYER_PLAN = os.environ.get("SINKSCOPE_LAYER_PLAN", "1") != "0"
+"""The recorder's device path repeats each forward's first-layer launches at its later layers (`LayerPlan`).
+`SINKSCOPE_LAYER_PLAN=0` (read at import) or False here: every layer runs the wrappers."""
+
 FAST_LAUNCH = os.environ.get("SINKSCOPE_FAST_LAUNCH", "1") != "0"
 """Launch the kernels through `launch`'s own cache of compiled kernels (below) instead of Triton's per-call
 dispatch. `SINKSCOPE_FAST_LAUNCH=0` (read at import) or False here: Triton's dispatch on every call."""
@@ -99,25 +103,29 @@ def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: di
     off, or when Triton returns no compiled kernel, every call goes through Triton."""
     if not FAST_LAUNCH or os.environ.get("TRITON_INTERPRET") == "1":
         fn[grid](*tensors, *scalars, **consts, **options)
-        return
-    key = (fn, tensors[0].get_device(), tuple(map(_DTYPE, tensors)),
-           tuple(map(operator.and_, map(torch.Tensor.data_ptr, tensors), _FIFTEENS)),  # each pointer's address % 16
-           scalars, tuple(map(type, scalars)), tuple(consts.items()), tuple(options.items()))
-    hit = _LAUNCHES.get(key)
-    if hit is not None:
-        compiled, tail = hit
-        compiled[(*grid, 1, 1)[:3]](*tensors, *scalars, *tail, stream=_stream(key[1]))
-        return
-    compiled = fn[grid](*tensors, *scalars, **consts, **options)
-    tail = _constexpr_tail(fn, len(tensors) + len(scalars), consts)
-    if tail is not None and hasattr(compiled, "function") and hasattr(compiled, "__getitem__"):
-        if len(_LAUNCHES) >= _LAUNCH_CAP:
-            _LAUNCHES.clear()
-        _LAUNCHES[key] = (compiled, tail)
+    else:
+        key = (fn, tensors[0].get_device(), tuple(map(_DTYPE, tensors)),
+               tuple(map(operator.and_, map(torch.Tensor.data_ptr, tensors), _FIFTEENS)),  # each address % 16
+               scalars, tuple(map(type, scalars)), tuple(consts.items()), tuple(options.items()))
+        hit = _LAUNCHES.get(key)
+        if hit is not None:
+            compiled, tail = hit
+            compiled[(*grid, 1, 1)[:3]](*tensors, *scalars, *tail, stream=_stream(key[1]))
+        else:
+            compiled = fn[grid](*tensors, *scalars, **consts, **options)
+            tail = _constexpr_tail(fn, len(tensors) + len(scalars), consts)
+            if tail is not None and hasattr(compiled, "function") and hasattr(compiled, "__getitem__"):
+                if len(_LAUNCHES) >= _LAUNCH_CAP:
+                    _LAUNCHES.clear()
+                _LAUNCHES[key] = (compiled, tail)
+    if _RECORDING is not None:  # a LayerPlan is taking this layer's launches down (those that went through)
+        _RECORDING.append((fn, grid, tensors, scalars, consts, options))
 
 
 _DTYPE = operator.attrgetter("dtype")
 _FIFTEENS = itertools.repeat(15)
+_RECORDING: list | None = None
+"""Set by `LayerPlan` while the wrappers run for a forward's first layer: `launch` appends each call's arguments."""
 
 
 def _constexpr_tail(fn, n_args: int, consts: dict) -> tuple | None:
@@ -168,7 +176,7 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
                   valid: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, out: torch.Tensor | None = None,
                   rows: bool | None = None, poly: bool | None = None, heavy_first: bool | None = None,
-                  pipe: bool | None = None) -> torch.Tensor:
+                  pipe: bool | None = None, plan: LayerPlan | None = None) -> torch.Tensor:
     """`sum_q A[b, h, q, k]` over the (valid) queries that see key k: `[B, Hq, T]` float32.
 
     `query` `[B, Hq, T, d]`, `key` `[B, Hkv, T, d]` (grouped-query heads map `h -> h // (Hq // Hkv)`), `lse` the
@@ -176,7 +184,11 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     padding, which neither attends nor is attended). `out`: a contiguous `[B, Hq, T]` float32 to write into (the
     recorder's per-layer buffer), or None for a new one. The kernel variant and launch settings: COLSUM_CONFIG's
     where None; `poly` is ignored for float32 inputs, whose alpha must stay within 1e-5 (exp2_fma's relative error
-    is up to 7.5e-5); `pipe` applies without `rows` only."""
+    is up to 7.5e-5); `pipe` applies without `rows` only. `plan`: the recorder's `LayerPlan` for this forward (its
+    later layers repeat the first one's launch with their own Q, K and log-sum-exp)."""
+    if plan is not None and out is not None and plan.replay_colsum(query, key, lse, scale, valid, out):
+        return out
+    incoming = (_layout_of(query), _layout_of(key), _layout_of(lse))
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     if query.stride(-1) != 1:
@@ -200,13 +212,21 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
     block_d = max(16, _pow2(d))
     grid = (b * hq, _cdiv(t, block_n)) if heavy_first else (_cdiv(t, block_n), b * hq)
-    launch(kern.colsum, grid, (query, key, lse, v, out), (
-        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-        lse.stride(0), lse.stride(1), v.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
-        t, hq, hq // hkv, scale * LOG2E),
-        dict(HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-             IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-             ROWS=rows, POLY=poly, HEAVY_FIRST=heavy_first, PIPE=pipe), num_warps=num_warps, num_stages=num_stages)
+    recording = plan is not None and out is not None and plan.colsum is None
+    if recording:
+        _start_recording()
+    try:
+        launch(kern.colsum, grid, (query, key, lse, v, out), (
+            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+            lse.stride(0), lse.stride(1), v.stride(0) if valid is not None else 0, out.stride(0), out.stride(1),
+            t, hq, hq // hkv, scale * LOG2E),
+            dict(HAS_VALID=valid is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+                 IEEE=query.dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+                 ROWS=rows, POLY=poly, HEAVY_FIRST=heavy_first, PIPE=pipe), num_warps=num_warps,
+            num_stages=num_stages)
+    finally:
+        if recording:
+            plan.keep_colsum(_stop_recording(), incoming, scale, valid, out)
     return out
 
 
@@ -480,13 +500,35 @@ False restores the separate launch (`radix_final_kernel`); the outputs are the s
 def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, buf: torch.Tensor,
                         layout: SimpleNamespace, first: torch.Tensor, valid: torch.Tensor | None,
                         count: torch.Tensor | None, layer: int, thresholds: tuple[float, float],
-                        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                        plan: LayerPlan | None = None) -> torch.Tensor:
     """The recorder's reductions of one block output `h` `[B, T, D]` on the device, into the layer's buffer: the
     exact median of |h| and the massive threshold (radix select), the per-token fields and massive entries (one
     pass over the rows, which also takes the median's final step (FOLD_RADIX_FINAL); entries to `buffers`), and the
     per-feature maxima (one pass over the columns). Four launches for bf16 and fp16 (two radix passes), six for
     float32 (four), no host synchronisation. `valid` `[B, T]` bool (None: no padding), `count` its per-sample sums
-    (int32), `first` each sample's first real position. Returns the part of `buf` that goes to the host."""
+    (int32), `first` each sample's first real position. Returns the part of `buf` that goes to the host. `plan`:
+    the recorder's `LayerPlan` for this forward, whose `buf` is the same for every layer: the first layer runs
+    the wrappers below and the plan keeps their launches, later layers repeat them with their own h, attn_out,
+    mlp_out and layer index."""
+    if plan is not None and plan.replay_reductions(h, attn_out, mlp_out, layer, buf):
+        return buf[layout.feat:]
+    recording = plan is not None and plan.reductions is None and not (_RADIX_FAILED or _FOLD_FAILED)
+    if recording:
+        _start_recording()
+    try:
+        result = _reduce_layer_device(h, attn_out, mlp_out, buf, layout, first, valid, count, layer, thresholds,
+                                      buffers)
+    finally:
+        if recording:
+            calls = _stop_recording()
+    if recording and not (_RADIX_FAILED or _FOLD_FAILED):  # kept only when no fallback took a launch's place
+        plan.keep_reductions(calls, h, attn_out, mlp_out, layer, buf)
+    return result
+
+
+def _reduce_layer_device(h, attn_out, mlp_out, buf, layout, first, valid, count, layer, thresholds,
+                         buffers) -> torch.Tensor:
     b, t, d = h.shape
     if (b, t, d) != (layout.batch, layout.tokens, layout.hidden):
         from sinkscope.errors import RecorderError
@@ -551,3 +593,104 @@ def unpack_layer(host: torch.Tensor, layout: SimpleNamespace) -> tuple[dict[str,
     fields["feature_max_abs"], fields["mlp_feature_max_abs"] = feat[..., 0, :, :], feat[..., 1, :, :]
     fields["median_abs"] = host[..., layout.stats - base: layout.stats - base + b]
     return fields, host[..., layout.col - base:].reshape(*lead, b, layout.heads, layout.tokens)
+
+
+def _start_recording() -> None:
+    global _RECORDING
+    _RECORDING = []
+
+
+def _stop_recording() -> list:
+    global _RECORDING
+    calls, _RECORDING = _RECORDING, None
+    return calls
+
+
+def _layout_of(x: torch.Tensor) -> tuple:
+    return x.shape, x.stride(), x.dtype, x.device
+
+
+class LayerPlan:
+    """One forward's per-layer launches, taken down at its first layer and repeated at the others (session 19).
+
+    The recorder's device path makes the same launches at every layer of a forward: the same grids, constexprs,
+    buffers (the forward keeps one layer buffer, reused in stream order: a layer's copy to the host is queued
+    before the next layer's kernels write it) and scalars, except for the layer's own tensors and its index. The
+    wrappers that build those launches (`colsum_triton`, `median_abs_triton`, `token_stats_triton`, `colmax_triton`
+    and `reduce_layer_device`'s views of the buffer) cost about 100 us of host Python a layer (session 19,
+    `bench.gpu --host-python`, launches stubbed), which the short-context forwards wait on. So the first layer runs
+    them while `launch` records each call, and every later layer substitutes its own tensors into the recorded
+    calls: the radix passes' h (reshaped and reinterpreted as the first layer's was), the token pass's h, attn_out
+    and mlp_out and its layer index, the feature maxima's h and mlp_out, and the column sums' Q, K and log-sum-exp.
+    A layer whose tensors differ from the first layer's in shape, strides, dtype or device (the recorded scalars
+    hold their strides), or in the column sums' scale or padding mask, takes the wrappers again."""
+
+    def __init__(self) -> None:
+        self.reductions: list | None = None
+        self.colsum: tuple | None = None
+        self._inputs: tuple = ()
+        self._colsum_inputs: tuple = ()
+
+    def keep_reductions(self, calls: list, h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor,
+                        layer: int, buf: torch.Tensor) -> None:
+        kern = _kernels()
+        roles = {kern.radix_pass: "radix", kern.token_stats: "token", kern.colmax: "colmax"}
+        if not calls or any(fn not in roles for fn, *_ in calls):
+            return  # a launch the plan does not know how to repeat: every layer takes the wrappers
+        for fn, _, tensors, scalars, _, _ in calls:  # the layer's own tensors where the replay puts them
+            role = roles[fn]
+            if role == "radix" and tensors[0].data_ptr() != h.data_ptr():
+                return
+            if role == "token" and (tensors[0] is not h or tensors[1] is not attn_out or tensors[2] is not mlp_out
+                                    or scalars[-2] != layer):
+                return
+            if role == "colmax" and (tensors[0] is not h or tensors[1] is not mlp_out):
+                return
+        self.reductions = [(roles[fn], fn, grid, tensors, scalars, consts, options)
+                           for fn, grid, tensors, scalars, consts, options in calls]
+        self._inputs = (_layout_of(h), _layout_of(attn_out), _layout_of(mlp_out), buf)
+
+    def replay_reductions(self, h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, layer: int,
+                          buf: torch.Tensor) -> bool:
+        if self.reductions is None or (
+                (_layout_of(h), _layout_of(attn_out), _layout_of(mlp_out)) != self._inputs[:3]
+                or buf is not self._inputs[3]):
+            return False
+        flat = None
+        for role, fn, grid, tensors, scalars, consts, options in self.reductions:
+            if role == "radix":
+                if flat is None:
+                    flat = h.reshape(tensors[0].shape[0], -1)
+                    if flat.dtype != tensors[0].dtype:
+                        flat = flat.view(tensors[0].dtype)
+                launch(fn, grid, (flat, *tensors[1:]), scalars, consts, **options)
+            elif role == "token":
+                launch(fn, grid, (h, attn_out, mlp_out, *tensors[3:]), (*scalars[:-2], layer, scalars[-1]), consts,
+                       **options)
+            else:
+                launch(fn, grid, (h, mlp_out, *tensors[2:]), scalars, consts, **options)
+        return True
+
+    def keep_colsum(self, calls: list, incoming: tuple, scale: float, valid: torch.Tensor | None,
+                    out: torch.Tensor) -> None:
+        """`incoming`: the layouts of Q, K and the log-sum-exp as `colsum_triton` received them (before the copies
+        it makes of rows that are not contiguous and of a log-sum-exp that is not contiguous float32)."""
+        if len(calls) == 1 and calls[0][0] is _kernels().colsum:
+            self.colsum = calls[0]
+            self._colsum_inputs = (*incoming, scale, valid, out)
+
+    def replay_colsum(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
+                      valid: torch.Tensor | None, out: torch.Tensor) -> bool:
+        if self.colsum is None:
+            return False
+        layouts, (q_scale, q_valid, q_out) = self._colsum_inputs[:3], self._colsum_inputs[3:]
+        if (scale != q_scale or valid is not q_valid or out is not q_out
+                or (_layout_of(query), _layout_of(key), _layout_of(lse)) != layouts):
+            return False
+        if query.stride(-1) != 1:  # what colsum_triton does with them
+            query = query.contiguous()
+        if key.stride(-1) != 1:
+            key = key.contiguous()
+        fn, grid, tensors, scalars, consts, options = self.colsum
+        launch(fn, grid, (query, key, lse.float().contiguous(), *tensors[3:]), scalars, consts, **options)
+        return True

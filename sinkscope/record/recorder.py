@@ -43,6 +43,7 @@ class _Request:
     device_path: bool = False  # the Triton kernels (kernels.available), decided once per forward
     colsum_out: torch.Tensor | None = None  # device path: where the column sums go (the layer's buffer)
     window: int | None = None  # the layer's sliding window (its attention config's `sliding_window`), if any
+    plan: Any = None  # device path: the forward's kernels.LayerPlan (repeats the first layer's launches)
 
 
 class Recorder:
@@ -203,6 +204,10 @@ class Recorder:
             self._cur["massive_buffers"] = attn_fn.kernels.massive_buffers(b, t, ref.device)
             self._cur["layout"] = attn_fn.kernels.layer_layout(b, t, self.hidden_size, self.n_heads, self.top_k)
             self._cur["buffer"] = [None] * self.n_layers
+            # one layer buffer for the whole forward, reused in stream order (each layer's copy to the host is
+            # queued before the next layer's kernels write it), and the plan that repeats the first layer's launches
+            self._cur["layer_buf"] = None
+            self._cur["plan"] = attn_fn.kernels.LayerPlan() if attn_fn.kernels.LAYER_PLAN else None
             padded = self._cur["query_valid"] is not None
             self._cur["real_tokens"] = valid.sum(dim=1, dtype=torch.int32) if padded else None  # the median's n
             # every layer's results go to one pinned host block [L, N], a copy per layer queued without waiting,
@@ -233,12 +238,17 @@ class Recorder:
                 self._cur["maps"][(layer, h)] = m.cpu()
 
         colsum_out = None
-        if self._cur["device_path"]:  # one device buffer per layer for everything it records (kernels.layer_layout)
-            layout = self._cur["layout"]
-            buf = self._cur["buffer"][layer] = attn_fn.kernels.layer_buffer(layout, self._cur["valid"].device)
-            colsum_out = attn_fn.kernels.colsum_view(buf, layout)
+        if self._cur["device_path"]:  # one device buffer for everything a layer records (kernels.layer_layout)
+            layout, buf = self._cur["layout"], self._cur["layer_buf"]
+            if buf is None:  # the forward's first layer: allocated zeroed, and its column-sum view kept
+                buf = self._cur["layer_buf"] = attn_fn.kernels.layer_buffer(layout, self._cur["valid"].device)
+                self._cur["colsum_view"] = attn_fn.kernels.colsum_view(buf, layout)
+            else:  # the histograms and feature maxima start from zero at every layer
+                buf[: layout.stats].zero_()
+            self._cur["buffer"][layer] = buf
+            colsum_out = self._cur["colsum_view"]
         return _Request(self._cur["query_valid"], heads, deliver, self.compile, self._cur["device_path"], colsum_out,
-                        self._windows[layer])
+                        self._windows[layer], self._cur.get("plan"))
 
     def _store(self, name: str, layer: int):
         def hook(module, args, output):
@@ -265,7 +275,7 @@ class Recorder:
                 raise RecorderError(f"block {layer}'s attention did not run through the attention interface")
             host = attn_fn.kernels.reduce_layer_device(
                 h, a, m, buf, cur["layout"], cur["first"], cur["query_valid"], cur["real_tokens"], layer,
-                (self.abs_threshold, self.rel_threshold), cur["massive_buffers"])
+                (self.abs_threshold, self.rel_threshold), cur["massive_buffers"], plan=cur["plan"])
             cur["landing"][layer].copy_(host, non_blocking=True)  # one copy per layer, queued without waiting
             if host.is_cuda:
                 cur["events"][layer] = event = torch.cuda.Event()

@@ -671,3 +671,28 @@ def test_layer_plan_takes_the_wrappers_for_a_layer_unlike_the_first(monkeypatch)
     assert not plan.replay_reductions(strided, a, m, 1, "buf")
     assert not plan.replay_reductions(h.double(), a, m, 1, "buf")
     assert not plan.replay_reductions(h.clone(), a, m, 1, "another buffer")
+
+
+def test_layer_plan_keeps_no_tensor_of_the_first_layer():
+    """What the plan keeps for the rest of a forward holds the buffers, not the first layer's h, attn_out, mlp_out,
+    Q, K or log-sum-exp (at the 135M shape and T=32768 those would be 6 x 38 MB against the 10 % memory target)."""
+    import gc
+    import weakref
+
+    from sinkscope.record import kernels
+
+    kern = kernels._kernels()
+    plan = kernels.LayerPlan()
+    h, a, m = (torch.randn(1, 8, 32) for _ in range(3))
+    q, k, lse = torch.randn(1, 2, 8, 16), torch.randn(1, 1, 8, 16), torch.randn(1, 2, 8)
+    buf, extra = torch.zeros(64), torch.zeros(4)
+    plan.keep_reductions([(kern.radix_pass, (1, 1), (h.reshape(1, -1), extra, extra, buf), (256, 1), {}, {}),
+                          (kern.token_stats, (8, 1), (h, a, m, extra, buf), (0.0, 1.0, 8, 5, 1000), {}, {}),
+                          (kern.colmax, (1, 1, 1), (h, m, extra, buf), (8, 32), {}, {})], h, a, m, 5, buf)
+    plan.keep_colsum([(kern.colsum, (1, 2), (q, k, lse, extra, buf), (1, 2), {}, {})],
+                     tuple(kernels._layout_of(x) for x in (q, k, lse)), 0.25, None, buf)
+    assert plan.reductions is not None and plan.colsum is not None
+    refs = [weakref.ref(x) for x in (h, a, m, q, k, lse)]
+    del h, a, m, q, k, lse
+    gc.collect()
+    assert all(r() is None for r in refs)

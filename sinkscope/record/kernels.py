@@ -628,6 +628,7 @@ class LayerPlan:
     def __init__(self) -> None:
         self.reductions: list | None = None
         self.colsum: tuple | None = None
+        self._flat: tuple | None = None
         self._inputs: tuple = ()
         self._colsum_inputs: tuple = ()
 
@@ -646,8 +647,13 @@ class LayerPlan:
                 return
             if role == "colmax" and (tensors[0] is not h or tensors[1] is not mlp_out):
                 return
-        self.reductions = [(roles[fn], fn, grid, tensors, scalars, consts, options)
-                           for fn, grid, tensors, scalars, consts, options in calls]
+        # the layer's own tensors are dropped (None): kept, they would hold the first layer's h, attn_out and
+        # mlp_out for the rest of the forward (3 x 38 MB at the 135M shape, T=32768)
+        subst = {"radix": 1, "token": 3, "colmax": 2}
+        self.reductions = [(roles[fn], fn, grid, (None,) * subst[roles[fn]] + tuple(tensors[subst[roles[fn]]:]),
+                            scalars, consts, options) for fn, grid, tensors, scalars, consts, options in calls]
+        radix = next((tensors[0] for fn, _, tensors, *_ in calls if roles[fn] == "radix"), None)
+        self._flat = None if radix is None else (radix.shape[0], radix.dtype)
         self._inputs = (_layout_of(h), _layout_of(attn_out), _layout_of(mlp_out), buf)
 
     def replay_reductions(self, h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, layer: int,
@@ -660,9 +666,9 @@ class LayerPlan:
         for role, fn, grid, tensors, scalars, consts, options in self.reductions:
             if role == "radix":
                 if flat is None:
-                    flat = h.reshape(tensors[0].shape[0], -1)
-                    if flat.dtype != tensors[0].dtype:
-                        flat = flat.view(tensors[0].dtype)
+                    flat = h.reshape(self._flat[0], -1)
+                    if flat.dtype != self._flat[1]:
+                        flat = flat.view(self._flat[1])
                 launch(fn, grid, (flat, *tensors[1:]), scalars, consts, **options)
             elif role == "token":
                 launch(fn, grid, (h, attn_out, mlp_out, *tensors[3:]), (*scalars[:-2], layer, scalars[-1]), consts,
@@ -676,7 +682,8 @@ class LayerPlan:
         """`incoming`: the layouts of Q, K and the log-sum-exp as `colsum_triton` received them (before the copies
         it makes of rows that are not contiguous and of a log-sum-exp that is not contiguous float32)."""
         if len(calls) == 1 and calls[0][0] is _kernels().colsum:
-            self.colsum = calls[0]
+            fn, grid, tensors, scalars, consts, options = calls[0]
+            self.colsum = (fn, grid, (None, None, None, *tensors[3:]), scalars, consts, options)  # Q, K, lse dropped
             self._colsum_inputs = (*incoming, scale, valid, out)
 
     def replay_colsum(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,

@@ -465,7 +465,8 @@ def test_gpu_bench_launch_stage_runs(monkeypatch):
     from sinkscope.bench import gpu
 
     rows = gpu.launch_bench(t=16, n=1, device=DEVICE)
-    assert len(rows) == 16 and all("error" not in r and r["host_us"] > 0 for r in rows), rows
+    assert len(rows) == (16 if DEVICE == "cuda" else 8), rows  # both launch modes on CUDA
+    assert all("error" not in r and r["host_us"] > 0 for r in rows), rows
 
 
 def test_gpu_bench_unpack_stage_runs():

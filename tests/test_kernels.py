@@ -610,7 +610,17 @@ def test_prefault_pool_is_per_process():
             os.write(write, b"1" if ok else b"0")
         finally:
             os._exit(0)
-    os.waitpid(pid, 0)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 60  # a child that hangs is killed and fails the test, never stalls the suite
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's prefault pool did not run its work within 60 s")
+        time.sleep(0.05)
+    os.close(write)
     assert os.read(read, 1) == b"1"
 
 

@@ -186,17 +186,16 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     where None; `poly` is ignored for float32 inputs, whose alpha must stay within 1e-5 (exp2_fma's relative error
     is up to 7.5e-5); `pipe` applies without `rows` only. `plan`: the recorder's `LayerPlan` for this forward (its
     later layers repeat the first one's launch with their own Q, K and log-sum-exp)."""
-    if plan is not None and out is not None and plan.replay_colsum(query, key, lse, scale, valid, out):
-        return out
-    incoming = (_layout_of(query), _layout_of(key), _layout_of(lse))
+    recording = False
+    if plan is not None and out is not None:
+        if plan.replay_colsum(query, key, lse, scale, valid, out):
+            return out
+        recording = plan.colsum is None
+        incoming = (_layout_of(query), _layout_of(key), _layout_of(lse))
     b, hq, t, d = query.shape
     hkv = key.shape[1]
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if key.stride(-1) != 1:
-        key = key.contiguous()
+    query, key, lse = _colsum_operands(query, key, lse)
     kern = _kernels()
-    lse = lse.float().contiguous()
     if out is None:
         out = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
     elif out.shape != (b, hq, t) or not out.is_contiguous():
@@ -212,7 +211,6 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
     block_d = max(16, _pow2(d))
     grid = (b * hq, _cdiv(t, block_n)) if heavy_first else (_cdiv(t, block_n), b * hq)
-    recording = plan is not None and out is not None and plan.colsum is None
     if recording:
         _start_recording()
     try:
@@ -228,6 +226,12 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
         if recording:
             plan.keep_colsum(_stop_recording(), incoming, scale, valid, out)
     return out
+
+
+def _colsum_operands(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor) -> tuple:
+    """Q and K with contiguous rows, the log-sum-exp as contiguous float32: what the column-sum kernel reads."""
+    return (query if query.stride(-1) == 1 else query.contiguous(), key if key.stride(-1) == 1 else key.contiguous(),
+            lse.float().contiguous())
 
 
 def exp2_fma(x: torch.Tensor) -> torch.Tensor:
@@ -694,10 +698,6 @@ class LayerPlan:
         if (scale != q_scale or valid is not q_valid or out is not q_out
                 or (_layout_of(query), _layout_of(key), _layout_of(lse)) != layouts):
             return False
-        if query.stride(-1) != 1:  # what colsum_triton does with them
-            query = query.contiguous()
-        if key.stride(-1) != 1:
-            key = key.contiguous()
         fn, grid, tensors, scalars, consts, options = self.colsum
-        launch(fn, grid, (query, key, lse.float().contiguous(), *tensors[3:]), scalars, consts, **options)
+        launch(fn, grid, (*_colsum_operands(query, key, lse), *tensors[3:]), scalars, consts, **options)
         return True

@@ -486,10 +486,11 @@ class _FakeJit:
     """A stand-in for a `triton.jit` function (its `params`, `fn[grid](...)` returning a compiled kernel) that
     records what each launch received: through "Triton" (its dispatch) or straight to the compiled kernel."""
 
-    def __init__(self, compiles: bool = True):
+    def __init__(self, compiles: bool = True, tensors_only: bool = False):
         self.params = [_FakeParam(n) for n in ("x_ptr", "n", "scale", "BLOCK")] + [_FakeParam("FLAG", 7, True)]
         self.calls: list[tuple] = []
         self.compiles = compiles
+        self.tensors_only = tensors_only  # a launcher that refuses addresses given as integers
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
@@ -505,7 +506,12 @@ class _FakeJit:
             function = object()
 
             def __getitem__(self, grid):
-                return lambda *args, stream=None: jit.calls.append(("direct", grid, args, stream))
+                def run(*args, stream=None):
+                    if jit.tensors_only and not isinstance(args[0], torch.Tensor):
+                        raise TypeError("Pointer argument must have a data_ptr method")
+                    jit.calls.append(("direct", grid, args, stream))
+
+                return run
 
         return Compiled()
 
@@ -527,7 +533,7 @@ def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monk
     assert [c[0] for c in fn.calls] == ["triton", "direct"]
     assert fn.calls[0][2:] == ((x, 32, 0.5), {"BLOCK": 16, "num_warps": 4})
     _, grid, args, stream = fn.calls[1]
-    assert grid == (4, 1, 1) and args == (x, 32, 0.5, 16, 7) and stream == 123
+    assert grid == (4, 1, 1) and args == (x.data_ptr(), 32, 0.5, 16, 7) and stream == 123  # the address, as an int
     kernels.launch(fn, (4, 2), (torch.zeros(64),), (32, 0.5), {"BLOCK": 16}, num_warps=4)  # another tensor, same spec
     assert fn.calls[-1][0] == "direct" and fn.calls[-1][1] == (4, 2, 1)
     for tensors, scalars, consts, options, cached in (
@@ -560,6 +566,22 @@ def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialisation(monk
             kernels.launch(fresh, (4,), (x,), (32, 0.5), {"BLOCK": 16})
             kernels.launch(fresh, (4,), (x,), (32, 0.5), {"BLOCK": 16})
         assert [c[0] for c in fresh.calls] == ["triton", "triton"], setting
+
+
+def test_launch_hands_tensors_to_a_launcher_that_refuses_integer_addresses(monkeypatch):
+    """A compiled kernel whose launcher refuses an address given as an integer gets the same call with the tensors
+    at once (nothing lost, one launch each), and every later direct launch gets tensors."""
+    from sinkscope.record import kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "_stream", lambda device: 0)
+    monkeypatch.setattr(kernels, "_LAUNCHES", {})
+    monkeypatch.setattr(kernels, "_INT_POINTERS_FAILED", [])
+    fn, x = _FakeJit(tensors_only=True), torch.zeros(64)
+    for _ in range(3):
+        kernels.launch(fn, (4,), (x,), (32, 0.5), {"BLOCK": 16})
+    assert [c[0] for c in fn.calls] == ["triton", "direct", "direct"]
+    assert all(c[2][0] is x for c in fn.calls[1:]) and len(kernels._INT_POINTERS_FAILED) == 1
 
 
 def test_launch_cache_is_bounded(monkeypatch):

@@ -95,7 +95,8 @@ def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: di
     call of the recorder's wrappers against 8 us for a small torch launch on the H200's host, session 19), and
     the recorder makes five launches a layer, which is what the short-context forwards wait on. So the first call
     with a given key goes through Triton (compiling if need be) and keeps the compiled kernel it returns; later
-    calls with the same key hand the arguments to that kernel's own launcher. The key holds what Triton
+    calls with the same key hand the arguments to that kernel's own launcher, each tensor as its address (taken for
+    the key already; a tensor would cost the launcher a `data_ptr()` call and a driver query). The key holds what Triton
     specialises on, conservatively: the tensors' device and dtypes, each pointer's address modulo 16 (Triton
     specialises on 16-byte alignment; a layer buffer's threshold sits 4 bytes into a 16-byte word), every
     scalar's exact type and value (so any integer property Triton looks at, being 1 or a multiple of 16, is the
@@ -104,13 +105,22 @@ def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: di
     if not FAST_LAUNCH or os.environ.get("TRITON_INTERPRET") == "1":
         fn[grid](*tensors, *scalars, **consts, **options)
     else:
+        ptrs = tuple(map(torch.Tensor.data_ptr, tensors))
         key = (fn, tensors[0].get_device(), tuple(map(_DTYPE, tensors)),
-               tuple(map(operator.and_, map(torch.Tensor.data_ptr, tensors), _FIFTEENS)),  # each address % 16
+               tuple(map(operator.and_, ptrs, _FIFTEENS)),  # each address % 16
                scalars, tuple(map(type, scalars)), tuple(consts.items()), tuple(options.items()))
         hit = _LAUNCHES.get(key)
         if hit is not None:
             compiled, tail = hit
-            compiled[(*grid, 1, 1)[:3]](*tensors, *scalars, *tail, stream=_stream(key[1]))
+            run = compiled[(*grid, 1, 1)[:3]]
+            if _INT_POINTERS_FAILED:
+                run(*tensors, *scalars, *tail, stream=_stream(key[1]))
+            else:
+                try:  # the addresses as integers: the launcher neither calls data_ptr() nor asks the driver again
+                    run(*ptrs, *scalars, *tail, stream=_stream(key[1]))
+                except (TypeError, ValueError) as exc:  # a launcher that takes only tensors: tensors from now on
+                    _INT_POINTERS_FAILED.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                    run(*tensors, *scalars, *tail, stream=_stream(key[1]))
         else:
             compiled = fn[grid](*tensors, *scalars, **consts, **options)
             tail = _constexpr_tail(fn, len(tensors) + len(scalars), consts)
@@ -121,6 +131,11 @@ def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: di
     if _RECORDING is not None:  # a LayerPlan is taking this layer's launches down (those that went through)
         _RECORDING.append((fn, grid, tensors, scalars, consts, options))
 
+
+_INT_POINTERS_FAILED: list[str] = []
+"""Set when a compiled kernel's launcher refused addresses given as integers (every Triton 3 launcher takes them:
+an integer is used as it is, where a tensor costs a `data_ptr()` call and a `cuPointerGetAttribute` query each):
+`launch` then hands it the tensors."""
 
 _DTYPE = operator.attrgetter("dtype")
 _FIFTEENS = itertools.repeat(15)

@@ -646,20 +646,21 @@ def test_prefault_pool_is_per_process():
     assert os.read(read, 1) == b"1"
 
 
-@pytest.mark.parametrize("dtype,padded,shapes,rel", [(torch.float32, True, ((3, 24), (1, 10)), 3.0),
-                                                     (torch.bfloat16, False, ((2, 16),), 1000.0)],
-                         ids=["fp32-padded-two-forwards", "bf16-unpadded"])
-def test_layer_plan_repeats_the_first_layer_exactly(dtype, padded, shapes, rel, monkeypatch):
-    """`kernels.LayerPlan`: every layer after a forward's first repeats its launches with its own tensors (counted),
-    and the record is the one the wrappers give at every layer, bit for bit (in fp32 with padding, many massive
-    entries and two forwards in a row, the second of another shape, so a new plan; in bf16 without)."""
+@pytest.mark.parametrize("dtype,shapes,replayed,rel", [
+    (torch.float32, ((3, 24, True), (1, 10, True)), 2 + 2, 3.0),
+    (torch.bfloat16, ((2, 16, True), (2, 16, True), (2, 16, False)), 2 + 3 + 2, 1000.0)],
+    ids=["fp32-padded-two-shapes", "bf16-repeated-then-unpadded"])
+def test_layer_plan_repeats_the_first_layer_exactly(dtype, shapes, replayed, rel, monkeypatch):
+    """`kernels.LayerPlan`: every layer after the one that recorded it repeats its launches with its own tensors
+    (counted), and the record is the one the wrappers give at every layer, bit for bit. In fp32 with padding, many
+    massive entries and two forwards of different shapes in one recorder (a new plan for the second); in bf16
+    three forwards: the second of the same shape and padding replays all its layers (the recorder kept the plan
+    and its buffers), the third, of the same shape without padding, gets its own."""
     from sinkscope.record import kernels
 
     monkeypatch.setenv("SINKSCOPE_TRITON", "1")
     model = tiny_llama().to(DEVICE, dtype)
     ids, mask = padded_batch()
-    if not padded:
-        mask = torch.ones_like(mask)
     replays = {"reductions": 0, "colsum": 0}
     for name in ("reductions", "colsum"):
         original = getattr(kernels.LayerPlan, f"replay_{name}")
@@ -671,19 +672,28 @@ def test_layer_plan_repeats_the_first_layer_exactly(dtype, padded, shapes, rel, 
 
         monkeypatch.setattr(kernels.LayerPlan, f"replay_{name}", counted)
 
-    def record(plan: bool):
+    def record(plan: bool, forwards):
         monkeypatch.setattr(kernels, "LAYER_PLAN", plan)
+        # the repeated forward's layers also go through LaunchGraphs (on the CPU a stand-in capture, though the
+        # heap hands out other addresses each forward, so they launch: the replay is tested below; on a GPU real
+        # CUDA graphs)
+        graphs = plan and len(forwards) > 2
+        monkeypatch.setattr(kernels, "GRAPH_CAPTURE", _Graph if graphs and DEVICE == "cpu" else None)
+        monkeypatch.setattr(kernels, "CUDA_GRAPHS", graphs and DEVICE == "cuda")
         with Recorder(model, abs_threshold=0.0, rel_threshold=rel) as rec:
-            for b, n in shapes:
-                model(input_ids=ids[:b, :n].to(DEVICE), attention_mask=mask[:b, :n].to(DEVICE))
+            for b, n, padded in forwards:
+                m = mask[:b, :n] if padded else torch.ones(b, n, dtype=mask.dtype)
+                model(input_ids=ids[:b, :n].to(DEVICE), attention_mask=m.to(DEVICE))
         return rec.samples
 
-    planned = record(True)
-    n = 2 * len(shapes)  # layers 1 and 2 of each forward
-    assert replays == {"reductions": n, "colsum": n}
-    plain = record(False)
-    assert replays == {"reductions": n, "colsum": n}
-    assert sum(len(s.massive) for s in plain) > (10 if rel < 10 else -1)
+    planned = record(True, shapes)
+    assert replays == {"reductions": replayed, "colsum": replayed}
+    unique = list(dict.fromkeys(shapes))  # the wrappers' record of a repeated forward is the first one's
+    done = record(False, unique)
+    assert replays == {"reductions": replayed, "colsum": replayed}
+    assert sum(len(s.massive) for s in done) > (10 if rel < 10 else -1)
+    starts = np.cumsum([0] + [b for b, _, _ in unique])
+    plain = [s for shape in shapes for s in done[starts[unique.index(shape)]: starts[unique.index(shape)] + shape[0]]]
     for a, b in zip(planned, plain, strict=True):
         for field in ("attention_received", "bos_cosine", "max_abs", "median_abs", "top_features", "top_values",
                       "mlp_top_features", "mlp_top_values", "feature_max_abs", "mlp_feature_max_abs"):
@@ -729,3 +739,139 @@ def test_layer_plan_keeps_no_tensor_of_the_first_layer():
     del h, a, m, q, k, lse
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+class _Graph:
+    """A stand-in for a captured CUDA graph on the CPU: it keeps each call's tensors as their addresses and
+    layouts, as a graph does, and replays the calls on whatever memory sits at those addresses then."""
+
+    def __init__(self, calls):
+        self.calls = [(fn, grid, tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors), scalars,
+                       consts, options) for fn, grid, tensors, scalars, consts, options in calls]
+
+    @staticmethod
+    def _at(ptr, dtype, shape, stride):
+        import ctypes
+
+        n = 1 + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) if all(shape) else 0
+        size = torch.empty(0, dtype=dtype).element_size()
+        raw = (ctypes.c_char * max(1, n * size)).from_address(ptr)
+        return torch.frombuffer(raw, dtype=dtype, count=n).as_strided(shape, stride)
+
+    def replay(self):
+        from sinkscope.record import kernels
+
+        kernels._execute([(fn, grid, tuple(self._at(*t) for t in tensors), scalars, consts, options)
+                          for fn, grid, tensors, scalars, consts, options in self.calls])
+
+
+def test_launch_graphs_replay_only_the_inputs_they_were_captured_with(monkeypatch):
+    """`kernels.LaunchGraphs.run`: a layer's calls are launched the first time its inputs are seen, captured and
+    replayed when the same layer sees the same inputs again, replayed from then on; other inputs launch (and are
+    captured at their second time). A capture that is "not now" (None) is tried again; one that raises warns once,
+    launches the calls and turns graphs off."""
+    from sinkscope.record import kernels
+
+    monkeypatch.setattr(kernels, "_GRAPHS_FAILED", [])
+    x = torch.ones(8)
+    calls = [(None, None, (x,), (), {}, {})]  # zero x
+    captured = []
+
+    def capture(c):
+        captured.append(c)
+        return SimpleGraph()
+
+    class SimpleGraph:
+        replays = 0
+
+        def replay(self):
+            SimpleGraph.replays += 1
+
+    graphs = kernels.LaunchGraphs(torch.device("cpu"), capture)
+
+    def step(inputs, key=(0, "reductions")):
+        x.fill_(1.0)
+        graphs.run(key, inputs, lambda: calls)
+        return "launched" if x.sum() == 0 else "replayed"
+
+    assert [step((1, 100)), step((1, 100)), step((1, 100)), step((1, 200)), step((1, 200)), step((1, 100))] == [
+        "launched", "replayed", "replayed", "launched", "replayed", "launched"]
+    assert step((1, 100), key=(1, "reductions")) == "launched"  # another layer: its own entry
+    assert len(captured) == 2 and SimpleGraph.replays == 3 and graphs.captures == 2 and graphs.replays == 3
+    later = kernels.LaunchGraphs(torch.device("cpu"), lambda c: None)  # not now: launched, asked again next time
+    asked = []
+    later._capture = lambda c: asked.append(c)
+    x.fill_(1.0)
+    for _ in range(3):
+        later.run((0, "colsum"), (5,), lambda: calls)
+    assert len(asked) == 2 and later.captures == 0
+
+    def broken(c):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    failing = kernels.LaunchGraphs(torch.device("cpu"), broken)
+    with pytest.warns(RuntimeWarning, match="CUDA graph"):
+        assert [step2 for step2 in (failing.run((0, "x"), (1,), lambda: calls), failing.run((0, "x"), (1,),
+                                                                                         lambda: calls))]
+    assert kernels._GRAPHS_FAILED and failing.captures == 0
+    x.fill_(1.0)
+    graphs.run((0, "y"), (9,), lambda: calls)
+    graphs.run((0, "y"), (9,), lambda: calls)  # graphs are off after a failure: launched, never captured
+    assert x.sum() == 0 and graphs.captures == 2
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the stand-in graph reads host memory at the captured addresses; on a "
+                    "GPU, test_recorder's test_cuda_graphs_replay_the_same_record replays real graphs")
+def test_graphs_replay_a_layers_reductions_exactly(monkeypatch):
+    """The recorder's reductions through a plan with graphs: launched, then captured and replayed (a stand-in graph
+    that, like a CUDA graph, holds addresses) while the layer's h, attn_out and mlp_out stay where they were; the
+    layer buffer is the wrappers' bit for bit every time; new tensors are launched again."""
+    from sinkscope.record import kernels
+
+    monkeypatch.setattr(kernels, "_GRAPHS_FAILED", [])
+    torch.manual_seed(3)
+    b, t, d, heads, k = 2, 8, 32, 2, 4
+    h, a, m = (torch.randn(b, t, d, device=DEVICE) for _ in range(3))
+    h[:, 3, 5] = 300.0  # a massive activation
+    valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    valid[1, :2] = False
+    layout = kernels.layer_layout(b, t, d, heads, k)
+    first = valid.int().argmax(dim=1)
+    count = valid.sum(dim=1, dtype=torch.int32)
+
+    def reduce(plan, buf, massive, x=h):
+        massive[0].zero_()
+        kernels.reduce_layer_device(x, a, m, buf, layout, first, valid, count, 1, (100.0, 50.0), massive, plan=plan)
+        n = int(massive[0])
+        return buf[layout.feat:].clone(), massive[0].clone(), massive[1][:n].clone(), massive[2][:n].clone()
+
+    want = reduce(None, kernels.layer_buffer(layout, h.device).zero_(), kernels.massive_buffers(b, t, h.device))
+    graphs = kernels.LaunchGraphs(h.device, _Graph)
+    plan = kernels.LayerPlan(graphs)
+    buf, massive = kernels.layer_buffer(layout, h.device).zero_(), kernels.massive_buffers(b, t, h.device)
+    for i in range(5):  # wrappers (recorded), launched, captured + replayed, replayed, replayed
+        got = reduce(plan, buf, massive)
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=lambda e, i=i: f"forward {i}: {e}")
+    assert graphs.captures == 1 and graphs.replays == 3 and int(want[1]) > 0
+    other = h.clone()  # the same values elsewhere: launched, not replayed
+    got = reduce(plan, buf, massive, other)
+    assert graphs.replays == 3
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_gpu_bench_case_times_every_recorder_variant_and_restores_the_switches(monkeypatch):
+    """`bench.gpu.run_case` with --host-ab, --graphs and --fresh (here on the CPU path, which runs in a second):
+    every variant timed against SDPA, the graph counts reported, and the module switches as they were after."""
+    from sinkscope.bench import gpu
+    from sinkscope.record import kernels
+    from sinkscope.record import recorder as recorder_module
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    before = (kernels.CUDA_GRAPHS, kernels.FAST_LAUNCH, kernels.LAYER_PLAN, recorder_module.PREFAULT)
+    row = gpu.run_case(tiny_llama(), 2, 16, 2, False, host_ab=True, graphs=True, fresh=True)
+    for name in ("recorder", "recorder_host_before", "recorder_graphs", "recorder_fresh"):
+        assert row[f"{name}_ratio"] > 0, name
+    assert {"graphs_captured", "graphs_replayed", "graphs_failed"} <= set(row)
+    assert (kernels.CUDA_GRAPHS, kernels.FAST_LAUNCH, kernels.LAYER_PLAN, recorder_module.PREFAULT) == before

@@ -253,6 +253,41 @@ def test_cuda_unpadded_bf16_grouped_heads_match_eager(make):
         np.testing.assert_allclose(s.attention_received, metrics.attention_received(attn.cpu()), atol=2e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_cuda_graphs_replay_the_same_record(padded, monkeypatch):
+    """`kernels.CUDA_GRAPHS` (session 20, first run on a GPU by this test): six forwards of one batch in one
+    recorder, whose layers are captured as CUDA graphs once their inputs sit at the same addresses twice and
+    replayed after; every forward's record is the one without graphs, bit for bit, and graphs were replayed
+    (if the caching allocator gave other addresses each forward they never would be: then graphs cannot help)."""
+    from sinkscope.record import kernels
+
+    model = tiny_llama().to("cuda", torch.bfloat16)
+    ids, mask = padded_batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    ids, mask = ids.cuda(), mask.cuda()
+
+    def record(graphs: bool, forwards: int):
+        monkeypatch.setattr(kernels, "CUDA_GRAPHS", graphs)
+        with Recorder(model, rel_threshold=3.0) as rec, torch.no_grad():
+            for _ in range(forwards):
+                model(input_ids=ids, attention_mask=mask)
+        return rec
+
+    want = record(False, 1).samples
+    rec = record(True, 6)
+    state = rec._device_state
+    assert not kernels._GRAPHS_FAILED, kernels._GRAPHS_FAILED
+    assert state.graphs.captures > 0 and state.graphs.replays > 0, (state.graphs.captures, state.graphs.replays)
+    for i, s in enumerate(rec.samples):
+        w = want[i % len(want)]
+        for field in ("attention_received", "bos_cosine", "max_abs", "median_abs", "top_features", "top_values",
+                      "feature_max_abs", "mlp_feature_max_abs"):
+            np.testing.assert_array_equal(getattr(s, field), getattr(w, field), err_msg=f"{field}, sample {i}")
+        assert s.massive.equals(w.massive)
+
+
 @pytest.mark.parametrize("case", ["odd", "even", "ties", "bracket-miss", "small"])
 def test_median_is_numpys_exactly(case):
     """The CPU median (a random bracket, then a selection inside it; numpy) and its torch twin (what GPU tensors

@@ -77,10 +77,14 @@ def timed(fn, reps: int, cuda: bool) -> tuple[list[float], list[int]]:
 
 
 def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False,
-             host_ab: bool = False) -> dict:
-    """One case: plain SDPA, the recorder (and the torch path, HF eager) timed in interleaved repetitions.
-    `host_ab`: also the recorder with session 19's host-side changes off (`kernels.FAST_LAUNCH`, `kernels.
-    LAYER_PLAN`, `recorder.PREFAULT`), as `recorder_host_before`."""
+             host_ab: bool = False, graphs: bool = False, fresh: bool = False) -> dict:
+    """One case: plain SDPA, the recorder (and the torch path, HF eager) timed in interleaved repetitions. Each
+    recorder is one `Recorder` entered for each forward, as `sinkscope record` keeps one over a corpus (since
+    session 20: it keeps its buffers and launch plan for the next forward of a shape; until session 19 this bench
+    made a new one per forward). `host_ab`: also the recorder with session 19's host-side changes off
+    (`kernels.FAST_LAUNCH`, `kernels.LAYER_PLAN`, `recorder.PREFAULT`), as `recorder_host_before`. `graphs`: also
+    the recorder with CUDA graphs (`kernels.CUDA_GRAPHS`), as `recorder_graphs`, with how many graphs it captured
+    and replayed. `fresh`: also a new Recorder for every forward (a one-off recording), as `recorder_fresh`."""
     from sinkscope.record import Recorder
     from sinkscope.record import kernels as kernels_module
     from sinkscope.record import recorder as recorder_module
@@ -94,12 +98,25 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
     def sdpa():
         model.model(input_ids=ids, use_cache=False)
 
-    def recorder(flag: str):
+    def recorder(flag: str, new_each_time: bool = False, **switches):
+        kept = Recorder(model)
+
         @torch.no_grad()
         def run():
             os.environ["SINKSCOPE_TRITON"] = flag
-            with Recorder(model):
-                model.model(input_ids=ids, use_cache=False)
+            rec = Recorder(model) if new_each_time else kept
+            saved = {(module, name): getattr(module, name) for module, name, _ in switches.values()}
+            for module, name, value in switches.values():
+                setattr(module, name, value)
+            try:
+                with rec:
+                    model.model(input_ids=ids, use_cache=False)
+            finally:
+                for (module, name), value in saved.items():
+                    setattr(module, name, value)
+            rec.samples.clear()
+
+        run.recorder = kept
         return run
 
     @torch.no_grad()
@@ -110,25 +127,24 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
         finally:
             model.set_attn_implementation("sdpa")
 
-    def host_before():
-        saved = kernels_module.FAST_LAUNCH, kernels_module.LAYER_PLAN, recorder_module.PREFAULT
-        kernels_module.FAST_LAUNCH = kernels_module.LAYER_PLAN = recorder_module.PREFAULT = False
-        try:
-            recorder("1")()
-        finally:
-            kernels_module.FAST_LAUNCH, kernels_module.LAYER_PLAN, recorder_module.PREFAULT = saved
-
     methods = {"sdpa": sdpa, "recorder": recorder("1")}
     if host_ab:
-        methods["recorder_host_before"] = host_before
+        methods["recorder_host_before"] = recorder("1", fast=(kernels_module, "FAST_LAUNCH", False),
+                                                   plan=(kernels_module, "LAYER_PLAN", False),
+                                                   prefault=(recorder_module, "PREFAULT", False))
+    if graphs:
+        methods["recorder_graphs"] = recorder("1", graphs=(kernels_module, "CUDA_GRAPHS", True))
+    if fresh:
+        methods["recorder_fresh"] = recorder("1", new_each_time=True)
     if torch_path:
         methods["recorder_torch_path"] = recorder("0")
     if eager:
         methods["eager"] = hf_eager
     notes = {}
-    for name, fn in list(methods.items()):  # warm-up: Triton compilation, cuBLAS heuristics
-        try:
-            fn()
+    for name, fn in list(methods.items()):  # warm-up: Triton compilation, cuBLAS heuristics (and for graphs: the
+        try:  # addresses seen twice, then the capture)
+            for _ in range(3 if name == "recorder_graphs" else 1):
+                fn()
         except torch.OutOfMemoryError:
             if name != "eager":
                 raise
@@ -150,6 +166,12 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
         out[f"{name}_s"] = statistics.median(runs[name][0])
         out[f"{name}_ratio"] = out[f"{name}_s"] / base_t
         out[f"{name}_extra_peak_pct"] = 100.0 * (max(runs[name][1]) - base_peak) / base_peak if cuda else float("nan")
+    if "recorder_graphs" in methods:
+        state = methods["recorder_graphs"].recorder._device_state
+        graph_set = None if state is None else state.graphs
+        out["graphs_captured"] = None if graph_set is None else graph_set.captures
+        out["graphs_replayed"] = None if graph_set is None else graph_set.replays
+        out["graphs_failed"] = list(kernels_module._GRAPHS_FAILED)
     os.environ.pop("SINKSCOPE_TRITON", None)
     return out
 
@@ -535,7 +557,8 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
     """The recorder's own Python per layer on the device path, without a GPU: a tiny Llama (hidden 64, 30 layers,
     T=16) on the CPU, every Triton launch replaced by a no-op and SDPA by zeros, so that what is left of a recorded
     forward over a plain one is the recorder's hooks and the wrappers around its launches (medians of `reps`
-    interleaved forwards). Runs in a process of its own: it stubs the kernels module."""
+    interleaved forwards; one Recorder entered for each, as in `run_case`). Runs in a process of its own: it stubs
+    the kernels module."""
     from types import SimpleNamespace
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -543,7 +566,9 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
     from sinkscope.record import Recorder, kernels
     from sinkscope.record import attention as attention_module
 
-    os.environ.update(TRITON_INTERPRET="1", SINKSCOPE_TRITON="1")
+    # SINKSCOPE_MALLOPT=0: without the CPU forwards' heap trim (_malloc.trim, 0.7 ms a forward here), which a
+    # CUDA forward does not do (session 20; session 19's figures include it)
+    os.environ.update(TRITON_INTERPRET="1", SINKSCOPE_TRITON="1", SINKSCOPE_MALLOPT="0")
 
     class NoLaunch:
         def __getitem__(self, grid):
@@ -561,9 +586,12 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
                                          attn_implementation="sdpa")).eval()
     ids = torch.randint(0, 256, (1, 16))
 
+    kept = Recorder(model)  # one recorder entered for each forward, as run_case does (since session 20)
+
     def recorded():
-        with Recorder(model):
+        with kept:
             model.model(input_ids=ids, use_cache=False)
+        kept.samples.clear()
 
     times: dict[str, list[float]] = {"plain": [], "recorded": []}
     with torch.no_grad():
@@ -723,6 +751,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host-ab", action="store_true",
                     help="also time the recorder without session 19's host changes (fast launch, layer plan, "
                          "prefault)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time the recorder with CUDA graphs of each layer's launches (kernels.CUDA_GRAPHS)")
+    ap.add_argument("--fresh", action="store_true", help="also time a new Recorder for every forward")
     ap.add_argument("--check", action="store_true", help="first: device path vs torch path at real shapes")
     ap.add_argument("--colsum", action="store_true", help="first: the column-sum kernel's configs vs flash SDPA")
     ap.add_argument("--profile", action="store_true", help="last: profiler tables of one recorded forward")
@@ -806,7 +837,8 @@ def main(argv: list[str] | None = None) -> None:
                 break
             try:
                 row = run_case(model, batch, t, args.reps, args.torch_path and t <= 8192,
-                               eager=args.eager and batch * t <= 8192, host_ab=args.host_ab)
+                               eager=args.eager and batch * t <= 8192, host_ab=args.host_ab, graphs=args.graphs,
+                               fresh=args.fresh)
             except torch.OutOfMemoryError as exc:
                 row = {"error": f"out of memory: {str(exc)[:200]}"}
                 torch.cuda.empty_cache()
@@ -829,6 +861,11 @@ def main(argv: list[str] | None = None) -> None:
         mark = "" if r["recorder_ratio"] <= r["target"] else "  MISSED"
         if "recorder_host_before_ratio" in r:
             mark += f"  (host changes off: {r['recorder_host_before_ratio']:.2f}x)"
+        if "recorder_graphs_ratio" in r:
+            mark += (f"  (graphs: {r['recorder_graphs_ratio']:.2f}x, {r['graphs_captured']} captured, "
+                     f"{r['graphs_replayed']} replayed)")
+        if "recorder_fresh_ratio" in r:
+            mark += f"  (new Recorder each forward: {r['recorder_fresh_ratio']:.2f}x)"
         print(f"{r['shape']:<14} {r['batch']:>3} {r['t']:>6} {r['recorder_ratio']:>13.2f}x {r['target']:>6.1f}x "
               f"{r['recorder_extra_peak_pct']:>10.1f}% {torch_ratio:>16} {eager:>11} {1e3 * r['sdpa_s']:>8.1f}{mark}")
     (args.out / "bench_gpu.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))

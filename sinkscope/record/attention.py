@@ -279,7 +279,8 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
         # the device path: one Triton pass over the causal triangle (the mask is causal + padding, which the
         # recorder's 2D mask gives as request.query_valid)
         colsum = without_grad(kernels.colsum_triton, query.detach(), key.detach(), lse.detach(), scale,
-                              request.query_valid, out=request.colsum_out, plan=request.plan)
+                              request.query_valid, out=request.colsum_out, plan=request.plan,
+                              layer=request.layer)
         request.deliver(None if request.colsum_out is not None else colsum, {})
         return out.transpose(1, 2).contiguous(), None
     colsum, maps = without_grad(column_sums, query.detach(), key.detach(), None if lse is None else lse.detach(),

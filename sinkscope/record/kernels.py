@@ -106,9 +106,7 @@ def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: di
         fn[grid](*tensors, *scalars, **consts, **options)
     else:
         ptrs = tuple(map(torch.Tensor.data_ptr, tensors))
-        key = (fn, tensors[0].get_device(), tuple(map(_DTYPE, tensors)),
-               tuple(map(operator.and_, ptrs, _FIFTEENS)),  # each address % 16
-               scalars, tuple(map(type, scalars)), tuple(consts.items()), tuple(options.items()))
+        key = _launch_key(fn, tensors, ptrs, scalars, consts, options)
         hit = _LAUNCHES.get(key)
         if hit is not None:
             compiled, tail = hit
@@ -130,6 +128,22 @@ def launch(fn, grid: tuple[int, ...], tensors: tuple, scalars: tuple, consts: di
                 _LAUNCHES[key] = (compiled, tail)
     if _RECORDING is not None:  # a LayerPlan is taking this layer's launches down (those that went through)
         _RECORDING.append((fn, grid, tensors, scalars, consts, options))
+
+
+def _launch_key(fn, tensors: tuple, ptrs: tuple, scalars: tuple, consts: dict, options: dict) -> tuple:
+    """`launch`'s cache key (see there); `ptrs` the tensors' addresses."""
+    return (fn, tensors[0].get_device(), tuple(map(_DTYPE, tensors)),
+            tuple(map(operator.and_, ptrs, _FIFTEENS)),  # each address % 16
+            scalars, tuple(map(type, scalars)), tuple(consts.items()), tuple(options.items()))
+
+
+def _execute(calls: list) -> None:
+    """Run a plan's calls in order: `launch`'s arguments, or (kernel None) `tensors[0].zero_()`."""
+    for fn, grid, tensors, scalars, consts, options in calls:
+        if fn is None:
+            tensors[0].zero_()
+        else:
+            launch(fn, grid, tensors, scalars, consts, **options)
 
 
 _INT_POINTERS_FAILED: list[str] = []
@@ -191,7 +205,7 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
                   valid: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, out: torch.Tensor | None = None,
                   rows: bool | None = None, poly: bool | None = None, heavy_first: bool | None = None,
-                  pipe: bool | None = None, plan: LayerPlan | None = None) -> torch.Tensor:
+                  pipe: bool | None = None, plan: LayerPlan | None = None, layer: int = -1) -> torch.Tensor:
     """`sum_q A[b, h, q, k]` over the (valid) queries that see key k: `[B, Hq, T]` float32.
 
     `query` `[B, Hq, T, d]`, `key` `[B, Hkv, T, d]` (grouped-query heads map `h -> h // (Hq // Hkv)`), `lse` the
@@ -200,12 +214,13 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     recorder's per-layer buffer), or None for a new one. The kernel variant and launch settings: COLSUM_CONFIG's
     where None; `poly` is ignored for float32 inputs, whose alpha must stay within 1e-5 (exp2_fma's relative error
     is up to 7.5e-5); `pipe` applies without `rows` only. `plan`: the recorder's `LayerPlan` for this forward (its
-    later layers repeat the first one's launch with their own Q, K and log-sum-exp)."""
+    later layers repeat the first one's launch with their own Q, K and log-sum-exp), and `layer` the layer's index
+    (which of the plan's graphs to use)."""
     recording = False
     if plan is not None and out is not None:
-        if plan.replay_colsum(query, key, lse, scale, valid, out):
+        if plan.replay_colsum(query, key, lse, scale, valid, out, layer):
             return out
-        recording = plan.colsum is None
+        recording = True  # a plan without a column-sum launch, or one for other inputs: this one replaces it
         incoming = (_layout_of(query), _layout_of(key), _layout_of(lse))
     b, hq, t, d = query.shape
     hkv = key.shape[1]
@@ -223,7 +238,8 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     num_warps, num_stages = int(num_warps or cfg["num_warps"]), int(num_stages or cfg["num_stages"])
     heavy_first = bool(cfg["heavy_first"] if heavy_first is None else heavy_first)
     pipe = bool(cfg["pipe"] if pipe is None else pipe) and not rows
-    v = valid.to(torch.int8).contiguous() if valid is not None else out  # a placeholder pointer when unused
+    # the mask's own bytes (a view: the same address at every layer), or a placeholder pointer when unused
+    v = (valid if valid.dtype == torch.bool else valid != 0).contiguous().view(torch.int8) if valid is not None else out
     block_d = max(16, _pow2(d))
     grid = (b * hq, _cdiv(t, block_n)) if heavy_first else (_cdiv(t, block_n), b * hq)
     if recording:
@@ -532,7 +548,9 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
     mlp_out and layer index."""
     if plan is not None and plan.replay_reductions(h, attn_out, mlp_out, layer, buf):
         return buf[layout.feat:]
-    recording = plan is not None and plan.reductions is None and not (_RADIX_FAILED or _FOLD_FAILED)
+    zero = buf[: layout.stats]
+    zero.zero_()  # the histograms and feature maxima start from zero at every layer
+    recording = plan is not None and not (_RADIX_FAILED or _FOLD_FAILED)
     if recording:
         _start_recording()
     try:
@@ -542,7 +560,7 @@ def reduce_layer_device(h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.
         if recording:
             calls = _stop_recording()
     if recording and not (_RADIX_FAILED or _FOLD_FAILED):  # kept only when no fallback took a launch's place
-        plan.keep_reductions(calls, h, attn_out, mlp_out, layer, buf)
+        plan.keep_reductions(calls, h, attn_out, mlp_out, layer, buf, zero)
     return result
 
 
@@ -630,50 +648,59 @@ def _layout_of(x: torch.Tensor) -> tuple:
 
 
 class LayerPlan:
-    """One forward's per-layer launches, taken down at its first layer and repeated at the others (session 19).
+    """A forward's per-layer launches, taken down at a layer that runs the wrappers and repeated at the others
+    (session 19; kept across forwards of one shape since session 20).
 
-    The recorder's device path makes the same launches at every layer of a forward: the same grids, constexprs,
-    buffers (the forward keeps one layer buffer, reused in stream order: a layer's copy to the host is queued
+    The recorder's device path makes the same launches at every layer: the same grids, constexprs, buffers (the
+    recorder keeps one layer buffer per input shape, reused in stream order: a layer's copy to the host is queued
     before the next layer's kernels write it) and scalars, except for the layer's own tensors and its index. The
     wrappers that build those launches (`colsum_triton`, `median_abs_triton`, `token_stats_triton`, `colmax_triton`
     and `reduce_layer_device`'s views of the buffer) cost about 100 us of host Python a layer (session 19,
-    `bench.gpu --host-python`, launches stubbed), which the short-context forwards wait on. So the first layer runs
-    them while `launch` records each call, and every later layer substitutes its own tensors into the recorded
-    calls: the radix passes' h (reshaped and reinterpreted as the first layer's was), the token pass's h, attn_out
+    `bench.gpu --host-python`, launches stubbed), which the short-context forwards wait on. So one layer runs
+    them while `launch` records each call, and every later layer (of this forward and of the next ones with the
+    same shape: the recorder keeps the plan with its buffers) substitutes its own tensors into the recorded calls:
+    the radix passes' h (reshaped and reinterpreted as the recorded layer's was), the token pass's h, attn_out
     and mlp_out and its layer index, the feature maxima's h and mlp_out, and the column sums' Q, K and log-sum-exp.
-    A layer whose tensors differ from the first layer's in shape, strides, dtype or device (the recorded scalars
-    hold their strides), or in the column sums' scale or padding mask, takes the wrappers again."""
+    A layer whose tensors differ from the recorded ones in shape, strides, dtype or device (the recorded scalars
+    hold their strides), or in the column sums' scale or padding mask, takes the wrappers again, and its launches
+    replace the plan's. `graphs`: a `LaunchGraphs` that runs each layer's calls (as a CUDA graph once the same
+    layer has had the same inputs twice), or None to launch them."""
 
-    def __init__(self) -> None:
+    def __init__(self, graphs: LaunchGraphs | None = None) -> None:
         self.reductions: list | None = None
         self.colsum: tuple | None = None
+        self.graphs = graphs
         self._flat: tuple | None = None
         self._inputs: tuple = ()
         self._colsum_inputs: tuple = ()
+        self._version = (next(_PLAN_VERSIONS), next(_PLAN_VERSIONS))  # (reductions, column sums) as recorded
 
     def keep_reductions(self, calls: list, h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor,
-                        layer: int, buf: torch.Tensor) -> None:
+                        layer: int, buf: torch.Tensor, zero: torch.Tensor | None = None) -> None:
+        """`zero`: the part of `buf` that the layer zeroes before its launches (repeated with them)."""
         kern = _kernels()
         roles = {kern.radix_pass: "radix", kern.token_stats: "token", kern.colmax: "colmax"}
         if not calls or any(fn not in roles for fn, *_ in calls):
-            return  # a launch the plan does not know how to repeat: every layer takes the wrappers
+            self.reductions = None  # a launch the plan does not know how to repeat: every layer takes the wrappers
+            return
         for fn, _, tensors, scalars, _, _ in calls:  # the layer's own tensors where the replay puts them
             role = roles[fn]
-            if role == "radix" and tensors[0].data_ptr() != h.data_ptr():
+            if (role == "radix" and tensors[0].data_ptr() != h.data_ptr()) or (
+                    role == "token" and (tensors[0] is not h or tensors[1] is not attn_out
+                                         or tensors[2] is not mlp_out or scalars[-2] != layer)) or (
+                    role == "colmax" and (tensors[0] is not h or tensors[1] is not mlp_out)):
+                self.reductions = None
                 return
-            if role == "token" and (tensors[0] is not h or tensors[1] is not attn_out or tensors[2] is not mlp_out
-                                    or scalars[-2] != layer):
-                return
-            if role == "colmax" and (tensors[0] is not h or tensors[1] is not mlp_out):
-                return
-        # the layer's own tensors are dropped (None): kept, they would hold the first layer's h, attn_out and
+        # the layer's own tensors are dropped (None): kept, they would hold the recorded layer's h, attn_out and
         # mlp_out for the rest of the forward (3 x 38 MB at the 135M shape, T=32768)
         subst = {"radix": 1, "token": 3, "colmax": 2}
-        self.reductions = [(roles[fn], fn, grid, (None,) * subst[roles[fn]] + tuple(tensors[subst[roles[fn]]:]),
-                            scalars, consts, options) for fn, grid, tensors, scalars, consts, options in calls]
+        self.reductions = ([("zero", None, None, (zero,), (), {}, {})] if zero is not None else []) + [
+            (roles[fn], fn, grid, (None,) * subst[roles[fn]] + tuple(tensors[subst[roles[fn]]:]), scalars, consts,
+             options) for fn, grid, tensors, scalars, consts, options in calls]
         radix = next((tensors[0] for fn, _, tensors, *_ in calls if roles[fn] == "radix"), None)
         self._flat = None if radix is None else (radix.shape[0], radix.dtype)
         self._inputs = (_layout_of(h), _layout_of(attn_out), _layout_of(mlp_out), buf)
+        self._version = (next(_PLAN_VERSIONS), self._version[1])
 
     def replay_reductions(self, h: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor, layer: int,
                           buf: torch.Tensor) -> bool:
@@ -681,32 +708,42 @@ class LayerPlan:
                 (_layout_of(h), _layout_of(attn_out), _layout_of(mlp_out)) != self._inputs[:3]
                 or buf is not self._inputs[3]):
             return False
-        flat = None
-        for role, fn, grid, tensors, scalars, consts, options in self.reductions:
-            if role == "radix":
-                if flat is None:
-                    flat = h.reshape(self._flat[0], -1)
-                    if flat.dtype != self._flat[1]:
-                        flat = flat.view(self._flat[1])
-                launch(fn, grid, (flat, *tensors[1:]), scalars, consts, **options)
-            elif role == "token":
-                launch(fn, grid, (h, attn_out, mlp_out, *tensors[3:]), (*scalars[:-2], layer, scalars[-1]), consts,
-                       **options)
-            else:
-                launch(fn, grid, (h, mlp_out, *tensors[2:]), scalars, consts, **options)
+
+        def calls() -> list:
+            out, flat = [], None
+            for role, fn, grid, tensors, scalars, consts, options in self.reductions:
+                if role == "radix":
+                    if flat is None:
+                        flat = h.reshape(self._flat[0], -1)
+                        if flat.dtype != self._flat[1]:
+                            flat = flat.view(self._flat[1])
+                    out.append((fn, grid, (flat, *tensors[1:]), scalars, consts, options))
+                elif role == "token":
+                    out.append((fn, grid, (h, attn_out, mlp_out, *tensors[3:]), (*scalars[:-2], layer, scalars[-1]),
+                                consts, options))
+                elif role == "colmax":
+                    out.append((fn, grid, (h, mlp_out, *tensors[2:]), scalars, consts, options))
+                else:
+                    out.append((fn, grid, tensors, scalars, consts, options))
+            return out
+
+        self._run((layer, "reductions"), (self._version[0], h.data_ptr(), attn_out.data_ptr(),
+                                          mlp_out.data_ptr()), calls)
         return True
 
     def keep_colsum(self, calls: list, incoming: tuple, scale: float, valid: torch.Tensor | None,
                     out: torch.Tensor) -> None:
         """`incoming`: the layouts of Q, K and the log-sum-exp as `colsum_triton` received them (before the copies
         it makes of rows that are not contiguous and of a log-sum-exp that is not contiguous float32)."""
+        self.colsum = None
         if len(calls) == 1 and calls[0][0] is _kernels().colsum:
             fn, grid, tensors, scalars, consts, options = calls[0]
             self.colsum = (fn, grid, (None, None, None, *tensors[3:]), scalars, consts, options)  # Q, K, lse dropped
             self._colsum_inputs = (*incoming, scale, valid, out)
+            self._version = (self._version[0], next(_PLAN_VERSIONS))
 
     def replay_colsum(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
-                      valid: torch.Tensor | None, out: torch.Tensor) -> bool:
+                      valid: torch.Tensor | None, out: torch.Tensor, layer: int = -1) -> bool:
         if self.colsum is None:
             return False
         layouts, (q_scale, q_valid, q_out) = self._colsum_inputs[:3], self._colsum_inputs[3:]
@@ -714,5 +751,104 @@ class LayerPlan:
                 or (_layout_of(query), _layout_of(key), _layout_of(lse)) != layouts):
             return False
         fn, grid, tensors, scalars, consts, options = self.colsum
-        launch(fn, grid, (*_colsum_operands(query, key, lse), *tensors[3:]), scalars, consts, **options)
+        operands = _colsum_operands(query, key, lse)
+        self._run((layer, "colsum"), (self._version[1], *map(torch.Tensor.data_ptr, operands)),
+                  lambda: [(fn, grid, (*operands, *tensors[3:]), scalars, consts, options)])
         return True
+
+    def _run(self, key: tuple, inputs: tuple, calls) -> None:
+        """One layer's calls (`calls()` builds them): through the graphs when the plan has them."""
+        if self.graphs is None:
+            _execute(calls())
+        else:
+            self.graphs.run(key, inputs, calls)
+
+
+_PLAN_VERSIONS = itertools.count()
+"""Numbers the launches a `LayerPlan` records, so that a graph captured from older ones is never replayed."""
+
+
+CUDA_GRAPHS = os.environ.get("SINKSCOPE_CUDA_GRAPHS", "0") == "1"
+"""Replay each layer's launches as a CUDA graph (`LaunchGraphs`) once the same layer has had the same inputs, at
+the same addresses, in two forwards (session 20: built and tested on the CPU with a stand-in graph, NOT yet run on
+a GPU, so off by default). `SINKSCOPE_CUDA_GRAPHS=1` (read at import) or True here turns it on for recorders
+entered after."""
+
+GRAPH_CAPTURE = None
+"""A stand-in for `_cuda_graph` (`LaunchGraphs`'s `capture`), which also turns graphs on on any device: for the
+CPU tests of the graph logic."""
+
+_GRAPHS_FAILED: list[str] = []
+"""Set when a CUDA graph capture failed on this machine: later layers launch their calls directly."""
+
+
+class LaunchGraphs:
+    """A plan's per-layer calls as CUDA graphs (session 20; `CUDA_GRAPHS`).
+
+    On a GPU host each of a layer's five launches costs tens of microseconds of host time (session 19: a layer's
+    reductions 203-307 us, a small torch launch 8 us), which the short-context forwards wait on. A graph replays
+    them in one launch. It holds its kernels' arguments, addresses included, as they were at capture, so it is
+    replayed only for exactly the inputs it was captured with: `run` gets the layer's input addresses (and the
+    plan's version, which covers every other argument) and compares them with those of the same layer at its
+    previous run. Equal twice in a row (the caching allocator hands a forward of one shape the same addresses
+    each time, and the recorder keeps its own buffers per shape), the calls are captured once and replayed from
+    then on; any change and the calls are launched as they are. `capture(calls)` returns a graph (an object with
+    `replay()`), or None for "not now" (a launch not compiled yet); the default captures on a side stream of
+    `device`. A failed capture warns once and turns graphs off for the process."""
+
+    def __init__(self, device: torch.device, capture=None) -> None:
+        self.device = device
+        self._capture = capture or functools.partial(_cuda_graph, device=device)
+        self._entries: dict[tuple, list] = {}  # (layer, site) -> [inputs, graph | None | False]
+        self.captures = self.replays = 0
+
+    def run(self, key: tuple, inputs: tuple, calls) -> None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != inputs:
+            self._entries[key] = [inputs, None]
+        else:
+            if entry[1] is None and not _GRAPHS_FAILED:
+                entry[1] = self._take(calls())
+            if entry[1]:
+                entry[1].replay()
+                self.replays += 1
+                return
+        _execute(calls())
+
+    def _take(self, calls: list):
+        try:
+            graph = self._capture(calls)
+        except Exception as exc:  # noqa: BLE001 - never the only way: the calls run as launches
+            _GRAPHS_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            warnings.warn(f"sinkscope: a CUDA graph of the recorder's launches failed; launching them directly: "
+                          f"{_GRAPHS_FAILED[0]}", RuntimeWarning, stacklevel=3)
+            return False
+        if graph is not None:
+            self.captures += 1
+        return graph
+
+
+def _cuda_graph(calls: list, device: torch.device):
+    """`calls` captured as a `torch.cuda.CUDAGraph` on a side stream (thread-local capture, the graphs' shared
+    memory pool; the calls allocate nothing), or None when a launch among them has not been compiled yet (no
+    compilation under capture)."""
+    for fn, _, tensors, scalars, consts, options in calls:
+        if fn is not None and (not FAST_LAUNCH or _launch_key(fn, tensors, tuple(t.data_ptr() for t in tensors),
+                                                               scalars, consts, options) not in _LAUNCHES):
+            return None
+    stream, pool = _graph_resources(torch.device(device))
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            _execute(calls)
+        finally:
+            graph.capture_end()
+    return graph
+
+
+@functools.cache
+def _graph_resources(device: torch.device) -> tuple:
+    """The side stream that `_cuda_graph` captures on and the memory pool its graphs share, per device."""
+    return torch.cuda.Stream(device), torch.cuda.graph_pool_handle()

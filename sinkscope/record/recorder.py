@@ -33,6 +33,26 @@ from sinkscope.trace import SampleRecord, TraceWriter
 
 
 @dataclass
+class _DeviceState:
+    """The device path's buffers for forwards of one shape (`Recorder._device_state_for`): the layer buffer
+    (`kernels.layer_layout`) and its column-sum view, the massive entries' buffers, each sample's first real
+    position, and (padded forwards) the mask and the real tokens per sample, copied in at each forward; the launch
+    plan, and its CUDA graphs (`kernels.LaunchGraphs`) when they are on. The kernels' arguments then sit at the
+    same addresses forward after forward, which is what a captured graph needs."""
+
+    key: tuple
+    layout: Any
+    buf: torch.Tensor
+    colsum_view: torch.Tensor
+    massive: tuple
+    first: torch.Tensor
+    valid: torch.Tensor | None
+    real_tokens: torch.Tensor | None
+    plan: Any
+    graphs: Any = None
+
+
+@dataclass
 class _Request:
     """What the attention function needs for one layer of the current forward."""
 
@@ -43,7 +63,8 @@ class _Request:
     device_path: bool = False  # the Triton kernels (kernels.available), decided once per forward
     colsum_out: torch.Tensor | None = None  # device path: where the column sums go (the layer's buffer)
     window: int | None = None  # the layer's sliding window (its attention config's `sliding_window`), if any
-    plan: Any = None  # device path: the forward's kernels.LayerPlan (repeats the first layer's launches)
+    plan: Any = None  # device path: the recorder's kernels.LayerPlan for this shape (repeats a layer's launches)
+    layer: int = -1  # the layer's index
 
 
 class Recorder:
@@ -114,6 +135,7 @@ class Recorder:
         self._switched: list | None = None
         self._previous_handler = None
         self._token_text: dict[int, str] = {}  # id -> tokenizer.decode([id]), filled as ids are met
+        self._device_state: _DeviceState | None = None  # the device path's buffers and plan for the last shape
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> Recorder:
@@ -201,15 +223,23 @@ class Recorder:
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
             self._cur["massive_block"] = fused_cpu.MassiveBlock(max(4096, b * t))  # grows if a forward has more
         if self._cur["device_path"]:
-            self._cur["massive_buffers"] = attn_fn.kernels.massive_buffers(b, t, ref.device)
-            self._cur["layout"] = attn_fn.kernels.layer_layout(b, t, self.hidden_size, self.n_heads, self.top_k)
+            # the buffers the kernels write (one layer buffer, reused in stream order: each layer's copy to the
+            # host is queued before the next layer's kernels write it), the forward's inputs to them and the plan
+            # that repeats a layer's launches at the others: kept for the next forward of this shape
+            state = self._device_state_for(b, t, ref.device, self._cur["query_valid"] is not None)
+            state.massive[0].zero_()
+            if state.valid is not None:  # padded: this forward's mask, first real positions and real tokens
+                state.valid.copy_(valid)
+                state.first.copy_(self._cur["first"])
+                torch.sum(valid, dim=1, dtype=torch.int32, out=state.real_tokens)  # the median's n
+                self._cur["query_valid"] = state.valid
+            self._cur["first"] = state.first
+            self._cur["real_tokens"] = state.real_tokens
+            self._cur["massive_buffers"] = state.massive
+            self._cur["layout"] = state.layout
+            self._cur["state"] = state
+            self._cur["plan"] = state.plan if attn_fn.kernels.LAYER_PLAN else None
             self._cur["buffer"] = [None] * self.n_layers
-            # one layer buffer for the whole forward, reused in stream order (each layer's copy to the host is
-            # queued before the next layer's kernels write it), and the plan that repeats the first layer's launches
-            self._cur["layer_buf"] = None
-            self._cur["plan"] = attn_fn.kernels.LayerPlan() if attn_fn.kernels.LAYER_PLAN else None
-            padded = self._cur["query_valid"] is not None
-            self._cur["real_tokens"] = valid.sum(dim=1, dtype=torch.int32) if padded else None  # the median's n
             # every layer's results go to one pinned host block [L, N], a copy per layer queued without waiting,
             # then into sample-major blocks ([B, L, ...]) at the end of the forward
             layout = self._cur["layout"]
@@ -219,6 +249,31 @@ class Recorder:
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
             if ref.is_cuda and PREFAULT:  # its pages faulted in by a thread while the GPU forward is queued
                 self._cur["prefault"] = _prefault_pool().submit(_touch_pages, self._cur["host"])
+
+    def _device_state_for(self, b: int, t: int, device: torch.device, padded: bool) -> _DeviceState:
+        """The device path's buffers and launch plan for forwards of `b` x `t` tokens (with or without padding) on
+        `device` with this recorder's top_k and thresholds (which the plan's recorded scalars hold): the last
+        forward's when it had the same, else new ones (the old ones freed). Kept while the recorder lives, also
+        between `with` blocks, so that a loop of forwards of one shape reuses them (at most a few MB: the 1B shape
+        at T=32768 about 12 MB)."""
+        kernels = attn_fn.kernels
+        key = (device, b, t, padded, self.top_k, self.abs_threshold, self.rel_threshold)
+        state = self._device_state
+        if state is None or state.key != key:
+            self._device_state = state = None  # the old buffers go before the new ones are allocated
+            layout = kernels.layer_layout(b, t, self.hidden_size, self.n_heads, self.top_k)
+            buf = kernels.layer_buffer(layout, device)
+            state = self._device_state = _DeviceState(
+                key, layout, buf, kernels.colsum_view(buf, layout), kernels.massive_buffers(b, t, device),
+                torch.zeros(b, dtype=torch.int64, device=device),
+                torch.empty(b, t, dtype=torch.bool, device=device) if padded else None,
+                torch.empty(b, dtype=torch.int32, device=device) if padded else None,
+                kernels.LayerPlan())
+        graphs = kernels.CUDA_GRAPHS and device.type == "cuda" or kernels.GRAPH_CAPTURE is not None
+        if graphs and state.graphs is None:
+            state.graphs = kernels.LaunchGraphs(device, kernels.GRAPH_CAPTURE)
+        state.plan.graphs = state.graphs if graphs else None
+        return state
 
     def _attention_request(self, module) -> _Request | None:
         layer = self._attn_index.get(id(module))
@@ -239,16 +294,11 @@ class Recorder:
 
         colsum_out = None
         if self._cur["device_path"]:  # one device buffer for everything a layer records (kernels.layer_layout)
-            layout, buf = self._cur["layout"], self._cur["layer_buf"]
-            if buf is None:  # the forward's first layer: allocated zeroed, and its column-sum view kept
-                buf = self._cur["layer_buf"] = attn_fn.kernels.layer_buffer(layout, self._cur["valid"].device)
-                self._cur["colsum_view"] = attn_fn.kernels.colsum_view(buf, layout)
-            else:  # the histograms and feature maxima start from zero at every layer
-                buf[: layout.stats].zero_()
-            self._cur["buffer"][layer] = buf
-            colsum_out = self._cur["colsum_view"]
+            state = self._cur["state"]
+            self._cur["buffer"][layer] = state.buf
+            colsum_out = state.colsum_view
         return _Request(self._cur["query_valid"], heads, deliver, self.compile, self._cur["device_path"], colsum_out,
-                        self._windows[layer], self._cur.get("plan"))
+                        self._windows[layer], self._cur.get("plan"), layer)
 
     def _store(self, name: str, layer: int):
         def hook(module, args, output):

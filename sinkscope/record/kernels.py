@@ -829,18 +829,18 @@ class LaunchGraphs:
 
 
 def _cuda_graph(calls: list, device: torch.device):
-    """`calls` captured as a `torch.cuda.CUDAGraph` on a side stream (thread-local capture, the graphs' shared
-    memory pool; the calls allocate nothing), or None when a launch among them has not been compiled yet (no
-    compilation under capture)."""
+    """`calls` captured as a `torch.cuda.CUDAGraph` on a side stream (thread-local capture; the calls allocate
+    nothing, so the graph's own memory pool stays empty), or None when a launch among them has not been compiled
+    yet (no compilation under capture)."""
     for fn, _, tensors, scalars, consts, options in calls:
         if fn is not None and (not FAST_LAUNCH or _launch_key(fn, tensors, tuple(t.data_ptr() for t in tensors),
                                                                scalars, consts, options) not in _LAUNCHES):
             return None
-    stream, pool = _graph_resources(torch.device(device))
+    stream = _graph_stream(torch.device(device))
     graph = torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        graph.capture_begin(capture_error_mode="thread_local")
         try:
             _execute(calls)
         finally:
@@ -849,6 +849,6 @@ def _cuda_graph(calls: list, device: torch.device):
 
 
 @functools.cache
-def _graph_resources(device: torch.device) -> tuple:
-    """The side stream that `_cuda_graph` captures on and the memory pool its graphs share, per device."""
-    return torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
+def _graph_stream(device: torch.device):
+    """The side stream that `_cuda_graph` captures on, per device."""
+    return torch.cuda.Stream(device)

@@ -875,3 +875,22 @@ def test_gpu_bench_case_times_every_recorder_variant_and_restores_the_switches(m
         assert row[f"{name}_ratio"] > 0, name
     assert {"graphs_captured", "graphs_replayed", "graphs_failed"} <= set(row)
     assert (kernels.CUDA_GRAPHS, kernels.FAST_LAUNCH, kernels.LAYER_PLAN, recorder_module.PREFAULT) == before
+
+
+def test_cuda_graph_capture_waits_for_compiled_kernels(monkeypatch):
+    """`kernels._cuda_graph` captures only calls whose kernels `launch` has kept (no compilation under capture),
+    and none with FAST_LAUNCH off: until then it answers "not now" (None) without touching the GPU."""
+    from sinkscope.record import kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "_stream", lambda device: 0)
+    monkeypatch.setattr(kernels, "_LAUNCHES", {})
+    fn, x = _FakeJit(), torch.zeros(64)
+    call = (fn, (4,), (x,), (32, 0.5), {"BLOCK": 16}, {})
+    assert kernels._cuda_graph([call], torch.device("cpu")) is None  # never launched: not compiled
+    kernels.launch(*call[:5], **call[5])
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", False)
+    assert kernels._cuda_graph([call], torch.device("cpu")) is None
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
+    key = kernels._launch_key(fn, (x,), (x.data_ptr(),), (32, 0.5), {"BLOCK": 16}, {})
+    assert key in kernels._LAUNCHES  # kept: the capture would go ahead (on a GPU)

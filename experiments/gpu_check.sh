@@ -20,8 +20,9 @@
 # and plan kept across forwards and of the CUDA graphs (kernels.CUDA_GRAPHS, off by default until timed), then the
 # table with the recorder as shipped, with session 19's host changes off (--host-ab) and with graphs (--graphs):
 #   TEST_S=90 TESTS="cuda or matches_the_torch_path or full_map or fold or layer_plan or graphs" \
-#     TEST_FILES="tests/test_recorder.py tests/test_kernels.py" FLAGS="--launch --check --host-ab --graphs" \
-#     BENCH_ARGS="--reps 5" BUDGET_S=200 BENCH_S=260 bash experiments/gpu_check.sh
+#     TEST_FILES="tests/test_recorder.py tests/test_kernels.py" FLAGS="--launch --check --host-ab --graphs --host" \
+#     BENCH_ARGS="--reps 5" BUDGET_S=200 BENCH_S=290 bash experiments/gpu_check.sh
+# (--host with --graphs: the host's enqueue time a forward with and without graphs, the plain forward's beside)
 # Session 16 (no GPU) left for the next call: the column-sum variants heavy_first and pipe (--colsum times them),
 # the radix final step folded into the token pass (one launch a layer fewer) and the token strings built before the
 # end-of-forward waits; ab_prev then holds session 15's final package (0477bfe) for stage 3's before/after, whose

@@ -271,13 +271,20 @@ def choose_colsum(rows: list[dict]) -> str | None:
 
 
 @torch.no_grad()
-def body_forward(model, ids: torch.Tensor, record: bool) -> None:
-    """The decoder body's forward (no LM head), inside a device-path `Recorder` when `record`."""
-    from sinkscope.record import Recorder
+def body_forward(model, ids: torch.Tensor, record, graphs: bool = False) -> None:
+    """The decoder body's forward (no LM head), inside a device-path `Recorder` when `record` (True: a new one; or
+    the `Recorder` to enter), with `kernels.CUDA_GRAPHS` set to `graphs` for it."""
+    from sinkscope.record import Recorder, kernels
 
     if record:
-        with Recorder(model):
-            model.model(input_ids=ids, use_cache=False)
+        rec = Recorder(model) if record is True else record
+        saved, kernels.CUDA_GRAPHS = kernels.CUDA_GRAPHS, graphs
+        try:
+            with rec:
+                model.model(input_ids=ids, use_cache=False)
+        finally:
+            kernels.CUDA_GRAPHS = saved
+        rec.samples.clear()
     else:
         model.model(input_ids=ids, use_cache=False)
 
@@ -311,16 +318,18 @@ def profile_case(shape: str, batch: int, t: int, out: Path) -> dict:
     return result
 
 
-def host_case(shape: str, batch: int, t: int, out: Path, reps: int = 5) -> dict:
+def host_case(shape: str, batch: int, t: int, out: Path, reps: int = 5, graphs: bool = False) -> dict:
     """Where a recorded forward's wall time goes on the host: the time until the decoder body's end hook runs (the
     host enqueueing every layer's work), the wait in its synchronisation (the GPU still busy: a GPU-bound
     forward), and the host work after it (unpacking, the samples); with the GPU span (CUDA events, forward start
-    to the end hook) and the plain forward's wall and GPU span for comparison. Then cProfile over `reps` recorded
-    forwards, its top functions by own time appended to `host_profile.txt`."""
+    to the end hook) and the plain forward's wall and GPU span for comparison. The recorder is one `Recorder`
+    entered for each forward (since session 20); `graphs`: also one with CUDA graphs (`recorder_graphs`). Then
+    cProfile over `reps` recorded forwards, its top functions by own time appended to `host_profile.txt`."""
     import cProfile
     import io
     import pstats
 
+    from sinkscope.record import Recorder
     from sinkscope.record import recorder as recorder_module
 
     model = build(shape)
@@ -341,13 +350,15 @@ def host_case(shape: str, batch: int, t: int, out: Path, reps: int = 5) -> dict:
         stream_sync(self)
         marks["sync_s"] = marks.get("sync_s", 0.0) + time.perf_counter() - t0
 
-    def one(record: bool) -> dict:
+    kept = {"recorder": Recorder(model), "recorder_graphs": Recorder(model)}
+
+    def one(record: str | None) -> dict:
         marks.clear()
         torch.cuda.synchronize()
         start = torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
-        body_forward(model, ids, record)
+        body_forward(model, ids, kept[record] if record else False, graphs=record == "recorder_graphs")
         if not record:  # the plain forward's end, where the recorder's end hook would run
             marks["enqueued"] = time.perf_counter()
             marks["event"] = torch.cuda.Event(enable_timing=True)
@@ -361,23 +372,29 @@ def host_case(shape: str, batch: int, t: int, out: Path, reps: int = 5) -> dict:
 
     recorder_module.Recorder._on_body_end = timed_body_end
     torch.cuda.Stream.synchronize = timed_sync
+    labels = ("sdpa", "recorder", "recorder_graphs") if graphs else ("sdpa", "recorder")
     try:
-        for record in (False, True, False, True):  # warm-up
-            one(record)
-        rows = {"sdpa": [], "recorder": []}
+        for _ in range(3):  # warm-up (graphs: addresses seen twice, then captured)
+            for label in labels:
+                one(None if label == "sdpa" else label)
+        rows = {label: [] for label in labels}
         for _ in range(reps):
-            for label, record in (("sdpa", False), ("recorder", True)):
-                rows[label].append(one(record))
+            for label in labels:
+                rows[label].append(one(None if label == "sdpa" else label))
     finally:
         recorder_module.Recorder._on_body_end = body_end
         torch.cuda.Stream.synchronize = stream_sync
     result = {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for label, runs in rows.items()}
     result.update(shape=shape, batch=batch, t=t)
+    if graphs:
+        state = kept["recorder_graphs"]._device_state
+        result["graphs"] = None if state is None or state.graphs is None else {
+            "captured": state.graphs.captures, "replayed": state.graphs.replays}
     print("host", json.dumps(result), flush=True)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(reps):
-        body_forward(model, ids, True)
+        body_forward(model, ids, kept["recorder_graphs" if graphs else "recorder"], graphs=graphs)
         torch.cuda.synchronize()
     prof.disable()
     text = io.StringIO()
@@ -878,7 +895,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.host and time.time() - start < args.budget_s + args.diagnostics_s:
         for shape, batch, t in (("smollm2-135m", 1, 8192), ("llama-3.2-1b", 1, 8192), ("llama-3.2-1b", 1, 2048),
                                 ("smollm2-135m", 1, 2048)):
-            extra["host"].append(_guarded(host_case, shape, batch, t, args.out))
+            extra["host"].append(_guarded(host_case, shape, batch, t, args.out, 5, args.graphs))
             torch.cuda.empty_cache()
     save_extra()
 

@@ -818,6 +818,18 @@ def test_launch_graphs_replay_only_the_inputs_they_were_captured_with(monkeypatc
     graphs.run((0, "y"), (9,), lambda: calls)
     graphs.run((0, "y"), (9,), lambda: calls)  # graphs are off after a failure: launched, never captured
     assert x.sum() == 0 and graphs.captures == 2
+    monkeypatch.setattr(kernels, "_GRAPHS_FAILED", [])
+
+    class Refused:
+        def replay(self):
+            raise RuntimeError("CUDA error: invalid argument")
+
+    refusing = kernels.LaunchGraphs(torch.device("cpu"), lambda c: Refused())
+    refusing.run((0, "z"), (1,), lambda: calls)
+    x.fill_(1.0)
+    with pytest.warns(RuntimeWarning, match="CUDA graph"):
+        refusing.run((0, "z"), (1,), lambda: calls)  # captured, its replay refused: launched instead
+    assert x.sum() == 0 and refusing.replays == 0 and kernels._GRAPHS_FAILED
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the stand-in graph reads host memory at the captured addresses; on a "

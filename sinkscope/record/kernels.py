@@ -810,22 +810,32 @@ class LaunchGraphs:
             if entry[1] is None and not _GRAPHS_FAILED:
                 entry[1] = self._take(calls())
             if entry[1]:
-                entry[1].replay()
-                self.replays += 1
-                return
+                try:
+                    entry[1].replay()
+                except Exception as exc:  # noqa: BLE001 - a graph launch is refused as a whole: launch instead
+                    entry[1] = self._fail(exc)
+                else:
+                    self.replays += 1
+                    return
         _execute(calls())
 
     def _take(self, calls: list):
         try:
             graph = self._capture(calls)
         except Exception as exc:  # noqa: BLE001 - never the only way: the calls run as launches
-            _GRAPHS_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
-            warnings.warn(f"sinkscope: a CUDA graph of the recorder's launches failed; launching them directly: "
-                          f"{_GRAPHS_FAILED[0]}", RuntimeWarning, stacklevel=3)
-            return False
+            return self._fail(exc)
         if graph is not None:
             self.captures += 1
         return graph
+
+    @staticmethod
+    def _fail(exc: Exception) -> bool:
+        """A capture or replay that raised: warned once, graphs off for the process. False (the entry's graph)."""
+        _GRAPHS_FAILED.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+        if len(_GRAPHS_FAILED) == 1:
+            warnings.warn(f"sinkscope: a CUDA graph of the recorder's launches failed; launching them directly: "
+                          f"{_GRAPHS_FAILED[0]}", RuntimeWarning, stacklevel=4)
+        return False
 
 
 def _cuda_graph(calls: list, device: torch.device):

@@ -587,7 +587,9 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
     """The recorder's own Python per layer on the device path, without a GPU: a tiny Llama (hidden 64, 30 layers,
     T=16) on the CPU, every Triton launch replaced by a no-op and SDPA by zeros, so that what is left of a recorded
     forward over a plain one is the recorder's hooks and the wrappers around its launches (medians of `reps`
-    interleaved forwards; one Recorder entered for each, as in `run_case`). Runs in a process of its own: it stubs
+    interleaved forwards; one Recorder entered for each, as in `run_case`). `graphs_*`: the same with each layer's
+    launches replayed as graphs (`kernels.LaunchGraphs`, a no-op graph whose inputs are taken to repeat, as a GPU's
+    caching allocator repeats them), the host Python that graphs leave. Runs in a process of its own: it stubs
     the kernels module."""
     from types import SimpleNamespace
 
@@ -616,26 +618,46 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
                                          attn_implementation="sdpa")).eval()
     ids = torch.randint(0, 256, (1, 16))
 
-    kept = Recorder(model)  # one recorder entered for each forward, as run_case does (since session 20)
+    class NoGraph:
+        def replay(self):
+            pass
 
-    def recorded():
-        with kept:
-            model.model(input_ids=ids, use_cache=False)
-        kept.samples.clear()
+    class SameAddresses(kernels.LaunchGraphs):  # as on a GPU in a loop of one shape (the CPU heap moves them)
+        def run(self, key, inputs, calls):
+            super().run(key, key, calls)  # `inputs` were taken by the plan all the same
 
-    times: dict[str, list[float]] = {"plain": [], "recorded": []}
+    kernels.LaunchGraphs = SameAddresses
+
+    def recorder(graphs: bool):
+        kept = Recorder(model)  # one recorder entered for each forward, as run_case does (since session 20)
+
+        def run():
+            kernels.GRAPH_CAPTURE = (lambda calls: NoGraph()) if graphs else None
+            try:
+                with kept:
+                    model.model(input_ids=ids, use_cache=False)
+            finally:
+                kernels.GRAPH_CAPTURE = None
+            kept.samples.clear()
+
+        return run
+
+    methods = {"plain": lambda: model.model(input_ids=ids, use_cache=False), "recorded": recorder(False),
+               "graphs": recorder(True)}
+    times: dict[str, list[float]] = {name: [] for name in methods}
     with torch.no_grad():
         for _ in range(5):
-            model.model(input_ids=ids, use_cache=False)
-            recorded()
+            for fn in methods.values():
+                fn()
         for _ in range(reps):
-            for label, fn in (("plain", lambda: model.model(input_ids=ids, use_cache=False)), ("recorded", recorded)):
+            for label, fn in methods.items():
                 start = time.perf_counter()
                 fn()
                 times[label].append(time.perf_counter() - start)
-    plain, rec = (statistics.median(times[k]) for k in ("plain", "recorded"))
+    plain, rec, graphs = (statistics.median(times[k]) for k in methods)
     result = dict(layers=layers, plain_ms=1e3 * plain, recorded_ms=1e3 * rec,
-                  extra_us_per_layer=1e6 * (rec - plain) / layers)
+                  extra_us_per_layer=1e6 * (rec - plain) / layers,
+                  graphs_ms=1e3 * graphs, graphs_extra_us_per_layer=1e6 * (graphs - plain) / layers)
     print("host python", json.dumps(result), flush=True)
     return result
 

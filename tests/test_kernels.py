@@ -906,3 +906,19 @@ def test_cuda_graph_capture_waits_for_compiled_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
     key = kernels._launch_key(fn, (x,), (x.data_ptr(),), (32, 0.5), {"BLOCK": 16}, {})
     assert key in kernels._LAUNCHES  # kept: the capture would go ahead (on a GPU)
+
+
+def test_gpu_bench_host_python_stage_runs(tmp_path):
+    """`bench.gpu --host-python` (the recorder's own Python a layer, launches stubbed; in a process of its own, as
+    it stubs the kernels module): the plain, recorded and graphs timings are written."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    subprocess.run([sys.executable, "-m", "sinkscope.bench.gpu", "--host-python", "--device", "cpu", "--shapes", "",
+                    "--out", str(tmp_path)], check=True, env=env, timeout=300, capture_output=True)
+    result = json.loads((tmp_path / "bench_host_python.json").read_text())
+    assert result["layers"] == 30 and result["plain_ms"] > 0
+    assert result["extra_us_per_layer"] > 0 and result["graphs_extra_us_per_layer"] > 0

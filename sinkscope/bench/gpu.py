@@ -16,12 +16,14 @@ B=32, T=256 at the 1B shape, <= 2x at every T for the 135M shape; extra peak mem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -76,6 +78,17 @@ def timed(fn, reps: int, cuda: bool) -> tuple[list[float], list[int]]:
     return times, peaks
 
 
+def recorded_forward(rec, model, ids: torch.Tensor, switches=()) -> None:
+    """One decoder-body forward (no LM head) inside `rec` (a `Recorder`, entered for it; its samples dropped
+    after), with each of `switches` ((module, attribute, value)) set for that forward only."""
+    with contextlib.ExitStack() as stack:
+        for module, name, value in switches:
+            stack.enter_context(mock.patch.object(module, name, value))
+        with rec:
+            model.model(input_ids=ids, use_cache=False)
+    rec.samples.clear()
+
+
 def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool = False,
              host_ab: bool = False, graphs: bool = False, fresh: bool = False) -> dict:
     """One case: plain SDPA, the recorder (and the torch path, HF eager) timed in interleaved repetitions. Each
@@ -98,23 +111,13 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
     def sdpa():
         model.model(input_ids=ids, use_cache=False)
 
-    def recorder(flag: str, new_each_time: bool = False, **switches):
+    def recorder(flag: str, new_each_time: bool = False, *switches):
         kept = Recorder(model)
 
         @torch.no_grad()
         def run():
             os.environ["SINKSCOPE_TRITON"] = flag
-            rec = Recorder(model) if new_each_time else kept
-            saved = {(module, name): getattr(module, name) for module, name, _ in switches.values()}
-            for module, name, value in switches.values():
-                setattr(module, name, value)
-            try:
-                with rec:
-                    model.model(input_ids=ids, use_cache=False)
-            finally:
-                for (module, name), value in saved.items():
-                    setattr(module, name, value)
-            rec.samples.clear()
+            recorded_forward(Recorder(model) if new_each_time else kept, model, ids, switches)
 
         run.recorder = kept
         return run
@@ -129,11 +132,11 @@ def run_case(model, batch: int, t: int, reps: int, torch_path: bool, eager: bool
 
     methods = {"sdpa": sdpa, "recorder": recorder("1")}
     if host_ab:
-        methods["recorder_host_before"] = recorder("1", fast=(kernels_module, "FAST_LAUNCH", False),
-                                                   plan=(kernels_module, "LAYER_PLAN", False),
-                                                   prefault=(recorder_module, "PREFAULT", False))
+        methods["recorder_host_before"] = recorder("1", False, (kernels_module, "FAST_LAUNCH", False),
+                                                   (kernels_module, "LAYER_PLAN", False),
+                                                   (recorder_module, "PREFAULT", False))
     if graphs:
-        methods["recorder_graphs"] = recorder("1", graphs=(kernels_module, "CUDA_GRAPHS", True))
+        methods["recorder_graphs"] = recorder("1", False, (kernels_module, "CUDA_GRAPHS", True))
     if fresh:
         methods["recorder_fresh"] = recorder("1", new_each_time=True)
     if torch_path:
@@ -290,14 +293,8 @@ def body_forward(model, ids: torch.Tensor, record, graphs: bool = False) -> None
     from sinkscope.record import Recorder, kernels
 
     if record:
-        rec = Recorder(model) if record is True else record
-        saved, kernels.CUDA_GRAPHS = kernels.CUDA_GRAPHS, graphs
-        try:
-            with rec:
-                model.model(input_ids=ids, use_cache=False)
-        finally:
-            kernels.CUDA_GRAPHS = saved
-        rec.samples.clear()
+        recorded_forward(Recorder(model) if record is True else record, model, ids,
+                         [(kernels, "CUDA_GRAPHS", graphs)])
     else:
         model.model(input_ids=ids, use_cache=False)
 
@@ -630,17 +627,8 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
 
     def recorder(graphs: bool):
         kept = Recorder(model)  # one recorder entered for each forward, as run_case does (since session 20)
-
-        def run():
-            kernels.GRAPH_CAPTURE = (lambda calls: NoGraph()) if graphs else None
-            try:
-                with kept:
-                    model.model(input_ids=ids, use_cache=False)
-            finally:
-                kernels.GRAPH_CAPTURE = None
-            kept.samples.clear()
-
-        return run
+        switch = [(kernels, "GRAPH_CAPTURE", (lambda calls: NoGraph()) if graphs else None)]
+        return lambda: recorded_forward(kept, model, ids, switch)
 
     methods = {"plain": lambda: model.model(input_ids=ids, use_cache=False), "recorded": recorder(False),
                "graphs": recorder(True)}

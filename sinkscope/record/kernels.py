@@ -15,6 +15,9 @@
   the massive entries); `colmax_triton`: one pass over the columns (per-feature maxima of |h| and |mlp_out|).
 - `layer_layout`, `layer_buffer`, `reduce_layer_device`, `unpack_layer`: the recorder's one device buffer per
   layer, which all of the above write into and which goes to the host in one copy.
+- `launch`, `LayerPlan`, `LaunchGraphs`: how the launches are made with little host time: compiled kernels kept
+  and handed their arguments directly, a layer's launches repeated at the other layers (and forwards) with their
+  own tensors, and (off by default, `CUDA_GRAPHS`) replayed as CUDA graphs once a layer's inputs repeat.
 
 All run on the CPU under `TRITON_INTERPRET=1`, which is how the tests check them against the torch reference on
 machines without a GPU.
@@ -797,7 +800,6 @@ class LaunchGraphs:
     `device`. A failed capture warns once and turns graphs off for the process."""
 
     def __init__(self, device: torch.device, capture=None) -> None:
-        self.device = device
         self._capture = capture or functools.partial(_cuda_graph, device=device)
         self._entries: dict[tuple, list] = {}  # (layer, site) -> [inputs, graph | None | False]
         self.captures = self.replays = 0

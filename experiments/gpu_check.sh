@@ -4,7 +4,7 @@
 #   run(command="bash experiments/gpu_check.sh", carry=[".whl", "ab_prev"], timeout_s=590)
 # (ab_prev/: an earlier commit's package for a same-machine before/after, `git archive <commit> sinkscope | tar -x
 # -C ab_prev`; leave it out to skip stage 3). Environment knobs: TESTS / TEST_FILES / TEST_S (which tests, how
-# long), FLAGS / BENCH_ARGS / BUDGET_S / BENCH_S (the benchmark), AB_CASES / AB_S (stage 3). Session 15's calls:
+# long), FLAGS / BENCH_ARGS / BUDGET_S / DIAG_S / BENCH_S (the benchmark), AB_CASES / AB_S (stage 3). Session 15's calls:
 #   TEST_S=100 TESTS=cuda TEST_FILES=tests/test_recorder.py FLAGS=--check BENCH_ARGS="--reps 5" BUDGET_S=190 \
 #     BENCH_S=280 bash experiments/gpu_check.sh          (131 s: CUDA tests against eager, --check, the table)
 # Session 19's calls (H200; wall 227 / 177 / 176 s):
@@ -21,8 +21,9 @@
 # table with the recorder as shipped, with session 19's host changes off (--host-ab) and with graphs (--graphs):
 #   TEST_S=90 TESTS="cuda or matches_the_torch_path or full_map or fold or layer_plan or graphs" \
 #     TEST_FILES="tests/test_recorder.py tests/test_kernels.py" FLAGS="--launch --check --host-ab --graphs --host" \
-#     BENCH_ARGS="--reps 5" BUDGET_S=200 BENCH_S=290 bash experiments/gpu_check.sh
-# (--host with --graphs: the host's enqueue time a forward with and without graphs, the plain forward's beside)
+#     BENCH_ARGS="--reps 5" BUDGET_S=200 DIAG_S=60 BENCH_S=300 bash experiments/gpu_check.sh
+# (--host with --graphs: the host's enqueue time a forward with and without graphs, the plain forward's beside;
+# it starts cases while fewer than BUDGET_S + DIAG_S seconds have passed, the host-bound T=2048 ones first)
 # Session 16 (no GPU) left for the next call: the column-sum variants heavy_first and pipe (--colsum times them),
 # the radix final step folded into the token pass (one launch a layer fewer) and the token strings built before the
 # end-of-forward waits; ab_prev then holds session 15's final package (0477bfe) for stage 3's before/after, whose
@@ -56,7 +57,7 @@ timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -rA -k "${TEST
 echo "pytest exit $?"; tail -25 "$OUT/pytest.log"
 echo "== 2. benchmark"
 timeout "${BENCH_S:-350}" python3 -m sinkscope.bench.gpu --out "$OUT" ${FLAGS:---unpack --launch --kernels --colsum --check --profile --host} \
-  --budget-s "${BUDGET_S:-270}" --diagnostics-s 30 ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  --budget-s "${BUDGET_S:-270}" --diagnostics-s "${DIAG_S:-30}" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench exit $?"
 tail -60 "$OUT/bench.log"
 if [ -d ab_prev/sinkscope ]; then  # the previous commit's package (carried as ab_prev): the same cases, same machine

@@ -915,11 +915,15 @@ def main(argv: list[str] | None = None) -> None:
             extra["profile"].append(_guarded(profile_case, shape, batch, t, args.out))
             torch.cuda.empty_cache()
     save_extra()
-    if args.host and time.time() - start < args.budget_s + args.diagnostics_s:
-        for shape, batch, t in (("smollm2-135m", 1, 8192), ("llama-3.2-1b", 1, 8192), ("llama-3.2-1b", 1, 2048),
-                                ("smollm2-135m", 1, 2048)):
+    if args.host:  # the host-bound cases first; each case saved as it ends (a call cut short keeps the others)
+        for shape, batch, t in (("smollm2-135m", 1, 2048), ("llama-3.2-1b", 1, 2048), ("smollm2-135m", 1, 8192),
+                                ("llama-3.2-1b", 1, 8192)):
+            if time.time() - start >= args.budget_s + args.diagnostics_s:
+                print(f"diagnostics budget spent: --host {shape} T={t} not run", flush=True)
+                break
             extra["host"].append(_guarded(host_case, shape, batch, t, args.out, 5, args.graphs))
             torch.cuda.empty_cache()
+            save_extra()
     save_extra()
 
 

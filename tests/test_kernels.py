@@ -97,6 +97,32 @@ def test_gpu_bench_chooses_the_fastest_exact_column_sum_config(monkeypatch):
     assert tuple(kernels.COLSUM_CONFIG[k] for k in keys) == fastest and set(kernels.COLSUM_CONFIG) == set(keys)
 
 
+def test_gpu_bench_chooses_the_fastest_exact_radix_config(monkeypatch):
+    """`bench.gpu --radix` / `--kernels` set kernels.RADIX_CONFIG for bf16 and fp16 (float32 untouched) to the
+    config with the smallest total time over the shapes, skipping one that is faster but gave another median or
+    failed on a shape; and the configs it times are the 5-field ones `median_abs_triton` takes."""
+    from sinkscope.bench import gpu
+    from sinkscope.record import kernels
+
+    monkeypatch.setattr(kernels, "RADIX_CONFIG", dict(kernels.RADIX_CONFIG))
+    labels = [gpu.radix_label(c) for c in gpu.RADIX_CONFIGS]
+    assert len(set(labels)) == len(labels) and all(len(c) == 5 for c in gpu.RADIX_CONFIGS)
+    assert kernels.RADIX_CONFIG[1] in gpu.RADIX_CONFIGS  # the shipped config is among those timed
+    wrong, fastest, failed = gpu.RADIX_CONFIGS[2], gpu.RADIX_CONFIGS[3], gpu.RADIX_CONFIGS[4]
+    rows = []
+    for d in (2048, 576):
+        for config in gpu.RADIX_CONFIGS:
+            if config == failed and d == 576:
+                rows.append(dict(kernel="median", t=8192, d=d, config=gpu.radix_label(config), error="Refused"))
+                continue
+            us = {wrong: 50.0, fastest: 100.0, failed: 40.0}.get(config, 200.0)
+            rows.append(dict(kernel="median", t=8192, d=d, config=gpu.radix_label(config), us=us,
+                             same=config != wrong))
+    float32 = kernels.RADIX_CONFIG[0]
+    assert gpu.choose_radix(rows) == fastest
+    assert kernels.RADIX_CONFIG[1] == kernels.RADIX_CONFIG[2] == fastest and kernels.RADIX_CONFIG[0] == float32
+
+
 def test_exp2_on_fma_units_is_within_its_bound():
     """`exp2_fma`, the polynomial 2**x that takes half of the bf16 column sums' exponentials off the special-function
     units: relative error at most 7.5e-5 over the range the column sums use (x <= 0, down to -100), and no
@@ -111,12 +137,14 @@ def test_exp2_on_fma_units_is_within_its_bound():
     assert torch.all(torch.isfinite(got)) and got[-1].item() <= 2.0**-124
 
 
-@pytest.mark.parametrize("dtype,bits,onehot", [
-    (torch.float32, 8, False), (torch.bfloat16, 8, False), (torch.float16, 8, False),
-    (torch.float32, 6, True),  # float32 in six passes: a digit width that does not divide 31
-    (torch.bfloat16, 5, False), (torch.float16, 5, False), (torch.bfloat16, 4, True), (torch.float16, 4, True),
+@pytest.mark.parametrize("dtype,bits,onehot,spread", [
+    (torch.float32, 8, False, 0), (torch.bfloat16, 8, False, 0), (torch.float16, 8, False, 0),
+    (torch.float32, 6, True, 0),  # float32 in six passes: a digit width that does not divide 31
+    (torch.bfloat16, 5, False, 0), (torch.float16, 5, False, 0), (torch.bfloat16, 4, True, 0),
+    (torch.float16, 4, True, 0),
+    (torch.bfloat16, 8, False, 3), (torch.float32, 5, False, 2),  # digits counted in copies of their bins
 ], ids=lambda v: str(v).removeprefix("torch."))
-def test_radix_median_is_exact(dtype, bits, onehot):
+def test_radix_median_is_exact(dtype, bits, onehot, spread):
     """Every digit width and counting the recorder may be configured with (kernels.RADIX_CONFIG) gives numpy's
     median bit for bit: ties, zeros, negative zeros, a massive entry, padding, and two middle values whose bit
     patterns part in the first digit (row 4: half the entries 1, half 1000), so the ranks' prefixes differ."""
@@ -132,7 +160,8 @@ def test_radix_median_is_exact(dtype, bits, onehot):
     valid[1, 20:] = False
     valid[2, :3] = False
     for v in (None, valid):
-        med, thr = median_abs_triton(h, v, block=256, thresholds=(0.5, 3.0), bits=bits, onehot=onehot)
+        med, thr = median_abs_triton(h, v, block=256, thresholds=(0.5, 3.0), bits=bits, onehot=onehot,
+                                     spread=spread)
         got = med.cpu().numpy()
         assert torch.equal(thr, torch.clamp(med * 3.0, min=0.5)), "the massive threshold, as the torch path has it"
         for i in range(5):
@@ -140,7 +169,8 @@ def test_radix_median_is_exact(dtype, bits, onehot):
             assert got[i] == np.float32(np.median(np.abs(rows))), (i, v is None)
     assert got[4] == 500.5
     odd = h[:1, :3, :5]  # 15 entries: the middle one
-    assert median_abs_triton(odd, bits=bits, onehot=onehot)[0].item() == np.median(np.abs(odd.float().cpu().numpy()))
+    assert median_abs_triton(odd, bits=bits, onehot=onehot, spread=spread)[0].item() == np.median(
+        np.abs(odd.float().cpu().numpy()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda v: str(v)[6:])

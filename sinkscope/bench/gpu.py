@@ -662,7 +662,6 @@ def kernel_bench(t: int, d: int) -> list[dict]:
         TOKEN_CONFIG,
         colmax_triton,
         massive_buffers,
-        median_abs_triton,
         token_stats_triton,
     )
 
@@ -715,15 +714,29 @@ def kernel_bench(t: int, d: int) -> list[dict]:
         rows.append(dict(kernel="token_stats", t=t, d=d, config=f"r{best[1]} w{best[2]} int64 keys", us=1e6 * sec,
                          gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=True))
         print(json.dumps(rows[-1]), flush=True)
-    ref = median_abs_triton(h, bits=8, onehot=False, block=4096, num_warps=8)[0]  # the shipped config first
+    return rows + radix_bench(t, d, h)
+
+
+def radix_bench(t: int, d: int, h: torch.Tensor | None = None) -> list[dict]:
+    """The radix median alone (both passes and the final launch) in each of RADIX_CONFIGS on one bf16 block output
+    [1, T, D] (`h`, else a fresh random one), against the shipped configuration's median; `--kernels` and
+    `--radix`."""
+    from sinkscope.record.kernels import median_abs_triton
+
+    if h is None:
+        torch.manual_seed(0)
+        h = torch.randn(1, t, d, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    ref = median_abs_triton(h, bits=8, onehot=False, block=4096, num_warps=8, spread=0)[0]  # the shipped config
     fastest = None
-    for bits, onehot, block, warps in RADIX_CONFIGS:
+    for config in RADIX_CONFIGS:
+        bits, onehot, block, warps, spread = config
         passes = -(-15 // bits)  # bf16: passes over its 15 bits, each reading h once
-        label = f"{bits}-bit {'one-hot' if onehot else 'histogram'} B{block} w{warps}"
+        label = radix_label(config)
         try:
-            got = median_abs_triton(h, bits=bits, onehot=onehot, block=block, num_warps=warps)[0]
-            sec = event_time(lambda c=(bits, onehot, block, warps): median_abs_triton(
-                h, bits=c[0], onehot=c[1], block=c[2], num_warps=c[3]))
+            got = median_abs_triton(h, bits=bits, onehot=onehot, block=block, num_warps=warps, spread=spread)[0]
+            sec = event_time(lambda c=config: median_abs_triton(
+                h, bits=c[0], onehot=c[1], block=c[2], num_warps=c[3], spread=c[4]))
         except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is reported, not fatal
             rows.append(dict(kernel="median", t=t, d=d, config=label, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
             continue
@@ -732,15 +745,23 @@ def kernel_bench(t: int, d: int) -> list[dict]:
                          gb_per_s=passes * h.numel() * 2 / sec / 1e9, same=same))
         print(json.dumps(rows[-1]), flush=True)
         if same and (fastest is None or sec < fastest[0]):
-            fastest = (sec, (bits, onehot, block, warps))
+            fastest = (sec, config)
     if fastest is not None:
         rows.append(dict(kernel="median", t=t, d=d, fastest=list(fastest[1]), us=1e6 * fastest[0]))
     return rows
 
 
-RADIX_CONFIGS = [(8, False, 4096, 8), (8, False, 16384, 8), (5, False, 4096, 8), (4, False, 4096, 8),
-                 (5, True, 512, 8), (4, True, 1024, 8)]
-"""(digit bits, one-hot counting, BLOCK, num_warps) of the radix median timed by `--kernels` on bf16 input."""
+RADIX_CONFIGS = [(8, False, 4096, 8, 0), (5, False, 4096, 8, 0), (8, False, 4096, 8, 2), (8, False, 4096, 8, 4),
+                 (5, False, 4096, 8, 3), (4, False, 4096, 8, 2)]
+"""(digit bits, one-hot counting, BLOCK, num_warps, spread) of the radix median timed by `--kernels` and `--radix`
+on bf16 input. Session 15 also timed 16,384-entry blocks (about 2x slower) and one-hot counting (3-4x slower),
+dropped since; session 21 added the digits counted in 2**spread copies of their bins (`kernels.RADIX_CONFIG`)."""
+
+
+def radix_label(config: tuple) -> str:
+    bits, onehot, block, warps, spread = config
+    return (f"{bits}-bit {'one-hot' if onehot else 'histogram'} B{block} w{warps}"
+            + (f" x{1 << spread} copies" if spread else ""))
 
 
 def choose_radix(rows: list[dict]) -> tuple | None:
@@ -756,8 +777,7 @@ def choose_radix(rows: list[dict]) -> tuple | None:
     if not totals or min(totals.values()) == float("inf"):
         return None
     label = min(totals, key=totals.get)
-    config = next(c for c in RADIX_CONFIGS
-                  if f"{c[0]}-bit {'one-hot' if c[1] else 'histogram'} B{c[2]} w{c[3]}" == label)
+    config = next(c for c in RADIX_CONFIGS if radix_label(c) == label)
     RADIX_CONFIG[1] = RADIX_CONFIG[2] = config
     print(f"radix median (bf16/fp16): fastest {label} ({totals[label]:.0f} us over the shapes), used from here on",
           flush=True)
@@ -801,6 +821,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--diagnostics-s", type=float, default=90.0,
                     help="--profile and --host run after the table while fewer than budget + this many s have passed")
     ap.add_argument("--kernels", action="store_true", help="first: the per-layer Triton reductions' configs")
+    ap.add_argument("--radix", action="store_true", help="first: the radix median's configs only (in --kernels)")
     ap.add_argument("--launch", action="store_true", help="first: the host's cost of each per-layer call (CUDA)")
     ap.add_argument("--host-python", action="store_true",
                     help="only: the recorder's own Python per layer, launches stubbed (CPU; stubs this process)")
@@ -839,9 +860,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.launch:
         extra["launch"] = _guarded(launch_bench) or []
         save_extra()
-    if args.kernels:
+    if args.kernels or args.radix:
         for t, d in ((8192, 2048), (8192, 4096), (8192, 576)):
-            extra["kernels"].extend(_guarded(kernel_bench, t, d) or [])
+            extra["kernels"].extend(_guarded(kernel_bench if args.kernels else radix_bench, t, d) or [])
         from sinkscope.record.kernels import RADIX_CONFIG, TOKEN_CONFIG
 
         choose_radix(extra["kernels"])

@@ -254,12 +254,24 @@ def _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASSES: tl.constexpr, HAS_VAL
 
 
 @triton.jit
-def _count_digits(digit, ok, BINS: tl.constexpr, ONEHOT: tl.constexpr):
+def _count_digits(digit, ok, BINS: tl.constexpr, ONEHOT: tl.constexpr, SPREAD: tl.constexpr = 0,
+                  BLOCK: tl.constexpr = 0):
     """How many of `digit` (where `ok`) fall in each of BINS bins: Triton's histogram, or (ONEHOT) a comparison
-    with every bin summed over the block, whose cost does not depend on how the digits are spread."""
+    with every bin summed over the block, whose cost does not depend on how the digits are spread, or (SPREAD > 0)
+    Triton's histogram over 2**SPREAD copies of every bin, each entry counted in the copy that a multiplicative
+    hash of its position in the block picks, then the copies summed: the same counts. Hidden-state magnitudes
+    crowd into a few digits (the first pass's digit is mostly the exponent), and where the histogram is counted
+    by atomic adds in shared memory, lanes of a warp that add to one bin wait on each other; spread over copies,
+    neighbouring lanes mostly add to different words."""
     if ONEHOT:
         hit = (digit[:, None] == tl.arange(0, BINS)[None, :]) & ok[:, None]
         return tl.sum(hit.to(tl.int32), 0)
+    elif SPREAD > 0:
+        COPIES: tl.constexpr = 1 << SPREAD
+        pos = tl.arange(0, BLOCK).to(tl.uint32)
+        copy = ((pos * 2654435761) >> (32 - SPREAD)).to(tl.int32) & (COPIES - 1)  # Knuth's multiplicative hash
+        counts = tl.histogram(digit * COPIES + copy, BINS * COPIES, mask=ok)
+        return tl.sum(tl.reshape(counts, (BINS, COPIES)), 1)
     else:
         return tl.histogram(digit, BINS, mask=ok)
 
@@ -267,14 +279,14 @@ def _count_digits(digit, ok, BINS: tl.constexpr, ONEHOT: tl.constexpr):
 @triton.jit
 def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, svb, B,
                       PASS: tl.constexpr, FMT: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr,
-                      BITS: tl.constexpr, ONEHOT: tl.constexpr):
+                      BITS: tl.constexpr, ONEHOT: tl.constexpr, SPREAD: tl.constexpr = 0):
     """Radix pass PASS of the median's selection, for both middle ranks at once: count the BITS-bit digit of the
     |h| bit pattern below the PASS digits already fixed, over the entries of row b whose higher bits match each
     rank's prefix. FMT 0: h read as float32 (any float dtype, upcast exactly), 31 bits; FMT 1 (bf16) and 2
     (fp16): h read as its raw 16 bits (the host passes an int16 view), sign cleared, 15 bits; ceil(bits / BITS)
     passes. When both ranks share their prefix (always in the first pass, and almost always later: the two middle
     values are neighbours) one count serves both. Each program strides over many blocks and adds its
-    histograms once (few atomics)."""
+    histograms once (few atomics). ONEHOT, SPREAD: how a block's digits are counted (`_count_digits`)."""
     BINS: tl.constexpr = 1 << BITS
     NBITS: tl.constexpr = 31 if FMT == 0 else 15
     NPASS: tl.constexpr = (NBITS + BITS - 1) // BITS
@@ -298,12 +310,12 @@ def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, s
             bits = tl.load(h_ptr + b * shb + offs, mask=ok, other=0).to(tl.int32) & 0x7FFF
         digit = (bits >> SHIFT) & (BINS - 1)
         if PASS == 0:  # no prefix yet (and a shift by the whole width would be undefined)
-            h_lo += _count_digits(digit, ok, BINS, ONEHOT)
+            h_lo += _count_digits(digit, ok, BINS, ONEHOT, SPREAD, BLOCK)
         else:
             high = bits >> (SHIFT + BITS)
-            h_lo += _count_digits(digit, ok & (high == p_lo), BINS, ONEHOT)
+            h_lo += _count_digits(digit, ok & (high == p_lo), BINS, ONEHOT, SPREAD, BLOCK)
             if p_lo != p_hi:
-                h_hi += _count_digits(digit, ok & (high == p_hi), BINS, ONEHOT)
+                h_hi += _count_digits(digit, ok & (high == p_hi), BINS, ONEHOT, SPREAD, BLOCK)
     bins = tl.arange(0, BINS)
     tl.atomic_add(hist_ptr + ((PASS * B + b) * 2) * BINS + bins, h_lo)
     tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * BINS + bins, tl.where(same, h_lo, h_hi))

@@ -282,27 +282,32 @@ RADIX_PROGRAMS = 1024
 atomics stay negligible."""
 
 
-RADIX_CONFIG: dict[int, tuple[int, bool, int, int]] = {0: (8, False, 4096, 8), 1: (8, False, 4096, 8),
-                                                      2: (8, False, 4096, 8)}
-"""(digit bits, one-hot counting, BLOCK, num_warps) of the radix median by input format (0: float32, 1: bf16, 2:
-fp16). 8-bit digits counted by Triton's histogram: two passes over bf16's 15 bits (session 8's sweep of block
-and warps). Narrower digits mean more passes of cheaper counting; `python -m sinkscope.bench.gpu --kernels` times
-the alternatives and uses its run's fastest exact one. Session 15 (H200, T=8192, bf16, hidden 2048/4096/576): 8-bit
-240/419/189 us, 5-bit 217/398/231 us (a tie over the three), one-hot counting 3-4x slower: the default stays."""
+RADIX_CONFIG: dict[int, tuple[int, bool, int, int, int]] = {0: (8, False, 4096, 8, 0), 1: (8, False, 4096, 8, 0),
+                                                           2: (8, False, 4096, 8, 0)}
+"""(digit bits, one-hot counting, BLOCK, num_warps, spread) of the radix median by input format (0: float32, 1:
+bf16, 2: fp16). 8-bit digits counted by Triton's histogram: two passes over bf16's 15 bits (session 8's sweep of
+block and warps). Narrower digits mean more passes of cheaper counting; `python -m sinkscope.bench.gpu --kernels`
+times the alternatives and uses its run's fastest exact one. Session 15 (H200, T=8192, bf16, hidden 2048/4096/576):
+8-bit 240/419/189 us, 5-bit 217/398/231 us (a tie over the three), one-hot counting 3-4x slower: the default
+stays. The passes read 0.3-0.6 TB/s there, bound by their counting, not by memory. `spread` (session 21, not yet
+timed on a GPU): the histogram over 2**spread copies of each bin (`_triton._count_digits`), for the case that
+the counting waits on lanes adding to the same bin."""
 
 
 def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int | None = None,
                       num_warps: int | None = None, thresholds: tuple[float, float] = (0.0, 0.0),
                       count: torch.Tensor | None = None, hist: torch.Tensor | None = None,
                       out: torch.Tensor | None = None, bits: int | None = None, onehot: bool | None = None,
-                      final: bool = True) -> tuple[torch.Tensor, torch.Tensor] | SimpleNamespace:
+                      final: bool = True, spread: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor] | SimpleNamespace:
     """Exact `median(|h[b]|)` over each sample's valid tokens and all features, and the massive-activation
     threshold `max(thresholds[0], thresholds[1] * median)`: two `[B]` float32. `h` `[B, T, D]` in any float dtype;
     `valid` `[B, T]` bool or None (all tokens). numpy's convention: the mean of the two middle values for an even
     count. A few launches, whatever B and T and without host synchronisation: the radix passes (both middle ranks
     at once, reading h once each: `ceil(31 / bits)` for float32, `ceil(15 / bits)` over the raw 15 bits of |h|
     for bf16 and fp16), then a final one. `bits`, `onehot`, `block`, `num_warps`: RADIX_CONFIG's for the format
-    when None. The recorder passes its per-layer buffer's parts: `count` (real tokens per sample, int32 `[B]`),
+    when None; `spread`: count each digit in one of 2**spread copies of its bin (RADIX_CONFIG's when None; 0 off,
+    at most 4). The recorder passes its per-layer buffer's parts: `count` (real tokens per sample, int32 `[B]`),
     `hist` (a zeroed int32 block of at least 4 * B * 512) and `out` (a `[2, B]` float32 for the median and the
     threshold); otherwise they are allocated here. `final=False`: only the passes; returns what
     `token_stats_triton(radix=...)` needs to take the final step itself (the recorder's way: one launch fewer)."""
@@ -313,11 +318,14 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     fmt = {torch.bfloat16: 1, torch.float16: 2}.get(flat.dtype, 0)
     if fmt:  # 16-bit formats: their raw bits, passes over 15 bits instead of 31
         flat = flat.view(torch.int16)
-    cfg_bits, cfg_onehot, cfg_block, cfg_warps = RADIX_CONFIG[fmt]
+    cfg_bits, cfg_onehot, cfg_block, cfg_warps, cfg_spread = RADIX_CONFIG[fmt]
     bits, onehot = bits or cfg_bits, cfg_onehot if onehot is None else onehot
     block, num_warps = block or cfg_block, num_warps or cfg_warps
+    spread = cfg_spread if spread is None else spread
     if not 1 <= bits <= 8:
         raise ValueError(f"median_abs_triton: bits must be 1-8, got {bits}")
+    if not 0 <= spread <= 4 or (spread and onehot):
+        raise ValueError(f"median_abs_triton: spread must be 0-4 and 0 with one-hot counting, got {spread}")
     passes = -(-(15 if fmt else 31) // bits)
     kern = _kernels()
     n = t * d
@@ -332,7 +340,8 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     for p in range(passes):
         launch(kern.radix_pass, (programs, b),
                (flat, v, count, hist), (n, t, d, flat.stride(0), v.stride(0) if valid is not None else 0, b),
-               dict(PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block, BITS=bits, ONEHOT=onehot),
+               dict(PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block, BITS=bits, ONEHOT=onehot,
+                    SPREAD=spread),
                num_warps=num_warps)
     if out is None:
         out = torch.empty(2, b, dtype=torch.float32, device=h.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -177,8 +179,10 @@ def test_recorder_refuses_cached_decoding_and_bad_requests():
         Recorder(model, attention_maps=[(7, 0)])
     ids = torch.randint(3, 128, (1, 6))
     out = model(input_ids=ids, use_cache=True)
+    # transformers 5.2x calls the cache `cache` (`past_key_values` is deprecated); older 5.x only takes the latter
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     with Recorder(model), pytest.raises(RecorderError, match="full forward passes"):
-        model(input_ids=ids[:, -1:], past_key_values=out.past_key_values)
+        model(input_ids=ids[:, -1:], **{name: out.past_key_values})
     assert model.config._attn_implementation == "sdpa"
 
 

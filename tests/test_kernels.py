@@ -504,7 +504,39 @@ def test_gpu_bench_unpack_stage_runs():
     from sinkscope.bench import gpu
 
     rows = gpu.unpack_bench(reps=1)
-    assert len(rows) == 4 and all(r["fresh_ms"] > 0 and r["touched_ms"] > 0 and r["touch_ms"] > 0 for r in rows)
+    assert len(rows) == 4 and all(r["fresh_ms"] > 0 and r["touched_ms"] > 0 and r["touch_ms"] > 0
+                                  and r["touched_numpy_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["some-layers-on-the-torch-path", "all-in-buffer"])
+def test_unpacking_with_torch_equals_numpy(monkeypatch, mixed):
+    """recorder.UNPACK_TORCH: the end-of-forward unpacking through torch's (multi-threaded) copies and division
+    fills every sample-major field exactly as numpy's did, in runs of layers, padded counts, B > 1, and with layers
+    whose column sums took the torch path (left alone)."""
+    from sinkscope.record import kernels, recorder
+
+    b, t, n_layers, heads, hidden = 3, 37, 5, 4, 48
+    layout = kernels.layer_layout(b, t, hidden, heads, 8)
+    torch.manual_seed(0)
+    landing = torch.randn(n_layers, layout.total - layout.feat)
+    valid = np.ones((b, t), dtype=bool)
+    valid[1, :5] = valid[2, 30:] = False
+    count = recorder._query_count(valid)
+    in_buffer = [True, False, True, True, False] if mixed else [True] * n_layers
+    filled = []
+    for flag in (False, True):
+        monkeypatch.setattr(recorder, "UNPACK_TORCH", flag)
+        out = recorder._host_blocks(b, t, n_layers, heads, hidden, 8)
+        for x in out.values():
+            x[...] = -7  # what the unpacking must overwrite, or (the torch path's alpha) leave
+        events = [None] * n_layers
+        recorder._touch_pages(out)
+        recorder._unpack_layers(landing, events, layout, out, count, in_buffer, touched=True)
+        filled.append(out)
+    for key in filled[0]:
+        assert np.array_equal(filled[0][key], filled[1][key]), key
+    assert np.all(filled[1]["alpha"][:, 1] == -7) == mixed  # a torch-path layer's alpha is not written here
+    assert not np.all(filled[1]["top_values"] == -7)
 
 
 class _FakeParam:

@@ -482,11 +482,12 @@ def unpack_bench(reps: int = 9) -> list[dict]:
     """The device path's host work at the end of a forward, alone: `_unpack_layers` copying every layer's results
     from the landing block `[L, N]` into the sample-major fields (alpha divided by the query counts), into fresh
     `_host_blocks` as the recorder does, and into blocks already touched (the floor without page faults); medians
-    of `reps`, at the issue's shapes (B=1, top-k 8). In host-bound forwards this is wall time after the GPU is done
-    (session 15: 10.8 ms at the 135M shape, T=8192)."""
+    of `reps`, at the issue's shapes (B=1, top-k 8); `touched_numpy_ms`: into touched blocks with numpy's copies
+    instead of torch's (`recorder.UNPACK_TORCH`, session 21). In host-bound forwards this is wall time after the
+    GPU is done (session 15: 10.8 ms at the 135M shape, T=8192)."""
     import numpy as np
 
-    from sinkscope.record import kernels
+    from sinkscope.record import kernels, recorder
     from sinkscope.record.recorder import _host_blocks, _query_count, _touch_pages, _unpack_layers
 
     rows = []
@@ -498,20 +499,25 @@ def unpack_bench(reps: int = 9) -> list[dict]:
         landing = torch.rand(n_layers, layout.total - layout.feat)
         count = _query_count(np.ones((batch, t), dtype=bool))
         touched = _host_blocks(batch, t, n_layers, heads, hidden, 8)
-        times: dict[str, list[float]] = {"fresh": [], "touched": [], "touch": []}
+        times: dict[str, list[float]] = {"fresh": [], "touched": [], "touch": [], "touched_numpy": []}
         for _ in range(reps):
             for label in times:
-                out = touched if label == "touched" else _host_blocks(batch, t, n_layers, heads, hidden, 8)
-                start = time.perf_counter()
-                if label == "touch":  # the CUDA path's prefault thread's work (recorder.PREFAULT)
-                    _touch_pages(out)
-                else:
-                    _unpack_layers(landing, [None] * n_layers, layout, out, count, [True] * n_layers)
-                times[label].append(time.perf_counter() - start)
+                out = touched if label.startswith("touched") else _host_blocks(batch, t, n_layers, heads, hidden, 8)
+                switch = mock.patch.object(recorder, "UNPACK_TORCH", recorder.UNPACK_TORCH and label != "touched_numpy")
+                with switch:
+                    start = time.perf_counter()
+                    if label == "touch":  # the CUDA path's prefault thread's work (recorder.PREFAULT)
+                        _touch_pages(out)
+                    else:
+                        _unpack_layers(landing, [None] * n_layers, layout, out, count, [True] * n_layers,
+                                       touched=label.startswith("touched"))
+                    times[label].append(time.perf_counter() - start)
                 del out
         rows.append(dict(shape=shape, batch=batch, t=t, landing_mib=landing.numel() * 4 / 2**20,
+                         unpack_torch=recorder.UNPACK_TORCH, threads=torch.get_num_threads(),
                          fresh_ms=1e3 * statistics.median(times["fresh"]),
                          touched_ms=1e3 * statistics.median(times["touched"]),
+                         touched_numpy_ms=1e3 * statistics.median(times["touched_numpy"]),
                          touch_ms=1e3 * statistics.median(times["touch"])))
         print(json.dumps(rows[-1]), flush=True)
     return rows

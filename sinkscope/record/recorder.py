@@ -385,10 +385,11 @@ class Recorder:
         input_ids = cur["input_ids_np"]
         heads = [self._sample_head(b, valid_np[b], input_ids, meta) for b in range(valid_np.shape[0])]
         if cur["device_path"]:  # unpacked while the GPU finishes the last layers, in runs of landed layers
-            if "prefault" in cur:
+            touched = "prefault" in cur
+            if touched:
                 cur.pop("prefault").result()
             _unpack_layers(cur["landing"], cur["events"], cur["layout"], cur["host"], count,
-                           [c is _IN_BUFFER for c in cur["colsum"]])
+                           [c is _IN_BUFFER for c in cur["colsum"]], touched)
         if valid.is_cuda:  # the other copies to pinned host memory were queued without waiting: wait once
             torch.cuda.current_stream(valid.device).synchronize()
         if cur["device_path"] or cur["fused"]:
@@ -587,6 +588,17 @@ thread holds no lock the forward needs: numpy releases the GIL for the strided w
 inside it.
 `SINKSCOPE_PREFAULT=0` (read at import) leaves the pages to the unpacking."""
 
+UNPACK_TORCH = os.environ.get("SINKSCOPE_UNPACK_TORCH", "1") != "0"
+"""`_unpack_layers` copies and divides with torch instead of numpy (session 21): the same values bit for bit
+(IEEE float32 division either way), but torch spreads a large copy over its intra-op threads, where numpy's runs
+on one core. The copy is memory-bound, one core's bandwidth its limit: on the development CPU (2 threads) 3.0 ->
+2.3 ms at the 1B shape, T=8192, 11.3 -> 8.6 ms at T=32768, 3.7 -> 3.4 ms at 135M T=8192 (one thread: no
+difference), where the H200's host took 7.4 ms at 135M T=8192 with numpy, wall time after the GPU is done in
+host-bound forwards (session 19's profile: the largest single item of a recorded forward's host time there).
+Only into blocks the prefault thread has faulted in (on CUDA, `PREFAULT`): into fresh memory, torch's threads
+faulting pages side by side took 38 against 6 ms at 135M T=8192 on the development CPU (one thread: 6.6 ms).
+`SINKSCOPE_UNPACK_TORCH=0` (read at import) or False here: numpy, as before."""
+
 _PAGE = 4096
 _POOL: dict[int, Any] = {}
 
@@ -612,12 +624,13 @@ def _touch_pages(blocks: dict[str, np.ndarray]) -> None:
 
 
 def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, np.ndarray], count: np.ndarray,
-                   colsum_in_buffer: list[bool]) -> None:
+                   colsum_in_buffer: list[bool], touched: bool = False) -> None:
     """The device path's host side at the end of a forward: copy every layer's results from the pinned block
     `landing` `[L, N]` into the sample-major blocks `out` (`[B, L, ...]`; alpha = column sums / count), in runs
     of consecutive layers whose copies have landed (each run waits for its first layer's CUDA event, then takes
     every later layer already done), so that the host works while the GPU runs the last layers and each run costs
-    a few numpy calls whatever its length. `events[l]` None: no GPU (the interpreter's CPU tests)."""
+    a few numpy calls whatever its length. `events[l]` None: no GPU (the interpreter's CPU tests). `touched`:
+    `out`'s pages are faulted in already (the prefault thread's work), and then, with UNPACK_TORCH, torch copies."""
     n, i = len(events), 0
     while i < n:
         if events[i] is not None:
@@ -626,15 +639,27 @@ def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, n
         while j < n and (events[j] is None or events[j].query()):
             j += 1
         fields, colsum = attn_fn.kernels.unpack_layer(landing[i:j], layout)  # [j - i, B, ...] views
-        for key, x in fields.items():
-            out[key][:, i:j] = np.swapaxes(x.numpy(), 0, 1)
-        sums = np.swapaxes(colsum.numpy(), 0, 1)  # [B, j - i, H, T]
-        if all(colsum_in_buffer[i:j]):
-            np.divide(sums, count[:, None, None, :], out=out["alpha"][:, i:j])
-        else:  # some layers took the torch path (full maps asked for): the recorder divides theirs
-            for k in range(i, j):
-                if colsum_in_buffer[k]:
-                    np.divide(sums[:, k - i], count[:, None, :], out=out["alpha"][:, k])
+        if UNPACK_TORCH and touched:  # torch's copies and division: the same values, over its intra-op threads
+            for key, x in fields.items():
+                torch.from_numpy(out[key][:, i:j]).copy_(x.transpose(0, 1))
+            sums, den = colsum.transpose(0, 1), torch.from_numpy(count)  # [B, j - i, H, T], [B, T]
+            alpha = torch.from_numpy(out["alpha"])
+            if all(colsum_in_buffer[i:j]):
+                torch.div(sums, den[:, None, None, :], out=alpha[:, i:j])
+            else:  # some layers took the torch path (full maps asked for): the recorder divides theirs
+                for k in range(i, j):
+                    if colsum_in_buffer[k]:
+                        torch.div(sums[:, k - i], den[:, None, :], out=alpha[:, k])
+        else:
+            for key, x in fields.items():
+                out[key][:, i:j] = np.swapaxes(x.numpy(), 0, 1)
+            sums = np.swapaxes(colsum.numpy(), 0, 1)  # [B, j - i, H, T]
+            if all(colsum_in_buffer[i:j]):
+                np.divide(sums, count[:, None, None, :], out=out["alpha"][:, i:j])
+            else:
+                for k in range(i, j):
+                    if colsum_in_buffer[k]:
+                        np.divide(sums[:, k - i], count[:, None, :], out=out["alpha"][:, k])
         i = j
 
 

@@ -19,11 +19,12 @@
 # Sessions 20 and 21 (no GPU) left for the next call (carry .whl; about 460 s of wall time, timeout_s=510): the
 # CUDA tests of the buffers and plan kept across forwards, of the CUDA graphs (kernels.CUDA_GRAPHS, off by default
 # until timed) and of the radix median with its digits spread over copies of their bins (session 21), then the
-# radix configs (--radix: the run goes on with the fastest exact one), then the table with the recorder as
+# radix configs (--radix: the run goes on with the fastest exact one), the end-of-forward unpacking through
+# torch's threads against numpy's (--unpack, session 21), then the table with the recorder as
 # shipped, with session 19's host changes off (--host-ab) and with graphs (--graphs):
 #   TEST_S=100 TESTS="cuda or matches_the_torch_path or full_map or fold or layer_plan or graphs or \
 #     radix_median_is_exact" TEST_FILES="tests/test_recorder.py tests/test_kernels.py" \
-#     FLAGS="--radix --launch --check --host-ab --graphs --host" BENCH_ARGS="--reps 5" BUDGET_S=250 DIAG_S=50 \
+#     FLAGS="--radix --unpack --launch --check --host-ab --graphs --host" BENCH_ARGS="--reps 5" BUDGET_S=250 DIAG_S=50 \
 #     BENCH_S=350 bash experiments/gpu_check.sh
 # (--host with --graphs: the host's enqueue time a forward with and without graphs, the plain forward's beside;
 # it starts cases while fewer than BUDGET_S + DIAG_S seconds have passed, the host-bound T=2048 ones first)

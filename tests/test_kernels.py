@@ -92,6 +92,7 @@ def test_gpu_bench_chooses_the_fastest_exact_column_sum_config(monkeypatch):
             time = {fast_but_off: 0.5, fastest: 0.6, failed: 0.4}.get(config, 0.9)
             rows.append(dict(shape=shape, config=label, colsum_over_with_lse=time,
                              alpha_diff_vs_first=2e-3 if config == fast_but_off else 1e-6))
+    rows += gpu._rows({"error": "OutOfMemoryError: ...", "args": ["llama-3.2-1b", "32768"]})  # a failed stage
     assert gpu.choose_colsum(rows) == gpu._colsum_label(fastest)
     keys = ("rows", "poly", "block_m", "block_n", "num_warps", "num_stages", "heavy_first", "pipe")
     assert tuple(kernels.COLSUM_CONFIG[k] for k in keys) == fastest and set(kernels.COLSUM_CONFIG) == set(keys)
@@ -118,6 +119,7 @@ def test_gpu_bench_chooses_the_fastest_exact_radix_config(monkeypatch):
             us = {wrong: 50.0, fastest: 100.0, failed: 40.0}.get(config, 200.0)
             rows.append(dict(kernel="median", t=8192, d=d, config=gpu.radix_label(config), us=us,
                              same=config != wrong))
+    rows += gpu._rows({"error": "AssertionError: ...", "args": ["8192", "4096"]})  # a failed stage's record
     float32 = kernels.RADIX_CONFIG[0]
     assert gpu.choose_radix(rows) == fastest
     assert kernels.RADIX_CONFIG[1] == kernels.RADIX_CONFIG[2] == fastest and kernels.RADIX_CONFIG[0] == float32

@@ -271,6 +271,8 @@ def choose_colsum(rows: list[dict]) -> str | None:
 
     by_config: dict[str, list[float]] = {}
     for row in rows:
+        if "config" not in row:  # a stage's error record (`_guarded`), not a config's row
+            continue
         ok = "error" not in row and row["alpha_diff_vs_first"] <= 1e-3
         by_config.setdefault(row["config"], []).append(row["colsum_over_with_lse"] if ok else float("inf"))
     scores = {label: statistics.mean(v) for label, v in by_config.items()}
@@ -803,6 +805,12 @@ def _guarded(fn, *args):
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "args": [str(a) for a in args]}
 
 
+def _rows(result) -> list:
+    """A stage's rows from `_guarded`: its list, or its error record as the one row (a dict extended into a list
+    would add its keys)."""
+    return result if isinstance(result, list) else [result]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "experiments/results")))
@@ -868,7 +876,7 @@ def main(argv: list[str] | None = None) -> None:
         save_extra()
     if args.kernels or args.radix:
         for t, d in ((8192, 2048), (8192, 4096), (8192, 576)):
-            extra["kernels"].extend(_guarded(kernel_bench if args.kernels else radix_bench, t, d) or [])
+            extra["kernels"].extend(_rows(_guarded(kernel_bench if args.kernels else radix_bench, t, d)))
         from sinkscope.record.kernels import RADIX_CONFIG, TOKEN_CONFIG
 
         choose_radix(extra["kernels"])
@@ -878,7 +886,7 @@ def main(argv: list[str] | None = None) -> None:
     save_extra()
     if args.colsum:
         for shape, t in (("llama-3.2-1b", 8192), ("llama-3.1-8b", 8192), ("llama-3.2-1b", 32768)):
-            extra["colsum"].extend(_guarded(colsum_bench, shape, t) or [])
+            extra["colsum"].extend(_rows(_guarded(colsum_bench, shape, t)))
         choose_colsum(extra["colsum"])
     from sinkscope.record.kernels import COLSUM_CONFIG
 

@@ -631,6 +631,9 @@ def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, n
     every later layer already done), so that the host works while the GPU runs the last layers and each run costs
     a few numpy calls whatever its length. `events[l]` None: no GPU (the interpreter's CPU tests). `touched`:
     `out`'s pages are faulted in already (the prefault thread's work), and then, with UNPACK_TORCH, torch copies."""
+    use_torch = UNPACK_TORCH and touched
+    divide, den_t = (torch.div, torch.from_numpy(count)) if use_torch else (np.divide, None)
+    dst = {key: torch.from_numpy(x) for key, x in out.items()} if use_torch else out
     n, i = len(events), 0
     while i < n:
         if events[i] is not None:
@@ -639,27 +642,19 @@ def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, n
         while j < n and (events[j] is None or events[j].query()):
             j += 1
         fields, colsum = attn_fn.kernels.unpack_layer(landing[i:j], layout)  # [j - i, B, ...] views
-        if UNPACK_TORCH and touched:  # torch's copies and division: the same values, over its intra-op threads
-            for key, x in fields.items():
-                torch.from_numpy(out[key][:, i:j]).copy_(x.transpose(0, 1))
-            sums, den = colsum.transpose(0, 1), torch.from_numpy(count)  # [B, j - i, H, T], [B, T]
-            alpha = torch.from_numpy(out["alpha"])
-            if all(colsum_in_buffer[i:j]):
-                torch.div(sums, den[:, None, None, :], out=alpha[:, i:j])
-            else:  # some layers took the torch path (full maps asked for): the recorder divides theirs
-                for k in range(i, j):
-                    if colsum_in_buffer[k]:
-                        torch.div(sums[:, k - i], den[:, None, :], out=alpha[:, k])
+        if use_torch:  # torch's copies and division: the same values, over its intra-op threads
+            src, sums, den = {key: x.transpose(0, 1) for key, x in fields.items()}, colsum.transpose(0, 1), den_t
         else:
-            for key, x in fields.items():
-                out[key][:, i:j] = np.swapaxes(x.numpy(), 0, 1)
-            sums = np.swapaxes(colsum.numpy(), 0, 1)  # [B, j - i, H, T]
-            if all(colsum_in_buffer[i:j]):
-                np.divide(sums, count[:, None, None, :], out=out["alpha"][:, i:j])
-            else:
-                for k in range(i, j):
-                    if colsum_in_buffer[k]:
-                        np.divide(sums[:, k - i], count[:, None, :], out=out["alpha"][:, k])
+            src = {key: np.swapaxes(x.numpy(), 0, 1) for key, x in fields.items()}
+            sums, den = np.swapaxes(colsum.numpy(), 0, 1), count
+        for key, x in src.items():  # [B, j - i, ...]
+            dst[key][:, i:j] = x
+        if all(colsum_in_buffer[i:j]):  # alpha [B, j - i, H, T]
+            divide(sums, den[:, None, None, :], out=dst["alpha"][:, i:j])
+        else:  # some layers took the torch path (full maps asked for): the recorder divides theirs
+            for k in range(i, j):
+                if colsum_in_buffer[k]:
+                    divide(sums[:, k - i], den[:, None, :], out=dst["alpha"][:, k])
         i = j
 
 

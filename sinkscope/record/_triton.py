@@ -269,7 +269,8 @@ def _count_digits(digit, ok, BINS: tl.constexpr, ONEHOT: tl.constexpr, SPREAD: t
     elif SPREAD > 0:
         COPIES: tl.constexpr = 1 << SPREAD
         pos = tl.arange(0, BLOCK).to(tl.uint32)
-        copy = ((pos * 2654435761) >> (32 - SPREAD)).to(tl.int32) & (COPIES - 1)  # Knuth's multiplicative hash
+        # Knuth's multiplicative hash, its top SPREAD bits (masked too, whatever width the product is typed at)
+        copy = ((pos * 2654435761) >> (32 - SPREAD)).to(tl.int32) & (COPIES - 1)
         counts = tl.histogram(digit * COPIES + copy, BINS * COPIES, mask=ok)
         return tl.sum(tl.reshape(counts, (BINS, COPIES)), 1)
     else:

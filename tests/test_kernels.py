@@ -4,6 +4,10 @@ on a GPU machine the same tests run the compiled kernels."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -101,7 +105,8 @@ def test_gpu_bench_chooses_the_fastest_exact_column_sum_config(monkeypatch):
 def test_gpu_bench_chooses_the_fastest_exact_radix_config(monkeypatch):
     """`bench.gpu --radix` / `--kernels` set kernels.RADIX_CONFIG for bf16 and fp16 (float32 untouched) to the
     config with the smallest total time over the shapes, skipping one that is faster but gave another median or
-    failed on a shape; and the configs it times are the 5-field ones `median_abs_triton` takes."""
+    failed on a shape, and never the pre-session-22 baseline row; and the configs it times are the 5-field ones
+    `median_abs_triton` takes."""
     from sinkscope.bench import gpu
     from sinkscope.record import kernels
 
@@ -119,6 +124,7 @@ def test_gpu_bench_chooses_the_fastest_exact_radix_config(monkeypatch):
             us = {wrong: 50.0, fastest: 100.0, failed: 40.0}.get(config, 200.0)
             rows.append(dict(kernel="median", t=8192, d=d, config=gpu.radix_label(config), us=us,
                              same=config != wrong))
+        rows.append(dict(kernel="median_before", t=8192, d=d, config=labels[0] + " before s22", us=1.0, same=True))
     rows += gpu._rows({"error": "AssertionError: ...", "args": ["8192", "4096"]})  # a failed stage's record
     float32 = kernels.RADIX_CONFIG[0]
     assert gpu.choose_radix(rows) == fastest
@@ -139,17 +145,20 @@ def test_exp2_on_fma_units_is_within_its_bound():
     assert torch.all(torch.isfinite(got)) and got[-1].item() <= 2.0**-124
 
 
-@pytest.mark.parametrize("dtype,bits,onehot,spread", [
-    (torch.float32, 8, False, 0), (torch.bfloat16, 8, False, 0), (torch.float16, 8, False, 0),
-    (torch.float32, 6, True, 0),  # float32 in six passes: a digit width that does not divide 31
-    (torch.bfloat16, 5, False, 0), (torch.float16, 5, False, 0), (torch.bfloat16, 4, True, 0),
-    (torch.float16, 4, True, 0),
-    (torch.bfloat16, 8, False, 3), (torch.float32, 5, False, 2),  # digits counted in copies of their bins
+@pytest.mark.parametrize("dtype,bits,onehot,spread,lean", [
+    (torch.float32, 8, False, 0, True), (torch.bfloat16, 8, False, 0, True), (torch.float16, 8, False, 0, True),
+    (torch.float32, 6, True, 0, True),  # float32 in six passes: a digit width that does not divide 31
+    (torch.bfloat16, 5, False, 0, True), (torch.float16, 5, False, 0, True), (torch.bfloat16, 4, True, 0, True),
+    (torch.float16, 4, True, 0, True),
+    (torch.bfloat16, 8, False, 3, True), (torch.float32, 5, False, 2, True),  # digits counted in copies of bins
+    (torch.bfloat16, 8, False, 0, False), (torch.float32, 8, False, 0, False),  # the passes before session 22
 ], ids=lambda v: str(v).removeprefix("torch."))
-def test_radix_median_is_exact(dtype, bits, onehot, spread):
+def test_radix_median_is_exact(dtype, bits, onehot, spread, lean):
     """Every digit width and counting the recorder may be configured with (kernels.RADIX_CONFIG) gives numpy's
     median bit for bit: ties, zeros, negative zeros, a massive entry, padding, and two middle values whose bit
-    patterns part in the first digit (row 4: half the entries 1, half 1000), so the ranks' prefixes differ."""
+    patterns part in the first digit (row 4: half the entries 1, half 1000), so the ranks' prefixes differ (the
+    passes' second loop). The first pass counts fewer bins than the others where the digits do not divide the
+    pattern's width (8-bit digits: 7 bits of bf16's 15, of float32's 31)."""
     torch.manual_seed(0)
     h = torch.randn(5, 33, 40, device=DEVICE) * torch.rand(5, 33, 40, device=DEVICE) ** 3
     h[0, 0, 7] = 3e4  # a massive activation
@@ -163,7 +172,7 @@ def test_radix_median_is_exact(dtype, bits, onehot, spread):
     valid[2, :3] = False
     for v in (None, valid):
         med, thr = median_abs_triton(h, v, block=256, thresholds=(0.5, 3.0), bits=bits, onehot=onehot,
-                                     spread=spread)
+                                     spread=spread, lean=lean)
         got = med.cpu().numpy()
         assert torch.equal(thr, torch.clamp(med * 3.0, min=0.5)), "the massive threshold, as the torch path has it"
         for i in range(5):
@@ -171,7 +180,7 @@ def test_radix_median_is_exact(dtype, bits, onehot, spread):
             assert got[i] == np.float32(np.median(np.abs(rows))), (i, v is None)
     assert got[4] == 500.5
     odd = h[:1, :3, :5]  # 15 entries: the middle one
-    assert median_abs_triton(odd, bits=bits, onehot=onehot, spread=spread)[0].item() == np.median(
+    assert median_abs_triton(odd, bits=bits, onehot=onehot, spread=spread, lean=lean)[0].item() == np.median(
         np.abs(odd.float().cpu().numpy()))
 
 
@@ -986,3 +995,33 @@ def test_gpu_bench_host_python_stage_runs(tmp_path):
     result = json.loads((tmp_path / "bench_host_python.json").read_text())
     assert result["layers"] == 30 and result["plain_ms"] > 0
     assert result["extra_us_per_layer"] > 0 and result["graphs_extra_us_per_layer"] > 0
+
+
+def test_sass_tool_compiles_the_shipped_layer_for_hopper_without_a_gpu(tmp_path):
+    """`python -m sinkscope.bench.sass` compiles each kernel of a recorded layer for sm_90 with the installed
+    Triton (no GPU, no launch) and reads its SASS: the five launches of a layer, each with instructions, registers
+    and no spilled registers, the column sums on the tensor cores with their exponentials, and the radix passes
+    counting by ballots (Triton 3.6) or shared-memory atomics (3.9). In a process of its own: this one interprets
+    the kernels (TRITON_INTERPRET=1), which the tool refuses."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton ships no cuobjdump")
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "sinkscope.bench.sass", "--shapes", "smollm2-135m:256", "--shipped", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "static SASS counts, not timings" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["colsum_kernel", "radix_pass_kernel", "radix_pass_kernel",
+                                          "token_stats_kernel", "colmax_kernel"]
+    for r in rows:
+        assert r["instructions"] > 100 and r["registers"] > 0 and r["local"] == 0 and r["ldl"] + r["stl"] == 0, r
+    assert rows[0]["mufu"] > 0 and rows[0]["hgmma"] + rows[0]["hmma"] > 0
+    assert all(r["vote"] + r["atoms"] > 0 for r in rows[1:3])
+    refused = subprocess.run(cmd, env={**env, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "TRITON_INTERPRET=1 is set" in refused.stderr

@@ -728,7 +728,8 @@ def kernel_bench(t: int, d: int) -> list[dict]:
 def radix_bench(t: int, d: int, h: torch.Tensor | None = None) -> list[dict]:
     """The radix median alone (both passes and the final launch) in each of RADIX_CONFIGS on one bf16 block output
     [1, T, D] (`h`, else a fresh random one), against the shipped configuration's median; `--kernels` and
-    `--radix`."""
+    `--radix`. Also the shipped configuration with the passes as they were before session 22 (`lean=False`: every
+    pass in 2**bits bins, both ranks' counts in one loop), kernel "median_before", which no choice takes."""
     from sinkscope.record.kernels import median_abs_triton
 
     if h is None:
@@ -754,16 +755,28 @@ def radix_bench(t: int, d: int, h: torch.Tensor | None = None) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
         if same and (fastest is None or sec < fastest[0]):
             fastest = (sec, config)
+    try:
+        got = median_abs_triton(h, bits=8, onehot=False, block=4096, num_warps=8, spread=0, lean=False)[0]
+        sec = event_time(lambda: median_abs_triton(h, bits=8, onehot=False, block=4096, num_warps=8, spread=0,
+                                                   lean=False))
+        rows.append(dict(kernel="median_before", t=t, d=d, config=radix_label(RADIX_CONFIGS[0]) + " before s22",
+                         us=1e6 * sec, gb_per_s=2 * h.numel() * 2 / sec / 1e9, same=bool(torch.equal(got, ref))))
+        print(json.dumps(rows[-1]), flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        rows.append(dict(kernel="median_before", t=t, d=d, error=f"{type(exc).__name__}: {str(exc)[:160]}"))
     if fastest is not None:
         rows.append(dict(kernel="median", t=t, d=d, fastest=list(fastest[1]), us=1e6 * fastest[0]))
     return rows
 
 
-RADIX_CONFIGS = [(8, False, 4096, 8, 0), (5, False, 4096, 8, 0), (8, False, 4096, 8, 2), (8, False, 4096, 8, 4),
-                 (5, False, 4096, 8, 3), (4, False, 4096, 8, 2)]
+RADIX_CONFIGS = [(8, False, 4096, 8, 0), (5, False, 4096, 8, 0), (8, False, 4096, 8, 2), (5, False, 4096, 8, 3),
+                 (4, False, 4096, 8, 2)]
 """(digit bits, one-hot counting, BLOCK, num_warps, spread) of the radix median timed by `--kernels` and `--radix`
 on bf16 input. Session 15 also timed 16,384-entry blocks (about 2x slower) and one-hot counting (3-4x slower),
-dropped since; session 21 added the digits counted in 2**spread copies of their bins (`kernels.RADIX_CONFIG`)."""
+dropped since; session 21 added the digits counted in 2**spread copies of their bins (`kernels.RADIX_CONFIG`),
+which only pay where Triton counts with shared-memory atomics (3.9), not with ballots (3.6: `_count_digits`);
+session 22 dropped 8-bit digits in 16 copies (1,933 spilled registers in Triton 3.6's second pass,
+`python -m sinkscope.bench.sass`)."""
 
 
 def radix_label(config: tuple) -> str:

@@ -259,10 +259,13 @@ def _count_digits(digit, ok, BINS: tl.constexpr, ONEHOT: tl.constexpr, SPREAD: t
     """How many of `digit` (where `ok`) fall in each of BINS bins: Triton's histogram, or (ONEHOT) a comparison
     with every bin summed over the block, whose cost does not depend on how the digits are spread, or (SPREAD > 0)
     Triton's histogram over 2**SPREAD copies of every bin, each entry counted in the copy that a multiplicative
-    hash of its position in the block picks, then the copies summed: the same counts. Hidden-state magnitudes
-    crowd into a few digits (the first pass's digit is mostly the exponent), and where the histogram is counted
-    by atomic adds in shared memory, lanes of a warp that add to one bin wait on each other; spread over copies,
-    neighbouring lanes mostly add to different words."""
+    hash of its position in the block picks, then the copies summed: the same counts. What each costs depends on
+    how the installed Triton lowers `tl.histogram` (`python -m sinkscope.bench.sass` shows it): Triton 3.6 (the
+    H200 machine's) counts with warp ballots and popcounts, the same work whatever the data and growing with the
+    bins, so SPREAD only adds work there (8-bit digits, second pass: 7,290 SASS instructions and 49 spilled
+    registers at SPREAD=2 against 2,996 and none); Triton 3.9 adds one shared-memory atomic per entry, and
+    hidden-state magnitudes crowd into a few digits (the first pass's digit is mostly the exponent), so lanes of a
+    warp adding to one bin wait on each other, which the copies spread out."""
     if ONEHOT:
         hit = (digit[:, None] == tl.arange(0, BINS)[None, :]) & ok[:, None]
         return tl.sum(hit.to(tl.int32), 0)
@@ -278,48 +281,78 @@ def _count_digits(digit, ok, BINS: tl.constexpr, ONEHOT: tl.constexpr, SPREAD: t
 
 
 @triton.jit
+def _digits(h_ptr, valid_ptr, b, shb, svb, start, N, D, PREFIX_SHIFT: tl.constexpr, SHIFT: tl.constexpr,
+            FMT: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr, PBINS: tl.constexpr):
+    """One block of row b for a radix pass: each entry's digit (PBINS bins, from bit SHIFT of the |h| pattern), the
+    bits above its digit (from bit PREFIX_SHIFT), and whether it is a real entry."""
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    ok = offs < N
+    if HAS_VALID:  # a token's D features share its validity
+        ok = ok & (tl.load(valid_ptr + b * svb + offs // D, mask=ok, other=0) != 0)
+    if FMT == 0:
+        x = tl.abs(tl.load(h_ptr + b * shb + offs, mask=ok, other=0.0).to(tl.float32))
+        bits = x.to(tl.int32, bitcast=True)
+    else:
+        bits = tl.load(h_ptr + b * shb + offs, mask=ok, other=0).to(tl.int32) & 0x7FFF
+    return (bits >> SHIFT) & (PBINS - 1), bits >> PREFIX_SHIFT, ok
+
+
+@triton.jit
 def radix_pass_kernel(h_ptr, valid_ptr, count_ptr, hist_ptr, N, T_ALL, D, shb, svb, B,
                       PASS: tl.constexpr, FMT: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr,
-                      BITS: tl.constexpr, ONEHOT: tl.constexpr, SPREAD: tl.constexpr = 0):
+                      BITS: tl.constexpr, ONEHOT: tl.constexpr, SPREAD: tl.constexpr = 0,
+                      LEAN: tl.constexpr = True):
     """Radix pass PASS of the median's selection, for both middle ranks at once: count the BITS-bit digit of the
     |h| bit pattern below the PASS digits already fixed, over the entries of row b whose higher bits match each
     rank's prefix. FMT 0: h read as float32 (any float dtype, upcast exactly), 31 bits; FMT 1 (bf16) and 2
     (fp16): h read as its raw 16 bits (the host passes an int16 view), sign cleared, 15 bits; ceil(bits / BITS)
-    passes. When both ranks share their prefix (always in the first pass, and almost always later: the two middle
-    values are neighbours) one count serves both. Each program strides over many blocks and adds its
-    histograms once (few atomics). ONEHOT, SPREAD: how a block's digits are counted (`_count_digits`)."""
+    passes. The first pass's digit holds what is left over (7 bits of bf16's 15 at BITS=8), and is counted in
+    only as many bins as it can take: Triton 3.6's histogram costs ballots and popcounts in proportion to its bins
+    (`python -m sinkscope.bench.sass`). Each program strides over many blocks and adds its histograms once (few
+    atomics). When both ranks share their prefix (always in the first pass, and almost always later: the two
+    middle values are neighbours) one count serves both, in a loop of its own (a loop with both counts needs
+    twice the registers: it spilled at BITS=8); otherwise each rank gets its own. ONEHOT, SPREAD: how a block's
+    digits are counted (`_count_digits`). LEAN=False: the kernel as it was before session 22 (BINS bins in every
+    pass, one loop for both cases), which `bench.gpu --radix` times against."""
     BINS: tl.constexpr = 1 << BITS
     NBITS: tl.constexpr = 31 if FMT == 0 else 15
     NPASS: tl.constexpr = (NBITS + BITS - 1) // BITS
     SHIFT: tl.constexpr = BITS * (NPASS - 1 - PASS)
+    WIDTH: tl.constexpr = NBITS - SHIFT if NBITS - SHIFT < BITS else BITS  # this pass's digit width
+    PBINS: tl.constexpr = max(1 << WIDTH, min(BINS, 32)) if LEAN else BINS  # bins the digit can take (>= 32)
+    PREFIX_SHIFT: tl.constexpr = SHIFT + BITS if PASS > 0 else 0  # the first pass has no prefix (and SHIFT + BITS
+    # may be the pattern's whole width there, a shift that is undefined)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: rows of T * D entries at large B
     p_lo, p_hi, n = _prefixes(hist_ptr, count_ptr, b, B, T_ALL, D, PASS, HAS_VALID, BITS)
-    same = p_lo == p_hi
-    h_lo = tl.zeros([BINS], dtype=tl.int32)
-    h_hi = tl.zeros([BINS], dtype=tl.int32)
-    for start in range(pid * BLOCK, N, nprog * BLOCK):
-        offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        ok = offs < N
-        if HAS_VALID:  # a token's D features share its validity
-            ok = ok & (tl.load(valid_ptr + b * svb + offs // D, mask=ok, other=0) != 0)
-        if FMT == 0:
-            x = tl.abs(tl.load(h_ptr + b * shb + offs, mask=ok, other=0.0).to(tl.float32))
-            bits = x.to(tl.int32, bitcast=True)
-        else:
-            bits = tl.load(h_ptr + b * shb + offs, mask=ok, other=0).to(tl.int32) & 0x7FFF
-        digit = (bits >> SHIFT) & (BINS - 1)
-        if PASS == 0:  # no prefix yet (and a shift by the whole width would be undefined)
-            h_lo += _count_digits(digit, ok, BINS, ONEHOT, SPREAD, BLOCK)
-        else:
-            high = bits >> (SHIFT + BITS)
-            h_lo += _count_digits(digit, ok & (high == p_lo), BINS, ONEHOT, SPREAD, BLOCK)
-            if p_lo != p_hi:
-                h_hi += _count_digits(digit, ok & (high == p_hi), BINS, ONEHOT, SPREAD, BLOCK)
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(hist_ptr + ((PASS * B + b) * 2) * BINS + bins, h_lo)
-    tl.atomic_add(hist_ptr + ((PASS * B + b) * 2 + 1) * BINS + bins, tl.where(same, h_lo, h_hi))
+    bins = tl.arange(0, PBINS)
+    lo_ptr = hist_ptr + ((PASS * B + b) * 2) * BINS + bins  # the first PBINS of each rank's BINS (the rest stay 0)
+    hi_ptr = lo_ptr + BINS
+    if LEAN and (PASS == 0 or p_lo == p_hi):
+        h_one = tl.zeros([PBINS], dtype=tl.int32)
+        for start in range(pid * BLOCK, N, nprog * BLOCK):
+            digit, high, ok = _digits(h_ptr, valid_ptr, b, shb, svb, start, N, D, PREFIX_SHIFT, SHIFT, FMT, HAS_VALID,
+                                      BLOCK, PBINS)
+            if PASS > 0:  # no prefix in the first pass
+                ok = ok & (high == p_lo)
+            h_one += _count_digits(digit, ok, PBINS, ONEHOT, SPREAD, BLOCK)
+        tl.atomic_add(lo_ptr, h_one)
+        tl.atomic_add(hi_ptr, h_one)
+    else:
+        h_lo = tl.zeros([PBINS], dtype=tl.int32)
+        h_hi = tl.zeros([PBINS], dtype=tl.int32)
+        for start in range(pid * BLOCK, N, nprog * BLOCK):
+            digit, high, ok = _digits(h_ptr, valid_ptr, b, shb, svb, start, N, D, PREFIX_SHIFT, SHIFT, FMT, HAS_VALID,
+                                      BLOCK, PBINS)
+            if PASS > 0:
+                h_lo += _count_digits(digit, ok & (high == p_lo), PBINS, ONEHOT, SPREAD, BLOCK)
+            else:
+                h_lo += _count_digits(digit, ok, PBINS, ONEHOT, SPREAD, BLOCK)
+            if p_lo != p_hi:  # always, except before session 22 (LEAN=False)
+                h_hi += _count_digits(digit, ok & (high == p_hi), PBINS, ONEHOT, SPREAD, BLOCK)
+        tl.atomic_add(lo_ptr, h_lo)
+        tl.atomic_add(hi_ptr, tl.where(p_lo == p_hi, h_lo, h_hi))
 
 
 @triton.jit

@@ -286,19 +286,22 @@ RADIX_CONFIG: dict[int, tuple[int, bool, int, int, int]] = {0: (8, False, 4096, 
                                                            2: (8, False, 4096, 8, 0)}
 """(digit bits, one-hot counting, BLOCK, num_warps, spread) of the radix median by input format (0: float32, 1:
 bf16, 2: fp16). 8-bit digits counted by Triton's histogram: two passes over bf16's 15 bits (session 8's sweep of
-block and warps). Narrower digits mean more passes of cheaper counting; `python -m sinkscope.bench.gpu --kernels`
-times the alternatives and uses its run's fastest exact one. Session 15 (H200, T=8192, bf16, hidden 2048/4096/576):
-8-bit 240/419/189 us, 5-bit 217/398/231 us (a tie over the three), one-hot counting 3-4x slower: the default
-stays. The passes read 0.3-0.6 TB/s there, bound by their counting, not by memory. `spread` (session 21, not yet
-timed on a GPU): the histogram over 2**spread copies of each bin (`_triton._count_digits`), for the case that
-the counting waits on lanes adding to the same bin."""
+block and warps), the first over its 7 leftover bits in 128 bins. Narrower digits mean more passes of cheaper
+counting; `python -m sinkscope.bench.gpu --radix` times the alternatives (RADIX_CONFIGS there) and uses its run's
+fastest exact one. Session 15 (H200, Triton 3.6, T=8192, bf16, hidden 2048/4096/576): 8-bit 240/419/189 us,
+5-bit 217/398/231 us (a tie over the three), one-hot counting 3-4x slower: the default stays. Those passes read
+0.3-0.6 TB/s, bound by their counting: in Triton 3.6 `tl.histogram` is warp ballots and popcounts (in proportion
+to the bins), and the second 8-bit pass held both ranks' counts in one loop, 255 registers with 32 spilled; since
+session 22 the first pass counts in 128 bins and the second keeps one count in its common loop (128 registers,
+none spilled; `python -m sinkscope.bench.sass`, `experiments/results/sass/`), not yet timed on a GPU. `spread`:
+see `_triton._count_digits` (more work under Triton 3.6's ballots; aimed at 3.9's shared-memory atomics)."""
 
 
 def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int | None = None,
                       num_warps: int | None = None, thresholds: tuple[float, float] = (0.0, 0.0),
                       count: torch.Tensor | None = None, hist: torch.Tensor | None = None,
                       out: torch.Tensor | None = None, bits: int | None = None, onehot: bool | None = None,
-                      final: bool = True, spread: int | None = None
+                      final: bool = True, spread: int | None = None, lean: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor] | SimpleNamespace:
     """Exact `median(|h[b]|)` over each sample's valid tokens and all features, and the massive-activation
     threshold `max(thresholds[0], thresholds[1] * median)`: two `[B]` float32. `h` `[B, T, D]` in any float dtype;
@@ -307,9 +310,10 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
     at once, reading h once each: `ceil(31 / bits)` for float32, `ceil(15 / bits)` over the raw 15 bits of |h|
     for bf16 and fp16), then a final one. `bits`, `onehot`, `block`, `num_warps`: RADIX_CONFIG's for the format
     when None; `spread`: count each digit in one of 2**spread copies of its bin (RADIX_CONFIG's when None; 0 off,
-    at most 4). The recorder passes its per-layer buffer's parts: `count` (real tokens per sample, int32 `[B]`),
-    `hist` (a zeroed int32 block of at least 4 * B * 512) and `out` (a `[2, B]` float32 for the median and the
-    threshold); otherwise they are allocated here. `final=False`: only the passes; returns what
+    at most 4); `lean=False`: the passes as they were before session 22 (the benchmark's baseline). The recorder
+    passes its per-layer buffer's parts: `count` (real tokens per sample, int32 `[B]`), `hist` (a zeroed int32
+    block of at least 4 * B * 512) and `out` (a `[2, B]` float32 for the median and the threshold); otherwise they
+    are allocated here. `final=False`: only the passes; returns what
     `token_stats_triton(radix=...)` needs to take the final step itself (the recorder's way: one launch fewer)."""
     b, t, d = h.shape
     flat = h.reshape(b, t * d)
@@ -341,7 +345,7 @@ def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block:
         launch(kern.radix_pass, (programs, b),
                (flat, v, count, hist), (n, t, d, flat.stride(0), v.stride(0) if valid is not None else 0, b),
                dict(PASS=p, FMT=fmt, HAS_VALID=valid is not None, BLOCK=block, BITS=bits, ONEHOT=onehot,
-                    SPREAD=spread),
+                    SPREAD=spread, LEAN=bool(lean)),
                num_warps=num_warps)
     if out is None:
         out = torch.empty(2, b, dtype=torch.float32, device=h.device)

@@ -16,10 +16,11 @@
 #      TEST_S=70 TESTS="cuda or matches_the_torch_path or full_map or fold" TEST_FILES="tests/test_recorder.py \
 #      tests/test_kernels.py" FLAGS="--launch --check --host --host-ab" BENCH_ARGS="--reps 5" BUDGET_S=170 \
 #      BENCH_S=230 bash experiments/gpu_check.sh                        (carry .whl)
-# Sessions 20 and 21 (no GPU) left for the next call (carry .whl; about 460 s of wall time, timeout_s=510): the
+# Sessions 20-22 (no GPU) left for the next call (carry .whl; about 460 s of wall time, timeout_s=510): the
 # CUDA tests of the buffers and plan kept across forwards, of the CUDA graphs (kernels.CUDA_GRAPHS, off by default
-# until timed) and of the radix median with its digits spread over copies of their bins (session 21), then the
-# radix configs (--radix: the run goes on with the fastest exact one), the end-of-forward unpacking through
+# until timed) and of the radix median (session 22's lean passes, session 21's digits spread over copies of their
+# bins), then the radix configs (--radix: the run goes on with the fastest exact one; the row "median_before" is the
+# shipped config with the passes before session 22), the end-of-forward unpacking through
 # torch's threads against numpy's (--unpack, session 21), then the table with the recorder as
 # shipped, with session 19's host changes off (--host-ab) and with graphs (--graphs):
 #   TEST_S=100 TESTS="cuda or matches_the_torch_path or full_map or fold or layer_plan or graphs or \

@@ -13,6 +13,7 @@ so that a run directory says how to make it again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -266,6 +267,8 @@ def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[s
     directory of other files (they are never overwritten), a directory that cannot be written."""
     out = Path(out)
     verbs = (verbs,) if isinstance(verbs, str) else tuple(verbs)
+    if not out.exists():
+        CLAIMED.append(out)
     if out.exists() and not out.is_dir():
         raise SinkscopeError(f"output {out}: exists and is not a directory; `sinkscope {verbs[0]}` writes a "
                              "directory there; choose another path")
@@ -279,6 +282,19 @@ def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[s
                                  f"{RUN_FILE} is missing or names another command); they are left untouched; "
                                  "choose a new or empty directory")
     return make_writable_dir(out, f"output {out}")
+
+
+CLAIMED: list[Path] = []
+"""Output directories that `claim_output` created in this process: a command that then fails before writing
+anything removes them again (`release_claims`), so that a refused job leaves no empty directory behind."""
+
+
+def release_claims() -> None:
+    """Remove the directories `claim_output` created that are still empty (a failed job's); never anything else."""
+    while CLAIMED:
+        out = CLAIMED.pop()
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only an empty directory goes
 
 
 def make_writable_dir(out: Path, label: str) -> Path:

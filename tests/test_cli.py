@@ -86,6 +86,8 @@ def test_interrupted_record_resumes(tmp_path, tiny_dir):
 
 
 def test_user_errors_are_clear(tmp_path, tiny_dir):
+    """Each bad record invocation ends in one message naming the input, and leaves no output directory behind
+    (one that existed before is left as it was)."""
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9\n".encode("latin-1"))
     cases = [
@@ -100,6 +102,7 @@ def test_user_errors_are_clear(tmp_path, tiny_dir):
          "'model', 'text'] apply to text recording only"),
         (["--checkpoint", "demo"], "a checkpoint needs data"),
         (["--text", "a", "--set", "batch_size=zero"], "batch_size: expected an integer, got 'zero'"),
+        (["--text", "a", "--text", "  "], "--text 2 (config field text[1]) is empty"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--text", "a", "--device", "cuda"], "CUDA is not available"))
@@ -107,6 +110,11 @@ def test_user_errors_are_clear(tmp_path, tiny_dir):
         res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(tmp_path / "o")] + args)
         assert res.exit_code != 0, args
         assert message in " ".join(res.output.split()), (args, res.output)
+        assert not (tmp_path / "o").exists(), ("a refused record leaves no output directory behind", args)
+    (tmp_path / "o").mkdir()  # a directory that was there before stays, empty as it was
+    res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--text", "a",
+                              "--attention-maps", "9:0"])
+    assert res.exit_code == 1 and (tmp_path / "o").is_dir() and not any((tmp_path / "o").iterdir())
     res = runner.invoke(app, ["summary", str(tmp_path)])
     assert res.exit_code == 1 and "not a sinkscope trace" in res.output
     for eps in ("nan", "-1", "2"):

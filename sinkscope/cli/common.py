@@ -91,10 +91,18 @@ DEBUG = {"on": False}
 
 @contextmanager
 def clean_errors() -> Iterator[None]:
-    """User errors end the command with a message that names the input, not a traceback (`--debug` shows it)."""
+    """User errors end the command with a message that names the input, not a traceback (`--debug` shows it). An
+    output directory the command created and left empty is removed again (`config.release_claims`)."""
+    from sinkscope.config import CLAIMED, release_claims
+
+    CLAIMED.clear()
     try:
         yield
     except SinkscopeError as exc:
+        release_claims()
         if DEBUG["on"]:
             raise
         fail(str(exc))
+    except BaseException:
+        release_claims()
+        raise

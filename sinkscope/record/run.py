@@ -248,6 +248,10 @@ def run_record(cfg: RecordConfig, progress: Callable | None = None, total: Calla
     from sinkscope.config import claim_output, to_dict, write_results, write_run_files
 
     device = _device(cfg.device)
+    for i, text in enumerate(cfg.text or [], 1):
+        if not text.strip():
+            raise SinkscopeError(f"--text {i} (config field text[{i - 1}]) is empty: a prompt needs at least one "
+                                 "non-blank character")
     claim_output(cfg.out, "record", markers=(MANIFEST,))
     maps, layers = parse_attention_maps(cfg.attention_maps), parse_layers(cfg.hidden_states)
     config = to_dict(cfg)

@@ -267,8 +267,6 @@ def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[s
     directory of other files (they are never overwritten), a directory that cannot be written."""
     out = Path(out)
     verbs = (verbs,) if isinstance(verbs, str) else tuple(verbs)
-    if not out.exists():
-        CLAIMED.append(out)
     if out.exists() and not out.is_dir():
         raise SinkscopeError(f"output {out}: exists and is not a directory; `sinkscope {verbs[0]}` writes a "
                              "directory there; choose another path")
@@ -285,12 +283,13 @@ def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[s
 
 
 CLAIMED: list[Path] = []
-"""Output directories that `claim_output` created in this process: a command that then fails before writing
-anything removes them again (`release_claims`), so that a refused job leaves no empty directory behind."""
+"""Output directories that `make_writable_dir` (`claim_output`, `export`, `data synth`) created in this process: a
+command that then fails before writing anything removes them again (`release_claims`), so that a refused job
+leaves no empty directory behind."""
 
 
 def release_claims() -> None:
-    """Remove the directories `claim_output` created that are still empty (a failed job's); never anything else."""
+    """Remove the directories `make_writable_dir` created that are still empty (a failed job's); nothing else."""
     while CLAIMED:
         out = CLAIMED.pop()
         with contextlib.suppress(OSError):
@@ -301,7 +300,9 @@ def make_writable_dir(out: Path, label: str) -> Path:
     """Create `out` (with parents) and check that a file can be written there; a SinkscopeError naming `label`
     otherwise (a read-only location, a file in the way), before any work starts."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not out.exists():
+            out.mkdir(parents=True)
+            CLAIMED.append(out)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

@@ -130,6 +130,12 @@ def test_export_round_trip(demo_copy, tmp_path):
     result = CliRunner().invoke(app, ["export", str(run), str(run)])
     assert result.exit_code == 1 and "would overwrite files of the run itself" in result.output
     assert sorted(p.name for p in run.iterdir()) == before
+    # a run whose state names no checkpoint: refused, and the output directory the export made is gone again
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.json").write_text("{}")
+    result = CliRunner().invoke(app, ["export", str(broken), str(tmp_path / "fresh")])
+    assert result.exit_code == 1 and "field 'checkpoint'" in result.output and not (tmp_path / "fresh").exists()
 
 
 class _Payload:

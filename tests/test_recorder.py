@@ -186,6 +186,24 @@ def test_recorder_refuses_cached_decoding_and_bad_requests():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_recorder_refuses_softcapped_attention_by_name():
+    """Gemma 2's logit softcapping is not plain softmax attention: the recorder says so in one RecorderError naming
+    the attention module (not a NotImplementedError, which the CLI would report as a sinkscope bug), and leaves the
+    model as it was."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (1, 5))
+    before = model(ids).logits
+    with pytest.raises(RecorderError, match=r"Gemma2Attention uses attention with logit softcapping \(softcap=50"):
+        with Recorder(model):
+            model(ids)
+    torch.testing.assert_close(model(ids).logits, before)
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
     model = tiny_llama()

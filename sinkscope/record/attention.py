@@ -261,7 +261,10 @@ def sinkscope_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("sinkscope records softmax attention without softcap or learned sinks")
+        what = (f"logit softcapping (softcap={kwargs['softcap']})" if kwargs.get("softcap") is not None
+                else "learned sink logits (s_aux)")
+        raise RecorderError(f"{type(module).__name__} uses attention with {what}; the sinkscope recorder records "
+                            "plain softmax attention only (Llama, Qwen2, Mistral, SmolLM2 and the like)")
     if query.shape[2] != key.shape[2]:
         raise RecorderError(
             "The sinkscope recorder needs full forward passes (query length == key length); "

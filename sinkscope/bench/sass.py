@@ -73,7 +73,8 @@ def _tool(name: str) -> str:
 
 
 def sass_profile(cubin: bytes) -> dict:
-    """Instruction count, mix and resource use of one kernel's cubin (from cuobjdump)."""
+    """Instruction count, mix and resource use of one kernel's cubin (from cuobjdump): `stack` holds the spilled
+    registers (bytes a thread), `shared` the static shared memory only (the kernel's metadata has the dynamic)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -120,15 +121,16 @@ def compiling(arch: int):
             os.environ["TRITON_INTERPRET"] = env
 
 
-def layer_kernels(shape: str, t: int, arch: int, radix_configs: list[tuple]) -> list[dict]:
-    """The kernels of one recorded layer of `shape` at T=`t` (B=1, bf16, no padding), as the recorder launches
+def layer_kernels(shape: str, t: int, arch: int, radix_configs: list[tuple],
+                  dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """The kernels of one recorded layer of `shape` at T=`t` (B=1, `dtype`, no padding), as the recorder launches
     them, plus the radix median's passes in each of `radix_configs`."""
     from sinkscope.record import kernels
 
     cfg = SHAPES[shape]
     d, hq, hkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = d // hq
-    bf = torch.bfloat16
+    bf = dtype
     h, a, m = (torch.zeros(1, t, d, dtype=bf) for _ in range(3))
     q = torch.zeros(1, hq, t, head_dim, dtype=bf)
     k = torch.zeros(1, hkv, t, head_dim, dtype=bf)
@@ -148,8 +150,10 @@ def layer_kernels(shape: str, t: int, arch: int, radix_configs: list[tuple]) -> 
                                       final=False)
     for i, (name, consts, options, kernel) in enumerate(compiled):
         keep = {k: v for k, v in consts.items() if k not in ("HAS_VALID",)}
-        rows.append(dict(shape=shape, t=t, kernel=name, shipped=i < shipped, consts=keep,
-                         num_warps=options.get("num_warps"), **sass_profile(kernel.asm["cubin"])))
+        rows.append(dict(shape=shape, t=t, arch=arch, dtype=str(dtype).removeprefix("torch."), kernel=name,
+                         shipped=i < shipped, consts=keep,
+                         num_warps=options.get("num_warps"), **sass_profile(kernel.asm["cubin"]),
+                         dynamic_shared=getattr(kernel.metadata, "shared", None)))
     return rows
 
 
@@ -157,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     from sinkscope.bench.gpu import RADIX_CONFIGS
 
     ap = argparse.ArgumentParser(prog="python -m sinkscope.bench.sass", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
+    ap.add_argument("--arch", default="90",
+                    help="CUDA compute capabilities x10, comma-separated (80: A100, 86: A10/RTX 30, 89: L4/L40/RTX 40, "
+                         "90: H100/H200)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                    help="the model's dtype (the block outputs' and the attention's)")
     ap.add_argument("--shapes", default="llama-3.2-1b:8192",
                     help="shape:T pairs, comma-separated (shapes: " + ", ".join(SHAPES) + ")")
     ap.add_argument("--shipped", action="store_true",
@@ -168,25 +176,38 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("TRITON_INTERPRET=1 is set: Triton then interprets its kernels instead of compiling them; unset it")
     import triton
 
+    archs = [a.strip() for a in args.arch.split(",")]
+    if not all(a.isdigit() and 70 <= int(a) <= 120 for a in archs):
+        ap.error(f"--arch: {args.arch!r} is not a comma-separated list of compute capabilities x10 (70-120)")
+    dtype = getattr(torch, args.dtype)
     rows = []
-    for item in args.shapes.split(","):
-        shape, _, t = item.partition(":")
-        if shape not in SHAPES or not t.isdigit():
-            ap.error(f"--shapes: {item!r} is not shape:T with a shape among {', '.join(SHAPES)}")
-        rows += layer_kernels(shape, int(t), args.arch, [] if args.shipped else RADIX_CONFIGS)
-    env = dict(triton=triton.__version__, torch=torch.__version__, arch=args.arch)
-    print(f"Triton {triton.__version__}, sm_{args.arch}: static SASS counts, not timings")
+    for arch in map(int, archs):
+        for item in args.shapes.split(","):
+            shape, _, t = item.partition(":")
+            if shape not in SHAPES or not t.isdigit() or int(t) < 1:
+                ap.error(f"--shapes: {item!r} is not shape:T with a shape among {', '.join(SHAPES)}")
+            try:
+                rows += layer_kernels(shape, int(t), arch, [] if args.shipped else RADIX_CONFIGS, dtype)
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not compile for a target is the finding
+                rows.append(dict(shape=shape, t=int(t), arch=arch, dtype=args.dtype,
+                                 error=f"{type(exc).__name__}: {str(exc)[:400]}"))
+    env = dict(triton=triton.__version__, torch=torch.__version__, arch=args.arch, dtype=args.dtype)
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}: static SASS counts, not timings")
     print(f"{'kernel':<18} {'config':<58} {'instr':>6} {'VOTE':>5} {'POPC':>5} {'ATOMS':>5} {'MUFU':>5} "
           f"{'MMA':>5} {'spill':>5} {'regs':>4}")
     for r in rows:
+        if "error" in r:
+            print(f"sm_{r['arch']} {r['shape']} T={r['t']}: did not compile: {r['error']}")
+            continue
         consts = ",".join(f"{k}={v}" for k, v in r["consts"].items() if k in (
             "PASS", "BITS", "BLOCK", "SPREAD", "ONEHOT", "ROWS", "BLOCK_D", "BLOCK_M", "BLOCK_N", "BLOCK_T"))
-        label = ("" if r["shipped"] else "alt ") + f"{consts} w{r['num_warps']}"
+        label = ("" if r["shipped"] else "alt ") + (f"sm_{r['arch']} " if len(archs) > 1 else "") + \
+            f"{consts} w{r['num_warps']}"
         print(f"{r['kernel']:<18} {label:<58} {r['instructions']:>6} {r['vote']:>5} {r['popc']:>5} {r['atoms']:>5} "
               f"{r['mufu']:>5} {r['hgmma'] + r['hmma']:>5} {r['ldl'] + r['stl']:>5} {r.get('registers', '-'):>4}")
     if args.out:
         args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -204,6 +204,14 @@ next tile's matrix product before this tile's exponentials) were added in sessio
 the interpreter, not yet timed; off until `--colsum` shows them faster."""
 
 
+COLSUM_FP32: dict[str, int] = {"block_m": 32, "block_n": 32, "num_warps": 8}
+"""COLSUM_CONFIG's block sizes and warps replaced for float32 inputs, whose products run on the FMA units in IEEE
+precision with far more registers a tile: at COLSUM_CONFIG's 64 x 64 (head dim 64) and 64 x 128 (head dim 128)
+with 4 warps, compiled for sm_90, the kernel spilled 21,813 and 40,985 instructions' worth of registers under
+Triton 3.6 and 35,987 and 50,977 under 3.9; at 32 x 32 with 8 warps none, except 274 under 3.9 at head dim 128
+(`python -m sinkscope.bench.sass`, session 22; static counts: float32 was never timed on a GPU)."""
+
+
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
                   valid: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, out: torch.Tensor | None = None,
@@ -233,7 +241,7 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
         out = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
     elif out.shape != (b, hq, t) or not out.is_contiguous():
         raise ValueError(f"colsum_triton: out has shape {tuple(out.shape)}, expected a contiguous {(b, hq, t)}")
-    cfg = COLSUM_CONFIG
+    cfg = COLSUM_CONFIG if query.dtype != torch.float32 else {**COLSUM_CONFIG, **COLSUM_FP32}
     rows = bool(cfg["rows"] if rows is None else rows)
     poly = bool(cfg["poly"] if poly is None else poly) and rows and query.dtype != torch.float32
     block_m = int(block_m or cfg["block_m"])

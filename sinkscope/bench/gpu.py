@@ -770,13 +770,14 @@ def radix_bench(t: int, d: int, h: torch.Tensor | None = None) -> list[dict]:
 
 
 RADIX_CONFIGS = [(8, False, 4096, 8, 0), (5, False, 4096, 8, 0), (8, False, 4096, 8, 2), (5, False, 4096, 8, 3),
-                 (4, False, 4096, 8, 2)]
+                 (4, False, 4096, 8, 2), (8, False, 2048, 8, 0), (5, False, 2048, 8, 0)]
 """(digit bits, one-hot counting, BLOCK, num_warps, spread) of the radix median timed by `--kernels` and `--radix`
 on bf16 input. Session 15 also timed 16,384-entry blocks (about 2x slower) and one-hot counting (3-4x slower),
 dropped since; session 21 added the digits counted in 2**spread copies of their bins (`kernels.RADIX_CONFIG`),
 which only pay where Triton counts with shared-memory atomics (3.9), not with ballots (3.6: `_count_digits`);
-session 22 dropped 8-bit digits in 16 copies (1,933 spilled registers in Triton 3.6's second pass,
-`python -m sinkscope.bench.sass`)."""
+session 22 dropped 8-bit digits in 16 copies (1,933 spill instructions in Triton 3.6's second pass,
+`python -m sinkscope.bench.sass`) and added 2,048-entry blocks, whose passes need fewer registers under Triton 3.6
+(8-bit second pass: 74 against 128, so three 8-warp programs fit an SM instead of two)."""
 
 
 def radix_label(config: tuple) -> str:

@@ -13,6 +13,7 @@ model's device and only `[L, H, T]`-sized results move to the CPU.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from sinkscope.errors import RecorderError
 from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, MIN_QUERIES, SINK_EPS, SINK_HEAD_FRACTION, massive_frames
 from sinkscope.record import _malloc, fused_cpu
 from sinkscope.record import attention as attn_fn
-from sinkscope.record.blocks import find_decoder_layers, find_hf_model, first_output
+from sinkscope.record.blocks import block_contributions, find_decoder_layers, find_hf_model, first_output
 from sinkscope.record.reduce import reduce_layer
 from sinkscope.trace import SampleRecord, TraceWriter
 
@@ -136,6 +137,8 @@ class Recorder:
         self._previous_handler = None
         self._token_text: dict[int, str] = {}  # id -> tokenizer.decode([id]), filled as ids are met
         self._device_state: _DeviceState | None = None  # the device path's buffers and plan for the last shape
+        self._split_checked = False  # `_check_split` runs once, at the first block of the first forward
+        self.split_exact: bool | None = None  # False: that check failed (warned); else not found wrong
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> Recorder:
@@ -149,9 +152,10 @@ class Recorder:
         self._hooks.append(self.body.register_forward_pre_hook(self._on_body_start, with_kwargs=True))
         self._hooks.append(self.body.register_forward_hook(self._on_body_end))
         for i, block in enumerate(self.layers):
-            self._hooks.append(block.self_attn.register_forward_hook(self._store("attn_out", i)))
-            self._hooks.append(block.mlp.register_forward_hook(self._store("mlp_out", i)))
-            self._hooks.append(block.register_forward_hook(self._on_block_end(i)))
+            attn, mlp, scale = block_contributions(block)
+            self._hooks.append(attn.register_forward_hook(self._store("attn_out", i, scale)))
+            self._hooks.append(mlp.register_forward_hook(self._store("mlp_out", i, scale)))
+            self._hooks.append(block.register_forward_hook(self._on_block_end(i), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -300,19 +304,49 @@ class Recorder:
         return _Request(self._cur["query_valid"], heads, deliver, self.compile, self._cur["device_path"], colsum_out,
                         self._windows[layer], self._cur.get("plan"), layer)
 
-    def _store(self, name: str, layer: int):
+    def _store(self, name: str, layer: int, scale: float = 1.0):
         def hook(module, args, output):
             if self._cur is not None:
-                self._cur[name][layer] = first_output(output).detach()
+                x = first_output(output).detach()
+                self._cur[name][layer] = x if scale == 1.0 else x * scale
 
         return hook
 
     def _on_block_end(self, layer: int):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if self._cur is not None:
-                attn_fn.without_grad(self._reduce_layer, layer, first_output(output).detach())
+                h = first_output(output).detach()
+                if not self._split_checked:
+                    x = args[0] if args else kwargs.get("hidden_states")
+                    if isinstance(x, torch.Tensor):
+                        attn_fn.without_grad(self._check_split, layer, x, h)
+                attn_fn.without_grad(self._reduce_layer, layer, h)
 
         return hook
+
+    def _check_split(self, layer: int, x: torch.Tensor, h: torch.Tensor) -> None:
+        """Once per recorder, at the first block it sees: is the block's update `h - x` the sum of the recorded
+        `attn_out` and `mlp_out` (`blocks.block_contributions`)? On the first few tokens, to 2 % of the update's
+        largest entry (bf16 rounding is 0.4 %). A block that adds something else (another norm, a scale, a third
+        branch) gets a warning: the attention / MLP split of massive activations (`attn_share`, `mlp_share`) and
+        `mlp_*` fields then do not describe its updates. One host synchronisation on a GPU, in the first forward."""
+        self._split_checked = True
+        a, m = self._cur["attn_out"][layer], self._cur["mlp_out"][layer]
+        if a is None or m is None or a.shape != h.shape or m.shape != h.shape or x.shape != h.shape:
+            return
+        rows = min(4, h.shape[1])
+        delta = (h[:, :rows] - x[:, :rows]).float()
+        err = float((delta - a[:, :rows].float() - m[:, :rows].float()).abs().max())
+        scale = float(delta.abs().max())
+        if not err <= 0.02 * scale + 1e-6:
+            self.split_exact = False
+            block = self.layers[layer]
+            warnings.warn(f"sinkscope: {type(block).__name__}'s update is not the sum of the outputs the recorder "
+                          f"hooks ({err:.3g} off, against updates up to {scale:.3g}): an architecture whose blocks add "
+                          "something else, or a hook that edits the block's output (an intervention, an adapter on "
+                          "the whole block). The attention / MLP split of massive activations (attn_share, "
+                          "mlp_share, attn_out, mlp_out) and the mlp_* fields do not describe its updates",
+                          RuntimeWarning, stacklevel=2)
 
     def _reduce_layer(self, layer: int, h: torch.Tensor) -> None:
         cur = self._cur

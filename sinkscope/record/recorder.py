@@ -155,7 +155,9 @@ class Recorder:
             attn, mlp, scale = block_contributions(block)
             self._hooks.append(attn.register_forward_hook(self._store("attn_out", i, scale)))
             self._hooks.append(mlp.register_forward_hook(self._store("mlp_out", i, scale)))
-            self._hooks.append(block.register_forward_hook(self._on_block_end(i), with_kwargs=True))
+            self._hooks.append(block.register_forward_hook(self._on_block_end(i)))
+        if not self._split_checked:  # the first block's input, for `_check_split` (removed with the others)
+            self._hooks.append(self.layers[0].register_forward_pre_hook(self._block_input, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -313,18 +315,22 @@ class Recorder:
         return hook
 
     def _on_block_end(self, layer: int):
-        def hook(module, args, kwargs, output):
+        def hook(module, args, output):
             if self._cur is not None:
                 h = first_output(output).detach()
-                if not self._split_checked:
-                    x = args[0] if args else kwargs.get("hidden_states")
-                    if isinstance(x, torch.Tensor):
-                        attn_fn.without_grad(self._check_split, layer, x, h)
+                if not self._split_checked and layer == 0:
+                    attn_fn.without_grad(self._check_split, layer, self._cur.pop("block_input", None), h)
                 attn_fn.without_grad(self._reduce_layer, layer, h)
 
         return hook
 
-    def _check_split(self, layer: int, x: torch.Tensor, h: torch.Tensor) -> None:
+    def _block_input(self, module, args, kwargs):
+        if self._cur is not None and not self._split_checked:
+            x = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(x, torch.Tensor):
+                self._cur["block_input"] = x.detach()
+
+    def _check_split(self, layer: int, x: torch.Tensor | None, h: torch.Tensor) -> None:
         """Once per recorder, at the first block it sees: is the block's update `h - x` the sum of the recorded
         `attn_out` and `mlp_out` (`blocks.block_contributions`)? On the first few tokens, to 2 % of the update's
         largest entry (bf16 rounding is 0.4 %). A block that adds something else (another norm, a scale, a third
@@ -332,7 +338,7 @@ class Recorder:
         `mlp_*` fields then do not describe its updates. One host synchronisation on a GPU, in the first forward."""
         self._split_checked = True
         a, m = self._cur["attn_out"][layer], self._cur["mlp_out"][layer]
-        if a is None or m is None or a.shape != h.shape or m.shape != h.shape or x.shape != h.shape:
+        if x is None or a is None or m is None or not a.shape == m.shape == x.shape == h.shape:
             return
         rows = min(4, h.shape[1])
         delta = (h[:, :rows] - x[:, :rows]).float()

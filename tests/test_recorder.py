@@ -542,6 +542,8 @@ def _tiny(name: str):
         "granite": (hf.GraniteConfig(**gqa, residual_multiplier=0.22), hf.GraniteForCausalLM),  # scaled updates
         "phi": (hf.PhiConfig(**base), hf.PhiForCausalLM),  # attention and MLP in parallel
         "qwen3": (hf.Qwen3Config(**gqa, head_dim=16), hf.Qwen3ForCausalLM),
+        "glm4": (hf.Glm4Config(**gqa, head_dim=16, pad_token_id=0), hf.Glm4ForCausalLM),  # its own post-norm names
+        "mixtral": (hf.MixtralConfig(**gqa, num_local_experts=4, num_experts_per_tok=2), hf.MixtralForCausalLM),
     }
     config, cls = configs[name]
     config._attn_implementation = "sdpa"
@@ -549,10 +551,10 @@ def _tiny(name: str):
     return cls(config).eval()
 
 
-@pytest.mark.parametrize("name", ["olmo2", "gemma3", "granite", "phi", "qwen3"])
+@pytest.mark.parametrize("name", ["olmo2", "gemma3", "granite", "phi", "qwen3", "glm4", "mixtral"])
 def test_attention_and_mlp_updates_add_up_in_other_architectures(name, recwarn):
-    """Blocks that norm their updates before adding them (OLMo 2, Gemma 3), scale them (Granite) or run attention
-    and MLP in parallel (Phi): the recorded attn_out + mlp_out of every massive entry is the block's update
+    """Blocks that norm their updates before adding them (OLMo 2, Gemma 3, GLM-4), scale them (Granite), run
+    attention and MLP in parallel (Phi) or route the MLP over experts (Mixtral): the recorded attn_out + mlp_out of every massive entry is the block's update
     h_l - h_(l-1) (before session 22 the post-norm and scaled families recorded the raw module outputs, off by
     ~100 %), alpha matches eager, and the recorder's own check of the split stays silent."""
     model = _tiny(name)

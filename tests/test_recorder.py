@@ -554,9 +554,10 @@ def _tiny(name: str):
 @pytest.mark.parametrize("name", ["olmo2", "gemma3", "granite", "phi", "qwen3", "glm4", "mixtral"])
 def test_attention_and_mlp_updates_add_up_in_other_architectures(name, recwarn):
     """Blocks that norm their updates before adding them (OLMo 2, Gemma 3, GLM-4), scale them (Granite), run
-    attention and MLP in parallel (Phi) or route the MLP over experts (Mixtral): the recorded attn_out + mlp_out of every massive entry is the block's update
-    h_l - h_(l-1) (before session 22 the post-norm and scaled families recorded the raw module outputs, off by
-    ~100 %), alpha matches eager, and the recorder's own check of the split stays silent."""
+    attention and MLP in parallel (Phi) or route the MLP over experts (Mixtral): the recorded attn_out + mlp_out
+    of every massive entry is the block's update h_l - h_(l-1) (before session 22 the post-norm and scaled
+    families recorded the raw module outputs, off by ~100 %), alpha matches eager, and the recorder's own check
+    of the split stays silent."""
     model = _tiny(name)
     ids = torch.randint(1, 64, (1, 9))
     with Recorder(model, abs_threshold=0.0, rel_threshold=0.0, hidden_states=[0, 1, 2]) as rec:

@@ -538,7 +538,8 @@ def _tiny(name: str):
     gqa = dict(base, num_key_value_heads=1)
     configs = {
         "olmo2": (hf.Olmo2Config(**gqa, pad_token_id=0), hf.Olmo2ForCausalLM),  # post-norms on both updates
-        "gemma3": (hf.Gemma3TextConfig(**gqa, head_dim=16), hf.Gemma3ForCausalLM),  # post-norms, sliding layers
+        "gemma3": (hf.Gemma3TextConfig(**gqa, head_dim=16, sliding_window=4, layer_types=[  # post-norms; windows
+            "sliding_attention", "full_attention", "sliding_attention"]), hf.Gemma3ForCausalLM),  # of 4 < T = 9
         "granite": (hf.GraniteConfig(**gqa, residual_multiplier=0.22), hf.GraniteForCausalLM),  # scaled updates
         "phi": (hf.PhiConfig(**base), hf.PhiForCausalLM),  # attention and MLP in parallel
         "qwen3": (hf.Qwen3Config(**gqa, head_dim=16), hf.Qwen3ForCausalLM),

@@ -128,8 +128,7 @@ class Recorder:
         self._next: dict[str, Any] = {}
         self._attn_index = {id(block.self_attn): i for i, block in enumerate(self.layers)}
         self._map_heads = [tuple(h for lay, h in self.attention_maps if lay == i) for i in range(self.n_layers)]
-        self._windows = [getattr(getattr(block.self_attn, "config", None), "sliding_window", None)
-                         for block in self.layers]  # read once: transformers' config attributes are slow to get
+        self._windows = [_sliding_window(block) for block in self.layers]  # read once: config attributes are slow
         self._hooks: list = []
         self._cur: dict[str, Any] | None = None
         self._previous_impl: str | None = None
@@ -696,6 +695,15 @@ def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, n
                 if colsum_in_buffer[k]:
                     divide(sums[:, k - i], den[:, None, :], out=dst["alpha"][:, k])
         i = j
+
+
+def _sliding_window(block) -> int | None:
+    """A block's attention window: its attention module's own `sliding_window` where it has one (Gemma 3, Qwen2:
+    None on their global layers), else its config's (Mistral: every layer)."""
+    attn = block.self_attn
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(getattr(attn, "config", None), "sliding_window", None)
 
 
 _IN_BUFFER = object()

@@ -300,9 +300,11 @@ def make_writable_dir(out: Path, label: str) -> Path:
     """Create `out` (with parents) and check that a file can be written there; a SinkscopeError naming `label`
     otherwise (a read-only location, a file in the way), before any work starts."""
     try:
-        if not out.exists():
+        try:
             out.mkdir(parents=True)
             CLAIMED.append(out)
+        except FileExistsError:  # there already (a directory, or a file, which the probe below refuses)
+            pass
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

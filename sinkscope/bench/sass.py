@@ -7,7 +7,8 @@ specialisation (dtypes, 16-byte alignment, integers equal to 1 or divisible by 1
 target given here, then the SASS listed by the `cuobjdump` that ships with Triton. Per kernel and launch
 configuration it reports the instruction count, the instruction mix that decides the cost of the kernels here
 (VOTE and POPC: Triton's ballot histograms; ATOMS: shared-memory atomics; MUFU: exponentials; HGMMA/HMMA: tensor
-cores; LDL/STL: register spills) and the registers, shared and local memory that `cuobjdump -res-usage` reports.
+cores; LDL/STL: register spills) and what `cuobjdump -res-usage` reports: registers a thread, the stack that holds
+spilled registers, static shared memory.
 
 These are static counts of the code, not timings: the loops run as many times as the data says, and a count says
 nothing about latency or contention. They answer questions such as which way Triton lowers `tl.histogram` (ballots

@@ -32,6 +32,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     text = "\n".join(str(o.get("text", "")) for c in nb.cells for o in c.get("outputs", []))
     assert path.stem in EXPECTED, f"add what {path.name} must print to EXPECTED"
     assert re.search(EXPECTED[path.stem], text), text[-2000:]
+    assert "update is not the sum" not in text, "the recorder's split check fired on a notebook's model"
 
 
 def test_there_is_a_notebook():

@@ -129,6 +129,7 @@ class Recorder:
         self._attn_index = {id(block.self_attn): i for i, block in enumerate(self.layers)}
         self._map_heads = [tuple(h for lay, h in self.attention_maps if lay == i) for i in range(self.n_layers)]
         self._windows = [_sliding_window(block) for block in self.layers]  # read once: config attributes are slow
+        self._contributions = [block_contributions(block) for block in self.layers]  # once: module getattr is slow
         self._hooks: list = []
         self._cur: dict[str, Any] | None = None
         self._previous_impl: str | None = None
@@ -150,8 +151,7 @@ class Recorder:
         self._previous_handler = attn_fn.set_handler(self._attention_request)
         self._hooks.append(self.body.register_forward_pre_hook(self._on_body_start, with_kwargs=True))
         self._hooks.append(self.body.register_forward_hook(self._on_body_end))
-        for i, block in enumerate(self.layers):
-            attn, mlp, scale = block_contributions(block)
+        for i, (block, (attn, mlp, scale)) in enumerate(zip(self.layers, self._contributions, strict=True)):
             self._hooks.append(attn.register_forward_hook(self._store("attn_out", i, scale)))
             self._hooks.append(mlp.register_forward_hook(self._store("mlp_out", i, scale)))
             self._hooks.append(block.register_forward_hook(self._on_block_end(i)))

@@ -131,10 +131,9 @@ def layer_kernels(shape: str, t: int, arch: int, radix_configs: list[tuple],
     cfg = SHAPES[shape]
     d, hq, hkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = d // hq
-    bf = dtype
-    h, a, m = (torch.zeros(1, t, d, dtype=bf) for _ in range(3))
-    q = torch.zeros(1, hq, t, head_dim, dtype=bf)
-    k = torch.zeros(1, hkv, t, head_dim, dtype=bf)
+    h, a, m = (torch.zeros(1, t, d, dtype=dtype) for _ in range(3))
+    q = torch.zeros(1, hq, t, head_dim, dtype=dtype)
+    k = torch.zeros(1, hkv, t, head_dim, dtype=dtype)
     lse = torch.zeros(1, hq, t)
     first = torch.zeros(1, dtype=torch.long)
     thr = torch.zeros(2, 1)

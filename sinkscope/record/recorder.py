@@ -138,7 +138,7 @@ class Recorder:
         self._token_text: dict[int, str] = {}  # id -> tokenizer.decode([id]), filled as ids are met
         self._device_state: _DeviceState | None = None  # the device path's buffers and plan for the last shape
         self._split_checked = False  # `_check_split` runs once, at the first block of the first forward
-        self.split_exact: bool | None = None  # False: that check failed (warned); else not found wrong
+        self.split_exact: bool | None = None  # `_check_split`'s verdict (None: not checked, or nothing to check)
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> Recorder:
@@ -343,8 +343,8 @@ class Recorder:
         delta = (h[:, :rows] - x[:, :rows]).float()
         err = float((delta - a[:, :rows].float() - m[:, :rows].float()).abs().max())
         scale = float(delta.abs().max())
-        if not err <= 0.02 * scale + 1e-6:
-            self.split_exact = False
+        self.split_exact = err <= 0.02 * scale + 1e-6
+        if not self.split_exact:
             block = self.layers[layer]
             warnings.warn(f"sinkscope: {type(block).__name__}'s update is not the sum of the outputs the recorder "
                           f"hooks ({err:.3g} off, against updates up to {scale:.3g}): an architecture whose blocks add "

@@ -301,8 +301,8 @@ fastest exact one. Session 15 (H200, Triton 3.6, T=8192, bf16, hidden 2048/4096/
 0.3-0.6 TB/s, bound by their counting: in Triton 3.6 `tl.histogram` is warp ballots and popcounts (in proportion
 to the bins), and the second 8-bit pass held both ranks' counts in one loop, 255 registers and 72 bytes a thread
 spilled; since session 22 the first pass counts in 128 bins and the second keeps one count in its common loop (128
-registers, none spilled; `python -m sinkscope.bench.sass`, `experiments/results/sass/`), not yet timed on a GPU. `spread`:
-see `_triton._count_digits` (more work under Triton 3.6's ballots; aimed at 3.9's shared-memory atomics)."""
+registers, none spilled; `python -m sinkscope.bench.sass`, `experiments/results/sass/`), not yet timed on a GPU.
+`spread`: see `_triton._count_digits` (more work under Triton 3.6's ballots; aimed at 3.9's shared-memory atomics)."""
 
 
 def median_abs_triton(h: torch.Tensor, valid: torch.Tensor | None = None, block: int | None = None,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import tokenizers
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from sinkscope.errors import RecorderError
 from sinkscope.models.avsr import PROMPTS, AVSRConfig, AVSRModel, compress
 from sinkscope.models.encoders import AudioEncoderConfig, VideoEncoderConfig
 from sinkscope.record import Recorder
@@ -111,7 +113,7 @@ def test_recorder_writes_av_segments(tmp_path):
         with Recorder(model.llm) as rec:
             rec.annotate_next(sample_ids=b["ids"], tokens=[t[: int(m.sum())] for t, m in
                                                           zip(built["tokens"], built["attention_mask"], strict=True)],
-                              segments=built["segments"])
+                              segments=built["segments"], token_ids=built["token_ids"])
             model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
     from sinkscope.trace import Trace
 
@@ -119,4 +121,19 @@ def test_recorder_writes_av_segments(tmp_path):
     s = tr.sample("u1")
     assert s.segments == built["segments"][1]
     assert s.tokens[s.segments[1][1]] == "<audio>" and s.tokens[s.segments[2][1]] == "A0"
+    # the vocabulary id behind each position, -1 at the encoders' frames; the embedding of an id is what the LLM got
+    spans = {name: (a, e) for name, a, e in s.segments}
+    frames = np.zeros(len(s), bool)
+    for name in ("audio", "video"):
+        if name in spans:
+            frames[slice(*spans[name])] = True
+    assert frames.any() and (s.token_ids[frames] == -1).all() and (s.token_ids[~frames] >= 0).all()
+    assert s.token_ids[spans["audio_start"][0]] == model.tokenizer.convert_tokens_to_ids("<audio>")
+    n = int(built["attention_mask"][1].sum())
+    table = model.llm.get_input_embeddings().weight
+    known = torch.from_numpy(np.flatnonzero(~frames))
+    torch.testing.assert_close(table[torch.from_numpy(s.token_ids)[known]], built["inputs_embeds"][1, :n][known])
+    with Recorder(model.llm) as rec, pytest.raises(RecorderError, match="gave 3 token ids for sample 0"):
+        rec.annotate_next(token_ids=[[1, 2, 3]] * len(b["ids"]))
+        model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
     assert s.attention_received.shape[-1] == s.segments[-1][2]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import runpy
+
 import pytest
 import tokenizers
 import torch
-from transformers import PreTrainedTokenizerFast
+from safetensors.numpy import load_file, save_file
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from sinkscope.cli import app
 from sinkscope.models.llm import load_llm
-from sinkscope.record.run import record_texts
+from sinkscope.record.run import encode_with_bos, record_texts
 from sinkscope.trace import Trace
 from sinkscope.trace.columns import trace_columns
 from tests.tiny_models import tiny_llama
@@ -47,6 +50,8 @@ def test_record_then_summary(tmp_path, tiny_dir, prompts):
     assert len(tr) == 4 and tr.manifest["model"] == str(tiny_dir)
     assert tr[1].tokens == ["<s>", "a", "dog", "ran", "."]
     assert tr[1].segments == [("bos", 0, 1), ("text", 1, 5)]
+    tok = AutoTokenizer.from_pretrained(tiny_dir)  # the ids to feed a model to recompute any field by hand
+    assert [s.token_ids.tolist() for s in tr] == [encode_with_bos(tok, t, None) for t in TEXTS]
     assert tr[0].attention_maps[(1, 0)].shape == (8, 8) and tr[0].hidden_states[2].shape == (8, 64)
     assert (out / "index.safetensors").is_file(), "a recording run ends by writing the trace's index"
     assert trace_columns(tr).mean_alpha.shape == (3, sum(len(s) for s in tr)) and tr.index_note is None
@@ -83,6 +88,25 @@ def test_interrupted_record_resumes(tmp_path, tiny_dir):
                         [a for t in TEXTS for a in ("--text", t)])
     assert res.exit_code == 0, res.output
     assert [s.extra["text"] for s in Trace.load(tmp_path / "first")] == TEXTS[:1]
+
+
+def test_the_recompute_example_checks_a_trace_against_eager(tmp_path, tiny_dir, capsys):
+    """examples/recompute.py recomputes alpha, cos-to-BOS, max/median |h| and the massive set from HF eager
+    attention and the blocks' outputs with plain numpy: it passes on a fresh recording and fails on a trace with one
+    alpha moved by 1e-3 (in range, so the reader accepts it)."""
+    out = tmp_path / "trace"
+    res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(out), "--batch-size", "2"] +
+                        [a for t in TEXTS for a in ("--text", t)])
+    assert res.exit_code == 0, res.output
+    recompute = runpy.run_path("examples/recompute.py")["main"]
+    assert recompute([str(out), "--samples", "4"]) == 0
+    assert "4 samples, float32: all within tolerance" in capsys.readouterr().out
+    file = out / "samples" / "000001" / "arrays.safetensors"
+    arrays = load_file(str(file))
+    arrays["attention_received"][2, 1, 3] += 1e-3
+    save_file(arrays, str(file))
+    assert recompute([str(out), "--samples", "4"]) == 1
+    assert "attention_received 1.00e-03 > 1e-05" in capsys.readouterr().out
 
 
 def test_user_errors_are_clear(tmp_path, tiny_dir):

@@ -48,6 +48,12 @@ def test_round_trip_keeps_every_field(tmp_path, recorded):
         np.testing.assert_array_equal(disk.hidden_states[1], mem.hidden_states[1])
     assert tr.sample("c").extra["text"] == "ünï"
     assert len(tr[2]) == 8
+    torch.manual_seed(3)
+    ids = torch.randint(3, 128, (3, 12))
+    ids[:, 0] = 1
+    for s, row, n in zip(tr, ids, (12, 12, 8), strict=True):  # the ids the forward got, padding left out
+        assert s.token_ids.dtype == np.int64
+        np.testing.assert_array_equal(s.token_ids, row[:n].numpy())
     with pytest.raises(KeyError, match="no sample 'zz'"):
         tr.sample("zz")
 

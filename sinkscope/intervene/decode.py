@@ -30,7 +30,8 @@ def decode_under(model, loader, intervention: Callable | None = None, max_new_to
         with Recorder(model.llm, **(recorder_kwargs or {})) as rec:
             rec.annotate_next(sample_ids=batch["ids"], tokens=[t[:n] for t, n in zip(built["tokens"], lengths,
                                                                                     strict=True)],
-                              segments=built["segments"])
+                              segments=built["segments"],
+                              token_ids=[t[:n] for t, n in zip(built["token_ids"], lengths, strict=True)])
             model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
         return intervention(rec.samples, offsets)
 

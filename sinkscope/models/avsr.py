@@ -259,18 +259,19 @@ class AVSRModel(nn.Module):
 
     def build(self, batch: dict, with_transcript: bool = True, padding_side: str = "right") -> dict:
         """LLM inputs in the Llama-AVSR layout, padded (right for training, left for generation), with labels,
-        and per sample the segment spans and token strings (positions within the unpadded sample)."""
+        and per sample the segment spans, token strings and vocabulary ids (-1 at the modality frames), positions
+        within the unpadded sample."""
         tok = self.tokenizer
         device = self.llm.get_input_embeddings().weight.device
         encoded = self.encode(batch)
         prompt_ids = tok(PROMPTS[self.cfg.mode], add_special_tokens=False)["input_ids"]
-        rows, labels, segments, tokens = [], [], [], []
+        rows, labels, segments, tokens, token_ids = [], [], [], [], []
         for i in range(len(batch["ids"])):
-            pieces: list[tuple[str, torch.Tensor, list[str], list[int]]] = []
+            pieces: list[tuple[str, torch.Tensor, list[str], list[int], list[int]]] = []
 
             def ids_piece(name, ids, learn=False, pieces=pieces):
                 pieces.append((name, self._embed_ids(ids, device), [self._token_text(t) for t in ids],
-                               list(ids) if learn else [-100] * len(ids)))
+                               list(ids) if learn else [-100] * len(ids), list(ids)))
 
             ids_piece("bos", [tok.bos_token_id])
             for modality in MODALITIES[self.cfg.mode]:
@@ -278,7 +279,7 @@ class AVSRModel(nn.Module):
                 n = int(lengths[i])
                 ids_piece(f"{modality}_start", [self.delimiter_ids[f"<{modality}>"]])
                 letter = modality[0].upper()
-                pieces.append((modality, emb[i, :n], [f"{letter}{j}" for j in range(n)], [-100] * n))
+                pieces.append((modality, emb[i, :n], [f"{letter}{j}" for j in range(n)], [-100] * n, [-1] * n))
                 ids_piece(f"{modality}_end", [self.delimiter_ids[f"</{modality}>"]])
             ids_piece("prompt", prompt_ids)
             if with_transcript:
@@ -286,13 +287,14 @@ class AVSRModel(nn.Module):
                           learn=True)
                 ids_piece("eos", [tok.eos_token_id], learn=True)
             spans, start = [], 0
-            for name, emb, _, _ in pieces:
+            for name, emb, *_ in pieces:
                 spans.append((name, start, start + len(emb)))
                 start += len(emb)
             rows.append(torch.cat([p[1] for p in pieces]))
             labels.append([lab for p in pieces for lab in p[3]])
             segments.append(spans)
             tokens.append([t for p in pieces for t in p[2]])
+            token_ids.append([t for p in pieces for t in p[4]])
         width = max(len(r) for r in rows)
         d = rows[0].shape[1]
         embeds = torch.zeros(len(rows), width, d, dtype=rows[0].dtype, device=device)
@@ -304,7 +306,7 @@ class AVSRModel(nn.Module):
             mask[i, span] = 1
             label_t[i, span] = torch.tensor(labels[i], device=device)
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": label_t, "segments": segments,
-                "tokens": tokens}
+                "tokens": tokens, "token_ids": token_ids}
 
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)

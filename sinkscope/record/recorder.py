@@ -179,12 +179,16 @@ class Recorder:
         tokens: Sequence[Sequence[str]] | None = None,
         segments: Sequence[Sequence[tuple[str, int, int]]] | None = None,
         extra: Sequence[dict] | None = None,
+        token_ids: Sequence[Sequence[int]] | None = None,
     ) -> None:
-        """Name the samples of the next forward call (ids, token strings, segments, extra JSON-able info).
+        """Name the samples of the next forward call (ids, token strings, segments, extra JSON-able info, and for
+        a forward on `inputs_embeds` the vocabulary id behind each position, -1 where there is none).
 
-        Tokens and segments index the sample's own (unpadded) positions.
+        Tokens, segments and token ids index the sample's own (unpadded) positions. A forward on `input_ids`
+        records its ids itself.
         """
-        self._next = {"sample_ids": sample_ids, "tokens": tokens, "segments": segments, "extra": extra}
+        self._next = {"sample_ids": sample_ids, "tokens": tokens, "segments": segments, "extra": extra,
+                      "token_ids": token_ids}
 
     # -------------------------------------------------------------------------------------------------- hooks
     def _on_body_start(self, module, args, kwargs):
@@ -468,7 +472,12 @@ class Recorder:
         ids = None if input_ids is None else input_ids[b, idx]
         tokens = self._tokens(b, n, ids, meta)
         segments = _pick(meta, "segments", b) or _default_segments(ids, n, self.hf_model.config)
-        return {"idx": idx, "sel": sel, "tokens": tokens, "segments": segments}
+        token_ids = ids if ids is not None else _pick(meta, "token_ids", b)
+        if token_ids is not None:
+            token_ids = np.asarray(token_ids, dtype=np.int64)
+            if token_ids.shape != (n,):
+                raise RecorderError(f"annotate_next gave {token_ids.size} token ids for sample {b}, which has {n}")
+        return {"idx": idx, "sel": sel, "tokens": tokens, "segments": segments, "token_ids": token_ids}
 
     def _sample(self, b, head, alpha, per_layer, massive, cur, meta) -> SampleRecord:
         idx, sel, tokens, segments = (head[k] for k in ("idx", "sel", "tokens", "segments"))
@@ -496,6 +505,7 @@ class Recorder:
             extra=dict(_pick(meta, "extra", b) or {}),
             router_ids=None if "router" not in cur else cur["router"][0][:, b][:, idx].astype(np.int32),
             router_gates=None if "router" not in cur else cur["router"][1][:, b][:, idx].astype(np.float32),
+            token_ids=head["token_ids"],
         )
 
     def _tokens(self, b: int, n: int, ids, meta) -> list[str]:

@@ -171,7 +171,8 @@ def record_avsr(model, dataset, out: str | os.PathLike, batch_size: int = 4,
             lengths = built["attention_mask"].sum(dim=1).tolist()
             rec.annotate_next(sample_ids=batch["ids"], tokens=[t[:k] for t, k in zip(built["tokens"], lengths,
                                                                                      strict=True)],
-                              segments=built["segments"], extra=extra)
+                              segments=built["segments"], extra=extra,
+                              token_ids=[t[:k] for t, k in zip(built["token_ids"], lengths, strict=True)])
             model.llm(inputs_embeds=built["inputs_embeds"], attention_mask=built["attention_mask"])
         rec.save(out, config)
         recorded += len(batch["ids"])

@@ -122,14 +122,14 @@ def check_values(arrays: dict[str, np.ndarray], where: Path, hidden_size: int) -
               "median_abs": (0, np.inf), "feature_max_abs": (0, np.inf), "mlp_feature_max_abs": (0, np.inf),
               "top_values": (-np.inf, np.inf), "mlp_top_values": (-np.inf, np.inf),
               "top_features": (0, hidden_size - 1), "mlp_top_features": (0, hidden_size - 1),
-              "router_ids": (0, np.inf), "router_gates": (-tol, 1 + tol)}
+              "router_ids": (0, np.inf), "router_gates": (-tol, 1 + tol), "token_ids": (-1, np.inf)}
     for name, (low, high) in ranges.items():
         if name not in arrays:
             continue
         array = arrays[name]
         expected = "iu" if name.endswith(("top_features", "_ids")) else "f"
         if array.dtype.kind not in expected:
-            kind = "integer feature indices" if expected == "iu" else "floating-point values"
+            kind = "integer indices" if expected == "iu" else "floating-point values"
             raise TraceError(f"{where}: field '{name}' has dtype {array.dtype}; expected {kind}")
         if _within(array, low, high):
             continue
@@ -189,9 +189,9 @@ class TraceSample:
             if arrays[name].shape != shape:
                 raise TraceError(f"{path}: field '{name}' has shape {arrays[name].shape}, expected {shape} from "
                                  "the manifest and tokens")
-        for name in ("feature_max_abs", "mlp_feature_max_abs"):
-            if name in arrays and arrays[name].shape != (L, D):
-                raise TraceError(f"{path}: field '{name}' has shape {arrays[name].shape}, expected {(L, D)}")
+        for name, shape in (("feature_max_abs", (L, D)), ("mlp_feature_max_abs", (L, D)), ("token_ids", (T,))):
+            if name in arrays and arrays[name].shape != shape:
+                raise TraceError(f"{path}: field '{name}' has shape {arrays[name].shape}, expected {shape}")
         for pair in (("top_features", "top_values"), ("mlp_top_features", "mlp_top_values"),
                      ("router_ids", "router_gates")):
             shapes = {arrays[n].shape for n in pair if n in arrays}
@@ -215,6 +215,7 @@ class TraceSample:
     mlp_top_values = property(lambda self: self._get("mlp_top_values"))
     router_ids = property(lambda self: self._get("router_ids"))
     router_gates = property(lambda self: self._get("router_gates"))
+    token_ids = property(lambda self: self._get("token_ids"))
 
     @cached_property
     def massive(self) -> pd.DataFrame:

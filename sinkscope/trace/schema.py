@@ -17,7 +17,7 @@ INDEX = "index.safetensors"
 REQUIRED_MANIFEST_FIELDS = ("format", "schema_version", "model", "n_layers", "n_heads", "hidden_size")
 ARRAY_FIELDS = ("attention_received", "bos_cosine", "max_abs", "median_abs")
 OPTIONAL_ARRAY_FIELDS = ("feature_max_abs", "mlp_feature_max_abs", "top_features", "top_values",
-                         "mlp_top_features", "mlp_top_values", "router_ids", "router_gates")
+                         "mlp_top_features", "mlp_top_values", "router_ids", "router_gates", "token_ids")
 """Fields a sample may lack (older traces; `router_*` only for MoME models). Adding an optional field keeps the
 schema version: readers of this version ignore tensors they do not know."""
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I32": np.int32, "I64": np.int64,
@@ -47,6 +47,7 @@ class SampleRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able: source text, mode, ...
     router_ids: np.ndarray | None = None  # [L, T, k] int32, MoME: the top-k experts of each token
     router_gates: np.ndarray | None = None  # [L, T, k] float32, their gate weights (sum to 1)
+    token_ids: np.ndarray | None = None  # [T] int64, the vocabulary id fed at each position; -1: an embedding (AV)
 
     def __len__(self) -> int:
         return len(self.tokens)

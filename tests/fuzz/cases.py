@@ -456,7 +456,8 @@ def trace_cases() -> list[Case]:
              "max-abs-negative": ("max_abs", (0, 0), -5.0), "max-abs-inf": ("max_abs", (0, 0), np.inf),
              "median-nan": ("median_abs", (0,), np.nan),
              "top-feature-too-large": ("top_features", (0, 0, 0), 64), "top-feature-negative":
-                 ("top_features", (0, 0, 0), -1), "feature-max-negative": ("feature_max_abs", (0, 0), -1.0)}
+                 ("top_features", (0, 0, 0), -1), "feature-max-negative": ("feature_max_abs", (0, 0), -1.0),
+             "token-id-below-minus-1": ("token_ids", (2,), -7)}
     for label, (name, index, value) in pokes.items():
         cases.append(Case("traces", f"arrays-{label}", partial(_trace_with, partial(_arrays_edit, partial(
             _poke, name, index, value))), act))
@@ -464,7 +465,9 @@ def trace_cases() -> list[Case]:
                       "alpha-missing": lambda a: a.pop("attention_received"),
                       "top-features-float": lambda a: a.update(top_features=a["top_features"].astype(np.float32)),
                       "top-features-wrong-shape": lambda a: a.update(top_features=a["top_features"][:, :3]),
-                      "cosine-int8": lambda a: a.update(bos_cosine=a["bos_cosine"].astype(np.int8))}.items():
+                      "cosine-int8": lambda a: a.update(bos_cosine=a["bos_cosine"].astype(np.int8)),
+                      "token-ids-float": lambda a: a.update(token_ids=a["token_ids"].astype(np.float32)),
+                      "token-ids-wrong-shape": lambda a: a.update(token_ids=a["token_ids"][:4])}.items():
         cases.append(Case("traces", f"arrays-{label}", partial(_trace_with, partial(_arrays_edit, fn)), act))
     cases.append(Case("traces", "arrays-extra-tensor-ignored", partial(_trace_with, partial(
         _arrays_edit, lambda a: a.update(note=np.zeros(3, np.float32)))), act, expect="ok",

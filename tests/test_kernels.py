@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[dev]')")
 
 from sinkscope.errors import RecorderError  # noqa: E402
-from sinkscope.record import Recorder  # noqa: E402
+from sinkscope.record import Recorder, kernels  # noqa: E402
 from sinkscope.record.attention import column_sums, sdpa_with_lse  # noqa: E402
 from sinkscope.record.kernels import colsum_triton, median_abs_triton  # noqa: E402
 from tests.test_recorder import padded_batch  # noqa: E402
@@ -41,12 +41,15 @@ def reference_colsum(q, k, valid, scale) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("variant", ["cols", "rows", "rows-poly", "cols-pipe-heavy-first", "default"])
-def test_column_sums_match_a_float64_reference(dtype, padded, variant):
+@pytest.mark.parametrize("variant", ["cols", "rows", "rows-poly", "cols-pipe-heavy-first", "default", "pre-ampere"])
+def test_column_sums_match_a_float64_reference(dtype, padded, variant, monkeypatch):
     """Every variant of the column-sum kernel (kernels.COLSUM_CONFIG) against float64. T = 150 with 16 x 32 tiles:
     key blocks whose run of whole tiles below the diagonal is long, one tile (PIPE's prologue and epilogue only)
     or empty, and a partial last tile; "default": the tiles the recorder uses (COLSUM_CONFIG's, COLSUM_FP32's for
-    float32)."""
+    float32); "pre-ampere": those it uses on a GPU without tensor cores for Triton's dot (COLSUM_FP32's)."""
+    if variant == "pre-ampere":
+        monkeypatch.setattr(kernels, "_tensor_core_dot", lambda device: False)
+        variant = "default"
     torch.manual_seed(0)
     b, hq, hkv, t, d = 3, 4, 2, 150, 24  # grouped heads, T and d off the block sizes
     q = torch.randn(b, hq, t, d, device=DEVICE).to(dtype)
@@ -78,6 +81,25 @@ def test_column_sums_match_a_float64_reference(dtype, padded, variant):
     # and the torch path of the recorder agrees
     torch_path, _ = column_sums(q, k, lse, mask, valid, scale)
     np.testing.assert_allclose(got, torch_path.cpu().numpy(), rtol=1e-4, atol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+def test_column_sums_take_the_fma_tiles_where_the_dot_has_no_tensor_cores(monkeypatch):
+    """bf16/fp16 column sums take COLSUM_FP32's tiles below compute capability 8.0 (Triton emits no tensor-core
+    instruction for tl.dot on sm_75, and the default tiles spilled there), the default ones from Ampere on;
+    float32 always COLSUM_FP32's."""
+    capability = {0: (7, 5), 1: (8, 0), 2: (9, 0)}
+    monkeypatch.setattr(kernels, "_capability", capability.__getitem__)
+    assert [kernels._tensor_core_dot(torch.device("cuda", i)) for i in range(3)] == [False, True, True]
+    launched = []
+    monkeypatch.setattr(kernels, "launch", lambda fn, grid, tensors, scalars, consts, **options: launched.append(
+        (consts["BLOCK_M"], consts["BLOCK_N"], options["num_warps"])))
+    q, k, lse = torch.zeros(1, 2, 64, 64), torch.zeros(1, 1, 64, 64), torch.zeros(1, 2, 64)
+    for dtype, tensor_cores in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False),
+                                (torch.float32, True)):
+        monkeypatch.setattr(kernels, "_tensor_core_dot", lambda device, ok=tensor_cores: ok)
+        colsum_triton(q.to(dtype), k.to(dtype), lse, 0.125)
+    fma = (kernels.COLSUM_FP32["block_m"], kernels.COLSUM_FP32["block_n"], kernels.COLSUM_FP32["num_warps"])
+    assert launched == [fma, (kernels.COLSUM_CONFIG["block_m"], 64, kernels.COLSUM_CONFIG["num_warps"]), fma, fma]
 
 
 def test_gpu_bench_chooses_the_fastest_exact_column_sum_config(monkeypatch):
@@ -1001,9 +1023,10 @@ def test_gpu_bench_host_python_stage_runs(tmp_path):
     assert result["extra_us_per_layer"] > 0 and result["graphs_extra_us_per_layer"] > 0
 
 
-def test_sass_tool_compiles_the_shipped_layer_for_hopper_without_a_gpu(tmp_path, monkeypatch):
-    """`python -m sinkscope.bench.sass` compiles each kernel of a recorded layer for sm_90 with the installed
-    Triton (no GPU, no launch) and reads its SASS: the five launches of a layer, each with instructions, registers
+def test_sass_tool_compiles_the_shipped_layer_for_ampere_and_hopper_without_a_gpu(tmp_path, monkeypatch):
+    """`python -m sinkscope.bench.sass` compiles each kernel of a recorded layer for sm_80 and sm_90 in one process
+    with the installed Triton (no GPU, no launch) and reads its SASS: the five launches of a layer, each with
+    instructions, registers
     and no spilled registers, the column sums on the tensor cores with their exponentials, and the radix passes
     counting by ballots (Triton 3.6) or shared-memory atomics (3.9). In a process of its own: this one interprets
     the kernels (TRITON_INTERPRET=1), which the tool refuses."""
@@ -1016,17 +1039,29 @@ def test_sass_tool_compiles_the_shipped_layer_for_hopper_without_a_gpu(tmp_path,
         pytest.skip("this Triton ships no cuobjdump")
     out = tmp_path / "sass.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "sinkscope.bench.sass", "--shapes", "smollm2-135m:256", "--shipped", "--out", str(out)]
+    cmd = [sys.executable, "-m", "sinkscope.bench.sass", "--arch", "75,80,90", "--shapes", "smollm2-135m:256",
+           "--shipped", "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "static SASS counts, not timings" in done.stdout
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["kernel"] for r in rows] == ["colsum_kernel", "radix_pass_kernel", "radix_pass_kernel",
-                                          "token_stats_kernel", "colmax_kernel"]
-    for r in rows:
-        assert r["instructions"] > 100 and r["registers"] > 0 and r["stack"] == 0 and r["ldl"] + r["stl"] == 0, r
-    assert rows[0]["mufu"] > 0 and rows[0]["hgmma"] + rows[0]["hmma"] > 0
-    assert all(r["vote"] + r["atoms"] > 0 for r in rows[1:3])
+    turing, ampere, hopper = (json.loads(out.read_text())["rows"][i:i + 5] for i in (0, 5, 10))
+    for arch, rows in ((75, turing), (80, ampere), (90, hopper)):
+        assert [(r["arch"], r["kernel"]) for r in rows] == [(arch, k) for k in (
+            "colsum_kernel", "radix_pass_kernel", "radix_pass_kernel", "token_stats_kernel", "colmax_kernel")]
+        for r in rows:
+            assert r["instructions"] > 100 and r["registers"] > 0 and r["stack"] == 0 and r["ldl"] + r["stl"] == 0, r
+        assert rows[0]["mufu"] > 0
+        assert all(r["vote"] + r["atoms"] > 0 for r in rows[1:3])
+    # each architecture compiled for itself (session 22's tool handed the second one the first one's kernels):
+    # Ampere's column sums on mma.sync (HMMA), Hopper's on warpgroup MMA (HGMMA)
+    assert ampere[0]["hmma"] > 0 and ampere[0]["hgmma"] == 0
+    assert hopper[0]["hgmma"] > 0 and hopper[0]["hmma"] == 0
+    # before Ampere Triton's dot runs on the FMA units: the column sums take COLSUM_FP32's tiles there (the default
+    # 64 x 64 tile spilled 300 instructions' worth of registers on sm_75, 20,533 at head dim 128)
+    tiles = {arch: (rows[0]["consts"]["BLOCK_M"], rows[0]["consts"]["BLOCK_N"], rows[0]["num_warps"])
+             for arch, rows in ((75, turing), (80, ampere), (90, hopper))}
+    assert tiles == {75: (32, 32, 8), 80: (64, 64, 4), 90: (64, 64, 4)}
+    assert turing[0]["hmma"] + turing[0]["hgmma"] == 0
     from sinkscope.bench import sass
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # interpreted kernels cannot be compiled: refused with a message

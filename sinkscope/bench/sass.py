@@ -52,7 +52,9 @@ class _Target:
         return self.target
 
     def get_current_device(self) -> int:
-        return 0
+        # the JIT functions keep their compiled kernels per device, and the target with them: one "device" per
+        # architecture, or a second architecture in one process would get the first one's kernels back
+        return self.target.arch
 
     def get_current_stream(self, device=None) -> int:
         return 0
@@ -162,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m sinkscope.bench.sass", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="90",
-                    help="CUDA compute capabilities x10, comma-separated (80: A100, 86: A10/RTX 30, 89: L4/L40/RTX 40, "
-                         "90: H100/H200)")
+                    help="CUDA compute capabilities x10, comma-separated (75: T4, 80: A100, 86: A10/RTX 30, "
+                         "89: L4/L40/RTX 40, 90: H100/H200)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                     help="the model's dtype (the block outputs' and the attention's)")
     ap.add_argument("--shapes", default="llama-3.2-1b:8192",

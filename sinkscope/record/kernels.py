@@ -205,11 +205,31 @@ the interpreter, not yet timed; off until `--colsum` shows them faster."""
 
 
 COLSUM_FP32: dict[str, int] = {"block_m": 32, "block_n": 32, "num_warps": 8}
-"""COLSUM_CONFIG's block sizes and warps replaced for float32 inputs, whose products run on the FMA units in IEEE
-precision with far more registers a tile: at COLSUM_CONFIG's 64 x 64 (head dim 64) and 64 x 128 (head dim 128)
-with 4 warps, compiled for sm_90, the kernel spilled 21,813 and 40,985 instructions' worth of registers under
-Triton 3.6 and 35,987 and 50,977 under 3.9; at 32 x 32 with 8 warps none, except 274 under 3.9 at head dim 128
-(`python -m sinkscope.bench.sass`, session 22; static counts: float32 was never timed on a GPU)."""
+"""COLSUM_CONFIG's block sizes and warps replaced wherever the products run on the FMA units: float32 inputs (IEEE
+precision), and bf16/fp16 on GPUs older than Ampere (compute capability < 8.0: T4, V100), for which Triton 3.6 and
+3.9 emit no tensor-core instruction for `tl.dot`. A register tile of FMA products needs far more registers: at
+COLSUM_CONFIG's 64 x 64 (head dim 64, the 1B shape) and 64 x 128 (head dim 128, the 8B shape) with 4 warps the
+kernel spilled, in float32 for sm_90, 304 and 40,985 instructions' worth of registers under Triton 3.6 (12,347 and
+50,977 under 3.9), and in fp16 for sm_75 300 and 20,533 (3.6); at 32 x 32 with 8 warps none under 3.6 on sm_75 to
+sm_90, and under 3.9 only in float32 at head dim 128 (274 on sm_90) (`python -m sinkscope.bench.sass`, session 23;
+static counts: neither float32 nor a pre-Ampere GPU was ever timed)."""
+
+
+def _tensor_core_dot(device: torch.device) -> bool:
+    """Whether Triton runs `colsum_kernel`'s `tl.dot` on tensor cores for bf16/fp16 on `device`'s GPU (compute
+    capability 8.0 and up). Off CUDA (Triton's interpreter in the tests, `sinkscope.bench.sass`'s stand-in driver)
+    the architecture Triton compiles for, when it has one."""
+    if device.type == "cuda":
+        return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 0)
+    try:
+        return _kernels().triton.runtime.driver.active.get_current_target().arch >= 80
+    except Exception:  # noqa: BLE001 - no driver (the interpreter on a machine without CUDA): the default tiles
+        return True
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float,
@@ -241,7 +261,8 @@ def colsum_triton(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
         out = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
     elif out.shape != (b, hq, t) or not out.is_contiguous():
         raise ValueError(f"colsum_triton: out has shape {tuple(out.shape)}, expected a contiguous {(b, hq, t)}")
-    cfg = COLSUM_CONFIG if query.dtype != torch.float32 else {**COLSUM_CONFIG, **COLSUM_FP32}
+    fma = query.dtype == torch.float32 or not _tensor_core_dot(query.device)
+    cfg = {**COLSUM_CONFIG, **COLSUM_FP32} if fma else COLSUM_CONFIG
     rows = bool(cfg["rows"] if rows is None else rows)
     poly = bool(cfg["poly"] if poly is None else poly) and rows and query.dtype != torch.float32
     block_m = int(block_m or cfg["block_m"])

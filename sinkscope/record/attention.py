@@ -65,6 +65,12 @@ def sdpa_with_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.T
                 pass
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
     bias = None if causal else _additive(mask, query.dtype).expand(query.shape[0], -1, -1, -1)
+    if query.device.type == "cuda" and causal and query.dtype in (torch.float16, torch.bfloat16):
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, scale=scale)[:2]
+            return out, lse.float()
+        except (RuntimeError, NotImplementedError):
+            pass  # flash needs Ampere or newer: before that (T4, V100) the memory-efficient kernel below
     try:
         if query.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -72,9 +78,6 @@ def sdpa_with_lse(query, key, value, mask, scale) -> tuple[torch.Tensor, torch.T
             )
             return out, lse.float()
         if query.device.type == "cuda":
-            if causal and query.dtype in (torch.float16, torch.bfloat16):
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, scale=scale)[:2]
-                return out, lse.float()
             if bias is not None:  # the memory-efficient kernel wants the bias's rows 16-element aligned
                 t_k = bias.shape[-1]
                 aligned = torch.empty(*query.shape[:3], -(-t_k // 16) * 16, dtype=bias.dtype, device=bias.device)

@@ -27,6 +27,7 @@ import sys
 import numpy as np
 import torch
 
+from sinkscope.errors import SinkscopeError
 from sinkscope.models.llm import load_llm
 from sinkscope.trace import Trace
 
@@ -114,4 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SinkscopeError as exc:  # a trace or model that cannot be read: the message names it
+        sys.exit(f"recompute.py: {exc}")

@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trace = Trace.load(args.trace)
     manifest = trace.manifest
-    dtype = (manifest.get("config") or {}).get("dtype") or "float32"
+    config = manifest.get("config") or {}
+    if config.get("checkpoint"):
+        print(f"{args.trace} was recorded through an AVSR checkpoint ({config['checkpoint']}): its encoder frames "
+              "have no token ids to feed again; this example checks text traces")
+        return 1
+    dtype = config.get("dtype") or "float32"
     model, _ = load_llm(manifest["model"], dtype=dtype)
     worst = dict.fromkeys(TOLERANCE, 0.0)
     checked = massive_diff = 0

@@ -860,8 +860,11 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     start = time.time()
+    cuda = args.device == "cuda"
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
+           "gpu": torch.cuda.get_device_name(0) if cuda else args.device,
+           # below 8.0 the bf16/fp16 column sums take COLSUM_FP32's tiles (kernels._tensor_core_dot)
+           "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
            "date": time.strftime("%Y-%m-%d %H:%M")}
     all_cases = CASES if args.cases is None else [
         (c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.cases.split(",")]

@@ -179,6 +179,12 @@ def test_cli_records_and_scores_the_demo(make_corpus, tmp_path):
     names = [name for name, _, _ in sample.segments]
     assert names[:4] == ["bos", "audio_start", "audio", "audio_end"] and "video" in names
     assert sample.tokens[1] == "<audio>" and sample.tokens[2] == "A0"
+    # a reviewer's recomputation of the AV trace from HF eager attention (examples/recompute.py): the utterances
+    # rebuilt through the demo's encoders give the stored token ids, alpha and the other fields
+    import runpy
+
+    recompute = runpy.run_path("examples/recompute.py")["main"]
+    assert recompute([str(out), "--samples", "2"]) == 0
     result = runner.invoke(app, ["eval", "--checkpoint", "demo", "--data", str(corpus), "--limit", "4", "--snr", "0",
                                  "--json", "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output

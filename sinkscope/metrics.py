@@ -156,7 +156,8 @@ def massive_frames(sample, layer, token, feature, value, attn_out, mlp_out, n_sa
     table = {"layer": layer, "token": token, "feature": feature, "value": cols["value"], "attn_share": attn_share,
              "mlp_share": mlp_share, "attn_out": cols["attn_out"], "mlp_out": cols["mlp_out"],
              "origin_layer": origin[group]}
-    frame = pd.DataFrame({name: table[name] for name in MASSIVE_COLUMNS})
+    # the index given: pandas then skips inferring it from the columns (133 against 205 us a frame, pandas 3.1)
+    frame = pd.DataFrame({name: table[name] for name in MASSIVE_COLUMNS}, index=pd.RangeIndex(len(layer)))
     if n_samples == 1:
         return [frame]
     bounds = np.searchsorted(sample, np.arange(n_samples + 1))  # row slices: 5x cheaper than a frame per sample

@@ -1023,6 +1023,11 @@ def test_gpu_bench_host_python_stage_runs(tmp_path):
     result = json.loads((tmp_path / "bench_host_python.json").read_text())
     assert result["layers"] == 30 and result["plain_ms"] > 0
     assert result["extra_us_per_layer"] > 0 and result["graphs_extra_us_per_layer"] > 0
+    for name in ("recorded", "graphs"):  # the split into a part a forward and a part a layer (2 and 30 layers)
+        assert result[f"{name}_us_per_layer"] > 0
+        fixed = result[f"{name}_fixed_us"]
+        assert fixed == pytest.approx(1e3 * result[f"{name}_ms"] - 1e3 * result["plain_ms"]
+                                      - 30 * result[f"{name}_us_per_layer"], rel=1e-9, abs=1e-6)
 
 
 def test_sass_tool_compiles_the_shipped_layer_for_ampere_and_hopper_without_a_gpu(tmp_path, monkeypatch):

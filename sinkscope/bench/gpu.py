@@ -594,8 +594,10 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
     forward over a plain one is the recorder's hooks and the wrappers around its launches (medians of `reps`
     interleaved forwards; one Recorder entered for each, as in `run_case`). `graphs_*`: the same with each layer's
     launches replayed as graphs (`kernels.LaunchGraphs`, a no-op graph whose inputs are taken to repeat, as a GPU's
-    caching allocator repeats them), the host Python that graphs leave. Runs in a process of its own: it stubs
-    the kernels module."""
+    caching allocator repeats them), the host Python that graphs leave. `*_fixed_us` and `*_us_per_layer` split
+    each recorder's extra time into a part a forward and a part a layer (a straight line through this model and
+    one of 2 layers, timed in the same interleaved loop). Runs in a process of its own: it stubs the kernels
+    module."""
     from types import SimpleNamespace
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -618,10 +620,12 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
         torch.zeros_like(query), torch.zeros(query.shape[:3]))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                         attn_implementation="sdpa")).eval()
     ids = torch.randint(0, 256, (1, 16))
+
+    def llama(n_layers: int):
+        return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                            attn_implementation="sdpa")).eval()
 
     class NoGraph:
         def replay(self):
@@ -633,13 +637,18 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
 
     kernels.LaunchGraphs = SameAddresses
 
-    def recorder(graphs: bool):
+    def recorder(model, graphs: bool):
         kept = Recorder(model)  # one recorder entered for each forward, as run_case does (since session 20)
         switch = [(kernels, "GRAPH_CAPTURE", (lambda calls: NoGraph()) if graphs else None)]
         return lambda: recorded_forward(kept, model, ids, switch)
 
-    methods = {"plain": lambda: model.model(input_ids=ids, use_cache=False), "recorded": recorder(False),
-               "graphs": recorder(True)}
+    # the model of `layers` layers, and one of 2 (`short`), so that the recorder's cost splits into a fixed part a
+    # forward (its hooks set and removed, the end-of-forward unpacking and records) and a part a layer
+    methods = {}
+    for tag, n_layers in (("", layers), ("short_", 2)):
+        model = llama(n_layers)
+        methods.update({f"{tag}plain": lambda m=model: m.model(input_ids=ids, use_cache=False),
+                        f"{tag}recorded": recorder(model, False), f"{tag}graphs": recorder(model, True)})
     times: dict[str, list[float]] = {name: [] for name in methods}
     with torch.no_grad():
         for _ in range(5):
@@ -650,10 +659,16 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
                 start = time.perf_counter()
                 fn()
                 times[label].append(time.perf_counter() - start)
-    plain, rec, graphs = (statistics.median(times[k]) for k in methods)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    plain, rec, graphs = med["plain"], med["recorded"], med["graphs"]
     result = dict(layers=layers, plain_ms=1e3 * plain, recorded_ms=1e3 * rec,
                   extra_us_per_layer=1e6 * (rec - plain) / layers,
                   graphs_ms=1e3 * graphs, graphs_extra_us_per_layer=1e6 * (graphs - plain) / layers)
+    for name in ("recorded", "graphs"):  # extra(L) = fixed + L * per_layer, from L = layers and L = 2
+        long_extra, short_extra = med[name] - plain, med[f"short_{name}"] - med["short_plain"]
+        per_layer = (long_extra - short_extra) / (layers - 2)
+        result[f"{name}_us_per_layer"] = 1e6 * per_layer
+        result[f"{name}_fixed_us"] = 1e6 * (short_extra - 2 * per_layer)
     print("host python", json.dumps(result), flush=True)
     return result
 

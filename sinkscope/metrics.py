@@ -148,8 +148,11 @@ def massive_frames(sample, layer, token, feature, value, attn_out, mlp_out, n_sa
     with np.errstate(divide="ignore", invalid="ignore"):
         attn_share = (cols["attn_out"] / update).astype(np.float32)
         mlp_share = (cols["mlp_out"] / update).astype(np.float32)
-    _, group = np.unique(np.stack([sample, token, feature]), axis=1, return_inverse=True) if len(sample) else \
-        (None, np.zeros(0, dtype=np.int64))
+    # each record's (sample, token, feature) as one integer: np.unique over 1-D keys, 6x faster than over the
+    # stacked triples (axis=1 sorts structured rows: 176 against 28 us at 100 records)
+    key = np.ravel_multi_index((sample, token, feature), (n_samples, int(token.max()) + 1, int(feature.max()) + 1)
+                               ) if len(sample) else np.zeros(0, dtype=np.int64)
+    _, group = np.unique(key, return_inverse=True)
     group = group.reshape(-1)
     origin = np.full(group.max() + 1 if len(group) else 0, np.iinfo(np.int32).max, dtype=np.int32)
     np.minimum.at(origin, group, layer)  # the first layer at which each (sample, token, feature) is massive

@@ -1075,3 +1075,35 @@ def test_sass_tool_compiles_the_shipped_layer_for_ampere_and_hopper_without_a_gp
     with pytest.raises(SystemExit) as refused:
         sass.main(["--shapes", "smollm2-135m:256", "--shipped"])
     assert refused.value.code == 2
+
+
+def test_host_cost_splits_into_a_part_a_forward_and_a_part_a_layer():
+    """`bench.gpu.split_per_layer` (behind `--host-python` and `bench.hostcount`) recovers each recorder's fixed and
+    per-layer extra from costs at 30 and 2 layers that follow extra(L) = fixed + L * per_layer exactly."""
+    from sinkscope.bench.gpu import split_per_layer
+
+    def plain(n_layers):
+        return 1000 + 150 * n_layers
+
+    truth = {"recorded": (2500, 340), "graphs": (2400, 180)}
+    cost = {"plain": plain(30), "short_plain": plain(2)}
+    for name, (fixed, per_layer) in truth.items():
+        cost[name] = plain(30) + fixed + 30 * per_layer
+        cost[f"short_{name}"] = plain(2) + fixed + 2 * per_layer
+    split = split_per_layer(cost, 30)
+    for name, (fixed, per_layer) in truth.items():
+        assert split[f"{name}_fixed"] == pytest.approx(fixed) and split[f"{name}_per_layer"] == pytest.approx(per_layer)
+
+
+def test_hostcount_says_what_it_needs_when_valgrind_is_missing(monkeypatch):
+    """`python -m sinkscope.bench.hostcount` on a machine without valgrind: one line naming what to install, exit
+    status 1, no traceback."""
+    import shutil
+
+    from sinkscope.bench import hostcount
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "valgrind" else real_which(name))
+    with pytest.raises(SystemExit) as exc:
+        hostcount.main([])
+    assert "needs valgrind" in str(exc.value.code) and "apt-get install valgrind" in str(exc.value.code)

@@ -588,16 +588,14 @@ def launch_bench(shape: str = "smollm2-135m", t: int = 2048, n: int = 200, devic
     return rows
 
 
-def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
-    """The recorder's own Python per layer on the device path, without a GPU: a tiny Llama (hidden 64, 30 layers,
-    T=16) on the CPU, every Triton launch replaced by a no-op and SDPA by zeros, so that what is left of a recorded
-    forward over a plain one is the recorder's hooks and the wrappers around its launches (medians of `reps`
-    interleaved forwards; one Recorder entered for each, as in `run_case`). `graphs_*`: the same with each layer's
-    launches replayed as graphs (`kernels.LaunchGraphs`, a no-op graph whose inputs are taken to repeat, as a GPU's
-    caching allocator repeats them), the host Python that graphs leave. `*_fixed_us` and `*_us_per_layer` split
-    each recorder's extra time into a part a forward and a part a layer (a straight line through this model and
-    one of 2 layers, timed in the same interleaved loop). Runs in a process of its own: it stubs the kernels
-    module."""
+def stubbed_host_methods(layers: int = 30, batch: int = 1) -> dict:
+    """The forwards that `host_python_bench` times and `bench.hostcount` counts, with the kernels stubbed (this
+    process's `kernels` and `attention` modules are patched for good): a tiny Llama (hidden 64, `layers` layers,
+    T=16, `batch` samples) on the CPU, every Triton launch a no-op and SDPA zeros, plain (`plain`), recorded
+    (`recorded`, one Recorder entered for each forward, as in `run_case`) and recorded with each layer's launches
+    replayed as graphs (`graphs`: `kernels.LaunchGraphs` with a no-op graph whose inputs are taken to repeat, as a
+    GPU's caching allocator repeats them); each also at 2 layers (`short_*`), so that the recorder's cost splits
+    into a part a forward and a part a layer. Name -> a function of no arguments that runs one forward."""
     from types import SimpleNamespace
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -620,7 +618,7 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
         torch.zeros_like(query), torch.zeros(query.shape[:3]))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    ids = torch.randint(0, 256, (1, 16))
+    ids = torch.randint(0, 256, (batch, 16))
 
     def llama(n_layers: int):
         return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
@@ -649,6 +647,29 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
         model = llama(n_layers)
         methods.update({f"{tag}plain": lambda m=model: m.model(input_ids=ids, use_cache=False),
                         f"{tag}recorded": recorder(model, False), f"{tag}graphs": recorder(model, True)})
+    return methods
+
+
+def split_per_layer(cost: dict[str, float], layers: int) -> dict[str, float]:
+    """From one cost a forward of each of `stubbed_host_methods`' forwards (any unit): each recorder's extra over
+    the plain forward as `{name}_fixed` (a forward) and `{name}_per_layer`, the straight line through `layers` and
+    2 layers."""
+    out = {}
+    for name in ("recorded", "graphs"):
+        long_extra, short_extra = cost[name] - cost["plain"], cost[f"short_{name}"] - cost["short_plain"]
+        per_layer = (long_extra - short_extra) / (layers - 2)
+        out[f"{name}_per_layer"], out[f"{name}_fixed"] = per_layer, short_extra - 2 * per_layer
+    return out
+
+
+def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
+    """The recorder's own Python on the device path, without a GPU: `stubbed_host_methods`' forwards timed (medians
+    of `reps` interleaved forwards), so that what is left of a recorded forward over a plain one is the recorder's
+    hooks and the wrappers around its launches; `graphs_*` the host Python that graphs leave. `*_fixed_us` and
+    `*_us_per_layer` split each recorder's extra time into a part a forward and a part a layer. The development
+    CPU's timings vary up to 2x within an hour; `python -m sinkscope.bench.hostcount` counts the same forwards'
+    instructions instead. Runs in a process of its own: it stubs the kernels module."""
+    methods = stubbed_host_methods(layers)
     times: dict[str, list[float]] = {name: [] for name in methods}
     with torch.no_grad():
         for _ in range(5):
@@ -664,11 +685,9 @@ def host_python_bench(layers: int = 30, reps: int = 60) -> dict:
     result = dict(layers=layers, plain_ms=1e3 * plain, recorded_ms=1e3 * rec,
                   extra_us_per_layer=1e6 * (rec - plain) / layers,
                   graphs_ms=1e3 * graphs, graphs_extra_us_per_layer=1e6 * (graphs - plain) / layers)
-    for name in ("recorded", "graphs"):  # extra(L) = fixed + L * per_layer, from L = layers and L = 2
-        long_extra, short_extra = med[name] - plain, med[f"short_{name}"] - med["short_plain"]
-        per_layer = (long_extra - short_extra) / (layers - 2)
-        result[f"{name}_us_per_layer"] = 1e6 * per_layer
-        result[f"{name}_fixed_us"] = 1e6 * (short_extra - 2 * per_layer)
+    for key, value in split_per_layer(med, layers).items():  # extra(L) = fixed + L * per_layer
+        name, part = key.split("_", 1)
+        result[f"{name}_us_per_layer" if part == "per_layer" else f"{name}_fixed_us"] = 1e6 * value
     print("host python", json.dumps(result), flush=True)
     return result
 

@@ -12,6 +12,7 @@ model's device and only `[L, H, T]`-sized results move to the CPU.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -38,8 +39,9 @@ class _DeviceState:
     """The device path's buffers for forwards of one shape (`Recorder._device_state_for`): the layer buffer
     (`kernels.layer_layout`) and its column-sum view, the massive entries' buffers, each sample's first real
     position, and (padded forwards) the mask and the real tokens per sample, copied in at each forward; the launch
-    plan, and its CUDA graphs (`kernels.LaunchGraphs`) when they are on. The kernels' arguments then sit at the
-    same addresses forward after forward, which is what a captured graph needs."""
+    plan, and its CUDA graphs (`kernels.LaunchGraphs`) when they are on; and the pinned host block the layers'
+    results land in, with its unpacking views. The kernels' arguments then sit at the same addresses forward after
+    forward, which is what a captured graph needs."""
 
     key: tuple
     layout: Any
@@ -51,6 +53,8 @@ class _DeviceState:
     real_tokens: torch.Tensor | None
     plan: Any
     graphs: Any = None
+    landing: torch.Tensor | None = None  # the pinned host block [L, N] the layers' results are copied into
+    landing_views: dict | None = None  # `_landing_views` of it
 
 
 @dataclass
@@ -207,8 +211,11 @@ class Recorder:
                 raise RecorderError("the recorder records full forward passes; a filled KV cache was passed")
         if ref.device.type == "cpu":
             _malloc.tune()  # once per process: see sinkscope.record._malloc
-        valid = torch.ones(b, t, dtype=torch.bool, device=ref.device) if mask is None else mask.to(ref.device).bool()
-        valid_np = valid.cpu().numpy()  # once per forward, before any of its work is queued
+        if mask is None:  # no copy back from the device for a mask of ones
+            valid, valid_np = torch.ones(b, t, dtype=torch.bool, device=ref.device), np.ones((b, t), dtype=bool)
+        else:
+            valid = mask.to(ref.device).bool()
+            valid_np = valid.cpu().numpy()  # once per forward, before any of its work is queued
         self._cur = {
             "valid": valid,
             "valid_np": valid_np,
@@ -224,7 +231,8 @@ class Recorder:
             "layers": [None] * self.n_layers,
             "massive": [],
         }
-        self._cur["first"] = valid.int().argmax(dim=1)  # each row's first real position
+        self._cur["first"] = (valid.int().argmax(dim=1) if mask is not None  # each row's first real position
+                              else torch.zeros(b, dtype=torch.int64, device=ref.device))
         # the CPU's fused reductions (C: record/fused_cpu.c) write every layer's fields, and alpha, into
         # sample-major blocks
         self._cur["fused"] = not self._cur["device_path"] and ref.device.type == "cpu" and fused_cpu.available()
@@ -252,8 +260,11 @@ class Recorder:
             # every layer's results go to one pinned host block [L, N], a copy per layer queued without waiting,
             # then into sample-major blocks ([B, L, ...]) at the end of the forward
             layout = self._cur["layout"]
-            self._cur["landing"] = torch.empty((self.n_layers, layout.total - layout.feat), dtype=torch.float32,
-                                               pin_memory=ref.is_cuda)
+            if state.landing is None:  # kept with the state: its unpacking views are made once per shape
+                state.landing = torch.empty((self.n_layers, layout.total - layout.feat), dtype=torch.float32,
+                                            pin_memory=ref.is_cuda)
+                state.landing_views = _landing_views(state.landing, layout)
+            self._cur["landing"] = state.landing
             self._cur["events"] = [None] * self.n_layers
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
             if ref.is_cuda and PREFAULT:  # its pages faulted in by a thread while the GPU forward is queued
@@ -263,8 +274,10 @@ class Recorder:
         """The device path's buffers and launch plan for forwards of `b` x `t` tokens (with or without padding) on
         `device` with this recorder's top_k and thresholds (which the plan's recorded scalars hold): the last
         forward's when it had the same, else new ones (the old ones freed). Kept while the recorder lives, also
-        between `with` blocks, so that a loop of forwards of one shape reuses them (at most a few MB: the 1B shape
-        at T=32768 about 15 MB: an 8 MB layer buffer and 7 MB for the massive entries)."""
+        between `with` blocks, so that a loop of forwards of one shape reuses them (on the device about 15 MB at the
+        1B shape, T=32768: an 8 MB layer buffer and 7 MB for the massive entries; on the host the pinned landing
+        block, one layer buffer's results a layer: 132 MiB there, 265 MiB at the 8B shape, which torch's pinned-memory
+        cache held on to anyway when each forward allocated its own)."""
         kernels = attn_fn.kernels
         key = (device, b, t, padded, self.top_k, self.abs_threshold, self.rel_threshold)
         state = self._device_state
@@ -432,7 +445,7 @@ class Recorder:
             if touched:
                 cur.pop("prefault").result()
             _unpack_layers(cur["landing"], cur["events"], cur["layout"], cur["host"], count,
-                           [c is _IN_BUFFER for c in cur["colsum"]], touched)
+                           [c is _IN_BUFFER for c in cur["colsum"]], touched, cur["state"].landing_views)
         if valid.is_cuda:  # the other copies to pinned host memory were queued without waiting: wait once
             torch.cuda.current_stream(valid.device).synchronize()
         if cur["device_path"] or cur["fused"]:
@@ -606,6 +619,18 @@ def _host_blocks(b: int, t: int, n_layers: int, heads: int, hidden: int, top_k: 
     memory was most of the unpacking's cost, and separate arrays left a partial huge page at each end (session 16,
     this CPU, the 135M shape at T=8192, 40 MiB: 11.6 ms to unpack into separate arrays, 6.6 ms into one aligned
     block, 4.3 ms into memory already touched)."""
+    words, fields = _host_block_plan(b, t, n_layers, heads, hidden, top_k)
+    step = _HOST_ALIGN // 4  # in 4-byte words
+    raw = np.empty(words + step, dtype=np.float32)
+    pos = (-(raw.ctypes.data // 4)) % step
+    return {name: raw[pos + start: pos + start + size].view(dtype).reshape(shape)
+            for name, start, size, shape, dtype in fields}
+
+
+@functools.lru_cache(maxsize=16)
+def _host_block_plan(b: int, t: int, n_layers: int, heads: int, hidden: int, top_k: int) -> tuple[int, tuple]:
+    """`_host_blocks`' layout for one shape (kept: a forward of a known shape only allocates and cuts): its size in
+    4-byte words and each field's (name, start word, words, shape, dtype), each field on a 64-byte boundary."""
     f32, i32 = np.float32, np.int32
     shapes = {"alpha": ((b, n_layers, heads, t), f32), "bos_cosine": ((b, n_layers, t), f32),
               "max_abs": ((b, n_layers, t), f32), "median_abs": ((b, n_layers), f32),
@@ -613,15 +638,12 @@ def _host_blocks(b: int, t: int, n_layers: int, heads: int, hidden: int, top_k: 
     for name, dtype in (("top_features", i32), ("top_values", f32), ("mlp_top_features", i32),
                         ("mlp_top_values", f32)):
         shapes[name] = ((b, n_layers, t, top_k), dtype)
-    sizes = {name: int(np.prod(shape)) for name, (shape, _) in shapes.items()}
-    step = _HOST_ALIGN // 4  # in 4-byte words; each field also starts on a 64-byte boundary
-    raw = np.empty(sum(-(-n // 16) * 16 for n in sizes.values()) + step, dtype=np.float32)
-    pos = (-(raw.ctypes.data // 4)) % step
-    out = {}
+    fields, pos = [], 0
     for name, (shape, dtype) in shapes.items():
-        out[name] = raw[pos: pos + sizes[name]].view(dtype).reshape(shape)
-        pos += -(-sizes[name] // 16) * 16
-    return out
+        size = int(np.prod(shape))
+        fields.append((name, pos, size, shape, dtype))
+        pos += -(-size // 16) * 16
+    return pos, tuple(fields)
 
 
 _HOST_ALIGN = 2 << 20
@@ -672,17 +694,29 @@ def _touch_pages(blocks: dict[str, np.ndarray]) -> None:
     raw.reshape(-1).view(np.uint8)[:: _PAGE] = 0
 
 
+def _landing_views(landing: torch.Tensor, layout) -> dict[str, tuple]:
+    """The fields of every layer in the landing block `[L, N]`, sample-major (`[B, L, ...]`), as numpy views
+    ("numpy") and as torch views ("torch"): `(fields, column sums)` each, for `_unpack_layers` to slice by layer
+    (made once per landing block: 104 of 196 us a forward went to making them, 16 layers at T=16)."""
+    fields, colsum = attn_fn.kernels.unpack_layer(landing, layout)  # [L, B, ...] views
+    return {"torch": ({key: x.transpose(0, 1) for key, x in fields.items()}, colsum.transpose(0, 1)),
+            "numpy": ({key: np.swapaxes(x.numpy(), 0, 1) for key, x in fields.items()},
+                      np.swapaxes(colsum.numpy(), 0, 1))}
+
+
 def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, np.ndarray], count: np.ndarray,
-                   colsum_in_buffer: list[bool], touched: bool = False) -> None:
+                   colsum_in_buffer: list[bool], touched: bool = False, views: dict | None = None) -> None:
     """The device path's host side at the end of a forward: copy every layer's results from the pinned block
     `landing` `[L, N]` into the sample-major blocks `out` (`[B, L, ...]`; alpha = column sums / count), in runs
     of consecutive layers whose copies have landed (each run waits for its first layer's CUDA event, then takes
     every later layer already done), so that the host works while the GPU runs the last layers and each run costs
     a few numpy calls whatever its length. `events[l]` None: no GPU (the interpreter's CPU tests). `touched`:
-    `out`'s pages are faulted in already (the prefault thread's work), and then, with UNPACK_TORCH, torch copies."""
+    `out`'s pages are faulted in already (the prefault thread's work), and then, with UNPACK_TORCH, torch copies.
+    `views`: `_landing_views(landing, layout)`, made here when not given."""
     use_torch = UNPACK_TORCH and touched
-    divide, den_t = (torch.div, torch.from_numpy(count)) if use_torch else (np.divide, None)
+    divide, den = (torch.div, torch.from_numpy(count)) if use_torch else (np.divide, count)
     dst = {key: torch.from_numpy(x) for key, x in out.items()} if use_torch else out
+    every_src, every_sum = (views or _landing_views(landing, layout))["torch" if use_torch else "numpy"]
     n, i = len(events), 0
     while i < n:
         if events[i] is not None:
@@ -690,14 +724,10 @@ def _unpack_layers(landing: torch.Tensor, events: list, layout, out: dict[str, n
         j = i + 1
         while j < n and (events[j] is None or events[j].query()):
             j += 1
-        fields, colsum = attn_fn.kernels.unpack_layer(landing[i:j], layout)  # [j - i, B, ...] views
-        if use_torch:  # torch's copies and division: the same values, over its intra-op threads
-            src, sums, den = {key: x.transpose(0, 1) for key, x in fields.items()}, colsum.transpose(0, 1), den_t
-        else:
-            src = {key: np.swapaxes(x.numpy(), 0, 1) for key, x in fields.items()}
-            sums, den = np.swapaxes(colsum.numpy(), 0, 1), count
-        for key, x in src.items():  # [B, j - i, ...]
-            dst[key][:, i:j] = x
+        # torch's copies and division (the same values as numpy's, over its intra-op threads), or numpy's
+        sums = every_sum[:, i:j]  # [B, j - i, H, T]
+        for key, x in every_src.items():  # [B, j - i, ...]
+            dst[key][:, i:j] = x[:, i:j]
         if all(colsum_in_buffer[i:j]):  # alpha [B, j - i, H, T]
             divide(sums, den[:, None, None, :], out=dst["alpha"][:, i:j])
         else:  # some layers took the torch path (full maps asked for): the recorder divides theirs

@@ -10,7 +10,8 @@ layer. Instructions are not time (a cache miss costs more than an add), so a cha
 The process re-runs itself under `valgrind --tool=callgrind --instr-atstart=no`; the child counts only between
 client requests around each method's forwards (a 4-function C library built with the system's compiler against
 `valgrind/callgrind.h`), so the imports and set-up are not counted. It needs valgrind and its headers (Debian:
-valgrind); about a minute on the development CPU. Never under a GPU: it stubs the kernels.
+valgrind); about 4 minutes on the development CPU at the default batch of 1, far longer at `--batch 32` (the
+stub's matrix products under valgrind). Never under a GPU: it stubs the kernels.
 """
 
 from __future__ import annotations

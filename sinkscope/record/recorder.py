@@ -55,6 +55,7 @@ class _DeviceState:
     graphs: Any = None
     landing: torch.Tensor | None = None  # the pinned host block [L, N] the layers' results are copied into
     landing_views: dict | None = None  # `_landing_views` of it
+    landing_rows: tuple = ()  # its rows, one a layer (indexing the block at every layer costs a dispatcher call)
 
 
 @dataclass
@@ -264,7 +265,9 @@ class Recorder:
                 state.landing = torch.empty((self.n_layers, layout.total - layout.feat), dtype=torch.float32,
                                             pin_memory=ref.is_cuda)
                 state.landing_views = _landing_views(state.landing, layout)
+                state.landing_rows = state.landing.unbind(0)
             self._cur["landing"] = state.landing
+            self._cur["landing_rows"] = state.landing_rows
             self._cur["events"] = [None] * self.n_layers
             self._cur["host"] = _host_blocks(b, t, self.n_layers, self.n_heads, self.hidden_size, self.top_k)
             if ref.is_cuda and PREFAULT:  # its pages faulted in by a thread while the GPU forward is queued
@@ -325,7 +328,7 @@ class Recorder:
     def _store(self, name: str, layer: int, scale: float = 1.0):
         def hook(module, args, output):
             if self._cur is not None:
-                x = first_output(output).detach()
+                x = attn_fn.detached(first_output(output))
                 self._cur[name][layer] = x if scale == 1.0 else x * scale
 
         return hook
@@ -333,7 +336,7 @@ class Recorder:
     def _on_block_end(self, layer: int):
         def hook(module, args, output):
             if self._cur is not None:
-                h = first_output(output).detach()
+                h = attn_fn.detached(first_output(output))
                 if not self._split_checked and layer == 0:
                     attn_fn.without_grad(self._check_split, layer, self._cur.pop("block_input", None), h)
                 attn_fn.without_grad(self._reduce_layer, layer, h)
@@ -382,7 +385,7 @@ class Recorder:
             host = attn_fn.kernels.reduce_layer_device(
                 h, a, m, buf, cur["layout"], cur["first"], cur["query_valid"], cur["real_tokens"], layer,
                 (self.abs_threshold, self.rel_threshold), cur["massive_buffers"], plan=cur["plan"])
-            cur["landing"][layer].copy_(host, non_blocking=True)  # one copy per layer, queued without waiting
+            cur["landing_rows"][layer].copy_(host, non_blocking=True)  # one copy per layer, queued without waiting
             if host.is_cuda:
                 cur["events"][layer] = event = torch.cuda.Event()
                 event.record()

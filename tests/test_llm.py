@@ -59,7 +59,8 @@ def test_cache_survives_interrupted_conversion_and_is_reused(tmp_path, monkeypat
     assert not is_cached(final)
     monkeypatch.undo()
     monkeypatch.setenv("SINKSCOPE_CACHE", str(tmp_path))
-    if is_cached(prepared):  # the conversion's files copied from it: the same files, 0.3 s instead of 30 s (the
+    copying = is_cached(prepared)
+    if copying:  # the conversion's files copied from it: the same files, 0.3 s instead of 30 s (the
         # conversion itself runs in `make llm` before the tests, and in a cache without it below)
         converted = []
 
@@ -73,7 +74,7 @@ def test_cache_survives_interrupted_conversion_and_is_reused(tmp_path, monkeypat
         monkeypatch.setattr(llm, "_convert_gguf", copy_of_prepared)
 
     model, tok = load_llm("smollm2-135m")
-    if is_cached(prepared):
+    if copying:
         assert len(converted) == 1 and converted[0] != final, "converted once, into a partial directory"
     assert is_cached(final)
     assert not leftover.exists()

@@ -39,7 +39,8 @@ void cg_dump(const char *name) { CALLGRIND_DUMP_STATS_AT(name); }
 
 
 def _tools() -> tuple[str, str]:
-    """valgrind and a C compiler that finds `valgrind/callgrind.h`, or a SinkscopeError that says what is missing."""
+    """valgrind and a C compiler (whether it finds `valgrind/callgrind.h` shows when the toggle is built), or a
+    SinkscopeError that says what is missing."""
     valgrind = shutil.which("valgrind")
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if valgrind is None or cc is None:

@@ -95,6 +95,37 @@ def test_appending_another_model_is_refused(tmp_path, recorded):
         TraceWriter(tmp_path / "tr", other)
 
 
+def test_appending_samples_recorded_with_other_thresholds_is_refused(tmp_path, recorded):
+    recorded.save(tmp_path / "tr")
+    other = recorded.manifest()
+    other["thresholds"] = dict(other["thresholds"], massive_abs=50.0)
+    with pytest.raises(TraceError, match=r"field 'thresholds' is .*'massive_abs': 0\.01.* recorded with .*50\.0"):
+        TraceWriter(tmp_path / "tr", other)
+    with pytest.raises(TraceError, match=r"field 'top_k' is 8 but the new samples were recorded with 4"):
+        TraceWriter(tmp_path / "tr", dict(recorded.manifest(), top_k=4))
+    TraceWriter(tmp_path / "tr", recorded.manifest())  # the same setting appends
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.update(thresholds=None), r"field 'thresholds' is None: input should be a valid dictionary"),
+    (lambda m: m["thresholds"].update(sink_head_fraction="half"), r"field 'thresholds\.sink_head_fraction' is 'half'"),
+    (lambda m: m["thresholds"].update(massive_rel=-1.0), r"field 'thresholds\.massive_rel' is -1\.0"),
+    (lambda m: m.update(top_k=0), r"field 'top_k' is 0: input should be greater than or equal to 1"),
+    (lambda m: m.update(config=[1]), r"field 'config' is \[1\]"),
+])
+def test_optional_manifest_fields_are_checked_when_present(tmp_path, recorded, edit, message):
+    path = _saved(tmp_path, recorded)
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraceError, match=r"manifest\.json: " + message):
+        Trace.load(path)
+    for key in ("thresholds", "top_k", "config", "sample_count"):  # older traces without them still load
+        manifest.pop(key, None)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert len(Trace.load(path)) == 3
+
+
 def _saved(tmp_path, recorded):
     return recorded.save(tmp_path / "tr")
 

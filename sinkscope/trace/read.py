@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from sinkscope import __version__
 from sinkscope.errors import TraceError
+from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, MIN_QUERIES, SINK_EPS, SINK_HEAD_FRACTION
 from sinkscope.trace.schema import (
     FORMAT,
     MANIFEST,
@@ -32,8 +33,22 @@ SAMPLE_DIR = re.compile(r"\d{6}")
 MAX_TOKENS = 1 << 20
 
 
+class Thresholds(BaseModel):
+    """manifest.json's `thresholds`: what the recorder used (massive activations) and what readers default to (sinks).
+    Each may be missing (traces of older versions); one that is present must be a finite number in its range."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    massive_abs: float = Field(default=MASSIVE_ABS, ge=0, allow_inf_nan=False)
+    massive_rel: float = Field(default=MASSIVE_REL, ge=0, allow_inf_nan=False)
+    sink_eps: float = Field(default=SINK_EPS, ge=0, le=1, allow_inf_nan=False)
+    sink_head_fraction: float = Field(default=SINK_HEAD_FRACTION, gt=0, le=1, allow_inf_nan=False)
+    sink_min_queries: int = Field(default=MIN_QUERIES, ge=1)
+
+
 class TraceManifest(BaseModel):
-    """The fields of manifest.json that readers rely on; sizes are bounded before anything is allocated."""
+    """The fields of manifest.json that readers rely on; sizes are bounded before anything is allocated. The
+    optional ones (older traces lack some) are checked when present: readers use `thresholds` (the index's sink
+    head fraction, the app's captions), and a `null` or a string there must not surface as a crash later."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     format: str
@@ -42,6 +57,10 @@ class TraceManifest(BaseModel):
     n_layers: int = Field(ge=1, le=4096)
     n_heads: int = Field(ge=1, le=4096)
     hidden_size: int = Field(ge=1, le=1 << 20)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    top_k: int = Field(default=8, ge=1, le=1 << 20)
+    config: dict = Field(default_factory=dict)
+    sample_count: int = Field(default=0, ge=0)
 
 
 Segment = tuple[Annotated[StrictStr, StringConstraints(min_length=1, max_length=64)],

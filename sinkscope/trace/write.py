@@ -54,6 +54,12 @@ class TraceWriter:
                 if existing.get(key) != base.get(key):
                     raise TraceError(f"{self.path / MANIFEST}: field '{key}' is {existing.get(key)!r} but the new "
                                      f"samples have {base.get(key)!r}; record into a new --out directory")
+            # what the samples were recorded with: a trace holds one setting (older traces may lack these fields)
+            for key in ("thresholds", "top_k"):
+                if key in existing and key in base and existing[key] != base[key]:
+                    raise TraceError(f"{self.path / MANIFEST}: field '{key}' is {existing[key]!r} but the new "
+                                     f"samples were recorded with {base[key]!r}; a trace holds samples recorded "
+                                     "with one setting: record into a new --out directory")
             self.manifest = existing
         elif self.path.exists() and any(self.path.iterdir()):
             raise TraceError(f"{self.path} exists, is not empty and is not a sinkscope trace; choose another path")

@@ -420,7 +420,17 @@ def trace_cases() -> list[Case]:
                       "schema-version-2": partial(_set, "schema_version", 2),
                       "schema-version-string": partial(_set, "schema_version", "1"),
                       "model-null": partial(_set, "model", None),
-                      "model-missing": lambda data: data.pop("model")}.items():
+                      "model-missing": lambda data: data.pop("model"),
+                      # optional fields, checked when present (the index and the app read the thresholds)
+                      "thresholds-null": partial(_set, "thresholds", None),
+                      "thresholds-list": partial(_set, "thresholds", [100, 1000]),
+                      "head-fraction-string": lambda data: data["thresholds"].update(sink_head_fraction="half"),
+                      "head-fraction-zero": lambda data: data["thresholds"].update(sink_head_fraction=0),
+                      "massive-abs-negative": lambda data: data["thresholds"].update(massive_abs=-5.0),
+                      "min-queries-float": lambda data: data["thresholds"].update(sink_min_queries=2.5),
+                      "top-k-zero": partial(_set, "top_k", 0),
+                      "top-k-string": partial(_set, "top_k", "8"),
+                      "config-string": partial(_set, "config", "x")}.items():
         cases.append(Case("traces", f"manifest-{label}", partial(_trace_with, partial(
             _json_edit, "manifest.json", fn)), act))
     raws = {"not-object": b"[1, 2]", "deep": b"[" * 50000 + b"]" * 50000, "latin1": b'{"format": "\xe9"}',

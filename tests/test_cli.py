@@ -90,6 +90,22 @@ def test_interrupted_record_resumes(tmp_path, tiny_dir):
     assert [s.extra["text"] for s in Trace.load(tmp_path / "first")] == TEXTS[:1]
 
 
+def test_a_prompt_longer_than_the_context_is_refused_before_anything_is_recorded(tmp_path, tiny_dir):
+    """The tiny model's context is 256 positions: a 300-word prompt is refused up front (the short prompt before it
+    is not recorded either), with --max-length it is truncated and recorded."""
+    out = tmp_path / "trace"
+    long_prompt = " ".join(["cat"] * 300)
+    args = ["record", "--model", str(tiny_dir), "--out", str(out), "--text", TEXTS[0], "--text", long_prompt]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1
+    assert "prompt 2 of 2" in res.output and "301 tokens with BOS, longer than the model's context of 256" in \
+        res.output and "--max-length 256" in res.output, res.output
+    assert not (out / "samples").exists() or not any((out / "samples").iterdir())
+    res = runner.invoke(app, args + ["--max-length", "256"])
+    assert res.exit_code == 0, res.output
+    assert [len(s) for s in Trace.load(out)] == [8, 256]
+
+
 def test_the_recompute_example_checks_a_trace_against_eager(tmp_path, tiny_dir, capsys):
     """examples/recompute.py recomputes alpha, cos-to-BOS, max/median |h| and the massive set from HF eager
     attention and the blocks' outputs with plain numpy: it passes on a fresh recording and fails on a trace with one

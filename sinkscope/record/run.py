@@ -72,6 +72,26 @@ def encode_with_bos(tokenizer, text: str, max_length: int | None) -> list[int]:
     return ids[:max_length] if max_length else ids
 
 
+def check_context(model, texts: Sequence[str], ids: Sequence[str], encoded: dict[str, list[int]],
+                  max_length: int | None) -> None:
+    """Refuse, before anything is recorded, a prompt longer than the model's context (`max_position_embeddings`):
+    its positions past the context are ones the model never saw in training, and the forward of a very long one
+    runs for hours on a CPU (100,000 words took more than 5 minutes without a sign of progress)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int) or context < 2:
+        return
+    for i, (sid, text) in enumerate(zip(ids, texts, strict=True)):
+        n = len(encoded.get(sid, ()))
+        if n > context:
+            preview = text[:40] + ("..." if len(text) > 40 else "")
+            hint = (f"a --max-length of at most {context:,}" if max_length is not None
+                    else f"--max-length {context} to truncate it")
+            raise SinkscopeError(f"prompt {i + 1} of {len(texts)} (sample id {sid}, {preview!r}) is {n:,} tokens "
+                                 f"with BOS, longer than the model's context of {context:,} "
+                                 f"(max_position_embeddings): pass {hint}, or shorten it")
+
+
 def existing_ids(out: Path, manifest: dict, resume: bool) -> set[str]:
     """Sample ids already in the trace at `out` (checked against `manifest`); a non-empty trace needs `resume`."""
     if not (out / MANIFEST).exists():
@@ -113,13 +133,15 @@ def record_texts(
     ids = [prompt_id(i, t) for i, t in enumerate(texts)]
     done = existing_ids(out, Recorder(model, attention_maps, hidden_states).manifest(config), resume)
     todo = [(sid, t) for sid, t in zip(ids, texts, strict=True) if sid not in done]
+    encoded_all = {sid: encode_with_bos(tokenizer, t, max_length) for sid, t in todo}
+    check_context(model, texts, ids, encoded_all, max_length)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     recorded = 0
     with Recorder(model, attention_maps, hidden_states, tokenizer=tokenizer) as rec:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            encoded = [encode_with_bos(tokenizer, t, max_length) for _, t in batch]
+            encoded = [encoded_all[sid] for sid, _ in batch]
             width = max(len(e) for e in encoded)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -121,3 +121,42 @@ def test_rotate_states_sets_the_cosine_and_keeps_the_norm():
     # cosine 1 makes the state parallel to the reference
     r = rotate_toward(torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 0.0]]), 1.0)
     torch.testing.assert_close(r, torch.tensor([[2.0, 0.0]]))
+
+
+def test_out_of_range_features_and_negative_positions_are_refused_before_the_forward():
+    """A feature past the model's width used to fail mid-forward with torch's IndexError, a negative one to wrap
+    around to another feature, and a negative position (meant as "the last token") to match nothing: an edit
+    that silently did nothing."""
+    import pytest
+
+    from sinkscope.intervene import lens
+
+    model = tiny_llama()  # hidden size 64
+    cases = [(lambda: ablate_features(model, 1, [64]), r"features: 64 is outside the residual stream's features, "
+                                                         r"\[0, 64\)"),
+             (lambda: ablate_features(model, 1, [-1]), r"features: -1 is outside"),
+             (lambda: ablate_features(model, 1, [1.5]), r"features: 1\.5 is not a feature index"),
+             (lambda: ablate_features(model, 1, []), r"features: the list is empty"),
+             (lambda: ablate_features(model, 1, [3], tokens=[0, -1]), r"tokens: position -1 is negative"),
+             (lambda: rotate_states(model, 1, [[2], [-3]]), r"tokens: position -3 is negative"),
+             (lambda: rotate_states(model, 1, [2], reference=-1), r"reference: position -1 is negative"),
+             (lambda: block_attention(model, ["0"]), r"keys: '0' is not a position"),
+             (lambda: block_attention(model, [-1]), r"keys: position -1 is negative")]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message), make():
+            pass
+    with pytest.raises(ValueError, match="tokens: position -1 is negative"):
+        lens.ablate_features(1, [3], tokens=[-1])
+    with pytest.raises(ValueError, match="features: -2 is outside"):
+        lens.ablate_features(1, [-2])
+    with pytest.raises(ValueError, match="keys: position -5 is negative"):
+        lens.block_attention([-5], layers=[0])
+    (_, hook), = lens.ablate_features(1, [64])  # the width is known at the hook
+    with pytest.raises(ValueError, match=r"features: 64 is outside the residual stream's features, \[0, 64\)"):
+        hook(torch.zeros(1, 3, 64))
+    ids = torch.randint(3, 128, (2, 6))  # valid positions in both forms still work, numpy integers too
+    import numpy as np
+
+    with torch.no_grad(), ablate_features(model, 1, [np.int64(3)], tokens=[[0], [np.int64(5)]]), \
+            rotate_states(model, 1, [3], reference=np.int64(0)), block_attention(model, [0, 2], layers=[2]):
+        model(input_ids=ids)

@@ -9,13 +9,61 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
+
+
+def checked_positions(positions, what: str):
+    """`positions` (one list, or one list per sample) after checking that every entry is a whole number >= 0:
+    positions index the whole sequence from 0 (BOS), so a negative one would never match and the edit would
+    silently do nothing. Returns them as lists of ints. Raises ValueError naming `what` and the entry."""
+    positions = list(positions)
+    nested = bool(positions) and _is_list(positions[0])
+    rows = [list(p) for p in positions] if nested else [positions]
+    for row in rows:
+        for p in row:
+            if isinstance(p, bool) or not isinstance(p, (int, np.integer)) and not (
+                    isinstance(p, torch.Tensor) and p.numel() == 1 and not p.is_floating_point()):
+                raise ValueError(f"{what}: {p!r} is not a position (a whole number >= 0)")
+            if int(p) < 0:
+                raise ValueError(f"{what}: position {int(p)} is negative; positions count from 0 (BOS) over the "
+                                 "whole sequence, so write n - 1 for the last of n tokens")
+    return [[int(p) for p in row] for row in rows] if nested else [int(p) for p in rows[0]]
+
+
+def checked_reference(reference) -> int | list[int]:
+    """A rotation's reference position (one for every sample) or positions (one per sample), checked as
+    `checked_positions` checks positions."""
+    if _is_list(reference):
+        return checked_positions(reference, "reference")
+    return checked_positions([reference], "reference")[0]
+
+
+def _is_list(x) -> bool:
+    """Whether `x` is a list of positions rather than one (a 0-d tensor iterates, but is one number)."""
+    return isinstance(x, Iterable) and not isinstance(x, str) and not (isinstance(x, torch.Tensor) and x.dim() == 0)
+
+
+def checked_features(features: Iterable[int], hidden: int | None = None) -> list[int]:
+    """`features` as ints after checking that each is a feature index in [0, hidden) (>= 0 when `hidden` is not
+    known yet): a negative index would wrap around to another feature, one past the end would fail mid-forward."""
+    out = []
+    for f in features:
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
+            raise ValueError(f"features: {f!r} is not a feature index (a whole number)")
+        if f < 0 or (hidden is not None and f >= hidden):
+            bound = f"[0, {hidden})" if hidden is not None else ">= 0"
+            raise ValueError(f"features: {int(f)} is outside the residual stream's features, {bound}")
+        out.append(int(f))
+    if not out:
+        raise ValueError("features: the list is empty; name at least one feature to set")
+    return out
 
 
 def per_sample(positions, batch: int) -> list[list[int]]:
     """One list of positions per sample, from one shared list or from a list of lists."""
     positions = list(positions)
-    if positions and isinstance(positions[0], Iterable):
+    if positions and _is_list(positions[0]):
         if len(positions) != batch:
             raise ValueError(f"{len(positions)} position lists for a batch of {batch}")
         return [list(map(int, p)) for p in positions]
@@ -31,7 +79,7 @@ def set_features(h: torch.Tensor, features: Iterable[int], tokens: Sequence | No
                  past: int = 0) -> torch.Tensor:
     """`h[b, tokens, features] = value` in place on a residual stream `h[B, T, D]` (every position when `tokens`
     is None); returns `h`."""
-    f = torch.as_tensor(list(features), dtype=torch.long, device=h.device)
+    f = torch.as_tensor(checked_features(features, h.shape[-1]), dtype=torch.long, device=h.device)
     if tokens is None:
         h[..., f] = value
         return h

@@ -22,7 +22,15 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from sinkscope.intervene.edits import apply_block, blocked, rotate, set_features
+from sinkscope.intervene.edits import (
+    apply_block,
+    blocked,
+    checked_features,
+    checked_positions,
+    checked_reference,
+    rotate,
+    set_features,
+)
 from sinkscope.record.blocks import find_decoder_layers, find_hf_model
 
 
@@ -68,7 +76,10 @@ def ablate_features(model: nn.Module, layer: int, features: Iterable[int], token
                     value: float = 0.0) -> Iterator[None]:
     """Set `h[layer, tokens, features] = value` in the residual stream after decoder block `layer`; `tokens` is
     one list of positions, one list per sample, or None for every position."""
-    features = list(features)
+    config = find_hf_model(model).config
+    hidden = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
+    features = checked_features(features, hidden if isinstance(hidden, int) else None)
+    tokens = None if tokens is None else checked_positions(tokens, "tokens")
     with _edit_block_output(model, layer, lambda h, past: set_features(h, features, tokens, value, past)):
         yield
 
@@ -81,6 +92,8 @@ def rotate_states(model: nn.Module, layer: int, tokens: Sequence, reference: int
     `cosine=0` makes sink states orthogonal to BOS; the change propagates to every later layer."""
     if not -1.0 <= cosine <= 1.0:
         raise ValueError(f"cosine must lie in [-1, 1], not {cosine}")
+    tokens = checked_positions(tokens, "tokens")
+    reference = checked_reference(reference)
     with _edit_block_output(model, layer, lambda h, past: rotate(h, tokens, reference, cosine, past)):
         yield
 
@@ -95,6 +108,7 @@ def block_attention(model: nn.Module, keys: Sequence, layers: Iterable[int] | No
     `keep_self` lets a blocked token still attend to itself, so that no row is left with nothing to attend to.
     """
     blocks = _blocks(model)
+    keys = checked_positions(keys, "keys")
 
     def make_hook(layer: int):
         def pre(module, args, kwargs):

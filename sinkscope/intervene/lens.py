@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from sinkscope.intervene.edits import apply_block, blocked, rotate, set_features
+from sinkscope.intervene.edits import (
+    apply_block,
+    blocked,
+    checked_features,
+    checked_positions,
+    checked_reference,
+    rotate,
+    set_features,
+)
 
 Hook = tuple[str, Callable]
 
@@ -50,7 +58,8 @@ def attn_scores(layer: int) -> str:
 def ablate_features(layer: int, features: Iterable[int], tokens: Sequence | None = None,
                     value: float = 0.0) -> list[Hook]:
     """Set the residual stream after block `layer` to `value` at `features` (for `tokens`, or everywhere)."""
-    features = list(features)
+    features = checked_features(features)  # and below the model's width, at the hook (set_features)
+    tokens = None if tokens is None else checked_positions(tokens, "tokens")
     return [(resid_post(layer), lambda resid, hook=None: set_features(resid.clone(), features, tokens, value))]
 
 
@@ -58,6 +67,7 @@ def block_attention(keys: Sequence, layers: Iterable[int], keep_self: bool = Tru
     """No query attends to the key positions `keys` in `layers`: their pre-softmax scores are set to -inf, as
     `sinkscope.intervene.block_attention` does to the attention mask (a blocked token keeps attending to itself
     when `keep_self`)."""
+    keys = checked_positions(keys, "keys")
 
     def hook(scores: torch.Tensor, hook=None) -> torch.Tensor:  # [B, H, Tq, Tk]
         b, _, tq, tk = scores.shape
@@ -69,4 +79,8 @@ def block_attention(keys: Sequence, layers: Iterable[int], keep_self: bool = Tru
 def rotate_states(layer: int, tokens: Sequence, reference: int | Sequence[int] = 0, cosine: float = 0.0) -> list[Hook]:
     """Turn the residual state of `tokens` after block `layer` to `cosine` with the `reference` token's state,
     keeping its norm (see `sinkscope.intervene.rotate_states`)."""
+    if not -1.0 <= cosine <= 1.0:
+        raise ValueError(f"cosine must lie in [-1, 1], not {cosine}")
+    tokens = checked_positions(tokens, "tokens")
+    reference = checked_reference(reference)
     return [(resid_post(layer), lambda resid, hook=None: rotate(resid.clone(), tokens, reference, cosine))]

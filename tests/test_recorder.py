@@ -184,6 +184,15 @@ def test_recorder_refuses_cached_decoding_and_bad_requests():
     with Recorder(model), pytest.raises(RecorderError, match="full forward passes"):
         model(input_ids=ids[:, -1:], **{name: out.past_key_values})
     assert model.config._attn_implementation == "sdpa"
+    # a batch row without real tokens (an all-zero mask row) is named, not a numpy error from deep in a reduction;
+    # the recorder stays usable for the next forward
+    ids, mask = torch.randint(3, 128, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    mask[2] = 0
+    with Recorder(model) as rec, torch.no_grad():
+        with pytest.raises(RecorderError, match=r"sample 2 of this batch of 3 has no real tokens"):
+            model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids[:2], attention_mask=mask[:2])
+    assert [len(s) for s in rec.samples] == [6, 6]
 
 
 def test_recorder_refuses_softcapped_attention_by_name():

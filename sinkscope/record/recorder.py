@@ -217,6 +217,11 @@ class Recorder:
         else:
             valid = mask.to(ref.device).bool()
             valid_np = valid.cpu().numpy()  # once per forward, before any of its work is queued
+            empty = np.flatnonzero(~valid_np.any(axis=1))
+            if len(empty):
+                raise RecorderError(f"sample {int(empty[0])} of this batch of {b} has no real tokens (its "
+                                    "attention_mask row is all zeros); a recorded sample needs at least one: drop it "
+                                    "from the batch")
         self._cur = {
             "valid": valid,
             "valid_np": valid_np,

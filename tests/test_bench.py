@@ -27,3 +27,41 @@ def test_verdicts_use_the_process_peak_rss_when_measured():
     assert "| 2048 | recorder | 1.310 | 1.31x | 1620 | +120 | 111 | +11 |" in table
     live_only = markdown(_result(rss=False))
     assert "extra peak memory +11 MiB, target <= 96 MiB: met" in live_only
+
+
+def test_bad_benchmark_arguments_are_refused_by_name(monkeypatch, capsys):
+    """A device that is not here, an unknown shape or method, a length that is not one: a one-line error naming
+    the option (it was a raw AssertionError for --device cuda without CUDA, and an unknown shape or method ran
+    nothing, or less than asked, without a word)."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from sinkscope.bench import app, gpu
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    runner = CliRunner()
+    for args, message in ((["--device", "cuda", "--random-weights"], "CUDA is not available here"),
+                          (["--device", "tpu"], "'tpu': cpu, cuda or cuda:N"),
+                          (["--random-weights", "--shapes", "nope"], "unknown ['nope']"),
+                          (["--shapes", "llama-3.2-1b"], "shapes are for --random-weights"),
+                          (["--lengths", "0"], "'0' is not a sequence length"),
+                          (["--lengths", "512,abc"], "'abc' is not a sequence length"),
+                          (["--methods", "sdpa,foo"], "unknown ['foo']")):
+        res = runner.invoke(app, ["record", "--device", "cpu", *args])
+        assert res.exit_code == 2 and message in " ".join(res.output.replace("│", "").split()), (args, res.output)
+    for argv, message in ((["--device", "cuda"], "this torch has no CUDA device here"),
+                          (["--device", "cpu", "--shapes", "llama-9b"], "--shapes: unknown ['llama-9b']"),
+                          (["--device", "cpu", "--cases", "llama-3.2-1b:0:256"], "is not SHAPE:B:T"),
+                          (["--device", "cpu", "--cases", "llama-3.2-1b:32"], "is not SHAPE:B:T")):
+        with pytest.raises(SystemExit) as stop:
+            gpu.main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    seen = []  # --lengths with --random-weights: those lengths at B=1 for each shape, instead of the issue's cases
+    monkeypatch.setattr(gpu, "main", seen.append)
+    res = runner.invoke(app, ["record", "--device", "cpu", "--random-weights", "--shapes", "smollm2-135m,llama-3.2-1b",
+                              "--lengths", "4096,65536"])
+    assert res.exit_code == 0, res.output
+    argv = seen[0]
+    assert argv[argv.index("--cases") + 1] == ("smollm2-135m:1:4096,smollm2-135m:1:65536,llama-3.2-1b:1:4096,"
+                                               "llama-3.2-1b:1:65536")
+    assert argv[argv.index("--max-t") + 1] == "65536"

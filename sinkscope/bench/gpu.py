@@ -865,6 +865,30 @@ def _rows(result) -> list:
     return result if isinstance(result, list) else [result]
 
 
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through `ap.error` (usage and one line, exit status 2), what would fail later with a traceback or
+    run nothing: a device that is not here, an unknown shape, a malformed --cases entry."""
+    if args.device not in ("cuda", "cpu"):
+        ap.error(f"--device {args.device!r}: cuda or cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this torch has no CUDA device here (torch.cuda.is_available() is False); run on a "
+                 "machine with a GPU, or --device cpu for a smoke test")
+    unknown = [s for s in args.shapes.split(",") if s and s not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; known: {', '.join(SHAPES)}")
+    args.case_list = None
+    if args.cases is not None:
+        args.case_list = []
+        for entry in args.cases.split(","):
+            parts = entry.split(":")
+            if len(parts) != 3 or parts[0] not in SHAPES or not all(x.isdigit() and int(x) > 0 for x in parts[1:]):
+                ap.error(f"--cases: {entry!r} is not SHAPE:B:T with a known shape ({', '.join(SHAPES)}) and B, T "
+                         "whole numbers >= 1")
+            args.case_list.append((parts[0], int(parts[1]), int(parts[2])))
+    if args.reps < 1:
+        ap.error(f"--reps {args.reps}: at least 1")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "experiments/results")))
@@ -897,6 +921,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="first: the host's unpacking at the end of a recorded forward (no GPU needed: with "
                          "--device cpu --shapes '' only this runs)")
     args = ap.parse_args(argv)
+    check_args(ap, args)
     import transformers
 
     start = time.time()
@@ -906,8 +931,7 @@ def main(argv: list[str] | None = None) -> None:
            # below 8.0 the bf16/fp16 column sums take COLSUM_FP32's tiles (kernels._tensor_core_dot)
            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
            "date": time.strftime("%Y-%m-%d %H:%M")}
-    all_cases = CASES if args.cases is None else [
-        (c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.cases.split(",")]
+    all_cases = CASES if args.cases is None else args.case_list
     try:
         import triton
 

@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -269,10 +270,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lengths(spec: str) -> list[int]:
+    """`--lengths` as whole numbers >= 2 (a BOS and one token), or a BadParameter naming the entry."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 2:
+            raise typer.BadParameter(f"{item!r} is not a sequence length (a whole number >= 2) in {spec!r}",
+                                     param_hint="--lengths")
+        out.append(int(item))
+    return out
+
+
 @app.command()
 def record(
     model: str = typer.Option("smollm2-135m"),
-    lengths: str = typer.Option("512,2048", help="Comma-separated sequence lengths."),
+    lengths: str = typer.Option(None, help="Comma-separated sequence lengths [default: 512,2048; with "
+                                "--random-weights the issue's cases, 2048 to 32768, or these lengths at B=1]."),
     reps: int = typer.Option(5, min=1),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     methods: str = typer.Option(",".join(METHODS)),
@@ -287,14 +301,33 @@ def record(
                                         "the device (the GPU benchmark of issue 16: sinkscope.bench.gpu)."),
 ) -> None:
     """Time and memory of the recorder against plain SDPA, HF eager and TransformerLens 4."""
+    if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise typer.BadParameter(f"{device!r}: cpu, cuda or cuda:N", param_hint="--device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA is not available here (torch.cuda.is_available() is False); run on a machine "
+                                 "with a GPU, or --device cpu", param_hint="--device")
+    ts = _lengths(lengths) if lengths is not None else None
+    unknown = [m for m in methods.split(",") if m not in METHODS]
+    if unknown:
+        raise typer.BadParameter(f"unknown {unknown}; known: {', '.join(METHODS)}", param_hint="--methods")
+    if shapes is not None and not random_weights:
+        raise typer.BadParameter("shapes are for --random-weights (the Llama configs of issue 16)",
+                                 param_hint="--shapes")
     if random_weights:
         from sinkscope.bench import gpu
 
-        argv = ["--device", device, "--reps", str(min(reps, 3)), "--eager",
-                "--out", str(out or "experiments/results/gpu")]
-        gpu.main(argv + (["--shapes", shapes] if shapes else []))
+        names = [x for x in (shapes or ",".join(gpu.SHAPES)).split(",") if x]
+        unknown = [x for x in names if x not in gpu.SHAPES]
+        if unknown or not names:
+            raise typer.BadParameter(f"unknown {unknown or shapes!r}; known: {', '.join(gpu.SHAPES)}",
+                                     param_hint="--shapes")
+        argv = ["--device", device.split(":")[0], "--reps", str(min(reps, 3)), "--eager",
+                "--out", str(out or "experiments/results/gpu"), "--shapes", ",".join(names)]
+        if ts is not None:  # these lengths at B=1 instead of the issue's cases
+            argv += ["--cases", ",".join(f"{name}:1:{t}" for name in names for t in ts), "--max-t", str(max(ts))]
+        gpu.main(argv)
         return
-    result = bench_record(model, [int(x) for x in lengths.split(",")], reps, device, methods.split(","),
+    result = bench_record(model, ts or [512, 2048], reps, device, methods.split(","),
                           compile=compile, rss_reps=rss_reps)
     table = markdown(result)
     print(table)

@@ -7,7 +7,6 @@ with an AVSR model; training, `sinkscope eval`, sweeps, notebooks and interventi
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -20,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sinkscope.data.dataset import BucketBatchSampler, collate
+from sinkscope.data.media import check_snr
 from sinkscope.errors import SinkscopeError
 
 EMPTY = "<empty>"
@@ -73,6 +73,10 @@ def evaluate(model, dataset, batch_size: int = 8, max_new_tokens: int = 24, beam
     return result
 
 
+MAX_BEAM = 64
+"""The widest beam `eval` decodes with (each beam is a copy of the batch through the LLM)."""
+
+
 @dataclass
 class EvalConfig:
     """`sinkscope eval`: decode a split with a trained model and score it."""
@@ -92,10 +96,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.rate is not None and not re.fullmatch(r"\d+(,\d+)?", str(self.rate)):
             raise ValueError(f"rate must be K_a,K_v (AVSR), K_a (ASR) or K_v (VSR), e.g. 16,5; not {self.rate!r}")
-        if self.snr is not None and not math.isfinite(self.snr):
-            raise ValueError(f"snr must be a finite number of dB, not {self.snr}")
+        if self.snr is not None:
+            check_snr(self.snr)
         if self.beam < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("beam, batch_size and max_new_tokens must be >= 1")
+        if self.beam > MAX_BEAM:
+            raise ValueError(f"beam must be at most {MAX_BEAM} (each beam decodes a copy of the batch), "
+                             f"not {self.beam}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, not {self.limit}")
 

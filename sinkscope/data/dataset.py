@@ -37,9 +37,11 @@ from sinkscope.data.media import (
     ROI,
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
+    SNR_DB_RANGE,
     VIDEO_MEAN,
     VIDEO_STD,
     DataError,
+    check_snr,
     mix_at_snr,
     read_video,
     read_wav,
@@ -91,9 +93,13 @@ class AVSRDataset(Dataset):
             raise DataError(f"{self.root}: no utterances in split {split!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise DataError(f"limit must be a positive number of utterances, not {limit!r}")
-        if snr not in (None, "train") and (isinstance(snr, bool) or not isinstance(snr, int | float)
-                                           or not math.isfinite(snr)):
-            raise DataError(f"snr must be None, 'train' or a number of dB, not {snr!r}")
+        if snr not in (None, "train"):
+            try:
+                check_snr(snr)
+            except ValueError:
+                low, high = SNR_DB_RANGE
+                raise DataError(f"snr must be None, 'train' or a number of dB in [{low:g}, {high:g}], not "
+                                f"{snr!r}") from None
         if noise not in ("babble", "white"):
             raise DataError(f"noise must be 'babble' or 'white', not {noise!r}")
         if n_mels not in (80, 128):

@@ -101,11 +101,25 @@ def _decode_video(name: str, size: int, mtime_ns: int) -> np.ndarray:
     return video
 
 
+SNR_DB_RANGE = (-50.0, 100.0)
+"""The signal-to-noise ratios (dB) that noise can be mixed at: at -50 dB the speech is 1/100,000 of the power, at
+100 dB the noise is 1e-10 of it (clean: no SNR at all); beyond, 10^(SNR/10) overflows or says nothing more."""
+
+
+def check_snr(snr_db, what: str = "snr") -> float:
+    """`snr_db` as a float after checking that it is a finite number of dB within `SNR_DB_RANGE`."""
+    low, high = SNR_DB_RANGE
+    if isinstance(snr_db, bool) or not isinstance(snr_db, int | float) or not math.isfinite(snr_db) \
+            or not low <= snr_db <= high:
+        raise ValueError(f"{what} must be a number of dB in [{low:g}, {high:g}], not {snr_db!r}")
+    return float(snr_db)
+
+
 def mix_at_snr(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
     """`speech + g * noise` with g chosen so that 10 log10(P_speech / P_noise) = snr_db."""
     noise = np.resize(noise, speech.shape)
     p_s, p_n = float(np.mean(speech**2)), float(np.mean(noise**2))
     if p_n == 0.0 or p_s == 0.0:
         return speech.copy()
-    gain = math.sqrt(p_s / (p_n * 10 ** (snr_db / 10)))
+    gain = math.sqrt(p_s / (p_n * 10 ** (check_snr(snr_db) / 10)))
     return (speech + gain * noise).astype(np.float32)

@@ -8,7 +8,6 @@ decorrelation term (mean cos^2 to BOS, measured also when its weight is 0) are l
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sinkscope.config import load_config, write_results
+from sinkscope.data.media import SNR_DB_RANGE, check_snr
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import evaluate
 from sinkscope.models.avsr import AVSRConfig, AVSRModel, dataset_for
@@ -51,9 +51,13 @@ class TrainConfig:
         if self.lr <= 0 or self.decorrelation < 0 or self.warmup_steps < 0:
             raise ValueError(f"lr must be > 0 and decorrelation, warmup_steps >= 0 (got lr={self.lr}, "
                              f"decorrelation={self.decorrelation}, warmup_steps={self.warmup_steps})")
-        if self.snr not in ("train", None) and (isinstance(self.snr, str) or not math.isfinite(self.snr)):
-            raise ValueError(f"snr must be 'train' (sampled per utterance), null (clean) or a number of dB, not "
-                             f"{self.snr!r}")
+        if self.snr not in ("train", None):
+            try:
+                check_snr(self.snr)
+            except ValueError:
+                low, high = SNR_DB_RANGE
+                raise ValueError(f"snr must be 'train' (sampled per utterance), null (clean) or a number of dB in "
+                                 f"[{low:g}, {high:g}], not {self.snr!r}") from None
         self.model.check()
 
     @property

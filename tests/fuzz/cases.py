@@ -609,7 +609,7 @@ def config_cases() -> list[Case]:
     values = {"epochs": ["0", "-1", "ten", "1.5", "null", "[1]", "true", "1e9999"],
               "batch_size": ["0", "-4", "'8'"], "max_train": ["-3", "0"], "decorrelation": ["-1", ".nan", ".inf",
                                                                                               "lots"],
-              "lr": ["-0.001", "fast", "0", ".nan"], "warmup_steps": ["-1"], "snr": ["loud", "[1, 2]"],
+              "lr": ["-0.001", "fast", "0", ".nan"], "warmup_steps": ["-1"], "snr": ["loud", "[1, 2]", "1e30"],
               "seed": ["abc"], "model": ["5", "[1]"], "nonsense_key": ["1"]}
     for key, options in values.items():
         for value in options:
@@ -817,6 +817,7 @@ def cli_cases() -> list[Case]:
     ev = ["eval", "--checkpoint", "demo"]
     for label, args in {"snr-nan": ["--snr", "nan"], "snr-minus-inf": ["--snr", "-inf"], "limit-negative":
                         ["--limit", "-1"], "beam-zero": ["--beam", "0"], "no-data": [],
+                        "snr-huge": ["--snr", "1e30"], "beam-huge": ["--beam", "100000"],
                         "data-missing": ["--data", "/nonexistent/corpus"],
                         "checkpoint-missing": ["--checkpoint", "/nonexistent/run"],
                         "rate-not-a-number": ["--rate", "x,y"]}.items():

@@ -76,10 +76,10 @@ def info() -> None:
 @app.command()
 def prepare(model: str = typer.Option("smollm2-135m", help="Known name, .gguf file or HF directory.")) -> None:
     """Convert and cache an LLM so that later loads take seconds."""
-    from sinkscope.models.llm import resolve_llm_dir
+    from sinkscope.models.llm import checked_llm_source
 
     with clean_errors():
-        where = resolve_llm_dir(model)
+        where = checked_llm_source(model)  # a known name or .gguf converted and cached; anything else checked
     console.print(f"{model} ready at {where}")
 
 
@@ -103,7 +103,7 @@ def data_synth(
 @app.command("app")
 def run_app(
     root: Path = typer.Option(None, help="Directory of traces (default: $SINKSCOPE_ROOT or traces/)."),
-    port: int = typer.Option(8501, help="Port to serve on (localhost)."),
+    port: int = typer.Option(8501, min=1, max=65535, help="Port to serve on (localhost)."),
     headless: bool = typer.Option(True, "--headless/--open-browser", help="Open a browser tab or not."),
 ) -> None:
     """Open the Streamlit trace browser."""

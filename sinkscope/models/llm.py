@@ -190,6 +190,24 @@ def resolve_llm_dir(name_or_path: str | os.PathLike) -> Path | str:
     return name_or_path if not Path(key).exists() else Path(key)
 
 
+def checked_llm_source(name_or_path: str | os.PathLike) -> Path | str:
+    """`resolve_llm_dir(name_or_path)` after checking that it names a model: a directory with a config.json that
+    transformers reads, or a hub id in the local cache. Raises ModelLoadError naming the input otherwise."""
+    source = resolve_llm_dir(name_or_path)
+    if isinstance(source, Path):
+        if not (source / "config.json").is_file():
+            raise ModelLoadError(f"{source} is not a Hugging Face model directory: it has no config.json.")
+    known = ", ".join(KNOWN_MODELS)
+    try:
+        AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Cannot load '{name_or_path}': it is not a known name ({known}), a .gguf file, a model directory, "
+            f"or a hub id in the local Hugging Face cache ({type(exc).__name__}: {exc})."
+        ) from exc
+    return source
+
+
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -209,18 +227,7 @@ def load_llm(
     The model is in eval mode on `device`. The tokenizer always has a pad token (EOS when it had none).
     """
     torch_dtype = _as_dtype(dtype)
-    source = resolve_llm_dir(name_or_path)
-    if isinstance(source, Path):
-        if not (source / "config.json").is_file():
-            raise ModelLoadError(f"{source} is not a Hugging Face model directory: it has no config.json.")
-    known = ", ".join(KNOWN_MODELS)
-    try:
-        AutoConfig.from_pretrained(source)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"Cannot load '{name_or_path}': it is not a known name ({known}), a .gguf file, a model directory, "
-            f"or a hub id in the local Hugging Face cache ({type(exc).__name__}: {exc})."
-        ) from exc
+    source = checked_llm_source(name_or_path)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()

@@ -857,6 +857,9 @@ def cli_cases() -> list[Case]:
     cases.append(Case("cli", "synth-vocab-bad", lambda d: d / "c", lambda out: cli(
         "data", "synth", "--out", out, "--n", "2", "--vocab", "klingon")))
     cases.append(Case("cli", "app-root-missing", lambda d: d / "nope", lambda root: cli("app", "--root", root)))
+    cases.append(Case("cli", "app-port-out-of-range", lambda d: d, lambda d: cli("app", "--port", "99999")))
+    cases.append(Case("cli", "prepare-unknown-model", lambda d: d, lambda d: cli("prepare", "--model", "no-such-llm")))
+    cases.append(Case("cli", "prepare-not-a-model-dir", _with_files, lambda d: cli("prepare", "--model", d)))
     cases.append(Case("cli", "synth-resume-same", lambda d: _copy("corpus", d), lambda out: cli(
         "data", "synth", "--out", out, "--n", "4", "--workers", "1"), expect="ok",
         check=lambda ctx, out: "already there" in out, protect=lambda d: sorted((d / "corpus").rglob("*.wav"))))

@@ -40,6 +40,13 @@ def test_the_hang_cases_end_within_a_second(outcomes):
 def test_messages_name_the_file_and_the_field(outcomes):
     by_name = {f"{o.family}/{o.name}": o.detail for o in outcomes}
     assert "manifest.jsonl:1: field 'id' is 123" in by_name["corpus/manifest-id-int"]
+    # each refused for what its name says, not for another field the case left out
+    assert "points must be a list of mappings, not 5" in by_name["cli/sweep-points-not-list"]
+    assert "eval.snr[0] must be a number of dB in [-50, 100]" in by_name["cli/sweep-eval-snr-huge"]
+    assert "record.n must be a whole number >= 0" in by_name["cli/sweep-record-n-negative"]
+    assert "field 'thresholds' is None" in by_name["traces/manifest-thresholds-null"]
+    assert "field 'thresholds.sink_head_fraction' is 'half'" in by_name["traces/manifest-head-fraction-string"]
+    assert "Cannot load 'no-such-llm'" in by_name["cli/prepare-unknown-model"]
     assert "manifest.jsonl:1: field 'n_frames' is '60'" in by_name["corpus/manifest-n_frames-string"]
     assert "already used at line 1" in by_name["corpus/manifest-duplicate-id"]
     assert "meta.json: field 'tokens' is 'abcdefghijkl'" in by_name["traces/meta-tokens-string"]

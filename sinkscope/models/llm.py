@@ -203,7 +203,7 @@ def checked_llm_source(name_or_path: str | os.PathLike) -> Path | str:
     except Exception as exc:
         raise ModelLoadError(
             f"Cannot load '{name_or_path}': it is not a known name ({known}), a .gguf file, a model directory, "
-            f"or a hub id in the local Hugging Face cache ({type(exc).__name__}: {exc})."
+            f"or a hub id in the local Hugging Face cache ({type(exc).__name__}: {' '.join(str(exc).split())})."
         ) from exc
     return source
 

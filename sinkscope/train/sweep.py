@@ -66,6 +66,17 @@ class SweepConfig:
     path: str = "sweep"
 
     def __post_init__(self) -> None:
+        for name, kind, what in (("grid", dict, "a mapping of axis -> list of values"),
+                                 ("points", list, "a list of mappings"), ("set", dict, "a mapping of overrides"),
+                                 ("eval", dict, "a mapping (snr, limit, split)"),
+                                 ("record", dict, "a mapping (n, split)")):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"{name} must be {what}, not {value!r}")
+        for name in ("base", "out", "results"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a path, not {getattr(self, name)!r}")
+        self.grid, self.points, self.set = self.grid or {}, self.points or [], self.set or {}
         self.eval = {"snr": [None], "limit": None, "split": "test", **(self.eval or {})}
         if not isinstance(self.eval["snr"], list):
             self.eval["snr"] = [self.eval["snr"]]
@@ -75,6 +86,22 @@ class SweepConfig:
             unknown = sorted(set(section) - known)
             if unknown:
                 raise ValueError(f"{name}: unknown field(s) {unknown}; known: {sorted(known)}")
+            if not isinstance(section["split"], str) or not section["split"]:
+                raise ValueError(f"{name}.split must be a split name such as test, not {section['split']!r}")
+        # checked here, not when a point reaches its scoring or recording after minutes of training
+        from sinkscope.data.media import check_snr
+
+        for k, snr in enumerate(self.eval["snr"]):
+            if snr is not None:
+                check_snr(snr, f"eval.snr[{k}]")
+        if len(set(self.tags)) != len(self.tags):
+            raise ValueError(f"eval.snr lists an SNR twice: {self.eval['snr']}")
+        limit = self.eval["limit"]
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"eval.limit must be a whole number >= 1 or null (every utterance), not {limit!r}")
+        n = self.record["n"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"record.n must be a whole number >= 0 (0: no trace), not {n!r}")
 
     @property
     def tags(self) -> list[str]:

@@ -839,8 +839,14 @@ def cli_cases() -> list[Case]:
         "train", "--config", cfg)))
     cases.append(Case("cli", "sweep-config-missing", lambda d: d / "nope.yaml", lambda cfg: cli(
         "sweep", "--config", cfg)))
-    cases.append(Case("cli", "sweep-points-not-list", lambda d: _yaml("out: x\nbase: y\npoints: 5\n", d),
+    cases.append(Case("cli", "sweep-points-not-list", lambda d: _yaml(
+        "out: x\nbase: y\nresults: r.csv\npoints: 5\n", d),
                       lambda cfg: cli("sweep", "--config", cfg, "--list")))
+    for label, section in {"eval-snr-huge": "eval: {snr: [1.0e+30]}", "eval-limit-zero": "eval: {limit: 0}",
+                           "record-n-negative": "record: {n: -3}", "eval-snr-twice": "eval: {snr: [0, 0.0]}"}.items():
+        cases.append(Case("cli", f"sweep-{label}", lambda d, section=section: _yaml(
+            f"out: x\nbase: y\nresults: r.csv\ngrid: {{decorrelation: [0.0]}}\n{section}\n", d),
+            lambda cfg: cli("sweep", "--config", cfg, "--list")))
     cases.append(Case("cli", "export-onto-itself", lambda d: _copy("run", d), lambda run: cli("export", run, run)))
     cases.append(Case("cli", "export-missing-run", lambda d: d / "nope", lambda run: cli("export", run, run.parent
                                                                                           / "out")))

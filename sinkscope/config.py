@@ -259,12 +259,14 @@ def provenance(verb: str) -> dict:
             "git_commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[str, ...] = ()) -> Path:
+def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[str, ...] = (),
+                 lock: bool = True) -> Path:
     """Check, before any work starts, that a job may write into `out`, and create it.
 
     Accepted: a missing or empty directory, or one this kind of job wrote before (its `run.json` names one of
     `verbs`, or it holds one of `markers`, e.g. a checkpoint's `state.json`). Refused with a message: a file, a
-    directory of other files (they are never overwritten), a directory that cannot be written."""
+    directory of other files (they are never overwritten), a directory that cannot be written, and (`lock`) a
+    directory that another sinkscope process is writing now (`lock_output`)."""
     out = Path(out)
     verbs = (verbs,) if isinstance(verbs, str) else tuple(verbs)
     if out.exists() and not out.is_dir():
@@ -279,7 +281,45 @@ def claim_output(out: str | Path, verbs: str | tuple[str, ...], markers: tuple[s
             raise SinkscopeError(f"output {out}: holds files that `sinkscope {verbs[0]}` did not write (its "
                                  f"{RUN_FILE} is missing or names another command); they are left untouched; "
                                  "choose a new or empty directory")
-    return make_writable_dir(out, f"output {out}")
+    out = make_writable_dir(out, f"output {out}")
+    if lock:
+        lock_output(out, verbs[0])
+    return out
+
+
+HELD_LOCKS: dict[str, int] = {}
+"""Output directories this process holds the lock of (`lock_output`): resolved path -> the open descriptor."""
+
+
+def lock_output(out: Path, verb: str) -> None:
+    """Hold an exclusive lock on the directory `out` (flock on the directory itself: no file is added to it) until
+    `release_locks` or the process ends, so that a second job writing into the same directory (a resumed run
+    started twice, two terminals) is refused at once instead of interleaving checkpoints, samples or rows with the
+    first. The kernel drops the lock of a killed process, so a stale lock never blocks a resume."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return
+    key = str(out.resolve())
+    if key in HELD_LOCKS:  # this process holds it already (a sweep point's run, scored after training)
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SinkscopeError(f"output {out}: another process is writing there now (it holds the directory's "
+                             f"lock); wait until it finishes, or give `sinkscope {verb}` another directory; nothing "
+                             "was changed") from None
+    HELD_LOCKS[key] = fd
+
+
+def release_locks() -> None:
+    """Drop every output lock this process holds (at the end of a command)."""
+    while HELD_LOCKS:
+        _, fd = HELD_LOCKS.popitem()
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 CLAIMED: list[Path] = []

@@ -235,3 +235,32 @@ def test_sinkscope_app_serves(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_an_output_another_process_is_writing_is_refused_and_a_killed_holder_blocks_nothing(tmp_path, tiny_dir):
+    """Two jobs into one output directory (a resumed run started twice) would interleave samples, checkpoints or
+    rows: the second is refused while the first holds the directory's lock, with nothing changed; the kernel drops
+    the lock of a killed process, so a resume after a kill -9 goes ahead."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "trace"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from sinkscope.config import lock_output; "
+         "lock_output(Path(sys.argv[1]), 'record'); print('held', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(out), "--text", TEXTS[0]])
+        assert res.exit_code == 1
+        assert "another process is writing there now" in " ".join(res.output.split()), res.output
+        assert list(out.iterdir()) == [], "nothing was written"
+    finally:
+        holder.kill()
+        holder.wait()
+    res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(out), "--text", TEXTS[0]])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(out), "--text", TEXTS[1], "--resume"])
+    assert res.exit_code == 0, res.output  # the same process again: its lock was dropped when the command ended
+    assert len(Trace.load(out)) == 2

@@ -92,8 +92,9 @@ DEBUG = {"on": False}
 @contextmanager
 def clean_errors() -> Iterator[None]:
     """User errors end the command with a message that names the input, not a traceback (`--debug` shows it). An
-    output directory the command created and left empty is removed again (`config.release_claims`)."""
-    from sinkscope.config import CLAIMED, release_claims
+    output directory the command created and left empty is removed again (`config.release_claims`), and the
+    command's output locks are dropped (`config.release_locks`)."""
+    from sinkscope.config import CLAIMED, release_claims, release_locks
 
     CLAIMED.clear()
     try:
@@ -106,3 +107,5 @@ def clean_errors() -> Iterator[None]:
     except BaseException:
         release_claims()
         raise
+    finally:
+        release_locks()  # the command's output locks (config.lock_output); the process may go on (tests, notebooks)

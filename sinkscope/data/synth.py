@@ -33,7 +33,7 @@ from queue import Empty
 import numpy as np
 
 from sinkscope import __version__
-from sinkscope.config import make_writable_dir
+from sinkscope.config import lock_output, make_writable_dir
 from sinkscope.data.media import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from sinkscope.data.text import grid_sentence, open_sentence, spoken_form
 from sinkscope.data.tts import Espeak, Voice
@@ -240,6 +240,7 @@ def synthesize(out: str | os.PathLike, cfg: SynthConfig, workers: int = 1,
         raise SinkscopeError(f"--out {out} is not empty ({found}, ...) and is not a corpus of `sinkscope data synth` "
                              "(no synth_config.json): nothing was written; choose an empty or new directory")
     make_writable_dir(out, f"--out {out}")
+    lock_output(out, "data synth")
     wanted = {"sinkscope_version": __version__, **asdict(cfg)}
     if cfg.vocab == "open":
         from importlib.metadata import version

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
+from filelock import FileLock
 from plotly.subplots import make_subplots
 
 from sinkscope.errors import SinkscopeError
@@ -40,16 +41,19 @@ def append_row(path: str | Path, row: dict, columns: Sequence[str]) -> None:
     """Append one row: the whole file is rewritten to a temporary file and renamed into place, so a kill leaves
     either the old table or the new one, never a partial row."""
     path = Path(path)
-    rows = read_rows(path, columns)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows([*rows, row])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # read, add, rename under a lock: two sweeps with --point writing one table at once each read the table before
+    # the other's row, and the second rename dropped the first row (a `.NAME.lock` file beside it, git-ignored)
+    with FileLock(str(path.with_name(f".{path.name}.lock"))):
+        rows = read_rows(path, columns)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows([*rows, row])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 MODES = ("asr", "vsr", "avsr")

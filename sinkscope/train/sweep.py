@@ -274,7 +274,7 @@ def row_names(spec: SweepConfig, name: str, overrides: dict) -> list[str]:
 def run_sweep(spec: SweepConfig, log: Callable[[str], None] = print, progress: Callable | None = None,
               until_epoch: int | None = None, only: list[str] | None = None) -> list[dict]:
     """Run every point that has no row yet (or those named in `only`); returns all rows."""
-    claim_output(spec.out, "sweep")
+    claim_output(spec.out, "sweep", lock=False)  # points in parallel (--point) share it; each run locks its own
     write_run_files(spec.out, "sweep", spec)
     points = spec.all_points
     if only:

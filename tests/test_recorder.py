@@ -177,6 +177,15 @@ def test_recorder_refuses_cached_decoding_and_bad_requests():
     model = tiny_llama()
     with pytest.raises(RecorderError, match="outside the model"):
         Recorder(model, attention_maps=[(7, 0)])
+    for kwargs, message in ((dict(top_k=0), "top_k is the number of features kept per token"),
+                            (dict(abs_threshold=-1.0), "abs_threshold must be a finite number >= 0"),
+                            (dict(rel_threshold=float("nan")), "rel_threshold must be a finite number >= 0"),
+                            (dict(hidden_dtype=torch.int8), "hidden_dtype must be a floating-point torch dtype"),
+                            (dict(attention_maps=[(0.5, 1)]), "0.5 is not one"),
+                            (dict(hidden_states=["2"]), "'2' is not one")):
+        with pytest.raises(RecorderError, match=message):  # before: a crash mid-forward, or accepted silently
+            Recorder(model, **kwargs)
+    Recorder(model, top_k=10**6, abs_threshold=np.float32(50), rel_threshold=0)  # top_k is capped at the width
     ids = torch.randint(3, 128, (1, 6))
     out = model(input_ids=ids, use_cache=True)
     # transformers 5.2x calls the cache `cache` (`past_key_values` is deprecated); older 5.x only takes the latter

@@ -111,8 +111,23 @@ class Recorder:
         self.n_layers = len(self.layers)
         self.n_heads = int(cfg.num_attention_heads)
         self.hidden_size = int(cfg.hidden_size)
+        attention_maps, hidden_states = list(attention_maps), list(hidden_states)
+        for value in [x for pair in attention_maps for x in pair] + hidden_states:
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise RecorderError(f"attention maps and hidden-state layers are given as whole numbers (layer, head "
+                                    f"and layer indices); {value!r} is not one")
         self.attention_maps = sorted({(int(layer), int(head)) for layer, head in attention_maps})
         self.hidden_layers = sorted({int(layer) for layer in hidden_states})
+        if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+            raise RecorderError(f"top_k is the number of features kept per token, a whole number >= 1, not {top_k!r}")
+        for name, value in (("abs_threshold", abs_threshold), ("rel_threshold", rel_threshold)):
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not np.isfinite(value) \
+                    or value < 0:
+                raise RecorderError(f"{name} must be a finite number >= 0 (a massive activation is |h| >= "
+                                    f"abs_threshold and >= rel_threshold x the layer's median |h|), not {value!r}")
+        if not (isinstance(hidden_dtype, torch.dtype) and hidden_dtype.is_floating_point):
+            raise RecorderError(f"hidden_dtype must be a floating-point torch dtype (float32, float16, bfloat16), "
+                                f"not {hidden_dtype!r}")
         for layer, head in self.attention_maps:
             if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
                 raise RecorderError(f"attention map ({layer}, {head}) is outside the model's "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -312,6 +313,24 @@ def lock_output(out: Path, verb: str) -> None:
                              f"lock); wait until it finishes, or give `sinkscope {verb}` another directory; nothing "
                              "was changed") from None
     HELD_LOCKS[key] = fd
+
+
+def releases_locks(job):
+    """Decorate a job function (`run_record`, `run_eval`, `train`, ...): the output locks it takes are dropped when
+    it returns or fails, so that a notebook or a sweep that goes on in the same process leaves the directory free
+    for other processes."""
+
+    @functools.wraps(job)
+    def wrapper(*args, **kwargs):
+        before = set(HELD_LOCKS)
+        try:
+            return job(*args, **kwargs)
+        finally:
+            for key in set(HELD_LOCKS) - before:
+                with contextlib.suppress(OSError):
+                    os.close(HELD_LOCKS.pop(key))
+
+    return wrapper
 
 
 def release_locks() -> None:

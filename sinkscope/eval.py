@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from sinkscope.config import releases_locks
 from sinkscope.data.dataset import BucketBatchSampler, collate
 from sinkscope.data.media import check_snr
 from sinkscope.errors import SinkscopeError
@@ -134,6 +135,7 @@ def rate_index(cfg, rate: str) -> int:
     raise SinkscopeError(f"--rate {rate}: this {cfg.mode} model runs at {known}")
 
 
+@releases_locks
 def run_eval(cfg: EvalConfig) -> dict:
     """Decode and score as `cfg` says; writes `hypotheses.csv`, config.yaml, run.json and results.json into the
     output directory and returns the results (wer, cer, n, mode, ...)."""

@@ -264,3 +264,11 @@ def test_an_output_another_process_is_writing_is_refused_and_a_killed_holder_blo
     res = runner.invoke(app, ["record", "--model", str(tiny_dir), "--out", str(out), "--text", TEXTS[1], "--resume"])
     assert res.exit_code == 0, res.output  # the same process again: its lock was dropped when the command ended
     assert len(Trace.load(out)) == 2
+    # from Python (a notebook) too: the job drops its lock when it returns, so another process may go on there
+    from sinkscope.record.run import RecordConfig, run_record
+
+    run_record(RecordConfig(out=str(out), model=str(tiny_dir), text=(TEXTS[2],), resume=True))
+    probe = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from sinkscope.config import "
+                            "lock_output; lock_output(Path(sys.argv[1]), 'record'); print('free')", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "free", probe.stderr

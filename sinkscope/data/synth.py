@@ -33,7 +33,7 @@ from queue import Empty
 import numpy as np
 
 from sinkscope import __version__
-from sinkscope.config import lock_output, make_writable_dir
+from sinkscope.config import lock_output, make_writable_dir, releases_locks
 from sinkscope.data.media import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from sinkscope.data.text import grid_sentence, open_sentence, spoken_form
 from sinkscope.data.tts import Espeak, Voice
@@ -227,6 +227,7 @@ def _run_shards(jobs: list[tuple], workers: int, progress: Callable[[int], None]
     return rows
 
 
+@releases_locks
 def synthesize(out: str | os.PathLike, cfg: SynthConfig, workers: int = 1,
                progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Generate (or resume) the corpus at `out`; return (utterances generated now, already there)."""

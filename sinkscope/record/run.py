@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sinkscope.config import releases_locks
 from sinkscope.errors import SinkscopeError, TraceError
 from sinkscope.record.recorder import Recorder
 from sinkscope.trace import MANIFEST, TraceWriter
@@ -265,6 +266,7 @@ def _device(name: str) -> torch.device:
         raise SinkscopeError(f"--device {name!r} is not a device (cpu, cuda or cuda:N)") from exc
 
 
+@releases_locks
 def run_record(cfg: RecordConfig, progress: Callable | None = None, total: Callable | None = None) -> dict:
     """Record as `cfg` says; writes config.yaml, run.json and results.json into the trace directory too.
     `total(n)` is told how many samples the run covers; `progress(k)` after every batch."""

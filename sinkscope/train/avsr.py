@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sinkscope.config import load_config, write_results
+from sinkscope.config import load_config, releases_locks, write_results
 from sinkscope.data.media import SNR_DB_RANGE, check_snr
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import evaluate
@@ -113,6 +113,7 @@ class AVSRTask:
         return {k: result[k] for k in ("wer", "cer", "n")}
 
 
+@releases_locks
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: Progress | None = None,
           until_epoch: int | None = None, model_factory: Callable | None = None, verb: str = "train") -> dict:
     """Train (or resume) an AVSR model into `cfg.out`; writes config.yaml, run.json and results.json there and

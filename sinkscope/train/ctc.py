@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sinkscope.config import write_results
+from sinkscope.config import releases_locks, write_results
 from sinkscope.data.dataset import AVSRDataset
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import loader, score
@@ -128,6 +128,7 @@ class CTCTask:
         return score(refs, hyps)
 
 
+@releases_locks
 def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print, progress: Progress | None = None,
              until_epoch: int | None = None) -> dict:
     """Train each modality's encoder with CTC into `cfg.out/<modality>`, resuming a run that is there; writes

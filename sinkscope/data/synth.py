@@ -49,6 +49,7 @@ SPEAKERS: list[Voice] = [
 ]
 TEST_SPEAKERS = {8, 9}
 SHARDS = 16
+MAX_UTTERANCES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class SynthConfig:
     def check(self) -> None:
         if self.n < 1:
             raise SinkscopeError(f"--n must be at least 1, not {self.n}")
+        if self.n > MAX_UTTERANCES:
+            raise SinkscopeError(f"--n {self.n:,} is more than the {MAX_UTTERANCES:,} utterances one corpus holds (its "
+                                 "plan, one entry an utterance, is made in memory before the first is spoken; at a few "
+                                 "utterances a second a million already takes days): make several corpora")
+        if self.seed < 0:
+            raise SinkscopeError(f"--seed must be a whole number >= 0, not {self.seed}")
         if self.vocab not in ("grid", "open"):
             raise SinkscopeError(f"--vocab must be grid or open, not {self.vocab!r}")
 

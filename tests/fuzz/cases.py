@@ -862,6 +862,10 @@ def cli_cases() -> list[Case]:
                                                                                 "--n", "0")))
     cases.append(Case("cli", "synth-vocab-bad", lambda d: d / "c", lambda out: cli(
         "data", "synth", "--out", out, "--n", "2", "--vocab", "klingon")))
+    cases.append(Case("cli", "synth-seed-negative", lambda d: d / "c", lambda out: cli(
+        "data", "synth", "--out", out, "--n", "2", "--seed", "-1", "--workers", "1")))
+    cases.append(Case("cli", "synth-n-huge", lambda d: d / "c", lambda out: cli(
+        "data", "synth", "--out", out, "--n", "100000000", "--workers", "1"), limit=5))
     cases.append(Case("cli", "app-root-missing", lambda d: d / "nope", lambda root: cli("app", "--root", root)))
     cases.append(Case("cli", "app-port-out-of-range", lambda d: d, lambda d: cli("app", "--port", "99999")))
     cases.append(Case("cli", "prepare-unknown-model", lambda d: d, lambda d: cli("prepare", "--model", "no-such-llm")))

@@ -46,7 +46,9 @@ def test_bad_benchmark_arguments_are_refused_by_name(monkeypatch, capsys):
                           (["--shapes", "llama-3.2-1b"], "shapes are for --random-weights"),
                           (["--lengths", "0"], "'0' is not a sequence length"),
                           (["--lengths", "512,abc"], "'abc' is not a sequence length"),
-                          (["--methods", "sdpa,foo"], "unknown ['foo']")):
+                          (["--methods", "sdpa,foo"], "unknown ['foo']"),
+                          # a CPU smoke run must not land on the GPU's committed results (it did, in session 25)
+                          (["--random-weights", "--shapes", "smollm2-135m"], "give it --out DIR")):
         res = runner.invoke(app, ["record", "--device", "cpu", *args])
         assert res.exit_code == 2 and message in " ".join(res.output.replace("│", "").split()), (args, res.output)
     for argv, message in ((["--device", "cuda"], "this torch has no CUDA device here"),
@@ -59,7 +61,7 @@ def test_bad_benchmark_arguments_are_refused_by_name(monkeypatch, capsys):
     seen = []  # --lengths with --random-weights: those lengths at B=1 for each shape, instead of the cases
     monkeypatch.setattr(gpu, "main", seen.append)
     res = runner.invoke(app, ["record", "--device", "cpu", "--random-weights", "--shapes", "smollm2-135m,llama-3.2-1b",
-                              "--lengths", "4096,65536"])
+                              "--lengths", "4096,65536", "--out", "unused"])
     assert res.exit_code == 0, res.output
     argv = seen[0]
     assert argv[argv.index("--cases") + 1] == ("smollm2-135m:1:4096,smollm2-135m:1:65536,llama-3.2-1b:1:4096,"

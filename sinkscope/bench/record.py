@@ -321,6 +321,10 @@ def record(
         if unknown or not names:
             raise typer.BadParameter(f"unknown {unknown or shapes!r}; known: {', '.join(gpu.SHAPES)}",
                                      param_hint="--shapes")
+        if out is None and not device.startswith("cuda"):
+            # the default, experiments/results/gpu, holds the GPU's committed results: a CPU smoke run overwrote them
+            raise typer.BadParameter("--random-weights on the CPU is a smoke test: give it --out DIR (the default, "
+                                     "experiments/results/gpu, holds the GPU's measured results)", param_hint="--out")
         argv = ["--device", device.split(":")[0], "--reps", str(min(reps, 3)), "--eager",
                 "--out", str(out or "experiments/results/gpu"), "--shapes", ",".join(names)]
         if ts is not None:  # these lengths at B=1 instead of the cases

@@ -326,19 +326,17 @@ def releases_locks(job):
         try:
             return job(*args, **kwargs)
         finally:
-            for key in set(HELD_LOCKS) - before:
-                with contextlib.suppress(OSError):
-                    os.close(HELD_LOCKS.pop(key))
+            release_locks(set(HELD_LOCKS) - before)
 
     return wrapper
 
 
-def release_locks() -> None:
-    """Drop every output lock this process holds (at the end of a command)."""
-    while HELD_LOCKS:
-        _, fd = HELD_LOCKS.popitem()
+def release_locks(keys=None) -> None:
+    """Drop the output locks of `keys` (resolved paths), or every one this process holds (at the end of a
+    command)."""
+    for key in list(HELD_LOCKS) if keys is None else keys:
         with contextlib.suppress(OSError):
-            os.close(fd)
+            os.close(HELD_LOCKS.pop(key))
 
 
 CLAIMED: list[Path] = []

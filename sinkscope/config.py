@@ -331,6 +331,20 @@ def releases_locks(job):
     return wrapper
 
 
+def _forget_inherited_locks() -> None:
+    """In a forked child (a worker of `data synth`'s pool): close the inherited lock descriptors. An flock belongs
+    to the open file, which fork shares, so a worker that outlived a killed parent kept the directory locked and
+    refused the user's resume; closing the child's copy leaves the parent's lock as it was."""
+    for fd in HELD_LOCKS.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_locks)
+
+
 def release_locks(keys=None) -> None:
     """Drop the output locks of `keys` (resolved paths), or every one this process holds (at the end of a
     command)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import runpy
+import time
 
 import pytest
 import tokenizers
@@ -272,3 +273,28 @@ def test_an_output_another_process_is_writing_is_refused_and_a_killed_holder_blo
                             "lock_output; lock_output(Path(sys.argv[1]), 'record'); print('free')", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "free", probe.stderr
+
+
+def test_a_forked_worker_does_not_keep_the_output_locked(tmp_path):
+    """`data synth` forks its workers: had they inherited the directory's lock, a worker still alive after its
+    parent was killed (or after the job returned) would refuse the user's resume."""
+    import multiprocessing
+    import subprocess
+    import sys
+
+    from sinkscope.config import lock_output, release_locks
+
+    out = tmp_path / "corpus"
+    out.mkdir()
+    lock_output(out, "data synth")
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    child.start()
+    try:
+        release_locks()
+        probe = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from sinkscope.config "
+                                "import lock_output; lock_output(Path(sys.argv[1]), 'data synth'); print('free')",
+                                str(out)], capture_output=True, text=True, timeout=120)
+        assert probe.stdout.strip() == "free", probe.stderr
+    finally:
+        child.kill()
+        child.join()

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from sinkscope.errors import SinkscopeError
+from sinkscope.train.results import load_results
+
 RESULTS = Path(__file__).resolve().parent / "results" / "decorrelation.csv"
 GROUPS = ("delimiter", "audio", "video", "prompt")
 
@@ -27,9 +30,10 @@ def _values(series: pd.Series) -> str:
 
 
 def main(path: Path = RESULTS) -> None:
-    if not path.is_file():
-        sys.exit(f"{path}: no results yet (run sinkscope sweep --config experiments/configs/sweep_decorrelation.yaml)")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.DataFrame(load_results(path))
+    except SinkscopeError as exc:
+        sys.exit(str(exc))
     df["lam"] = pd.to_numeric(df["decorrelation"])
     df["rate"] = [f"K_a={a}" if m == "asr" else f"K_v={v}" if m == "vsr" else f"K_a={a}, K_v={v}"
                   for m, a, v in zip(df["mode"], df["k_audio"], df["k_video"], strict=True)]

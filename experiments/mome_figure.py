@@ -10,15 +10,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from sinkscope.train.results import mome_comparison_figure, write_figure
+from sinkscope.errors import SinkscopeError
+from sinkscope.train.results import load_results, mome_comparison_figure, write_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 if __name__ == "__main__":
-    if not (RESULTS / "mome.csv").is_file():
-        sys.exit(f"{RESULTS / 'mome.csv'} does not exist yet: run the MoME sweep first")
-    mome, single = (pd.read_csv(RESULTS / f"{name}.csv", dtype=str, keep_default_na=False).to_dict("records")
-                    for name in ("mome", "decorrelation"))
+    try:
+        mome, single = (load_results(RESULTS / f"{name}.csv") for name in ("mome", "decorrelation"))
+    except SinkscopeError as exc:
+        sys.exit(str(exc))
     print(write_figure(mome_comparison_figure(mome, single), RESULTS / "mome_vs_single"))

@@ -4,6 +4,7 @@ a killed sweep continues; a row is never half-written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -251,3 +252,44 @@ def test_rows_appended_by_two_processes_at_once_are_all_kept(tmp_path):
         assert w.exitcode == 0
     rows = results_mod.read_rows(path, ["who", "i"])
     assert sorted((r["who"], int(r["i"])) for r in rows) == [(w, i) for w in "ab" for i in range(150)]
+
+
+def test_the_experiment_scripts_refuse_a_damaged_results_file_by_line_and_column(tmp_path):
+    """experiments/decorrelation_table.py and the figure scripts read results through `load_results`: a damaged
+    CSV is named with its line and column, never a pandas traceback; the committed table still reads."""
+    import csv
+    import subprocess
+    import sys
+
+    from sinkscope.train.results import load_results
+
+    committed = Path(__file__).resolve().parents[1] / "experiments" / "results" / "decorrelation.csv"
+    rows = list(csv.reader(committed.open(newline="")))
+    assert len(load_results(committed)) == len(rows) - 1
+
+    def damaged(name, edit):
+        copy = [list(r) for r in rows[:3]]
+        edit(copy)
+        path = tmp_path / f"{name}.csv"
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows(copy)
+        return path
+
+    col = rows[0].index("decorrelation")
+    cases = {
+        damaged("number", lambda r: r[2].__setitem__(col, "lots")): r"line 3, column 'decorrelation': 'lots' is not",
+        damaged("mode", lambda r: r[1].__setitem__(1, "xsr")): r"line 2, column 'mode': 'xsr' is not one of",
+        damaged("short", lambda r: r.__setitem__(2, r[2][:10])): "line 3 has fewer fields than the header",
+        damaged("empty", lambda r: r.__delitem__(slice(1, None))): "has a header but no rows yet",
+        tmp_path / "absent.csv": "no results file",
+    }
+    for path, message in cases.items():
+        with pytest.raises(SinkscopeError, match=message):
+            load_results(path)
+    script = Path(__file__).resolve().parents[1] / "experiments" / "decorrelation_table.py"
+    res = subprocess.run([sys.executable, str(script), str(next(iter(cases)))], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and "is not a number" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("| mode | rate | λ |") and res.stdout.count("\n") > 2, res.stdout

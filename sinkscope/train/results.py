@@ -37,6 +37,38 @@ def read_rows(path: str | Path, columns: Sequence[str]) -> list[dict]:
     return rows
 
 
+TABLE_COLUMNS = ("point", "mode", "k_audio", "k_video", "decorrelation", "seed", "epochs", "wer_clean")
+"""What the experiment scripts' tables and figures read from a sweep's results CSV, at least."""
+NUMERIC_PREFIXES = ("wer_", "cer_", "n_", "sinks_per_utt_", "cos_")
+NUMERIC_COLUMNS = ("k_audio", "k_video", "decorrelation", "seed", "epochs", "massive_max", "ce_last")
+
+
+def load_results(path: str | Path, columns: Sequence[str] = TABLE_COLUMNS) -> list[dict]:
+    """The rows of a results CSV that a script tabulates or draws (experiments/decorrelation_table.py, the
+    figures): refuses a missing or empty file, missing `columns`, and a value that is not a number where a number
+    belongs (a blank, or `nan` for a statistic with no token to average, is allowed), naming the file, the row (its
+    line in the file) and the column."""
+    path = Path(path)
+    if not path.is_file():
+        raise SinkscopeError(f"{path}: no results file (run `sinkscope sweep --config ...` to write one)")
+    rows = read_rows(path, columns)
+    if not rows:
+        raise SinkscopeError(f"{path}: has a header but no rows yet")
+    for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values():  # csv.DictReader's marks of a row longer / shorter than the header
+            raise SinkscopeError(f"{path}: line {line} has {'more' if None in row else 'fewer'} fields than the "
+                                 "header; the file is damaged (a quoted field with a line break counts its lines)")
+        for col, value in row.items():
+            if value != "" and (col in NUMERIC_COLUMNS or col.startswith(NUMERIC_PREFIXES)):
+                try:
+                    float(value)
+                except ValueError:
+                    raise SinkscopeError(f"{path}: line {line}, column {col!r}: {value!r} is not a number") from None
+        if row["mode"] not in MODES:
+            raise SinkscopeError(f"{path}: line {line}, column 'mode': {row['mode']!r} is not one of {list(MODES)}")
+    return rows
+
+
 def append_row(path: str | Path, row: dict, columns: Sequence[str]) -> None:
     """Append one row: the whole file is rewritten to a temporary file and renamed into place, so a kill leaves
     either the old table or the new one, never a partial row."""

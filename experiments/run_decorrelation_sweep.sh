@@ -18,7 +18,7 @@
 set -euo pipefail
 MAIN=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 PIN=${PIN:-ab88f420e0bcd6c675474a367fce11eb60087c41}
-WT=${WT:-/work/sweep}
+WT=${WT:-$(dirname "$MAIN")/sweep}  # a worktree beside this checkout
 PY=${PY:-$MAIN/.venv/bin/python}
 SWEEP=${SWEEP:-experiments/configs/sweep_decorrelation.yaml}
 RESULTS=${RESULTS:-experiments/results/decorrelation.csv}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from sinkscope.errors import SinkscopeError
+
 SLOTS = ["command", "colour", "preposition", "letter", "digit", "adverb"]
 
 
@@ -53,8 +55,12 @@ def from_encoders(encoders: Path, data: Path, limit: int, split: str = "test") -
     rows = {}
     for modality in ("audio", "video"):
         model = CTCModel(modality, AudioEncoderConfig(max_seconds=4.0), VideoEncoderConfig()).eval()
-        weights = load_file(encoders / f"{modality}.safetensors")
-        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        where = encoders / f"{modality}.safetensors"
+        try:
+            model.load_state_dict({k: v.float() for k, v in load_file(where).items()})
+        except Exception as exc:  # missing, unreadable, or not a CTC model's weights
+            raise SinkscopeError(f"{where}: not the {modality} encoder that `sinkscope export` writes from a "
+                                 f"pretrain-encoders run ({str(exc).splitlines()[0]})") from exc
         refs, hyps = [], []
         with torch.no_grad():
             for batch in DataLoader(test, batch_size=16, collate_fn=collate):
@@ -73,11 +79,18 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--split", default="test", help="split scored with --encoders (test: held-out speakers)")
     args = parser.parse_args()
+    if args.limit < 1:
+        parser.error(f"--limit must be at least 1, not {args.limit}")
+    if args.encoders and not args.data:
+        parser.error("--encoders needs --data")
+    if not args.csv and not args.encoders:
+        parser.error("give hypotheses CSVs, or --encoders with --data")
     rows = {path.stem: from_csv(path) for path in args.csv}
     if args.encoders:
-        if not args.data:
-            parser.error("--encoders needs --data")
-        rows |= from_encoders(args.encoders, args.data, args.limit, args.split)
+        try:
+            rows |= from_encoders(args.encoders, args.data, args.limit, args.split)
+        except SinkscopeError as exc:
+            sys.exit(str(exc))
     print("| source | n | " + " | ".join(SLOTS) + " |")
     print("|---|---|" + "---|" * len(SLOTS))
     for name, r in rows.items():

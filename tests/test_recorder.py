@@ -202,6 +202,39 @@ def test_recorder_refuses_cached_decoding_and_bad_requests():
             model(input_ids=ids, attention_mask=mask)
         model(input_ids=ids[:2], attention_mask=mask[:2])
     assert [len(s) for s in rec.samples] == [6, 6]
+    with Recorder(model), torch.no_grad(), pytest.raises(RecorderError, match=r"empty batch \(input_ids of shape "
+                                                                          r"\(1, 0\)\)"):
+        model(input_ids=ids[:1, :0])  # before: transformers' reshape error
+
+
+def test_two_models_record_side_by_side_and_one_model_takes_one_recorder():
+    """Recorders on two models, one inside the other (comparing a model with its fine-tuned copy), each record
+    their own model as they would alone; a second recorder on the same model, or the same one entered twice, is
+    refused by name (before: both failed with "layers ... were not recorded"), and the first goes on recording."""
+    a, b = tiny_llama(), tiny_qwen2()
+    ids = torch.randint(3, 128, (1, 9))
+    ids[0, 0] = 1
+    alone = {}
+    for name, model in (("a", a), ("b", b)):
+        with Recorder(model) as rec, torch.no_grad():
+            model(input_ids=ids)
+        alone[name] = rec.samples[0]
+    with Recorder(a) as ra, Recorder(b) as rb, torch.no_grad():
+        b(input_ids=ids)
+        a(input_ids=ids)
+        with pytest.raises(RecorderError, match="another Recorder is already active on this LlamaForCausalLM"):
+            Recorder(a).__enter__()
+        with pytest.raises(RecorderError, match="this Recorder is already active"):
+            ra.__enter__()
+        a(input_ids=ids)
+    for got, ref in ((ra.samples[0], alone["a"]), (ra.samples[1], alone["a"]), (rb.samples[0], alone["b"])):
+        np.testing.assert_array_equal(got.attention_received, ref.attention_received)
+        np.testing.assert_array_equal(got.bos_cosine, ref.bos_cosine)
+    assert len(ra.samples) == 2 and len(rb.samples) == 1
+    assert a.config._attn_implementation == b.config._attn_implementation == "sdpa"
+    with Recorder(a) as again, torch.no_grad():  # free again once the first left its block
+        a(input_ids=ids)
+    assert len(again.samples) == 1
 
 
 def test_recorder_refuses_softcapped_attention_by_name():
@@ -396,7 +429,8 @@ def test_recorder_uses_the_one_pass_on_cpu_and_keeps_the_models_output():
 def test_recorder_restores_the_attention_implementation_it_found():
     """Entering a Recorder switches the model to sinkscope's attention and leaving restores what was there; the
     second and later entries replay the first switch directly (transformers' setter costs milliseconds), and a
-    change the user made in between (here to eager) is seen and restored as well, also around a nested recorder."""
+    change the user made in between (here to eager) is seen and restored as well, also around a refused second
+    recorder on the same model."""
     model = tiny_llama()
     ids = torch.randint(3, 128, (1, 9))
     assert model.config._attn_implementation == "sdpa"
@@ -410,9 +444,9 @@ def test_recorder_restores_the_attention_implementation_it_found():
     model.set_attn_implementation("eager")
     with Recorder(model):
         assert model.config._attn_implementation == "sinkscope"
-        with Recorder(model):
+        with pytest.raises(RecorderError, match="another Recorder is already active"), Recorder(model):
             pass
-        assert model.config._attn_implementation == "sinkscope", "the inner recorder leaves the outer one's switch"
+        assert model.config._attn_implementation == "sinkscope", "the refused recorder leaves the outer one's switch"
     assert model.config._attn_implementation == "eager"
 
 

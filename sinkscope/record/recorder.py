@@ -73,6 +73,10 @@ class _Request:
     layer: int = -1  # the layer's index
 
 
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> the Recorder active on it: one at a time per model (a second would take the first's attention)."""
+
+
 class Recorder:
     """Record attention received, cos-to-BOS, |h| statistics and massive activations of an HF decoder.
 
@@ -155,6 +159,7 @@ class Recorder:
         self._previous_impl: str | None = None
         self._switched: list | None = None
         self._previous_handler = None
+        self._handler_set = False
         self._token_text: dict[int, str] = {}  # id -> tokenizer.decode([id]), filled as ids are met
         self._device_state: _DeviceState | None = None  # the device path's buffers and plan for the last shape
         self._split_checked = False  # `_check_split` runs once, at the first block of the first forward
@@ -162,6 +167,19 @@ class Recorder:
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> Recorder:
+        active = _ACTIVE.get(self.hf_model)
+        if active is not None:
+            raise RecorderError(("this Recorder is already active" if active is self else
+                                 f"another Recorder is already active on this {type(self.hf_model).__name__}") +
+                                "; leave its `with` block (or call its __exit__) before recording the model again")
+        _ACTIVE[self.hf_model] = self
+        try:
+            return self._enter()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _enter(self) -> Recorder:
         attn_fn.register()
         self._previous_impl = self.hf_model.config._attn_implementation
         self._switched = _switch_attention(self.hf_model, attn_fn.ATTN_IMPLEMENTATION)
@@ -169,6 +187,7 @@ class Recorder:
             raise RecorderError(f"{type(self.hf_model).__name__} does not use transformers' AttentionInterface; "
                                 "sinkscope cannot record its attention")
         self._previous_handler = attn_fn.set_handler(self._attention_request)
+        self._handler_set = True
         self._hooks.append(self.body.register_forward_pre_hook(self._on_body_start, with_kwargs=True))
         self._hooks.append(self.body.register_forward_hook(self._on_body_end))
         for i, (block, (attn, mlp, scale)) in enumerate(zip(self.layers, self._contributions, strict=True)):
@@ -180,12 +199,16 @@ class Recorder:
         return self
 
     def __exit__(self, *exc) -> None:
+        if _ACTIVE.get(self.hf_model) is self:
+            del _ACTIVE[self.hf_model]
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        attn_fn.set_handler(self._previous_handler)
-        if self._previous_handler is None:
-            attn_fn.release_scratch()
+        if self._handler_set:
+            attn_fn.set_handler(self._previous_handler)
+            self._handler_set = False
+            if self._previous_handler is None:
+                attn_fn.release_scratch()
         if self._switched is not None:
             for config, before, _ in self._switched:  # exactly the state before __enter__
                 config._attn_implementation_internal = before
@@ -218,6 +241,10 @@ class Recorder:
         if ref is None:
             raise RecorderError("the recorded forward got neither input_ids nor inputs_embeds")
         b, t = ref.shape[:2]
+        if b == 0 or t == 0:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise RecorderError(f"the recorded forward got an empty batch ({name} of shape {tuple(ref.shape)}); a "
+                                "recorded sample needs at least one token")
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise RecorderError("the recorder needs a 2D [batch, seq] attention_mask (or none)")
@@ -322,7 +349,9 @@ class Recorder:
 
     def _attention_request(self, module) -> _Request | None:
         layer = self._attn_index.get(id(module))
-        if layer is None or self._cur is None:
+        if layer is None:  # another model's attention: the recorder active on it, if any (two models compared)
+            return self._previous_handler(module) if self._previous_handler is not None else None
+        if self._cur is None:
             return None
         heads = self._map_heads[layer]
 

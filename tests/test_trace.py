@@ -56,6 +56,18 @@ def test_round_trip_keeps_every_field(tmp_path, recorded):
         np.testing.assert_array_equal(s.token_ids, row[:n].numpy())
     with pytest.raises(KeyError, match="no sample 'zz'"):
         tr.sample("zz")
+    # picked by position, id or slice; anything else refused (a float or a bool was taken as a position)
+    assert tr["b"] is tr[1] is tr[-2] is tr[np.int64(1)] and tr[1:] == [tr[1], tr[2]] and tr[::-2] == [tr[2], tr[0]]
+    for bad in (1.0, True, None):
+        with pytest.raises(TypeError, match=rf"picked by position .* not {type(bad).__name__}"):
+            tr[bad]
+    with pytest.raises(IndexError, match="has 3 samples; index 3 is out of range"):
+        tr[3]
+    # a map or layer that was not recorded is named with those that were
+    with pytest.raises(KeyError, match=r"\(1, 1\) was not recorded: .* only \[\(0, 1\), \(2, 3\)\]"):
+        tr[0].attention_maps[(1, 1)]
+    with pytest.raises(KeyError, match=r"2 was not recorded: this sample holds hidden states for layers only \[1\]"):
+        tr[0].hidden_states[2]
 
 
 def test_interrupted_write_keeps_finished_samples_and_resume_appends(tmp_path, recorded, monkeypatch):

@@ -3,12 +3,13 @@ read through the official safetensors library and range-checked."""
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, overload
 
 import numpy as np
 import pandas as pd
@@ -161,6 +162,19 @@ def check_values(arrays: dict[str, np.ndarray], where: Path, hidden_size: int) -
                              "re-record it")
 
 
+class _Recorded(dict):
+    """The attention maps or hidden states a sample holds: a key that was not recorded is named with the keys that
+    were (`record --attention-maps` / `--hidden-states` choose them)."""
+
+    def __init__(self, what: str, option: str):
+        super().__init__()
+        self.what, self.option = what, option
+
+    def __missing__(self, key):
+        held = f"only {sorted(self)}" if self else f"none (`sinkscope record {self.option}` keeps them)"
+        raise KeyError(f"{key!r} was not recorded: this sample holds {self.what} {held}")
+
+
 class TraceSample:
     """A sample of a trace on disk. Arrays are read lazily, on first use, and range-checked."""
 
@@ -276,9 +290,9 @@ class TraceSample:
     @cached_property
     def attention_maps(self) -> dict[tuple[int, int], np.ndarray]:
         path = self._file("attention_maps.safetensors")
+        out = _Recorded("attention maps for (layer, head)", "--attention-maps 5:0,12:3")
         if not path.exists():
-            return {}
-        out = {}
+            return out
         for name, arr in read_safetensors(path).items():
             match = re.fullmatch(r"L(\d+)\.H(\d+)", name)
             if match is None or arr.shape != (len(self), len(self)):
@@ -290,9 +304,9 @@ class TraceSample:
     @cached_property
     def hidden_states(self) -> dict[int, np.ndarray]:
         path = self._file("hidden_states.safetensors")
+        out = _Recorded("hidden states for layers", "--hidden-states 3,5")
         if not path.exists():
-            return {}
-        out = {}
+            return out
         for name, arr in read_safetensors(path).items():
             if re.fullmatch(r"L\d+", name) is None or arr.ndim != 2 or arr.shape[0] != len(self):
                 raise TraceError(f"{path}: tensor '{name}' {arr.shape} is not hidden states 'L<layer>' of shape "
@@ -333,7 +347,22 @@ class Trace:
     def __len__(self) -> int:
         return len(self._dirs)
 
-    def __getitem__(self, i: int) -> TraceSample:
+    @overload
+    def __getitem__(self, i: int | str) -> TraceSample: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[TraceSample]: ...
+
+    def __getitem__(self, i):
+        """`trace[i]` (negative counts from the end), `trace[sample_id]`, or `trace[a:b]` (a list of samples)."""
+        if isinstance(i, str):
+            return self.sample(i)
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise TypeError(f"trace {self.path}: a sample is picked by position (an int), id (a str) or a slice, "
+                            f"not {type(i).__name__} {i!r}")
+        i = operator.index(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"trace {self.path} has {len(self)} samples; index {i} is out of range")
         i %= len(self)

@@ -36,6 +36,25 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _checked(x, name: str, shape: str, ndim: int | tuple[int, ...]) -> np.ndarray:
+    """`x` as a numeric numpy array of `ndim` dimensions (one of them, for a tuple), else a ValueError that names
+    the argument, the shape it needs and the shape it got: these reference formulas are what users recompute the
+    recorder's numbers with, and a wrong layout would otherwise return a plausible array of the wrong numbers."""
+    a = _np(x)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise ValueError(f"{name} must be a numeric array {shape}, not {a.dtype} values")
+    if a.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must be {shape}; got shape {a.shape}")
+    return a
+
+
+def _threshold(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
+            or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+    return float(value)
+
+
 # ----------------------------------------------------------------------------------------------- attention sinks
 def attention_received(attn) -> np.ndarray:
     """Attention received by each key (Gu et al., "When Attention Sink Emerges", ICLR 2025).
@@ -44,7 +63,16 @@ def attention_received(attn) -> np.ndarray:
     (query i, key k, 0-based): the mean attention that key k gets from the queries that can see it.
     This is the reference computation from full maps; the recorder computes the same quantity streamed.
     """
-    a = _np(attn).astype(np.float64)
+    a = _checked(attn, "attn", "[..., T, T] (post-softmax maps, query rows, key columns)", (2, 3, 4, 5))
+    if a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"attn must be [..., T, T] (square: a forward's queries against its keys); got shape "
+                         f"{a.shape}")
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError("attn must hold post-softmax probabilities in [0, 1]; it has non-finite values")
+    if a.size and (a.min() < 0 or a.max() > 1 + 1e-3):
+        raise ValueError(f"attn must hold post-softmax probabilities in [0, 1]; its values span [{a.min():.3g}, "
+                         f"{a.max():.3g}] (pre-softmax scores?)")
     t = a.shape[-1]
     col = np.tril(a).sum(axis=-2)
     return (col / np.arange(t, 0, -1, dtype=np.float64)).astype(np.float32)
@@ -52,7 +80,7 @@ def attention_received(attn) -> np.ndarray:
 
 def sink_rate(alpha, eps: float = SINK_EPS) -> np.ndarray:
     """`Sink_k^eps = 100 * mean_{l,h} 1[alpha[l,h,k] > eps]` for `alpha[L,H,T]`; returns `[T]` percentages."""
-    a = _np(alpha)
+    a = _checked(alpha, "alpha", "[L, H, T]", 3)
     return (100.0 * (a > eps).mean(axis=(0, 1))).astype(np.float32)
 
 
@@ -60,7 +88,7 @@ def sink_layers(alpha, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_F
                 min_queries: int = MIN_QUERIES) -> np.ndarray:
     """`[L, T]` bool: token k is a sink in layer l when the share of heads with `alpha > eps` is >= head_fraction
     and at least `min_queries` queries see it (T - k >= min_queries)."""
-    a = _np(alpha)
+    a = _checked(alpha, "alpha", "[L, H, T]", 3)
     flags = (a > eps).mean(axis=1) >= head_fraction
     t = a.shape[-1]
     flags[:, max(0, t - min_queries + 1):] = False
@@ -95,8 +123,11 @@ def massive_mask(h, median, abs_threshold: float = MASSIVE_ABS, rel_threshold: f
     median taken over all tokens and features of that sample's layer-l hidden state. `h` is `[T, D]` with a
     scalar median, or `[L, T, D]` with `median[L]`.
     """
-    thr = massive_threshold(_np(median), abs_threshold, rel_threshold)
-    h = _np(h)
+    thr = massive_threshold(_np(median), _threshold(abs_threshold, "abs_threshold"),
+                            _threshold(rel_threshold, "rel_threshold"))
+    h = _checked(h, "h", "[T, D] or [L, T, D]", (2, 3))
+    if thr.size != (h.shape[0] if h.ndim == 3 else 1):
+        raise ValueError(f"median must have one value per layer of h {h.shape}; got {thr.size}")
     return np.abs(h) >= (np.reshape(thr, (-1, 1, 1)) if h.ndim == 3 else thr)
 
 
@@ -113,7 +144,10 @@ def find_massive(
     `h[l] - h[l-1] = attn_out[l] + mlp_out[l]` into `attn_share` and `mlp_share` (they sum to 1), and names the
     `origin_layer`: the first layer where that (token, feature) is massive. Columns: `MASSIVE_COLUMNS`.
     """
-    h = _np(hidden).astype(np.float32)
+    h = _checked(hidden, "hidden", "[L, T, D] (block outputs)", 3).astype(np.float32)
+    for name, part in (("attn_out", attn_out), ("mlp_out", mlp_out)):
+        if part is not None and _np(part).shape != h.shape:
+            raise ValueError(f"{name} must have hidden's shape {h.shape}; got {_np(part).shape}")
     med = np.median(np.abs(h).reshape(h.shape[0], -1), axis=1)
     layer, token, feature = np.nonzero(massive_mask(h, med, abs_threshold, rel_threshold))
     a = _np(attn_out)[layer, token, feature] if attn_out is not None else np.full(len(layer), np.nan)
@@ -202,7 +236,7 @@ def origin_table(massive: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ cosine to BOS
 def bos_cosine(hidden) -> np.ndarray:
     """`cos(h[l, 0], h[l, t])` for every layer l and token t of `hidden[L, T, D]`; returns `[L, T]`."""
-    h = _np(hidden).astype(np.float64)
+    h = _checked(hidden, "hidden", "[L, T, D] (block outputs; a single layer as hidden[None])", 3).astype(np.float64)
     h0 = h[:, :1, :]
     num = (h * h0).sum(-1)
     den = np.maximum(np.linalg.norm(h, axis=-1) * np.linalg.norm(h0, axis=-1), 1e-8)

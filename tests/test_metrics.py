@@ -161,3 +161,30 @@ def test_decorrelation_loss_matches_a_hand_computation():
     assert hidden[1].grad is not None and hidden[0].grad is None and hidden[3].grad is None
     aligned = tuple(torch.ones(1, 3, 2) for _ in range(3))
     assert decorrelation_loss(aligned, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(1.0)
+
+
+def test_the_reference_formulas_refuse_inputs_of_the_wrong_layout():
+    """These are what users recompute the recorder's numbers with: a non-square map, pre-softmax scores, a 2D
+    residual stream or a negative threshold returned plausible arrays of the wrong numbers (or an IndexError)."""
+    attn = torch.softmax(torch.randn(2, 3, 5, 5), -1)
+    cases = [
+        (lambda: metrics.attention_received(attn[..., :4]), r"attn must be \[\.\.\., T, T\].*got shape \(2, 3, 5, 4\)"),
+        (lambda: metrics.attention_received(attn * 10 - 5), r"span \[-[0-9.]+, [0-9.]+\] \(pre-softmax scores\?\)"),
+        (lambda: metrics.attention_received(attn.index_put((torch.tensor(1),), torch.tensor(float("nan")))),
+         "non-finite values"),
+        (lambda: metrics.attention_received(np.array(["a", "b"])), "must be a numeric array"),
+        (lambda: metrics.sink_rate(np.zeros((3, 5))), r"alpha must be \[L, H, T\]; got shape \(3, 5\)"),
+        (lambda: metrics.sink_layers(np.zeros(5)), r"alpha must be \[L, H, T\]; got shape \(5,\)"),
+        (lambda: metrics.bos_cosine(np.ones((5, 8))), r"hidden must be \[L, T, D\].*got shape \(5, 8\)"),
+        (lambda: metrics.find_massive(np.ones((5, 8))), r"hidden must be \[L, T, D\].*got shape \(5, 8\)"),
+        (lambda: metrics.find_massive(np.ones((2, 5, 8)), mlp_out=np.ones((2, 5, 7))), "mlp_out must have hidden's"),
+        (lambda: metrics.find_massive(np.ones((2, 5, 8)), abs_threshold=-1), "abs_threshold must be a finite number"),
+        (lambda: metrics.massive_mask(np.ones((2, 5, 8)), np.ones(3)), "one value per layer of h"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    # the layouts they take are unchanged: one map, a batch of layers, heads, or a 5D stack; a single layer as [None]
+    for shape in ((5, 5), (3, 5, 5), (2, 3, 5, 5), (1, 2, 3, 5, 5)):
+        assert metrics.attention_received(attn.reshape(-1, 5, 5)[0].expand(*shape)).shape == (*shape[:-2], 5)
+    assert metrics.bos_cosine(np.ones((5, 8))[None]).shape == (1, 5)

@@ -12,6 +12,7 @@ from sinkscope.metrics import (
     MIN_QUERIES,
     SINK_EPS,
     SINK_HEAD_FRACTION,
+    check_sink_rule,
     jaccard,
     origin_table,
     sink_layers,
@@ -20,9 +21,44 @@ from sinkscope.metrics import (
 from sinkscope.trace.columns import TraceColumns, token_segments, trace_columns
 
 
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
+    return int(value)
+
+
+def missing_features(sample, mlp: bool = False) -> str | None:
+    """Why `sample` cannot show per-feature views (`top_activations`, `ranked_features`, `feature_values`), or
+    None: the per-token top features and per-feature maxima are optional trace fields, absent from traces recorded
+    before sinkscope kept them."""
+    names = (("mlp_feature_max_abs", "mlp_top_features", "mlp_top_values") if mlp else
+             ("feature_max_abs", "top_features", "top_values"))
+    absent = [n for n in names if getattr(sample, n, None) is None]
+    if not absent:
+        return None
+    return (f"sample {sample.sample_id} holds no {', '.join(absent)} (optional trace fields; this trace was recorded "
+            "without them): record it again with this sinkscope for the per-feature views")
+
+
+def _needs_features(sample, mlp: bool = False) -> None:
+    why = missing_features(sample, mlp)
+    if why is not None:
+        raise ValueError(why)
+
+
+def _layer(layer, n_layers: int) -> int:
+    """`layer` as an index into L layers (negative counts from the end), or a ValueError naming the range."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer must be a whole number in [0, {n_layers - 1}] (or negative, from the end), not "
+                         f"{layer!r}")
+    return int(layer) % n_layers
+
+
 def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
     """One row per layer: the tokens that receive most attention, Sink^eps of position 0, the massive
     features (with how many samples show each), and mean cos-to-BOS per segment (columns `cos:<segment>`)."""
+    check_sink_rule(eps)
+    top = _count(top, "top")
     n_layers = trace.manifest["n_layers"]
     c = trace_columns(trace)
     n = max(1, len(trace))
@@ -58,7 +94,10 @@ def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ per sample
 def sink_rate_by_segment(alpha, segments, eps: float = SINK_EPS) -> pd.DataFrame:
     """Per layer (rows) and segment (columns): 100 * share of (head, token) pairs in the segment with alpha > eps."""
+    check_sink_rule(eps)
     a = np.asarray(alpha)
+    if a.ndim != 3:
+        raise ValueError(f"alpha must be [L, H, T]; got shape {a.shape}")
     above = (a > eps).mean(axis=1)  # [L, T] share of heads
     names = token_segments(segments, a.shape[-1])
     data = {seg: 100.0 * above[:, names == seg].mean(axis=1) for seg in dict.fromkeys(n for n, _, _ in segments)
@@ -70,6 +109,8 @@ def sink_rate_by_segment(alpha, segments, eps: float = SINK_EPS) -> pd.DataFrame
 
 def top_activations(sample, k: int = 3) -> pd.DataFrame:
     """Per layer: the k largest |h| entries over all tokens and features, and median |h| (Sun et al., Fig. 1)."""
+    k = _count(k, "k")
+    _needs_features(sample)
     values = np.abs(np.asarray(sample.top_values))  # [L, T, K]; per-token top features hold the global top-k
     flat = values.reshape(values.shape[0], -1)
     top = -np.sort(-flat, axis=1)[:, :k]
@@ -81,6 +122,8 @@ def top_activations(sample, k: int = 3) -> pd.DataFrame:
 
 def ranked_features(sample, k: int = 16, mlp: bool = False) -> np.ndarray:
     """The `k` features with the largest max |h| (or |mlp_out|) over layers and tokens, largest first."""
+    k = _count(k, "k")
+    _needs_features(sample, mlp)
     values = np.asarray(sample.mlp_feature_max_abs if mlp else sample.feature_max_abs)  # [L, D]
     return np.argsort(-values.max(axis=0), kind="stable")[:k]
 
@@ -89,14 +132,31 @@ def feature_values(sample, features, mlp: bool = False) -> np.ndarray:
     """|h| (or |mlp_out|) of `features` at every layer and token, `[L, T, F]`. Exact at layers whose full hidden
     state the trace holds; elsewhere from the recorded top-k features of each token, NaN where a feature was not
     among a token's top k (then its |h| is below the token's k-th largest)."""
-    idx = np.asarray(sample.mlp_top_features if mlp else sample.top_features)  # [L, T, k]
-    val = np.abs(np.asarray(sample.mlp_top_values if mlp else sample.top_values, dtype=np.float32))
-    features = np.asarray(features, dtype=np.int64)
+    width = getattr(sample, "hidden_size", None)  # a trace's sample; an in-memory one: the recorded maxima's width
+    if width is None and getattr(sample, "feature_max_abs", None) is not None:
+        width = np.shape(sample.feature_max_abs)[-1]
+    given = np.asarray(features).reshape(-1)
+    if given.size and not np.issubdtype(given.dtype, np.integer):
+        raise ValueError(f"features must be whole feature indices, not {given.dtype} values {given[:3].tolist()}")
+    bad = given[(given < 0) | (given >= (width if width is not None else np.iinfo(np.int64).max))]
+    if bad.size:
+        raise ValueError(f"feature {int(bad[0])} is outside the hidden state's {width} features (0-{width - 1})"
+                         if width is not None else f"feature {int(bad[0])} is not a feature index (they start at 0)")
+    idx = sample.mlp_top_features if mlp else sample.top_features  # [L, T, k]
+    val = sample.mlp_top_values if mlp else sample.top_values
+    hidden = {} if mlp else sample.hidden_states
+    if idx is None or val is None:  # an older trace, recorded without per-token top features
+        if not hidden:  # nor a full hidden state to read them from
+            _needs_features(sample, mlp)
+        n_layers = np.shape(sample.attention_received)[0]
+        idx = np.full((n_layers, len(sample.tokens), 0), -1, dtype=np.int64)
+        val = np.zeros(idx.shape, dtype=np.float32)
+    idx, val = np.asarray(idx), np.abs(np.asarray(val, dtype=np.float32))
+    features = given.astype(np.int64)
     hit = idx[..., None, :] == features[:, None]  # [L, T, F, k]
     out = np.where(hit.any(-1), (val[..., None, :] * hit).sum(-1), np.nan).astype(np.float32)
-    if not mlp:
-        for layer, h in sample.hidden_states.items():
-            out[layer] = np.abs(np.asarray(h, dtype=np.float32)[:, features])
+    for layer, h in hidden.items():
+        out[layer] = np.abs(np.asarray(h, dtype=np.float32)[:, features])
     return out
 
 
@@ -175,6 +235,7 @@ def dataset_massive_records(trace) -> pd.DataFrame:
 
 def dataset_cosine(trace, layer: int) -> pd.DataFrame:
     """cos-to-BOS of every token at one layer, with its segment, over all samples (position 0 excluded)."""
+    layer = _layer(layer, int(trace.manifest["n_layers"]))
     c = trace_columns(trace)
     where = c.position > 0
     return pd.DataFrame({"sample": c.ids[c.sample[where]], "segment": c.segment[where],
@@ -198,6 +259,10 @@ def sink_statistics(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HE
       `massive_on_non_bos` whether any massive activation sits on a token other than BOS;
     - `massive_features`: the massive feature indices, with the number of samples that show each.
     """
+    check_sink_rule(eps, head_fraction)
+    if isinstance(min_layer_share, bool) or not isinstance(min_layer_share, (int, float)) \
+            or not 0 <= min_layer_share <= 1:
+        raise ValueError(f"min_layer_share must be a number in [0, 1], not {min_layer_share!r}")
     n_layers = int(trace.manifest["n_layers"])
     mid, last = n_layers // 2, n_layers - 1
     sinks = {g: 0 for g in SEGMENT_GROUPS}
@@ -291,10 +356,14 @@ def expert_usage(trace, layer: int, eps: float = SINK_EPS, head_fraction: float 
     (rows: segments, then `sinks`: the tokens that are sinks at this layer, whatever their segment; columns:
     experts; each row sums to 1) with the number of tokens behind each row in column `tokens`. Empty when the
     trace holds no router fields."""
+    check_sink_rule(eps, head_fraction, min_queries)
+    samples = list(trace)  # a Trace, or any samples of one
+    if samples:
+        layer = _layer(layer, np.shape(samples[0].attention_received)[0])
     mass: dict[str, Counter] = defaultdict(Counter)
     tokens: Counter = Counter()
     n_experts = 0
-    for s in trace:
+    for s in samples:
         ids, gates = s.router_ids, s.router_gates
         if ids is None or gates is None:
             continue

@@ -55,6 +55,17 @@ def _threshold(value, name: str) -> float:
     return float(value)
 
 
+def check_sink_rule(eps=SINK_EPS, head_fraction=SINK_HEAD_FRACTION, min_queries=MIN_QUERIES) -> None:
+    """Refuse a sink rule that cannot mean anything: `eps` and `head_fraction` are shares in [0, 1] (alpha is a
+    mean of probabilities), `min_queries` a whole number >= 1 (an eps of 2 found no sink, one of -1 made every
+    token a sink, and both were returned as findings)."""
+    for name, value in (("eps", eps), ("head_fraction", head_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], not {value!r}")
+    if isinstance(min_queries, bool) or not isinstance(min_queries, (int, np.integer)) or min_queries < 1:
+        raise ValueError(f"min_queries must be a whole number >= 1, not {min_queries!r}")
+
+
 # ----------------------------------------------------------------------------------------------- attention sinks
 def attention_received(attn) -> np.ndarray:
     """Attention received by each key (Gu et al., "When Attention Sink Emerges", ICLR 2025).
@@ -80,6 +91,7 @@ def attention_received(attn) -> np.ndarray:
 
 def sink_rate(alpha, eps: float = SINK_EPS) -> np.ndarray:
     """`Sink_k^eps = 100 * mean_{l,h} 1[alpha[l,h,k] > eps]` for `alpha[L,H,T]`; returns `[T]` percentages."""
+    check_sink_rule(eps)
     a = _checked(alpha, "alpha", "[L, H, T]", 3)
     return (100.0 * (a > eps).mean(axis=(0, 1))).astype(np.float32)
 
@@ -88,6 +100,7 @@ def sink_layers(alpha, eps: float = SINK_EPS, head_fraction: float = SINK_HEAD_F
                 min_queries: int = MIN_QUERIES) -> np.ndarray:
     """`[L, T]` bool: token k is a sink in layer l when the share of heads with `alpha > eps` is >= head_fraction
     and at least `min_queries` queries see it (T - k >= min_queries)."""
+    check_sink_rule(eps, head_fraction, min_queries)
     a = _checked(alpha, "alpha", "[L, H, T]", 3)
     flags = (a > eps).mean(axis=1) >= head_fraction
     t = a.shape[-1]

@@ -448,3 +448,24 @@ def test_server_warm_up_builds_the_first_pages_figures():
     from sinkscope.appserver import warm_up
 
     warm_up()
+
+
+def test_a_trace_without_the_optional_feature_fields_opens_in_every_view(tmp_path, monkeypatch):
+    """Per-token top features and per-feature maxima are optional trace fields (older traces lack them): the
+    Overview and Massive views said so in a TypeError traceback; now every view opens and says what is missing."""
+    from tests.test_columns import write_random_trace
+
+    write_random_trace(tmp_path / "old")
+    monkeypatch.setenv("SINKSCOPE_ROOT", str(tmp_path))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    views = at.sidebar.radio(key="view").options
+    assert "Massive activations" in views
+    for view in views:
+        at.sidebar.radio(key="view").set_value(view).run()
+        assert not at.exception, (view, at.exception)
+        assert not at.error, (view, [e.value for e in at.error])
+        if view in ("Overview", "Massive activations"):
+            assert any("holds no feature_max_abs" in i.value for i in at.info), (view, [i.value for i in at.info])

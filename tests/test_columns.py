@@ -57,7 +57,7 @@ def trace_dir(tmp_path):
 
 def test_sink_flags_equal_sink_layers_of_every_sample(trace_dir):
     tr = Trace.load(trace_dir)
-    for head_fraction in (0.0, 1 / 3, 0.5, 0.51, 1.0, 1.5):
+    for head_fraction in (0.0, 1 / 3, 0.5, 0.51, 1.0):
         c = build_columns(tr, head_fraction)
         for eps in (0.0, 0.05, 0.3, 0.9):
             for min_queries in (1, 8):
@@ -67,6 +67,15 @@ def test_sink_flags_equal_sink_layers_of_every_sample(trace_dir):
                     assert np.array_equal(flags[:, c.start[i]:c.start[i + 1]], expected), (i, head_fraction, eps)
                 if head_fraction <= 0.5 and eps < 0.9:
                     assert flags.any(), "the case exercises some sinks"
+    # a rule that cannot mean anything is refused by both (before: no sinks, or every token a sink, silently)
+    for call in (lambda: build_columns(tr, 1.5), lambda: sink_layers(tr[0].attention_received, head_fraction=1.5)):
+        with pytest.raises(ValueError, match=r"head_fraction must be a number in \[0, 1\], not 1.5"):
+            call()
+    for eps, min_queries, message in ((1.2, 1, "eps must be"), (-0.1, 1, "eps must be"), (0.3, 0, "min_queries")):
+        with pytest.raises(ValueError, match=message):
+            c.sink_flags(eps, min_queries)
+        with pytest.raises(ValueError, match=message):
+            sink_layers(tr[0].attention_received, eps, min_queries=min_queries)
 
 
 def test_heads_needed_matches_the_share_rule():
@@ -190,3 +199,36 @@ def test_index_command_and_summary(trace_dir):
     assert (trace_dir / INDEX).is_file()
     res = runner.invoke(app, ["index", str(trace_dir / "nope")])
     assert res.exit_code != 0 and "nope" in res.output and "Traceback" not in res.output
+
+
+def test_the_analysis_functions_refuse_parameters_that_cannot_mean_anything(trace_dir):
+    """An eps of 2 found no sink and one of -1 made every token a sink; a layer past the last was an IndexError
+    (or, for expert_usage, an empty table); a feature past the width, or k = 0, returned arrays all the same."""
+
+    tr = Trace.load(trace_dir)
+    n_layers = tr.manifest["n_layers"]
+    cases = [
+        (lambda: analysis.dataset_sinks(tr, eps=2), r"eps must be a number in \[0, 1\], not 2"),
+        (lambda: analysis.dataset_sinks(tr, min_queries=-3), "min_queries must be a whole number >= 1, not -3"),
+        (lambda: analysis.sample_findings(tr[0], eps=float("nan")), "eps must be a number in"),
+        (lambda: analysis.sink_statistics(tr, min_layer_share=5), r"min_layer_share must be a number in \[0, 1\]"),
+        (lambda: analysis.dataset_cosine(tr, n_layers), rf"layer must be a whole number in \[0, {n_layers - 1}\]"),
+        (lambda: analysis.dataset_cosine(tr, 1.5), "not 1.5"),
+        (lambda: analysis.expert_usage(tr, -n_layers - 1), "layer must be a whole number"),
+        (lambda: analysis.layer_summary(tr, top=0), "top must be a whole number >= 1, not 0"),
+        (lambda: analysis.top_activations(tr[0], k=0), "k must be a whole number >= 1"),
+        (lambda: analysis.ranked_features(tr[0], k=-2), "k must be a whole number >= 1"),
+        (lambda: analysis.feature_values(tr[0], [10**6]), "feature 1000000 is outside the hidden state's"),
+        (lambda: analysis.feature_values(tr[0], [-1]), "feature -1 is outside"),
+        (lambda: analysis.feature_values(tr[0], [1.5]), "whole feature indices"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert analysis.dataset_cosine(tr, -1).equals(analysis.dataset_cosine(tr, n_layers - 1))
+    # this trace has none of the optional per-feature fields (as traces recorded before them): named, not a
+    # TypeError on None
+    for call in (lambda: analysis.feature_values(tr[0], [0, 3]), lambda: analysis.top_activations(tr[0]),
+                 lambda: analysis.ranked_features(tr[0], mlp=True)):
+        with pytest.raises(ValueError, match=r"sample s000 holds no .*top_features.* record it again"):
+            call()

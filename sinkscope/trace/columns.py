@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from sinkscope.errors import TraceError
-from sinkscope.metrics import MIN_QUERIES, SINK_HEAD_FRACTION
+from sinkscope.metrics import MIN_QUERIES, SINK_HEAD_FRACTION, check_sink_rule
 from sinkscope.trace.read import check_values, confined, read_safetensors
 from sinkscope.trace.schema import INDEX
 
@@ -64,6 +64,7 @@ class TraceColumns:
 
     def sink_flags(self, eps: float, min_queries: int = MIN_QUERIES) -> np.ndarray:
         """`[L, N]` bool: `metrics.sink_layers` of every sample, side by side."""
+        check_sink_rule(eps, min_queries=min_queries)
         flags = np.ones(self.needed_alpha.shape, dtype=bool) if self.heads_needed == 0 else self.needed_alpha > eps
         flags &= (self.length - self.position >= min_queries)[None, :]
         return flags
@@ -81,6 +82,7 @@ def heads_needed(n_heads: int, head_fraction: float) -> int:
 def trace_columns(trace, head_fraction: float = SINK_HEAD_FRACTION) -> TraceColumns:
     """The trace's columns: from its index when that is current, else built from the samples; cached on the trace."""
     cache = trace.__dict__.setdefault("_columns", {})
+    check_sink_rule(head_fraction=head_fraction)
     if head_fraction not in cache:
         columns = _from_index(trace, head_fraction)
         cache[head_fraction] = columns if columns is not None else build_columns(trace, head_fraction)
@@ -106,6 +108,7 @@ def _layout(trace) -> dict:
 
 def build_columns(trace, head_fraction: float = SINK_HEAD_FRACTION) -> TraceColumns:
     """The columns, read from every sample (their arrays and massive records, range-checked as always)."""
+    check_sink_rule(head_fraction=head_fraction)
     n_layers, n_heads = int(trace.manifest["n_layers"]), int(trace.manifest["n_heads"])
     need = heads_needed(n_heads, head_fraction)
     layout = _layout(trace)

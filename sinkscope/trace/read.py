@@ -195,6 +195,11 @@ class TraceSample:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def hidden_size(self) -> int:
+        """The width D of the model's residual stream (feature indices are 0..D-1)."""
+        return int(self._manifest["hidden_size"])
+
     def _file(self, name: str) -> Path:
         """A file of this sample; under a root (the app), refused when it resolves outside it. The directory was
         resolved inside the root when the sample was opened (`Trace.__getitem__`), so a file in it that is not a

@@ -28,7 +28,11 @@ def view_overview(tr: Trace, s, eps: float, min_queries: int) -> None:
     show(viz.segment_profile_figure(s, eps), "ov_segments")
     c3, c4 = st.columns(2)
     with c3:
-        show(viz.top_activations_figure(s), "ov_top")
+        why = analysis.missing_features(s)
+        if why is None:
+            show(viz.top_activations_figure(s), "ov_top")
+        else:
+            st.info(f"No top-activations figure: {why}.")
     with c4:
         findings = analysis.sample_findings(s, eps, min_queries=min_queries)
         st.subheader("Findings")
@@ -124,6 +128,10 @@ def _massive_features(tr: Trace, s) -> None:
         mlp = st.toggle("MLP output instead of the residual stream", key="mass_mlp",
                         help="|mlp_out| of each block instead of the residual stream |h| (Sun et al., 2024 find the "
                              "massive activations written by an early MLP).")
+        why = analysis.missing_features(s, mlp)
+        if why is not None:
+            st.info(f"No feature views: {why}.")
+            return
         k = st.slider("Top features", 4, 64, 16, 4, key="mass_k",
                       help="The features ranked by their largest |value| over layers and tokens.")
         features = [int(f) for f in analysis.ranked_features(s, k, mlp)]

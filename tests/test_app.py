@@ -469,3 +469,45 @@ def test_a_trace_without_the_optional_feature_fields_opens_in_every_view(tmp_pat
         assert not at.error, (view, [e.value for e in at.error])
         if view in ("Overview", "Massive activations"):
             assert any("holds no feature_max_abs" in i.value for i in at.info), (view, [i.value for i in at.info])
+
+
+def test_the_figure_functions_check_positions_heads_layers_and_windows(root):
+    """The figures are drawn from notebooks too: an out-of-range token, head or layer was an IndexError, a
+    reversed window or max_tokens = 0 a zip() error, and a window past the end was clipped silently."""
+    from sinkscope import viz
+
+    s = Trace.load(root / "av-a")[0]
+    n = len(s.tokens)
+    cases = [
+        (lambda: viz.head_grid(s, token=n), rf"token must be a whole number in \[0, {n - 1}\] \({n} tokens"),
+        (lambda: viz.received_attention_heatmap(s, head=4), r"head must be a whole number in \[0, 3\]"),
+        (lambda: viz.received_attention_heatmap(s, max_tokens=0), "max_tokens must be a whole number >= 1"),
+        (lambda: viz.cosine_heatmap(s, token_range=(5, 2)), rf"0 <= start < end <= {n} .* not \(5, 2\)"),
+        (lambda: viz.cosine_heatmap(s, token_range=(0, n + 1)), "token_range must be"),
+        (lambda: viz.attention_map(s, 1, 0, token_range=(-3, 4)), "token_range must be"),
+        (lambda: viz.feature_trajectory_figure(s, 0, [0, n]), "tokens must be a whole number"),
+        (lambda: viz.token_feature_heatmap(s, 3, [0]), r"layer must be a whole number in \[0, 2\]"),
+        (lambda: viz.difference_heatmap(s, s, field="tokens"), "field must be one of"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert viz.head_grid(s, token=-1).layout.title.text.startswith(f"Attention received by token {n - 1}")
+    assert np.asarray(viz.cosine_heatmap(s, token_range=(n - 1, n)).data[0]["z"]).shape[1] == 1
+
+
+def test_the_zoom_slider_at_the_end_shows_the_last_position():
+    """Both handles of the zoom slider at the last position gave a window past the end."""
+
+    def script():
+        import streamlit as st
+
+        from sinkscope.webapp.state import token_window
+
+        st.session_state.setdefault("w", (100, 100))
+        st.write(repr(token_window(100, "w")))
+
+    at = AppTest.from_function(script, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.markdown[0].value == "(99, 100)"

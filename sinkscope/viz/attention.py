@@ -10,6 +10,8 @@ from sinkscope.metrics import SINK_EPS
 from sinkscope.segments import segment_color
 from sinkscope.viz.axes import (
     add_segment_bands,
+    checked_index,
+    checked_max_tokens,
     esc,
     layer_axis,
     layer_token_heatmap,
@@ -25,12 +27,15 @@ def received_attention_heatmap(sample, head: int | None = None, max_tokens: int 
                                token_range: tuple[int, int] | None = None) -> go.Figure:
     """Layer x token heatmap of attention received (alpha), averaged over heads or for one head."""
     alpha = np.asarray(sample.attention_received)
+    if head is not None:
+        head = checked_index(head, alpha.shape[1], "head", "heads")
     values = alpha.mean(axis=1) if head is None else alpha[:, head]
     which = "mean over heads" if head is None else f"head {head}"
     return layer_token_heatmap(values, sample, f"Attention received, {which}", "alpha", max_tokens, token_range)
 
 def head_grid(sample, token: int = 0, eps: float | None = SINK_EPS) -> go.Figure:
     """Layer x head grid of the attention each head gives to one token (alpha of that token)."""
+    token = checked_index(token, len(sample.tokens), "token", "tokens")
     alpha = np.asarray(sample.attention_received)[:, :, token]  # [L, H]
     fig = go.Figure(go.Heatmap(z=alpha, x=np.arange(alpha.shape[1]), y=np.arange(alpha.shape[0]),
                                colorscale="Viridis", zmin=0, zmax=1, colorbar={"title": "alpha"},
@@ -52,6 +57,7 @@ def attention_map(sample, layer: int, head: int, max_tokens: int = 256,
     if (layer, head) not in maps:
         raise KeyError(f"the trace holds no attention map for layer {layer}, head {head}; "
                        f"it has {sorted(maps)}")
+    max_tokens = checked_max_tokens(max_tokens)
     start, end, tokens, segments = token_window(sample, token_range)
     a = np.asarray(maps[(layer, head)])[start:end, start:end]
     starts = token_bins(end - start, max_tokens)

@@ -55,10 +55,31 @@ def label_token_axis(fig: go.Figure, labels: list[str], starts: np.ndarray, offs
                          ticktext=[str(offset + int(s)) for s in starts[::step]])
 
 
+def checked_index(value, size: int, name: str, of: str) -> int:
+    """`value` as an index into `size` items (negative counts from the end), or a ValueError naming the argument,
+    the value and the range: the figure functions are called from notebooks with positions, heads and layers."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not -size <= value < size:
+        raise ValueError(f"{name} must be a whole number in [0, {size - 1}] ({size} {of}; negative counts from the "
+                         f"end), not {value!r}")
+    return int(value) % size
+
+
+def checked_max_tokens(max_tokens) -> int:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a whole number >= 1 (columns drawn at most), not {max_tokens!r}")
+    return int(max_tokens)
+
+
 def token_window(sample, token_range):
+    """`(start, end, tokens, segments)` of the positions `token_range` = (start, end) shows, end excluded (all of
+    them for None); a range that is empty or leaves the sample is refused by name."""
     n = len(sample.tokens)
     start, end = token_range if token_range is not None else (0, n)
-    start, end = max(0, int(start)), min(n, int(end))
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (start, end)) \
+            or not 0 <= start < end <= n:
+        raise ValueError(f"token_range must be (start, end) with 0 <= start < end <= {n} (the sample's {n} "
+                         f"tokens, end excluded), not {token_range!r}")
+    start, end = int(start), int(end)
     segments = [(name, max(s, start) - start, min(e, end) - start) for name, s, e in sample.segments
                 if e > start and s < end]
     return start, end, list(sample.tokens[start:end]), segments
@@ -112,6 +133,7 @@ def layer_xaxis(fig: go.Figure, n_layers: int) -> None:
 
 def layer_token_heatmap(values: np.ndarray, sample, title: str, colorbar: str, max_tokens: int,
                          token_range, colorscale: str = "Viridis", zmid=None) -> go.Figure:
+    max_tokens = checked_max_tokens(max_tokens)
     start, end, tokens, segments = token_window(sample, token_range)
     values = np.asarray(values)[:, start:end]
     starts = token_bins(end - start, max_tokens)

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from sinkscope.segments import SEGMENT_COLORS, segment_color
 from sinkscope.viz.axes import (
     add_segment_bands,
+    checked_max_tokens,
     esc,
     label_token_axis,
     layer_axis,
@@ -20,12 +21,18 @@ from sinkscope.viz.axes import (
 )
 from sinkscope.viz.grid import panel_grid
 
+DIFFERENCE_FIELDS = ("attention_received", "bos_cosine", "max_abs")
+"""The per-sample fields `difference_heatmap` draws (layer x token; alpha averaged over heads)."""
+
 
 def difference_heatmap(a, b, field: str = "attention_received", max_tokens: int = 256) -> go.Figure:
     """B minus A of a layer x token field for one sample present in both traces (heads averaged)."""
     if len(a.tokens) != len(b.tokens):
         raise ValueError(f"sample '{a.sample_id}' has {len(a.tokens)} tokens in one trace and "
                          f"{len(b.tokens)} in the other; a token-wise difference needs the same length")
+    if field not in DIFFERENCE_FIELDS:
+        raise ValueError(f"field must be one of {list(DIFFERENCE_FIELDS)} (the layer x token fields), not {field!r}")
+    max_tokens = checked_max_tokens(max_tokens)
     va, vb = (np.asarray(getattr(s, field)) for s in (a, b))
     if field == "attention_received":
         va, vb = va.mean(axis=1), vb.mean(axis=1)

@@ -138,6 +138,7 @@ def token_window(n: int, key: str) -> tuple[int, int] | None:
         return None
     lo, hi = st.slider("Zoom to positions (full resolution inside the window when it is short enough)",
                        0, n, (0, n), key=key)
+    lo = min(lo, n - 1)  # both handles at the end: the last position
     return None if (lo, hi) == (0, n) else (lo, max(hi, lo + 1))
 
 

@@ -160,3 +160,37 @@ def test_out_of_range_features_and_negative_positions_are_refused_before_the_for
     with torch.no_grad(), ablate_features(model, 1, [np.int64(3)], tokens=[[0], [np.int64(5)]]), \
             rotate_states(model, 1, [3], reference=np.int64(0)), block_attention(model, [0, 2], layers=[2]):
         model(input_ids=ids)
+
+
+def test_positions_no_forward_reached_are_named_and_odd_arguments_refused():
+    """A position past every forward's end changed nothing without a word; a float layer was truncated, a NaN
+    value written into the stream, and a loss over no predicted token returned NaN."""
+    import warnings
+
+    import pytest
+
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (2, 6))
+    for make, what in ((lambda: ablate_features(model, 1, [3], tokens=[2, 40]), r"tokens \[40\]"),
+                       (lambda: rotate_states(model, 1, [2], reference=9), r"reference \[9\]"),
+                       (lambda: block_attention(model, [[0], [7]]), r"keys \[7\]")):
+        with pytest.warns(UserWarning, match=what + r" never came up: .* at most 6 positions, so nothing was "
+                                                    "changed there"), torch.no_grad(), make():
+            model(input_ids=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with make():  # no forward inside: nothing to say
+            pass
+        with torch.no_grad(), ablate_features(model, 1, [3], tokens=[5]):  # the last position comes up
+            model(input_ids=ids)
+        with torch.no_grad(), block_attention(model, [7]):  # reached during generation, through the cache
+            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for make, message in ((lambda: ablate_features(model, 1.5, [3]), "layers must be whole numbers, not 1.5"),
+                          (lambda: ablate_features(model, 1, [3], value=float("nan")), "value must be a finite"),
+                          (lambda: block_attention(model, [0], layers=[True]), "whole numbers, not True")):
+        with pytest.raises(ValueError, match=message), make():
+            pass
+    with pytest.raises(ValueError, match=r"needs a real token after the first one; got input_ids of shape \(2, 1\)"):
+        next_token_loss(model, ids[:, :1])
+    with pytest.raises(ValueError, match="with 0 real tokens"):
+        next_token_loss(model, ids, torch.zeros_like(ids))

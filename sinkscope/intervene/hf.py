@@ -16,13 +16,16 @@ are changed where the prefix is computed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
 from sinkscope.intervene.edits import (
+    _is_list,
     apply_block,
     blocked,
     checked_features,
@@ -39,7 +42,10 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def _layers(blocks, layers: Iterable[int] | None) -> list[int]:
-    chosen = range(len(blocks)) if layers is None else [int(x) for x in layers]
+    chosen = range(len(blocks)) if layers is None else list(layers)
+    odd = [x for x in chosen if isinstance(x, bool) or not isinstance(x, (int, np.integer))]
+    if odd:
+        raise ValueError(f"layers must be whole numbers, not {odd[0]!r}")
     bad = [x for x in chosen if not -len(blocks) <= x < len(blocks)]
     if bad:
         raise ValueError(f"layers {bad} out of range for a model of {len(blocks)} layers")
@@ -51,9 +57,33 @@ def _past_length(kwargs: dict, layer: int) -> int:
     return int(cache.get_seq_length(layer)) if cache is not None else 0
 
 
+class _Reach:
+    """How far the forwards inside an intervention reached (their last position + 1, KV cache included), so that
+    positions the edit never met are named when the intervention ends: a mistyped position (or one past every
+    sample) would otherwise change nothing without a word."""
+
+    def __init__(self, what: str, positions, extra: tuple[str, list[int]] | None = None):
+        self.what, self.end, self.extra = what, 0, extra
+        flat = positions if positions is None else [p for part in positions
+                                                     for p in (part if _is_list(part) else [part])]
+        self.positions = sorted(set(map(int, flat))) if flat is not None else []
+
+    def saw(self, end: int) -> None:
+        self.end = max(self.end, int(end))
+
+    def report(self, stacklevel: int = 4) -> None:
+        if self.end == 0:  # no forward ran inside the intervention
+            return
+        for what, positions in ((self.what, self.positions), *([self.extra] if self.extra else [])):
+            missed = [p for p in positions if p >= self.end]
+            if missed:
+                warnings.warn(f"{what} {missed} never came up: the forwards inside the intervention had at most "
+                              f"{self.end} positions, so nothing was changed there", stacklevel=stacklevel)
+
+
 @contextmanager
-def _edit_block_output(model: nn.Module, layer: int,
-                       edit: Callable[[torch.Tensor, int], torch.Tensor]) -> Iterator[None]:
+def _edit_block_output(model: nn.Module, layer: int, edit: Callable[[torch.Tensor, int], torch.Tensor],
+                       reach: _Reach | None = None) -> Iterator[None]:
     """Replace the residual stream after block `layer` by `edit(h.clone(), past)`, where `past` is the number of
     cached positions before this call's tokens (0 without a KV cache)."""
     blocks = _blocks(model)
@@ -61,7 +91,10 @@ def _edit_block_output(model: nn.Module, layer: int,
 
     def hook(module, args, kwargs, output):
         h = output[0] if isinstance(output, tuple) else output
-        h = edit(h.clone(), max(0, _past_length(kwargs, layer) - h.shape[1]))
+        past = max(0, _past_length(kwargs, layer) - h.shape[1])
+        if reach is not None:
+            reach.saw(past + h.shape[1])
+        h = edit(h.clone(), past)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     handle = blocks[layer].register_forward_hook(hook, with_kwargs=True)
@@ -69,6 +102,8 @@ def _edit_block_output(model: nn.Module, layer: int,
         yield
     finally:
         handle.remove()
+    if reach is not None:
+        reach.report(stacklevel=6)  # the user's `with` line, past two context managers
 
 
 @contextmanager
@@ -80,7 +115,10 @@ def ablate_features(model: nn.Module, layer: int, features: Iterable[int], token
     hidden = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
     features = checked_features(features, hidden if isinstance(hidden, int) else None)
     tokens = None if tokens is None else checked_positions(tokens, "tokens")
-    with _edit_block_output(model, layer, lambda h, past: set_features(h, features, tokens, value, past)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+        raise ValueError(f"value must be a finite number, not {value!r}")
+    reach = None if tokens is None else _Reach("tokens", tokens)
+    with _edit_block_output(model, layer, lambda h, past: set_features(h, features, tokens, value, past), reach):
         yield
 
 
@@ -94,7 +132,8 @@ def rotate_states(model: nn.Module, layer: int, tokens: Sequence, reference: int
         raise ValueError(f"cosine must lie in [-1, 1], not {cosine}")
     tokens = checked_positions(tokens, "tokens")
     reference = checked_reference(reference)
-    with _edit_block_output(model, layer, lambda h, past: rotate(h, tokens, reference, cosine, past)):
+    reach = _Reach("tokens", tokens, ("reference", [reference] if isinstance(reference, int) else list(reference)))
+    with _edit_block_output(model, layer, lambda h, past: rotate(h, tokens, reference, cosine, past), reach):
         yield
 
 
@@ -109,6 +148,7 @@ def block_attention(model: nn.Module, keys: Sequence, layers: Iterable[int] | No
     """
     blocks = _blocks(model)
     keys = checked_positions(keys, "keys")
+    reach = _Reach("keys", keys)
 
     def make_hook(layer: int):
         def pre(module, args, kwargs):
@@ -121,6 +161,7 @@ def block_attention(model: nn.Module, keys: Sequence, layers: Iterable[int] | No
                 allowed = torch.arange(past + tq, device=hidden.device)[None, :] <= q_pos[:, None]
                 mask = allowed[None, None].expand(b, 1, tq, past + tq)
             mask = mask.expand(b, *mask.shape[1:])
+            reach.saw(mask.shape[-1])
             past = mask.shape[-1] - tq
             kwargs["attention_mask"] = apply_block(mask, blocked(keys, b, tq, mask.shape[-1], past, keep_self,
                                                                  hidden.device))
@@ -133,6 +174,7 @@ def block_attention(model: nn.Module, keys: Sequence, layers: Iterable[int] | No
             attn = blocks[layer].self_attn
             stack.callback(attn.register_forward_pre_hook(make_hook(layer), with_kwargs=True).remove)
         yield
+    reach.report()
 
 
 @torch.no_grad()
@@ -141,4 +183,8 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     labels = input_ids.clone()
     if attention_mask is not None:
         labels[attention_mask == 0] = -100
+    if not (labels[:, 1:] != -100).any():  # the loss predicts each real token from those before it
+        raise ValueError(f"next_token_loss needs a real token after the first one; got input_ids of shape "
+                         f"{tuple(input_ids.shape)}" + ("" if attention_mask is None else
+                                                        f" with {int((attention_mask != 0).sum())} real tokens"))
     return float(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss)

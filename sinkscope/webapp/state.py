@@ -138,6 +138,11 @@ def token_window(n: int, key: str) -> tuple[int, int] | None:
         return None
     lo, hi = st.slider("Zoom to positions (full resolution inside the window when it is short enough)",
                        0, n, (0, n), key=key)
+    return zoom_window(lo, hi, n)
+
+
+def zoom_window(lo: int, hi: int, n: int) -> tuple[int, int] | None:
+    """The zoom slider's handles as a `token_range` of at least one position (None: the whole sample)."""
     lo = min(lo, n - 1)  # both handles at the end: the last position
     return None if (lo, hi) == (0, n) else (lo, max(hi, lo + 1))
 

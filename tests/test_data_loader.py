@@ -77,6 +77,13 @@ def test_limit_keeps_the_first_utterances_and_the_whole_babble_pool(corpus):
     torch.testing.assert_close(first[1]["audio"], full[1]["audio"])  # the same babble at the same SNR
     with pytest.raises(DataError, match="limit must be a positive number of utterances, not 0"):
         AVSRDataset(corpus, "train", limit=0)
+    # indexed like a list: negative from the end; past the end an IndexError that names the split (a negative
+    # index was a numpy seeding error)
+    torch.testing.assert_close(first[-1]["audio"], first[1]["audio"])
+    with pytest.raises(IndexError, match="split 'train' has 2 utterances; index 2 is out of range"):
+        first[2]
+    with pytest.raises(TypeError, match="indexed by position"):
+        first["a"]
 
 
 def test_noise_is_mixed_at_the_requested_snr(corpus):

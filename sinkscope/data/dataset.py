@@ -203,6 +203,12 @@ class AVSRDataset(Dataset):
         return out
 
     def __getitem__(self, index: int) -> dict | None:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"{self.root}: utterances are indexed by position (an int), not {index!r}")
+        if not -len(self.items) <= index < len(self.items):
+            raise IndexError(f"{self.root}: split {self.split!r} has {len(self.items)} utterances; index {index} "
+                             "is out of range")
+        index = int(index) % len(self.items)
         try:
             return self.load(index)
         except DataError as exc:

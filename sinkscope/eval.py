@@ -1,7 +1,7 @@
 """Decoding and scoring: the one place where hypotheses are produced and WER/CER computed.
 
-`score` is jiwer's WER and CER over lower-cased, whitespace-normalised text (an empty hypothesis is scored as the
-word `<empty>`, so it counts as one substitution rather than crashing jiwer). `transcribe` decodes a dataset
+`score` is jiwer's WER and CER over lower-cased, whitespace-normalised text (an empty hypothesis counts as deleting
+every word and character of its reference). `transcribe` decodes a dataset
 with an AVSR model; training, `sinkscope eval`, sweeps, notebooks and interventions all call these two.
 """
 
@@ -23,8 +23,6 @@ from sinkscope.data.dataset import BucketBatchSampler, collate
 from sinkscope.data.media import check_snr
 from sinkscope.errors import SinkscopeError
 
-EMPTY = "<empty>"
-
 
 def normalise(text: str) -> str:
     """Lower-case and collapse whitespace."""
@@ -37,12 +35,25 @@ def score(refs: Sequence[str], hyps: Sequence[str]) -> dict:
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     if not refs:
         return {"wer": float("nan"), "cer": float("nan"), "n": 0}
-    hyps = [h if h else EMPTY for h in hyps]
+    empty = [i for i, r in enumerate(refs) if not str(r).strip()]
+    if empty:  # a rate per reference word is undefined there (jiwer 4 counts it as 1.0 per utterance)
+        raise ValueError(f"reference {empty[0]} is empty ({len(empty)} of {len(refs)}); WER and CER need words")
+    # an empty hypothesis is every reference word (and character) deleted, as jiwer >= 4 scores it; until session
+    # 26 it was replaced by the word "<empty>", which gave the same WER but added 7 characters to the CER's errors
+    hyps = ["" if h is None else str(h) for h in hyps]
     return {"wer": float(jiwer.wer(list(refs), hyps)), "cer": float(jiwer.cer(list(refs), hyps)), "n": len(refs)}
+
+
+def _whole(value, name: str, low: int = 1, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be a whole number {bound}, not {value!r}")
+    return value
 
 
 def loader(dataset, batch_size: int = 8) -> DataLoader:
     """Batches of similar length, in a fixed order, for evaluation."""
+    _whole(batch_size, "batch_size")
     return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.lengths(), batch_size, shuffle=False),
                       collate_fn=collate)
 
@@ -52,6 +63,8 @@ def transcribe(model, batches, max_new_tokens: int = 24, beams: int = 1,
                intervention: Callable | None = None) -> pd.DataFrame:
     """Decode every batch with the AVSR `model` (`model.generate`): one row per utterance with id, reference,
     hypothesis. `intervention(batch, built)`, when given, returns a context manager to decode under."""
+    _whole(max_new_tokens, "max_new_tokens")
+    _whole(beams, "beams", 1, MAX_BEAM)
     model.eval()
     rows = []
     for batch in batches:

@@ -188,3 +188,16 @@ def test_the_reference_formulas_refuse_inputs_of_the_wrong_layout():
     for shape in ((5, 5), (3, 5, 5), (2, 3, 5, 5), (1, 2, 3, 5, 5)):
         assert metrics.attention_received(attn.reshape(-1, 5, 5)[0].expand(*shape)).shape == (*shape[:-2], 5)
     assert metrics.bos_cosine(np.ones((5, 8))[None]).shape == (1, 5)
+
+
+def test_an_empty_hypothesis_deletes_its_reference_in_wer_and_cer():
+    """Scored by hand: 3 + 2 reference words with the first hypothesis empty is 3 errors in 5 words, and 5 of the
+    8 reference characters (spaces included). The word "<empty>" used to stand in for it: the same WER, but a CER
+    of 7 errors for a 5-character reference."""
+    from sinkscope.eval import score
+
+    got = score(["a b c", "d e"], ["", "d e"])
+    assert got == {"wer": 3 / 5, "cer": 5 / 8, "n": 2}
+    assert score(["a b"], [None])["cer"] == 1.0
+    with pytest.raises(ValueError, match=r"reference 1 is empty \(1 of 2\)"):
+        score(["a", " "], ["a", "b"])

@@ -107,6 +107,9 @@ def test_matryoshka_loss_is_the_weighted_sum_of_the_per_rate_losses():
             model.set_rate(rate)
             separate.append(model._forward_at_rate(b, False))
     model.set_rate(0)
+    for bad in (len(RATES), -1, 0.5, True):  # 0.5 passed the range check and failed later with a TypeError
+        with pytest.raises(ValueError, match=rf"rate index must be a whole number in \[0, {len(RATES) - 1}\]"):
+            model.set_rate(bad)
     expected_ce = separate[0]["loss"] + 0.5 * separate[1]["loss"]
     balance = (separate[0]["balance"] + separate[1]["balance"]) / 2
     torch.testing.assert_close(out["loss"], expected_ce + 0.5 * balance)

@@ -227,8 +227,10 @@ class AVSRModel(nn.Module):
 
     def set_rate(self, index: int) -> None:
         """Run at rate `index` of the model's rate set (compression and, for MoME, the router)."""
-        if not 0 <= index < len(self.cfg.rate_set):
-            raise ValueError(f"rate index {index} is outside the model's {len(self.cfg.rate_set)} rates")
+        n = len(self.cfg.rate_set)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+            raise ValueError(f"rate index must be a whole number in [0, {n - 1}] (the model's {n} rates "
+                             f"{self.cfg.rate_set}), not {index!r}")
         self.rate_index = index
         if self.mome is not None:
             self.mome.rate = index

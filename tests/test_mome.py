@@ -245,8 +245,16 @@ def test_router_fields_round_trip_through_a_trace(tmp_path):
         np.testing.assert_allclose(sample.router_gates.sum(-1), 1.0, rtol=1e-5)
         for layer in range(3):
             np.testing.assert_array_equal(sample.router_ids[layer], expected[layer]["ids"][k, :T].numpy())
+        # ARCHITECTURE.md's form: layer -> (expert ids [T, k], gates [T, k])
+        assert sorted(sample.router) == [0, 1, 2]
+        ids, gates = sample.router[1]
+        np.testing.assert_array_equal(ids, sample.router_ids[1])
+        np.testing.assert_array_equal(gates, sample.router_gates[1])
     plain = Recorder(tiny().llm)  # a model without MoME: no router fields, and the trace stays valid
     assert plain.routing is None
+    with plain, torch.no_grad():
+        plain.hf_model(input_ids=torch.randint(3, plain.hf_model.config.vocab_size, (1, 5)))
+    assert plain.samples[0].router_ids is None and plain.samples[0].router == {}
 
 
 def test_expert_usage_by_segment_and_for_sink_tokens(tmp_path):

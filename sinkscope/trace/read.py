@@ -26,6 +26,7 @@ from sinkscope.trace.schema import (
     REQUIRED_MANIFEST_FIELDS,
     SAMPLES,
     SCHEMA_VERSION,
+    router_by_layer,
 )
 from sinkscope.validation import check_record, read_json_file
 
@@ -253,6 +254,12 @@ class TraceSample:
     mlp_top_values = property(lambda self: self._get("mlp_top_values"))
     router_ids = property(lambda self: self._get("router_ids"))
     router_gates = property(lambda self: self._get("router_gates"))
+
+    @property
+    def router(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """MoME traces: layer -> (expert ids `[T, k]`, gates `[T, k]`) (ARCHITECTURE.md's form of `router_ids` /
+        `router_gates`); {} for other models."""
+        return router_by_layer(self.router_ids, self.router_gates)
     token_ids = property(lambda self: self._get("token_ids"))
 
     @cached_property

@@ -51,3 +51,17 @@ class SampleRecord:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def router(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """MoME models: layer -> (expert ids `[T, k]`, gates `[T, k]`), the form ARCHITECTURE.md names; {} for
+        other models."""
+        return router_by_layer(self.router_ids, self.router_gates)
+
+
+def router_by_layer(ids, gates) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """`router_ids` / `router_gates` `[L, T, k]` as layer -> (ids `[T, k]`, gates `[T, k]`); {} without them."""
+    if ids is None or gates is None:
+        return {}
+    ids, gates = np.asarray(ids), np.asarray(gates)
+    return {layer: (ids[layer], gates[layer]) for layer in range(ids.shape[0])}

@@ -502,3 +502,42 @@ def test_the_zoom_slider_at_the_end_shows_the_last_position():
 
     assert zoom_window(100, 100, 100) == (99, 100)
     assert zoom_window(3, 3, 100) == (3, 4) and zoom_window(0, 100, 100) is None and zoom_window(5, 9, 100) == (5, 9)
+
+
+def test_traces_of_one_token_samples_open_in_every_view_and_compare(tmp_path, monkeypatch):
+    """Samples that hold BOS alone leave nothing to average over: Compare's sink profile of two such traces was a
+    ValueError (an integer from NaN) instead of an empty figure that says so."""
+    import torch
+
+    from sinkscope.record import Recorder
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama()
+    for name, lengths in (("short", (1, 2)), ("one", (1,))):
+        with Recorder(model, attention_maps=[(0, 0)]) as rec, torch.no_grad():
+            for n in lengths:
+                model(input_ids=torch.tensor([[1, 5][:n]]))
+        rec.save(tmp_path / name)
+    monkeypatch.setenv("SINKSCOPE_ROOT", str(tmp_path))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.sidebar.selectbox(key="trace").set_value("one").run()
+    for view in at.sidebar.radio(key="view").options:
+        at.sidebar.radio(key="view").set_value(view).run()
+        assert not at.exception, (view, at.exception)
+    at.sidebar.radio(key="view").set_value("Compare").run()
+    at.radio(key="cmp_part").set_value("Whole traces").run()
+    at.selectbox(key="cmp_other").set_value("short").run()
+    for part in at.radio(key="cmp_trace_part").options:
+        at.radio(key="cmp_trace_part").set_value(part).run()
+        assert not at.exception, (part, at.exception)
+    at.radio(key="cmp_trace_part").set_value("Sinks and cos to BOS").run()
+    rate = by_title(at, "Sinks by segment")  # A ("one") has no token besides BOS: only B's curves
+    assert rate.data and all(t["name"].startswith("B: short: ") for t in rate.data), [t["name"] for t in rate.data]
+    from sinkscope import analysis, viz  # neither trace with a token to draw: an empty figure that says so
+
+    empty = analysis.profile_mean(analysis.trace_profile(Trace.load(tmp_path / "one"))["sink_rate"])
+    fig = viz.profile_figure(empty, empty, ("a", "b"), "t", "y")
+    assert not fig.data and "nothing to draw" in fig.layout.annotations[0].text

@@ -76,7 +76,12 @@ def profile_figure(mean_a: pd.DataFrame, mean_b: pd.DataFrame, names: tuple[str,
                                                     "(± sd over %{customdata} samples)<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title=yaxis_title, height=420,
                       yaxis_type="log" if log else None, legend={"font": {"size": 10}})
-    layer_xaxis(fig, int(max(mean_a["layer"].max(), mean_b["layer"].max())) + 1)
+    layers = pd.concat([mean_a["layer"], mean_b["layer"]])
+    if layers.empty:  # e.g. traces whose samples hold BOS alone: no token to average over
+        fig.add_annotation(text="nothing to draw: neither trace has a token here (BOS is left out)",
+                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+        return fig
+    layer_xaxis(fig, int(layers.max()) + 1)
     return fig
 
 

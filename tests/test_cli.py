@@ -62,6 +62,14 @@ def test_record_then_summary(tmp_path, tiny_dir, prompts):
     rows = [ln for ln in res.output.splitlines() if ln.strip().startswith("│")]
     assert len(rows) == 6, "one row per layer in each table: sinks and massive features, then cos-to-BOS"
     assert "mean cos-to-BOS per segment" in res.output and rows[3].split("│")[1].strip() == "0"
+    # a trace whose recording stopped before its first sample: said, not a table of zeros
+    import shutil
+
+    for sample in (out / "samples").iterdir():
+        shutil.rmtree(sample)
+    (out / "index.safetensors").unlink()
+    res = runner.invoke(app, ["summary", str(out)])
+    assert res.exit_code == 1 and "holds no samples yet" in " ".join(res.output.split()), res.output
 
 
 def test_interrupted_record_resumes(tmp_path, tiny_dir):

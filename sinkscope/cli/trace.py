@@ -77,6 +77,9 @@ def summary(
         err_console.print(f"[yellow]warning:[/] {trace}/samples/{name} is not read: {why}", highlight=False)
     if tr.index_note:
         err_console.print(f"[yellow]warning:[/] {tr.index_note}", highlight=False)
+    if not len(tr):  # a recording stopped before its first sample: a table of zeros would read as findings
+        fail(f"{trace}: the trace holds no samples yet (a recording stopped before its first sample?); nothing to "
+             "summarise")
     console.print(f"[bold]{trace}[/]: {len(tr)} samples of {m['model']} "
                   f"({m['n_layers']} layers x {m['n_heads']} heads)")
     console.print("top_sinks: the tokens with the largest head-mean attention received, as token@position "

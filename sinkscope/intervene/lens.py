@@ -14,7 +14,9 @@ and to the pre-softmax attention scores), and `tests/test_lens.py` checks that b
 them to combine sinkscope's interventions with TransformerLens tooling (caches, patching, every `hook_*` point)
 on a plain LLM; the AVSR notebooks use `sinkscope.intervene`, because the AVSR LLM is a peft model fed with
 `inputs_embeds`.
-Positions are one list for the batch, or one list per sample.
+Positions are one list for the batch, or one list per sample, and count within each forward call: use these
+hooks on whole sequences, not under `bridge.generate()`, whose cached steps pass one position at a time (position
+0 there is each new token). The HF context managers of `sinkscope.intervene` follow the KV cache instead.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from itertools import pairwise
 import numpy as np
 import pandas as pd
 
+from sinkscope.arguments import index_into, unit_interval, whole_number
 from sinkscope.metrics import (
     MIN_QUERIES,
     SINK_EPS,
@@ -19,12 +20,6 @@ from sinkscope.metrics import (
     sink_tokens,
 )
 from sinkscope.trace.columns import TraceColumns, token_segments, trace_columns
-
-
-def _count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
-    return int(value)
 
 
 def missing_features(sample, mlp: bool = False) -> str | None:
@@ -46,19 +41,11 @@ def _needs_features(sample, mlp: bool = False) -> None:
         raise ValueError(why)
 
 
-def _layer(layer, n_layers: int) -> int:
-    """`layer` as an index into L layers (negative counts from the end), or a ValueError naming the range."""
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer must be a whole number in [0, {n_layers - 1}] (or negative, from the end), not "
-                         f"{layer!r}")
-    return int(layer) % n_layers
-
-
 def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
     """One row per layer: the tokens that receive most attention, Sink^eps of position 0, the massive
     features (with how many samples show each), and mean cos-to-BOS per segment (columns `cos:<segment>`)."""
     check_sink_rule(eps)
-    top = _count(top, "top")
+    top = whole_number(top, "top")
     n_layers = trace.manifest["n_layers"]
     c = trace_columns(trace)
     n = max(1, len(trace))
@@ -109,7 +96,7 @@ def sink_rate_by_segment(alpha, segments, eps: float = SINK_EPS) -> pd.DataFrame
 
 def top_activations(sample, k: int = 3) -> pd.DataFrame:
     """Per layer: the k largest |h| entries over all tokens and features, and median |h| (Sun et al., Fig. 1)."""
-    k = _count(k, "k")
+    k = whole_number(k, "k")
     _needs_features(sample)
     values = np.abs(np.asarray(sample.top_values))  # [L, T, K]; per-token top features hold the global top-k
     flat = values.reshape(values.shape[0], -1)
@@ -122,7 +109,7 @@ def top_activations(sample, k: int = 3) -> pd.DataFrame:
 
 def ranked_features(sample, k: int = 16, mlp: bool = False) -> np.ndarray:
     """The `k` features with the largest max |h| (or |mlp_out|) over layers and tokens, largest first."""
-    k = _count(k, "k")
+    k = whole_number(k, "k")
     _needs_features(sample, mlp)
     values = np.asarray(sample.mlp_feature_max_abs if mlp else sample.feature_max_abs)  # [L, D]
     return np.argsort(-values.max(axis=0), kind="stable")[:k]
@@ -235,7 +222,7 @@ def dataset_massive_records(trace) -> pd.DataFrame:
 
 def dataset_cosine(trace, layer: int) -> pd.DataFrame:
     """cos-to-BOS of every token at one layer, with its segment, over all samples (position 0 excluded)."""
-    layer = _layer(layer, int(trace.manifest["n_layers"]))
+    layer = index_into(layer, int(trace.manifest["n_layers"]), "layer", "layers")
     c = trace_columns(trace)
     where = c.position > 0
     return pd.DataFrame({"sample": c.ids[c.sample[where]], "segment": c.segment[where],
@@ -260,9 +247,7 @@ def sink_statistics(trace, eps: float = SINK_EPS, head_fraction: float = SINK_HE
     - `massive_features`: the massive feature indices, with the number of samples that show each.
     """
     check_sink_rule(eps, head_fraction)
-    if isinstance(min_layer_share, bool) or not isinstance(min_layer_share, (int, float)) \
-            or not 0 <= min_layer_share <= 1:
-        raise ValueError(f"min_layer_share must be a number in [0, 1], not {min_layer_share!r}")
+    unit_interval(min_layer_share, "min_layer_share")
     n_layers = int(trace.manifest["n_layers"])
     mid, last = n_layers // 2, n_layers - 1
     sinks = {g: 0 for g in SEGMENT_GROUPS}
@@ -359,7 +344,7 @@ def expert_usage(trace, layer: int, eps: float = SINK_EPS, head_fraction: float 
     check_sink_rule(eps, head_fraction, min_queries)
     samples = list(trace)  # a Trace, or any samples of one
     if samples:
-        layer = _layer(layer, np.shape(samples[0].attention_received)[0])
+        layer = index_into(layer, np.shape(samples[0].attention_received)[0], "layer", "layers")
     mass: dict[str, Counter] = defaultdict(Counter)
     tokens: Counter = Counter()
     n_experts = 0

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from sinkscope.arguments import whole_number
 from sinkscope.config import releases_locks
 from sinkscope.data.dataset import BucketBatchSampler, collate
 from sinkscope.data.media import check_snr
@@ -44,16 +45,9 @@ def score(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     return {"wer": float(jiwer.wer(list(refs), hyps)), "cer": float(jiwer.cer(list(refs), hyps)), "n": len(refs)}
 
 
-def _whole(value, name: str, low: int = 1, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be a whole number {bound}, not {value!r}")
-    return value
-
-
 def loader(dataset, batch_size: int = 8) -> DataLoader:
     """Batches of similar length, in a fixed order, for evaluation."""
-    _whole(batch_size, "batch_size")
+    whole_number(batch_size, "batch_size")
     return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.lengths(), batch_size, shuffle=False),
                       collate_fn=collate)
 
@@ -63,8 +57,8 @@ def transcribe(model, batches, max_new_tokens: int = 24, beams: int = 1,
                intervention: Callable | None = None) -> pd.DataFrame:
     """Decode every batch with the AVSR `model` (`model.generate`): one row per utterance with id, reference,
     hypothesis. `intervention(batch, built)`, when given, returns a context manager to decode under."""
-    _whole(max_new_tokens, "max_new_tokens")
-    _whole(beams, "beams", 1, MAX_BEAM)
+    whole_number(max_new_tokens, "max_new_tokens")
+    whole_number(beams, "beams", 1, MAX_BEAM)
     model.eval()
     rows = []
     for batch in batches:

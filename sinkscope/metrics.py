@@ -14,6 +14,8 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
+from sinkscope.arguments import nonnegative, unit_interval, whole_number
+
 SINK_EPS = 0.3
 """Default epsilon of Sink^eps (Gu et al., ICLR 2025)."""
 SINK_HEAD_FRACTION = 0.5
@@ -48,22 +50,13 @@ def _checked(x, name: str, shape: str, ndim: int | tuple[int, ...]) -> np.ndarra
     return a
 
 
-def _threshold(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-    return float(value)
-
-
 def check_sink_rule(eps=SINK_EPS, head_fraction=SINK_HEAD_FRACTION, min_queries=MIN_QUERIES) -> None:
     """Refuse a sink rule that cannot mean anything: `eps` and `head_fraction` are shares in [0, 1] (alpha is a
     mean of probabilities), `min_queries` a whole number >= 1 (an eps of 2 found no sink, one of -1 made every
     token a sink, and both were returned as findings)."""
-    for name, value in (("eps", eps), ("head_fraction", head_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a number in [0, 1], not {value!r}")
-    if isinstance(min_queries, bool) or not isinstance(min_queries, (int, np.integer)) or min_queries < 1:
-        raise ValueError(f"min_queries must be a whole number >= 1, not {min_queries!r}")
+    unit_interval(eps, "eps")
+    unit_interval(head_fraction, "head_fraction")
+    whole_number(min_queries, "min_queries")
 
 
 # ----------------------------------------------------------------------------------------------- attention sinks
@@ -136,8 +129,8 @@ def massive_mask(h, median, abs_threshold: float = MASSIVE_ABS, rel_threshold: f
     median taken over all tokens and features of that sample's layer-l hidden state. `h` is `[T, D]` with a
     scalar median, or `[L, T, D]` with `median[L]`.
     """
-    thr = massive_threshold(_np(median), _threshold(abs_threshold, "abs_threshold"),
-                            _threshold(rel_threshold, "rel_threshold"))
+    thr = massive_threshold(_np(median), nonnegative(abs_threshold, "abs_threshold"),
+                            nonnegative(rel_threshold, "rel_threshold"))
     h = _checked(h, "h", "[T, D] or [L, T, D]", (2, 3))
     if thr.size != (h.shape[0] if h.ndim == 3 else 1):
         raise ValueError(f"median must have one value per layer of h {h.shape}; got {thr.size}")

@@ -177,7 +177,7 @@ def test_recorder_refuses_cached_decoding_and_bad_requests():
     model = tiny_llama()
     with pytest.raises(RecorderError, match="outside the model"):
         Recorder(model, attention_maps=[(7, 0)])
-    for kwargs, message in ((dict(top_k=0), "top_k is the number of features kept per token"),
+    for kwargs, message in ((dict(top_k=0), r"top_k must be a whole number >= 1 \(the number of features kept"),
                             (dict(abs_threshold=-1.0), "abs_threshold must be a finite number >= 0"),
                             (dict(rel_threshold=float("nan")), "rel_threshold must be a finite number >= 0"),
                             (dict(hidden_dtype=torch.int8), "hidden_dtype must be a floating-point torch dtype"),

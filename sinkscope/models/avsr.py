@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sinkscope.arguments import whole_number
 from sinkscope.models.encoders import AudioEncoder, AudioEncoderConfig, VideoEncoder, VideoEncoderConfig
 from sinkscope.models.mome import MoMEConfig, MoMELayers
 
@@ -228,10 +229,7 @@ class AVSRModel(nn.Module):
     def set_rate(self, index: int) -> None:
         """Run at rate `index` of the model's rate set (compression and, for MoME, the router)."""
         n = len(self.cfg.rate_set)
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
-            raise ValueError(f"rate index must be a whole number in [0, {n - 1}] (the model's {n} rates "
-                             f"{self.cfg.rate_set}), not {index!r}")
-        self.rate_index = index
+        self.rate_index = whole_number(index, "rate index", 0, n - 1, f" (the model's {n} rates {self.cfg.rate_set})")
         if self.mome is not None:
             self.mome.rate = index
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sinkscope.arguments import nonnegative, whole_number
 from sinkscope.errors import RecorderError
 from sinkscope.metrics import MASSIVE_ABS, MASSIVE_REL, MIN_QUERIES, SINK_EPS, SINK_HEAD_FRACTION, massive_frames
 from sinkscope.record import _malloc, fused_cpu
@@ -122,13 +123,10 @@ class Recorder:
                                     f"and layer indices); {value!r} is not one")
         self.attention_maps = sorted({(int(layer), int(head)) for layer, head in attention_maps})
         self.hidden_layers = sorted({int(layer) for layer in hidden_states})
-        if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
-            raise RecorderError(f"top_k is the number of features kept per token, a whole number >= 1, not {top_k!r}")
+        whole_number(top_k, "top_k", what=" (the number of features kept per token)", error=RecorderError)
         for name, value in (("abs_threshold", abs_threshold), ("rel_threshold", rel_threshold)):
-            if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not np.isfinite(value) \
-                    or value < 0:
-                raise RecorderError(f"{name} must be a finite number >= 0 (a massive activation is |h| >= "
-                                    f"abs_threshold and >= rel_threshold x the layer's median |h|), not {value!r}")
+            nonnegative(value, name, " (a massive activation is |h| >= abs_threshold and >= rel_threshold x the "
+                        "layer's median |h|)", RecorderError)
         if not (isinstance(hidden_dtype, torch.dtype) and hidden_dtype.is_floating_point):
             raise RecorderError(f"hidden_dtype must be a floating-point torch dtype (float32, float16, bfloat16), "
                                 f"not {hidden_dtype!r}")

@@ -6,11 +6,11 @@ import numpy as np
 import plotly.graph_objects as go
 
 from sinkscope.analysis import sink_rate_by_segment
+from sinkscope.arguments import index_into
 from sinkscope.metrics import SINK_EPS
 from sinkscope.segments import segment_color
 from sinkscope.viz.axes import (
     add_segment_bands,
-    checked_index,
     checked_max_tokens,
     esc,
     layer_axis,
@@ -28,14 +28,14 @@ def received_attention_heatmap(sample, head: int | None = None, max_tokens: int 
     """Layer x token heatmap of attention received (alpha), averaged over heads or for one head."""
     alpha = np.asarray(sample.attention_received)
     if head is not None:
-        head = checked_index(head, alpha.shape[1], "head", "heads")
+        head = index_into(head, alpha.shape[1], "head", "heads")
     values = alpha.mean(axis=1) if head is None else alpha[:, head]
     which = "mean over heads" if head is None else f"head {head}"
     return layer_token_heatmap(values, sample, f"Attention received, {which}", "alpha", max_tokens, token_range)
 
 def head_grid(sample, token: int = 0, eps: float | None = SINK_EPS) -> go.Figure:
     """Layer x head grid of the attention each head gives to one token (alpha of that token)."""
-    token = checked_index(token, len(sample.tokens), "token", "tokens")
+    token = index_into(token, len(sample.tokens), "token", "tokens")
     alpha = np.asarray(sample.attention_received)[:, :, token]  # [L, H]
     fig = go.Figure(go.Heatmap(z=alpha, x=np.arange(alpha.shape[1]), y=np.arange(alpha.shape[0]),
                                colorscale="Viridis", zmin=0, zmax=1, colorbar={"title": "alpha"},

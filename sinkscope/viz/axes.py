@@ -10,6 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from sinkscope.analysis import token_segments
+from sinkscope.arguments import whole_number
 from sinkscope.segments import segment_color
 
 KEEP_FIRST = 8
@@ -55,19 +56,8 @@ def label_token_axis(fig: go.Figure, labels: list[str], starts: np.ndarray, offs
                          ticktext=[str(offset + int(s)) for s in starts[::step]])
 
 
-def checked_index(value, size: int, name: str, of: str) -> int:
-    """`value` as an index into `size` items (negative counts from the end), or a ValueError naming the argument,
-    the value and the range: the figure functions are called from notebooks with positions, heads and layers."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not -size <= value < size:
-        raise ValueError(f"{name} must be a whole number in [0, {size - 1}] ({size} {of}; negative counts from the "
-                         f"end), not {value!r}")
-    return int(value) % size
-
-
 def checked_max_tokens(max_tokens) -> int:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a whole number >= 1 (columns drawn at most), not {max_tokens!r}")
-    return int(max_tokens)
+    return whole_number(max_tokens, "max_tokens", what=" (columns drawn at most)")
 
 
 def token_window(sample, token_range):

@@ -10,9 +10,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from sinkscope.analysis import feature_values, ranked_features, top_activations
+from sinkscope.arguments import index_into
 from sinkscope.viz.axes import (
     add_segment_bands,
-    checked_index,
     checked_max_tokens,
     esc,
     label_token_axis,
@@ -75,7 +75,7 @@ def top_features_figure(sample, k: int = 16, mlp: bool = False, selected: int | 
 def feature_trajectory_figure(sample, feature: int, tokens: Sequence[int], mlp: bool = False) -> go.Figure:
     """|h[feature]| across layers for chosen tokens, log scale (Sun et al., 2024, Fig. 1). Gaps: layers where the
     feature was not among the token's recorded top-k (its value is then below the token's k-th largest)."""
-    tokens = [checked_index(t, len(sample.tokens), "tokens", "tokens") for t in tokens]
+    tokens = [index_into(t, len(sample.tokens), "tokens", "tokens") for t in tokens]
     values = feature_values(sample, [feature], mlp)[:, :, 0]  # [L, T]
     fig = go.Figure()
     for t in tokens:
@@ -94,7 +94,7 @@ def token_feature_heatmap(sample, layer: int, features: Sequence[int], max_token
     2,048-token trace); blank where a feature was not among a token's recorded top-k."""
     max_tokens = checked_max_tokens(max_tokens)
     values = feature_values(sample, features, mlp)
-    values = values[checked_index(layer, values.shape[0], "layer", "layers")]  # [T, F]
+    values = values[index_into(layer, values.shape[0], "layer", "layers")]  # [T, F]
     n = values.shape[0]
     starts = token_bins(n, max_tokens)
     pooled = pool_tokens(np.nan_to_num(values, nan=0.0), starts, axis=0)

@@ -541,3 +541,16 @@ def test_traces_of_one_token_samples_open_in_every_view_and_compare(tmp_path, mo
     empty = analysis.profile_mean(analysis.trace_profile(Trace.load(tmp_path / "one"))["sink_rate"])
     fig = viz.profile_figure(empty, empty, ("a", "b"), "t", "y")
     assert not fig.data and "nothing to draw" in fig.layout.annotations[0].text
+
+
+def test_a_root_that_is_a_trace_itself_is_named_as_such(root, monkeypatch):
+    """`sinkscope app --root traces/demo-prompts` (a trace, not a folder of them) said "No traces under ..." and
+    suggested recording into it."""
+    monkeypatch.setenv("SINKSCOPE_ROOT", str(root / "av-a"))
+    st.cache_data.clear()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert [i.value for i in at.info] == [f"{root / 'av-a'} is a trace itself; the app lists the traces under its "
+                                          f"root folder. Start it on the folder that holds this trace: `sinkscope app "
+                                          f"--root {root.resolve()}`."]

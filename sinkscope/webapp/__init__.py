@@ -6,6 +6,8 @@ It reads traces (the Trace API) under one root directory and nothing else; every
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from sinkscope.errors import SinkscopeError
@@ -50,6 +52,10 @@ def main() -> None:
         except SinkscopeError as exc:
             st.error(str(exc))
             return
+    if not traces and (Path(root) / "manifest.json").is_file():  # pointed at a trace instead of a folder of them
+        st.info(f"{root} is a trace itself; the app lists the traces under its root folder. Start it on the folder "
+                f"that holds this trace: `sinkscope app --root {Path(root).resolve().parent}`.")
+        return
     if not traces:
         st.info(f"No traces under {root}. Record one with `sinkscope record --text-file examples/prompts.txt "
                 f"--out {root}/demo`, or point the app elsewhere with `sinkscope app --root DIR`.")

@@ -186,3 +186,7 @@ def test_foreign_directories(tmp_path):
     with pytest.raises(TraceError, match="not empty and is not a sinkscope trace"):
         TraceWriter(tmp_path / "busy", {"model": "m", "n_layers": 1, "n_heads": 1, "hidden_size": 1})
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine", "nothing already written is lost"
+    # a folder of traces given where one trace is expected: the traces in it are named
+    with pytest.raises(TraceError, match=rf"{tmp_path} is not a sinkscope trace: it has no manifest.json; it holds "
+                                         rf"the traces {tmp_path / 'other'}: pass one"):
+        Trace.load(tmp_path)

@@ -423,11 +423,23 @@ def sample_dirs(samples: Path, root: Path | None = None) -> tuple[list[Path], li
     return dirs, skipped
 
 
+def _traces_inside(path: Path, limit: int = 200) -> list[str]:
+    """The trace directories directly under `path` (at most `limit` entries looked at), for an error message."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)[:limit]
+    except OSError:
+        return []
+    return [str(path / e.name) for e in entries if e.is_dir() and (Path(e.path) / MANIFEST).is_file()]
+
+
 def read_manifest(path: Path, root: Path | None = None) -> dict:
     """Read and validate `path/manifest.json`; raise TraceError naming the file and field otherwise."""
     file = confined(path / MANIFEST, root)
     if not file.is_file():
-        raise TraceError(f"{path} is not a sinkscope trace: it has no {MANIFEST}")
+        inside = [] if root is not None else _traces_inside(path)  # a folder of traces given instead of one
+        hint = f"; it holds the traces {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}: pass one" \
+            if inside else ""
+        raise TraceError(f"{path} is not a sinkscope trace: it has no {MANIFEST}{hint}")
     manifest = _read_json(file, "the trace manifest")
     if manifest.get("format") != FORMAT:
         raise TraceError(f"{file}: field 'format' is {manifest.get('format')!r}, not '{FORMAT}' "

@@ -75,9 +75,8 @@ def main() -> None:
     try:
         table = load_results(args.results, (*TABLE_COLUMNS, "trace"))
         written = HERE / "results" / "decorrelation_sink_tokens.csv"
-        before = pd.DataFrame(read_rows(written, ("point", "token")) if written.is_file() else [])
-        if before.empty:
-            before = pd.DataFrame(columns=["point"])
+        earlier = read_rows(written, ("point", "token"))  # [] when the file does not exist yet
+        before = pd.DataFrame(earlier) if earlier else pd.DataFrame(columns=["point"])
         out = []
         for row in table:
             path = args.root / row["trace"]

@@ -554,3 +554,40 @@ def test_a_root_that_is_a_trace_itself_is_named_as_such(root, monkeypatch):
     assert [i.value for i in at.info] == [f"{root / 'av-a'} is a trace itself; the app lists the traces under its "
                                           f"root folder. Start it on the folder that holds this trace: `sinkscope app "
                                           f"--root {root.resolve()}`."]
+
+
+def test_figures_keep_labels_off_the_data_and_label_log_axes_at_powers_of_ten(root):
+    """Seen in a real browser on the demo traces: segment names drawn over the heatmap's top row, one-token
+    segments' names over each other, log axes labelled "2" and "5" between "1000" and "10k", layer axes from -2,
+    and the second row of Compare's difference grid titled over the first row's token labels."""
+    import plotly.graph_objects as go
+
+    from sinkscope import viz
+    from sinkscope.viz.axes import log_axis
+    from sinkscope.viz.grid import GAP_PX
+
+    s = Trace.load(root / "av-a")[0]
+    heat = viz.received_attention_heatmap(s)
+    labels = {a.text: a for a in heat.layout.annotations}
+    assert {"audio", "video", "prompt"} <= set(labels)
+    assert all(a.y > 1.04 and a.yanchor == "bottom" for a in labels.values()), "above the strip, not on the data"
+    assert "audio_start" not in labels and "video_start" not in labels, "one-token neighbours of named segments"
+
+    n_layers = s.attention_received.shape[0]
+    assert list(viz.top_activations_figure(s).layout.xaxis.range) == [-0.5, n_layers - 0.5]
+
+    wide, narrow = go.Figure(go.Scatter(y=[20, 27_000])), go.Figure(go.Scatter(y=[1_000, 5_000]))
+    log_axis(wide, [20, 27_000])
+    log_axis(narrow, [1_000, 5_000])
+    assert wide.layout.yaxis.type == narrow.layout.yaxis.type == "log"
+    assert wide.layout.yaxis.dtick == 1 and narrow.layout.yaxis.dtick is None
+    trajectory = viz.feature_trajectory_figure(s, int(analysis.ranked_features(s, 1)[0]), [0, 1])
+    assert trajectory.layout.yaxis.type == "log"
+
+    grid = viz.panel_grid([[viz.difference_heatmap(s, s, "attention_received")],
+                           [viz.difference_heatmap(s, s, "bos_cosine")]], "B - A", row_height=340)
+    plot_px = grid.layout.height - grid.layout.margin.t - grid.layout.margin.b
+    gap_px = (grid.layout.yaxis.domain[0] - grid.layout.yaxis2.domain[1]) * plot_px
+    titles = [a for a in grid.layout.annotations if a.text.startswith(("attention_received", "bos_cosine"))]
+    assert [a.yshift for a in titles] == [28, 28]
+    assert gap_px >= GAP_PX + 28 - 1

@@ -279,4 +279,9 @@ def test_expert_usage_by_segment_and_for_sink_tokens(tmp_path):
         assert table.index[-1] == "sinks"
     fig = viz.expert_usage_figure(table, 1)
     assert list(fig.data[0].x) == experts
+    # the title names the sink row only where there is one
+    no_sinks = viz.expert_usage_figure(table.drop(index="sinks", errors="ignore"), 1).layout.title.text
+    assert "no token is a sink at this layer" in no_sinks and "last row" not in no_sinks
+    if "sinks" in table.index:
+        assert "last row: sink tokens" in fig.layout.title.text
     assert analysis.expert_usage(Trace.load(tmp_path / "tr"), 0).shape[0] >= 1

@@ -86,15 +86,23 @@ def subplot_refs(fig: go.Figure, row=None, col=None) -> tuple[str, str]:
     return sub.xaxis.plotly_name.replace("axis", ""), sub.yaxis.plotly_name.replace("axis", "")
 
 
+LABEL_PLOT_PX = 400
+"""The narrowest plot (pixels) a segment strip's labels are fitted to: the app's half-width columns."""
+LABEL_CHAR_PX = 5.5
+"""About the width of one character of a strip label (10 px font)."""
+
+
 def add_segment_bands(fig: go.Figure, segments, starts: np.ndarray, axis: str = "x", row=None, col=None,
-                      label: bool = True, min_label_share: float = 0.04) -> go.Figure:
+                      label: bool = True, plot_px: float = LABEL_PLOT_PX) -> go.Figure:
     """A coloured strip along a (possibly decimated) token axis, one block per segment, just outside the plot
-    (above it for x, left of it for y); segments wide enough are named on the strip. The shapes and labels are
-    added in one layout update (plotly's add_vrect validates and relayouts once per call: 45 ms each)."""
+    (above it for x, left of it for y). Segments are named above their blocks, the widest first, where the name
+    fits on a `plot_px`-wide axis without running into a name already placed, so that labels neither cover the
+    data nor each other (the hover and the figure's caption name every segment). The shapes and labels are added
+    in one layout update (plotly's add_vrect validates and relayouts once per call: 45 ms each)."""
     bins = np.asarray(starts)
     n_bins = max(1, len(bins))
     xa, ya = subplot_refs(fig, row, col)
-    shapes, notes = [], []
+    shapes, named = [], []
     for name, s, e in segments:
         if e <= s:
             continue
@@ -105,12 +113,20 @@ def add_segment_bands(fig: go.Figure, segments, starts: np.ndarray, axis: str = 
         if axis == "x":
             shapes.append({**base, "xref": xa, "yref": f"{ya} domain", "x0": b0 - 0.5, "x1": b1 + 0.5,
                            "y0": 1.005, "y1": 1.04})
-            if label and (b1 - b0 + 1) / n_bins >= min_label_share:
-                notes.append({"text": esc(name), "x": (b0 + b1) / 2, "y": 1, "xref": xa, "yref": f"{ya} domain",
-                              "xanchor": "center", "yanchor": "top", "showarrow": False, "font": {"size": 10}})
+            if label:
+                named.append((b1 - b0 + 1, name, (b0 + b1) / 2))
         else:
             shapes.append({**base, "yref": ya, "xref": f"{xa} domain", "y0": b0 - 0.5, "y1": b1 + 0.5,
                            "x0": -0.04, "x1": -0.005})
+    notes, taken = [], []
+    px = plot_px / n_bins  # pixels per bin
+    for _, name, centre in sorted(named, key=lambda item: -item[0]):
+        half = (LABEL_CHAR_PX * len(name) + 6) / 2
+        lo, hi = (centre + 0.5) * px - half, (centre + 0.5) * px + half
+        if lo >= -px / 2 and hi <= plot_px + px / 2 and all(hi <= a or lo >= b for a, b in taken):
+            taken.append((lo, hi))
+            notes.append({"text": esc(name), "x": centre, "y": 1.045, "xref": xa, "yref": f"{ya} domain",
+                          "xanchor": "center", "yanchor": "bottom", "showarrow": False, "font": {"size": 10}})
     fig.update_layout(shapes=list(fig.layout.shapes) + shapes, annotations=list(fig.layout.annotations) + notes)
     return fig
 
@@ -119,7 +135,21 @@ def layer_axis(fig: go.Figure, n_layers: int, **subplot) -> None:
     fig.update_yaxes(tickmode="linear", dtick=max(1, n_layers // 15), **subplot)
 
 def layer_xaxis(fig: go.Figure, n_layers: int) -> None:
-    fig.update_xaxes(tickmode="linear", dtick=max(1, n_layers // 15))
+    """Layers 0 .. n_layers - 1 along x, nothing drawn past them (autorange padded a line chart to layer -2)."""
+    fig.update_xaxes(tickmode="linear", dtick=max(1, n_layers // 15), range=[-0.5, n_layers - 0.5])
+
+
+def log_axis(fig: go.Figure, values, axis: str = "y", **subplot) -> None:
+    """A log axis labelled at powers of ten only, with unlabelled grid lines at 2..9 between them, where
+    `values` span at least 1.5 decades (plotly labelled the 2s and 5s as bare "2" and "5" between "1000" and
+    "10k", which read as values); over a narrower span its own labels stay (a single power of ten would leave
+    the axis without a number)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    update = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    update(type="log", **subplot)
+    if v.size and np.log10(v.max()) - np.log10(v.min()) >= 1.5:
+        update(dtick=1, minor={"dtick": "D1", "showgrid": True, "gridcolor": "rgba(0,0,0,0.05)"}, **subplot)
 
 def layer_token_heatmap(values: np.ndarray, sample, title: str, colorbar: str, max_tokens: int,
                          token_range, colorscale: str = "Viridis", zmid=None) -> go.Figure:

@@ -15,6 +15,7 @@ from sinkscope.viz.axes import (
     label_token_axis,
     layer_axis,
     layer_xaxis,
+    log_axis,
     pool_tokens,
     token_bins,
     token_labels,
@@ -75,7 +76,9 @@ def profile_figure(mean_a: pd.DataFrame, mean_b: pd.DataFrame, names: tuple[str,
                 customdata=rows["n"], hovertemplate=f"{esc(label)}, {esc(key)}<br>layer %{{x}}: %{{y:.4g}} "
                                                     "(± sd over %{customdata} samples)<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title=yaxis_title, height=420,
-                      yaxis_type="log" if log else None, legend={"font": {"size": 10}})
+                      legend={"font": {"size": 10}})
+    if log:
+        log_axis(fig, pd.concat([mean_a["mean"], mean_b["mean"]]))
     layers = pd.concat([mean_a["layer"], mean_b["layer"]])
     if layers.empty:  # e.g. traces whose samples hold BOS alone: no token to average over
         fig.add_annotation(text="nothing to draw: neither trace has a token here (BOS is left out)",

@@ -14,6 +14,8 @@ from plotly.subplots import make_subplots
 
 from sinkscope.viz.axes import esc, subplot_refs
 
+GAP_PX = 150
+"""Pixels between two rows of panels, plus their titles' shift (`_title_shift`)."""
 _AXIS_KEYS_DROPPED = {"domain", "anchor", "matches", "scaleanchor", "overlaying", "position"}
 
 
@@ -27,8 +29,16 @@ def panel_grid(rows: list[list[go.Figure]], title: str, subplot_titles: list[str
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     cells = [(r, c, fig) for r, row in enumerate(rows, 1) for c, fig in enumerate(row, 1)]
     titles = subplot_titles or [fig.layout.title.text or "" for _, _, fig in cells]
+    shifts = [_title_shift(src) for _, _, src in cells]
+    top = max(shifts)
+    # rows apart by enough pixels for the tick labels (token text at -60 degrees) and the axis title of the row
+    # above, and the next row's shifted subplot title
+    gap, height = GAP_PX + top, row_height * n_rows + 120 + top
+    height += gap * (n_rows - 1)
+    plot_px = height - (90 + top) - 40
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=[esc(t) for t in titles], shared_yaxes=shared_yaxes,
-                        horizontal_spacing=0.06 if shared_yaxes else 0.09, vertical_spacing=0.3 / n_rows)
+                        horizontal_spacing=0.06 if shared_yaxes else 0.09,
+                        vertical_spacing=gap / plot_px if n_rows > 1 else 0.0)
     shapes, notes, seen, axes = [], [], set(), {}
     for r, row in enumerate(rows, 1):
         heatmaps = [t for src in row for t in src.data if t.type == "heatmap"]
@@ -56,14 +66,24 @@ def panel_grid(rows: list[list[go.Figure]], title: str, subplot_titles: list[str
             out.append({**item, **{k: refs.get(item.get(k), item.get(k)) for k in ("xref", "yref") if k in item}})
         if src.layout.barmode and not fig.layout.barmode:
             fig.update_layout(barmode=src.layout.barmode)
-    for (_, _, src), note in zip(cells, fig.layout.annotations, strict=False):  # the subplot titles, row-major
-        if any(str(sh.yref).endswith("domain") and (sh.y1 or 0) > 1 for sh in src.layout.shapes):
-            note.update(yshift=14)  # above the segment band along the top of the panel
+    for shift, note in zip(shifts, fig.layout.annotations, strict=False):  # the subplot titles, row-major
+        if shift:
+            note.update(yshift=shift)
     fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes, title=title,
-                      height=row_height * n_rows + 120, margin={"t": 90, "b": 40},
+                      height=height, margin={"t": 90 + top, "b": 40},
                       legend={"groupclick": "togglegroup", "orientation": "h", "x": 0, "y": -0.5 / (n_rows + 2),
                               "yanchor": "top", "font": {"size": 10}})
     return fig
+
+
+def _title_shift(src: go.Figure) -> int:
+    """Pixels a panel's subplot title moves up: above a segment band along the top of the source (14), and above
+    the band's labels (28)."""
+    if any(str(an.yref).endswith("domain") and (an.y or 0) > 1 for an in src.layout.annotations):
+        return 28
+    if any(str(sh.yref).endswith("domain") and (sh.y1 or 0) > 1 for sh in src.layout.shapes):
+        return 14
+    return 0
 
 
 def _row_colour_axis(fig: go.Figure, row: int, heatmaps: list) -> str:

@@ -18,6 +18,7 @@ from sinkscope.viz.axes import (
     label_token_axis,
     layer_axis,
     layer_xaxis,
+    log_axis,
     pool_tokens,
     token_bins,
     token_labels,
@@ -32,7 +33,8 @@ def top_activations_figure(sample) -> go.Figure:
         fig.add_trace(go.Scatter(x=table.index, y=table[col], mode="lines+markers", name=col,
                                  line={"dash": dash, "color": "#7f7f7f" if col == "median" else None}))
     fig.update_layout(title="Largest |activations| vs the median", xaxis_title="layer", yaxis_title="|h|",
-                      yaxis_type="log", height=360)
+                      height=360)
+    log_axis(fig, table.to_numpy())
     layer_xaxis(fig, len(table))
     return fig
 
@@ -66,7 +68,8 @@ def top_features_figure(sample, k: int = 16, mlp: bool = False, selected: int | 
                       height=520, clickmode="event+select")
     fig.update_xaxes(type="category", row=1, col=1)
     fig.update_xaxes(type="category", title_text="feature (largest first; click a bar to select it)", row=2, col=1)
-    fig.update_yaxes(type="log", title_text=f"peak {name}", row=1, col=1)
+    fig.update_yaxes(title_text=f"peak {name}", row=1, col=1)
+    log_axis(fig, peak, row=1, col=1)
     fig.update_yaxes(title_text="layer", row=2, col=1)
     layer_axis(fig, values.shape[0], row=2, col=1)
     return fig
@@ -83,7 +86,8 @@ def feature_trajectory_figure(sample, feature: int, tokens: Sequence[int], mlp: 
                                  name=f"t{t} {esc(repr(sample.tokens[t]))}", connectgaps=False))
     name = "|mlp_out|" if mlp else "|h|"
     fig.update_layout(title=f"{name} of feature {feature} across layers", xaxis_title="layer",
-                      yaxis_title=f"{name}[{feature}]", yaxis_type="log", height=420, legend_title="token")
+                      yaxis_title=f"{name}[{feature}]", height=420, legend_title="token")
+    log_axis(fig, values[:, tokens])
     layer_xaxis(fig, values.shape[0])
     return fig
 
@@ -149,6 +153,7 @@ def expert_usage_figure(table: pd.DataFrame, layer: int) -> go.Figure:
                                text=np.round(table[experts].to_numpy(), 2), texttemplate="%{text}",
                                colorbar={"title": "share of gate mass"},
                                hovertemplate="%{y}<br>%{x}: %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"Which experts each segment routes to, layer {layer} (last row: sink tokens)",
+    sinks = "last row: sink tokens" if "sinks" in table.index else "no token is a sink at this layer"
+    fig.update_layout(title=f"Which experts each segment routes to, layer {layer} ({sinks})",
                       xaxis_title="routed expert", height=80 + 36 * len(labels), yaxis_autorange="reversed")
     return fig

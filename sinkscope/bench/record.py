@@ -133,13 +133,23 @@ def _ids(tok, t: int, dev: torch.device) -> torch.Tensor:
     return ids.to(dev)
 
 
+def say(message: str) -> None:
+    """A progress line on stderr (the table goes to stdout), one per step, readable in a log file."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def time_methods(fns: dict, ids: torch.Tensor, reps: int, dev: torch.device) -> dict[str, list[float]]:
     """Wall time of each method, `reps` times, the order rotated every repetition."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    t = ids.shape[-1]
     with torch.no_grad():
-        for fn in fns.values():  # warm-up (and torch.compile)
+        for name, fn in fns.items():  # warm-up (and torch.compile)
+            start = time.perf_counter()
             fn(ids)
+            say(f"T={t}: warm-up {name} {time.perf_counter() - start:.2f} s")
         for rep in range(reps):
+            if rep:
+                say(f"T={t}: repetition {rep}/{reps}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
             order = list(fns)[rep % len(fns):] + list(fns)[: rep % len(fns)]
             for name in order:
                 gc.collect()
@@ -164,15 +174,21 @@ def bench_record(model_name: str, lengths: list[int], reps: int, device: str, me
     rows = []
     for t in lengths:
         ids = _ids(tok, t, dev)
+        say(f"T={t}: timing {', '.join(fns)}, {reps} interleaved repetitions after a warm-up")
         times = time_methods(fns, ids, reps, dev)
+        say(f"T={t}: medians " + ", ".join(f"{k} {statistics.median(v):.3f} s" for k, v in times.items()))
         rss = {}
         if dev.type == "cuda":
             with torch.no_grad():
                 peaks = {name: peak_extra_bytes(lambda fn=fn, ids=ids: fn(ids), dev) for name, fn in fns.items()}
         else:
+            say(f"T={t}: live peak memory, one child process")
             peaks = _cpu_peaks_in_child(model_name, t, list(fns), compile)
-            rss = {name: statistics.median(_maxrss_in_child(model_name, t, name, compile) for _ in range(rss_reps))
-                   for name in fns}
+            rss = {}
+            for name in fns:
+                say(f"T={t}: process peak RSS of {name}, {rss_reps} child process(es)")
+                rss[name] = statistics.median(_maxrss_in_child(model_name, t, name, compile)
+                                              for _ in range(rss_reps))
         base_t, base_m = statistics.median(times["sdpa"]), peaks["sdpa"]
         for name in fns:
             med = statistics.median(times[name])

@@ -33,9 +33,10 @@ def panel_grid(rows: list[list[go.Figure]], title: str, subplot_titles: list[str
     top = max(shifts)
     # rows apart by enough pixels for the tick labels (token text at -60 degrees) and the axis title of the row
     # above, and the next row's shifted subplot title
-    gap, height = GAP_PX + top, row_height * n_rows + 120 + top
-    height += gap * (n_rows - 1)
-    plot_px = height - (90 + top) - 40
+    margin = {"t": 90 + top, "b": 40}
+    gap = GAP_PX + top
+    height = row_height * n_rows + 120 + top + gap * (n_rows - 1)
+    plot_px = height - margin["t"] - margin["b"]
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=[esc(t) for t in titles], shared_yaxes=shared_yaxes,
                         horizontal_spacing=0.06 if shared_yaxes else 0.09,
                         vertical_spacing=gap / plot_px if n_rows > 1 else 0.0)
@@ -70,7 +71,7 @@ def panel_grid(rows: list[list[go.Figure]], title: str, subplot_titles: list[str
         if shift:
             note.update(yshift=shift)
     fig.update_layout(shapes=shapes, annotations=list(fig.layout.annotations) + notes, title=title,
-                      height=height, margin={"t": 90 + top, "b": 40},
+                      height=height, margin=margin,
                       legend={"groupclick": "togglegroup", "orientation": "h", "x": 0, "y": -0.5 / (n_rows + 2),
                               "yanchor": "top", "font": {"size": 10}})
     return fig

@@ -41,17 +41,26 @@ def _needs_features(sample, mlp: bool = False) -> None:
         raise ValueError(why)
 
 
-def layer_summary(trace, eps: float = SINK_EPS, top: int = 2) -> pd.DataFrame:
-    """One row per layer: the tokens that receive most attention, Sink^eps of position 0, the massive
-    features (with how many samples show each), and mean cos-to-BOS per segment (columns `cos:<segment>`)."""
-    check_sink_rule(eps)
+def layer_summary(trace, eps: float = SINK_EPS, top: int = 2, min_queries: int = MIN_QUERIES) -> pd.DataFrame:
+    """One row per layer: the tokens that receive most attention among the keys seen by at least `min_queries`
+    queries (as in the sink rule: the last keys' alpha is an average over a few queries, which put the last
+    tokens of an 8,192-token prompt at the top of the early layers), Sink^eps of position 0, the massive features
+    (with how many samples show each), and mean cos-to-BOS per segment (columns `cos:<segment>`). A sample
+    shorter than `min_queries` tokens names no top token."""
+    check_sink_rule(eps, min_queries=min_queries)
     top = whole_number(top, "top")
     n_layers = trace.manifest["n_layers"]
     c = trace_columns(trace)
     n = max(1, len(trace))
     sink0 = (c.alpha_first > eps).mean(axis=2).sum(axis=0) * 100.0 / n  # [L]
-    # the `top` tokens of each (sample, layer) by head-mean alpha, as (layer, token) pairs in sample order
-    best = [np.argsort(-c.mean_alpha[:, a:b], axis=1)[:, :top] + a for a, b in pairwise(c.start)]
+    # the `top` tokens of each (sample, layer) by head-mean alpha, among the keys that `min_queries` queries see,
+    # as (layer, token) pairs in sample order
+    seen = c.length - c.position >= min_queries  # [N] keys that enough queries see (as `TraceColumns.sink_flags`)
+    best = []
+    for a, b in pairwise(c.start):
+        keys = a + np.flatnonzero(seen[a:b])
+        if keys.size:
+            best.append(keys[np.argsort(-c.mean_alpha[:, keys], axis=1)[:, :top]])
     layer_of = np.concatenate([np.repeat(np.arange(n_layers), x.shape[1]) for x in best] or [np.zeros(0, int)])
     token_of = np.concatenate([x.ravel() for x in best] or [np.zeros(0, int)])
     picks = pd.DataFrame({"layer": layer_of, "key": [f"{c.token[k]!r}@{c.position[k]}" for k in token_of],

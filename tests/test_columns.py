@@ -232,3 +232,35 @@ def test_the_analysis_functions_refuse_parameters_that_cannot_mean_anything(trac
                  lambda: analysis.ranked_features(tr[0], mlp=True)):
         with pytest.raises(ValueError, match=r"sample s000 holds no .*top_features.* record it again"):
             call()
+
+
+def test_layer_summary_names_top_tokens_among_keys_seen_by_enough_queries(trace_dir):
+    """The last keys' alpha averages a few queries: `summary` put the last tokens of a long prompt (and the last
+    token of the demo AV trace) at the top of the early layers. The top tokens now follow the sink rule's
+    min_queries; with min_queries = 1 they are the largest alpha of every position, as before."""
+    import re
+
+    tr = Trace.load(trace_dir)
+    for min_queries in (1, 8, 30):
+        table = analysis.layer_summary(tr, top=1, min_queries=min_queries)
+        expected = {}
+        for s in tr:
+            mean = np.asarray(s.attention_received).mean(axis=1)  # [L, T]
+            n = mean.shape[1]
+            keys = np.flatnonzero(n - np.arange(n) >= min_queries)
+            if keys.size == 0:
+                continue
+            for layer in range(L):
+                expected.setdefault(layer, []).append(int(keys[np.argmax(mean[layer, keys])]))
+        for layer, cell in zip(table["layer"], table["top_sinks"], strict=True):
+            if layer not in expected:
+                assert cell == ""
+                continue
+            position = int(re.match(r"'t\d+'@(\d+) ", cell).group(1))
+            counts = {p: expected[layer].count(p) for p in expected[layer]}
+            assert counts[position] == max(counts.values()), (min_queries, layer, cell)
+            assert any(n >= position + min_queries for n in (len(s.tokens) for s in tr))
+    with pytest.raises(ValueError, match="min_queries"):
+        analysis.layer_summary(tr, min_queries=0)
+    result = CliRunner().invoke(app, ["summary", str(trace_dir), "--min-queries", "30"])
+    assert result.exit_code == 0 and "seen by at least 30 queries" in result.output

@@ -16,7 +16,7 @@ from sinkscope.cli.common import (
     job_config,
     progress_bar,
 )
-from sinkscope.metrics import SINK_EPS
+from sinkscope.metrics import MIN_QUERIES, SINK_EPS
 
 
 def record(
@@ -59,6 +59,8 @@ def record(
 def summary(
     trace: Path = typer.Argument(..., help="A trace directory."),
     eps: float = typer.Option(SINK_EPS, min=0.0, max=1.0, help="Sink threshold on attention received, in [0, 1]."),
+    min_queries: int = typer.Option(MIN_QUERIES, min=1, help="Top sink tokens only among the keys seen by at least "
+                                    "this many queries (the sink rule's; the last keys' alpha averages a few)."),
 ) -> None:
     """Print a per-layer table: top sink tokens, Sink^eps of position 0, massive features, cos-to-BOS."""
     from rich.console import Console
@@ -71,7 +73,7 @@ def summary(
         fail(f"--eps {eps}: the sink threshold is an attention weight, in [0, 1]")
     with clean_errors():
         tr = Trace.load(trace)
-        table_data = layer_summary(tr, eps=eps)
+        table_data = layer_summary(tr, eps=eps, min_queries=min_queries)
     m = tr.manifest
     for name, why in tr.skipped:
         err_console.print(f"[yellow]warning:[/] {trace}/samples/{name} is not read: {why}", highlight=False)
@@ -82,8 +84,9 @@ def summary(
              "summarise")
     console.print(f"[bold]{trace}[/]: {len(tr)} samples of {m['model']} "
                   f"({m['n_layers']} layers x {m['n_heads']} heads)")
-    console.print("top_sinks: the tokens with the largest head-mean attention received, as token@position "
-                  "alpha (samples); massive_features: feature (samples)")
+    console.print(f"top_sinks: the tokens with the largest head-mean attention received among the keys seen by at "
+                  f"least {min_queries} queries, as token@position alpha (samples); massive_features: feature "
+                  "(samples)")
     # two tables, so that neither is squeezed: sinks and massive features, then cos-to-BOS per segment (an AV
     # trace has ten segments; in one table rich would fold the text columns to nothing)
     cos = [c for c in table_data.columns if c.startswith("cos:")]

@@ -101,7 +101,7 @@ def dataset_tables(path: str, mtime: float, eps: float, min_queries: int
                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     tr = _load(path, mtime)
     return (analysis.dataset_sinks(tr, eps, min_queries=min_queries), analysis.dataset_massive_features(tr),
-            analysis.layer_summary(tr, eps), analysis.dataset_massive_records(tr))
+            analysis.layer_summary(tr, eps, min_queries=min_queries), analysis.dataset_massive_records(tr))
 
 
 @st.cache_resource(show_spinner="Profiling the trace...", max_entries=16)

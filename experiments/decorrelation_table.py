@@ -9,6 +9,7 @@ non-BOS input tokens at the last layer, and the largest massive activation with 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -50,4 +51,6 @@ def main(path: Path = RESULTS) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path, nargs="?", default=RESULTS, help="the sweep's results CSV")
+    main(ap.parse_args().results)

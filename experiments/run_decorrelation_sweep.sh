@@ -15,6 +15,9 @@
 # python experiments/decorrelation_figures.py and python experiments/decorrelation_table.py, and commit.
 # Pause it while tests or benchmarks run (kill -STOP / kill -CONT on its PID): two torch jobs on two cores
 # slow each other about fivefold.
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without starting anything
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0
+fi
 set -euo pipefail
 MAIN=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 PIN=${PIN:-ab88f420e0bcd6c675474a367fce11eb60087c41}

@@ -10,11 +10,16 @@
 # CER, n, the command and the resolved config) and .csv (the hypotheses),
 # on the first EVAL_LIMIT (default 200) utterances of the held-out test split. VSR has no audio, so it is only
 # scored clean. EVAL_SNRS (default "clean 0") picks the conditions, e.g. EVAL_SNRS=clean for intermediate slices.
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without starting anything
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SINKSCOPE=${SINKSCOPE:-.venv/bin/sinkscope}
 until_epoch=${1:?usage: $0 UNTIL_EPOCH MODE...}
 shift
+[[ "$until_epoch" =~ ^[1-9][0-9]*$ ]] || { echo "UNTIL_EPOCH must be a whole number >= 1, not '$until_epoch'" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 UNTIL_EPOCH MODE... (modes: vsr avsr-v3 asr-v3)" >&2; exit 2; }
 # v3: the audio encoder CTC-pretrained for 24 epochs (experiments/weights/encoders-grid-2k-v2). The v2 models (8-epoch
 # audio encoder; results avsr_e*, asr_e*) were made by configs removed with that encoder: see `git show
 # ae56189:experiments/configs/grid_avsr_stack_a4_v2.yaml` (and grid_asr_stack.yaml).

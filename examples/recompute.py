@@ -114,10 +114,18 @@ def av_inputs(config: dict):
     return model.llm, inputs
 
 
+def _count(text: str) -> int:
+    """--samples: a whole number >= 1 (0 reported "no sample to check" as if the trace were old, and a negative
+    number checked every sample)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of samples (a whole number >= 1)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace")
-    parser.add_argument("--samples", type=int, default=3, help="how many samples to check (default 3)")
+    parser.add_argument("--samples", type=_count, default=3, help="how many samples to check (default 3)")
     args = parser.parse_args(argv)
     trace = Trace.load(args.trace)
     manifest = trace.manifest

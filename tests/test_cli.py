@@ -132,6 +132,10 @@ def test_the_recompute_example_checks_a_trace_against_eager(tmp_path, tiny_dir, 
     save_file(arrays, str(file))
     assert recompute([str(out), "--samples", "4"]) == 1
     assert "attention_received 1.00e-03 > 1e-05" in capsys.readouterr().out
+    for bad in ("0", "-3"):  # 0 said "no sample to check" as for an old trace; -3 checked every sample
+        with pytest.raises(SystemExit) as exit_:
+            recompute([str(out), "--samples", bad])
+        assert exit_.value.code == 2 and "is not a number of samples" in capsys.readouterr().err
 
 
 def test_user_errors_are_clear(tmp_path, tiny_dir):

@@ -217,5 +217,6 @@ def test_duration_mismatch_and_missing_files(copy):
     write_wav(copy / "unused.wav", np.zeros(10, dtype=np.float32))
     with pytest.raises(DataError, match="holds neither a manifest.jsonl"):
         AVSRDataset(copy / "train")
-    with pytest.raises(DataError, match="no utterances in split 'dev'"):
+    splits = ", ".join(sorted({r["split"] for r in manifest(copy)}))
+    with pytest.raises(DataError, match=f"no utterances in split 'dev'; its splits are {splits}$"):
         AVSRDataset(copy, "dev")

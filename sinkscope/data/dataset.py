@@ -88,9 +88,12 @@ class AVSRDataset(Dataset):
         layout = detect_layout(self.root) if layout == "auto" else layout
         if layout not in ("synth", "lrs"):
             raise DataError(f"layout must be auto, synth or lrs, not {layout!r}")
-        self.items = list_synth(self.root, split) if layout == "synth" else list_lrs(self.root, split)
+        lister = list_synth if layout == "synth" else list_lrs
+        self.items = lister(self.root, split)
         if not self.items:
-            raise DataError(f"{self.root}: no utterances in split {split!r}")
+            splits = sorted({item.split for item in lister(self.root, None)}) if split is not None else []
+            raise DataError(f"{self.root}: no utterances in split {split!r}"
+                            + (f"; its splits are {', '.join(splits)}" if splits else ""))
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise DataError(f"limit must be a positive number of utterances, not {limit!r}")
         if snr not in (None, "train"):

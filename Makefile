@@ -44,7 +44,7 @@ demo: llm
 	@# the decorrelation experiment's off/on pair (issue 12), for the Compare view; an existing copy is kept
 	@mkdir -p traces && for t in decorrelation-off decorrelation-on; do \
 	  [ -e traces/$$t ] || cp -r experiments/traces/$$t traces/$$t; done
-	$(VENV)/bin/sinkscope app --root traces
+	$(VENV)/bin/sinkscope app --root traces --trace demo-avsr
 
 # Debian's Chromium for the real-browser test (skipped, with the reason, when it cannot be installed).
 browser:

@@ -591,3 +591,25 @@ def test_figures_keep_labels_off_the_data_and_label_log_axes_at_powers_of_ten(ro
     titles = [a for a in grid.layout.annotations if a.text.startswith(("attention_received", "bos_cosine"))]
     assert [a.yshift for a in titles] == [28, 28]
     assert gap_px >= GAP_PX + 28 - 1
+
+
+def test_the_app_opens_on_the_trace_it_is_started_with(root, monkeypatch):
+    """`make demo` starts the app with `--trace demo-avsr` (the AV trace of the demo model) instead of the first
+    trace in alphabetical order; a `?trace=` link still wins, and a name that is not under the root is refused
+    before the server starts."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app as cli
+
+    monkeypatch.setenv("SINKSCOPE_ROOT", str(root))
+    monkeypatch.setenv("SINKSCOPE_TRACE", "av-b")
+    for query, expected in ((None, "av-b"), ("av-renamed", "av-renamed")):
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        at = AppTest.from_file(APP, default_timeout=60)
+        if query:
+            at.query_params["trace"] = query
+        at.run()
+        assert not at.exception and at.sidebar.selectbox(key="trace").value == expected
+    res = CliRunner().invoke(cli, ["app", "--root", str(root), "--trace", "nope"])
+    assert res.exit_code == 1 and "--trace nope: no such trace under" in res.output and "av-a, av-b" in res.output

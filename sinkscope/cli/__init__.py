@@ -105,6 +105,8 @@ def run_app(
     root: Path = typer.Option(None, help="Directory of traces (default: $SINKSCOPE_ROOT or traces/)."),
     port: int = typer.Option(8501, min=1, max=65535, help="Port to serve on (localhost)."),
     headless: bool = typer.Option(True, "--headless/--open-browser", help="Open a browser tab or not."),
+    trace: str = typer.Option(None, help="The trace the app opens on (a name under the root; default: the first). "
+                              "A link with ?trace=NAME still opens that one."),
 ) -> None:
     """Open the Streamlit trace browser."""
     import os
@@ -115,6 +117,15 @@ def run_app(
         if not root.is_dir():
             fail(f"--root {root} is not a directory")
         env["SINKSCOPE_ROOT"] = str(root.resolve())
+    if trace is not None:
+        from sinkscope.trace import find_traces
+
+        where = Path(env.get("SINKSCOPE_ROOT", "traces"))
+        names = find_traces(where)
+        if trace not in names:
+            fail(f"--trace {trace}: no such trace under {where}" + (f"; the traces there: {', '.join(names)}"
+                                                                    if names else " (it holds no trace)"))
+        env["SINKSCOPE_TRACE"] = trace
     from sinkscope.appserver import command
 
     cmd = command(port, "localhost", headless)

@@ -17,7 +17,7 @@ Arrays are read lazily through the official safetensors library, and their value
 ranges a recorder can produce. Nothing is ever pickled.
 """
 
-from sinkscope.trace.read import Trace, TraceSample, read_manifest
+from sinkscope.trace.read import Trace, TraceSample, find_traces, read_manifest
 from sinkscope.trace.schema import (
     ARRAY_FIELDS,
     FORMAT,
@@ -30,4 +30,4 @@ from sinkscope.trace.schema import (
 from sinkscope.trace.write import TraceWriter
 
 __all__ = ["ARRAY_FIELDS", "FORMAT", "MANIFEST", "OPTIONAL_ARRAY_FIELDS", "SAMPLES", "SCHEMA_VERSION", "SampleRecord",
-           "Trace", "TraceSample", "TraceWriter", "read_manifest"]
+           "Trace", "TraceSample", "TraceWriter", "find_traces", "read_manifest"]

@@ -423,6 +423,40 @@ def sample_dirs(samples: Path, root: Path | None = None) -> tuple[list[Path], li
     return dirs, skipped
 
 
+MAX_DEPTH = 3
+"""How deep `find_traces` looks under its root."""
+
+
+def find_traces(root: str | os.PathLike) -> list[str]:
+    """Trace directories under `root` (a directory holding manifest.json), relative to it and sorted, up to
+    MAX_DEPTH levels deep (what the app lists). A trace's own directory is not searched further (its thousands of
+    sample directories are never walked), hidden directories are skipped, and links that leave the root are not
+    followed."""
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    resolved = base.resolve()
+    found = []
+
+    def walk(directory: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            path = Path(entry.path)
+            if (path / MANIFEST).is_file():
+                if (path / MANIFEST).resolve().is_relative_to(resolved):
+                    found.append(str(path.relative_to(base)))
+            elif depth < MAX_DEPTH and path.resolve().is_relative_to(resolved):
+                walk(path, depth + 1)
+
+    walk(base, 1)
+    return sorted(found)
+
+
 def _traces_inside(path: Path, limit: int = 200) -> list[str]:
     """The trace directories directly under `path` (at most `limit` entries looked at), for an error message."""
     try:

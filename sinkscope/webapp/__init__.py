@@ -6,6 +6,7 @@ It reads traces (the Trace API) under one root directory and nothing else; every
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import streamlit as st
@@ -63,7 +64,8 @@ def main() -> None:
     if requested is not None and requested not in traces:
         st.error(f"?trace={requested}: no such trace under {root}. The traces there: {', '.join(traces)}. "
                  "Pick one in the sidebar.")
-    default = traces.index(requested) if requested in traces else 0
+    first = os.environ.get("SINKSCOPE_TRACE")  # `sinkscope app --trace NAME`: the trace to open on
+    default = traces.index(requested) if requested in traces else traces.index(first) if first in traces else 0
     name = st.sidebar.selectbox("Trace", traces, index=default, key="trace")
     view = st.sidebar.radio("View", VIEWS, key="view")
     eps = st.sidebar.slider(

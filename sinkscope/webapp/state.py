@@ -12,7 +12,7 @@ import streamlit as st
 
 from sinkscope import analysis
 from sinkscope.errors import TraceError
-from sinkscope.trace import MANIFEST, Trace
+from sinkscope.trace import MANIFEST, Trace, find_traces
 
 DEFAULT_ROOT = "traces"
 
@@ -34,37 +34,10 @@ def resolve_under_root(root: Path, name: str) -> Path:
     return path
 
 
-MAX_DEPTH = 3
-
-
 @st.cache_data(ttl=10, show_spinner=False)
 def list_traces(root: str) -> list[str]:
-    """Trace directories under `root` (a directory holding manifest.json), up to MAX_DEPTH levels deep. A trace's
-    own directory is not searched further (its thousands of sample directories are never walked), hidden
-    directories are skipped, and links that leave the root are not followed."""
-    base = Path(root)
-    if not base.is_dir():
-        return []
-    resolved = base.resolve()
-    found = []
-
-    def walk(directory: Path, depth: int) -> None:
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError:
-            return
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            path = Path(entry.path)
-            if (path / MANIFEST).is_file():
-                if (path / MANIFEST).resolve().is_relative_to(resolved):
-                    found.append(str(path.relative_to(base)))
-            elif depth < MAX_DEPTH and path.resolve().is_relative_to(resolved):
-                walk(path, depth + 1)
-
-    walk(base, 1)
-    return sorted(found)
+    """`sinkscope.trace.find_traces(root)`, cached for 10 s."""
+    return find_traces(root)
 
 
 def mtime(path: Path) -> float:

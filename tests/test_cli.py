@@ -310,3 +310,30 @@ def test_a_forked_worker_does_not_keep_the_output_locked(tmp_path):
     finally:
         child.kill()
         child.join()
+
+
+def test_info_says_which_path_the_recorder_takes(monkeypatch):
+    """`sinkscope info` names the recorder's path on each device and why: the C passes or torch's reductions on
+    the CPU, the device path (Triton) or the torch path on CUDA, so that a GPU user sees before a long recording
+    whether the fast path is on."""
+    import torch
+
+    from sinkscope.cli import recorder_paths
+    from sinkscope.record import fused_cpu, kernels
+
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0 and "recorder cpu" in result.output and "recorder cuda" in result.output
+    monkeypatch.setattr(fused_cpu, "available", lambda: True)
+    cpu, cuda = recorder_paths()
+    assert "per-layer reductions: C passes" in cpu and cuda == "recorder cuda no CUDA device here"
+    monkeypatch.setattr(fused_cpu, "available", lambda: False)
+    monkeypatch.setenv("SINKSCOPE_CPU_KERNELS", "0")
+    assert "torch's (SINKSCOPE_CPU_KERNELS=0)" in recorder_paths()[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    assert "torch path (Triton is not installed" in recorder_paths()[1]
+    monkeypatch.setenv("SINKSCOPE_TRITON", "0")
+    assert recorder_paths()[1] == "recorder cuda torch path (SINKSCOPE_TRITON=0)"
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    assert "device path (Triton " in recorder_paths()[1]

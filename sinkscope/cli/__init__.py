@@ -47,6 +47,38 @@ trace_verbs.register(app)
 train_verbs.register(app)
 
 
+def recorder_paths() -> list[str]:
+    """Which path the recorder takes here, per device, and why (what a user checks before a long recording)."""
+    import os
+
+    import torch
+
+    from sinkscope.record import fused_cpu, kernels
+
+    if fused_cpu.available():
+        reductions = f"C passes (built by {fused_cpu._compiler()} at the first recording, cached under " \
+                     f"{fused_cpu.cache_dir()})"
+    elif os.environ.get("SINKSCOPE_CPU_KERNELS") == "0":
+        reductions = "torch's (SINKSCOPE_CPU_KERNELS=0)"
+    else:
+        reductions = "torch's (no C compiler found: cc, gcc or clang; slower, the same fields)"
+    lines = [f"recorder cpu  one-pass attention with column sums (unpadded inputs; padded batches: SDPA and a second "
+             f"pass); per-layer reductions: {reductions}"]
+    if torch.cuda.is_available():
+        if kernels.available(torch.device("cuda")):
+            import triton
+
+            how = f"device path (Triton {triton.__version__} kernels, no host sync inside the forward)"
+        elif os.environ.get("SINKSCOPE_TRITON") == "0":
+            how = "torch path (SINKSCOPE_TRITON=0)"
+        else:
+            how = "torch path (Triton is not installed: pip install triton for the device path)"
+        lines.append(f"recorder cuda {how}")
+    else:
+        lines.append("recorder cuda no CUDA device here")
+    return lines
+
+
 @app.command()
 def info() -> None:
     """Print versions, the compute device and where the default LLM is cached."""
@@ -61,6 +93,8 @@ def info() -> None:
     console.print(f"transformers  {transformers.__version__}")
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     console.print(f"device        {device}, {torch.get_num_threads()} CPU threads")
+    for line in recorder_paths():
+        console.print(line, highlight=False)
     for name, spec in KNOWN_MODELS.items():
         try:
             gguf_path = locate_packaged_gguf(spec)

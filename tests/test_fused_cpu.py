@@ -250,7 +250,7 @@ def test_the_library_is_built_once_and_taken_from_the_cache(monkeypatch, tmp_pat
 @needs_cc
 def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
     _fresh(monkeypatch, tmp_path)
-    target = fused_cpu._target(fused_cpu._compiler(), tmp_path)
+    target = fused_cpu._target(fused_cpu.compiler(), tmp_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"not a shared library")  # e.g. a disk that filled up while another process built it
     assert _reduce_small()

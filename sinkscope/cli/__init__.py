@@ -56,7 +56,7 @@ def recorder_paths() -> list[str]:
     from sinkscope.record import fused_cpu, kernels
 
     if fused_cpu.available():
-        reductions = f"C passes (built by {fused_cpu._compiler()} at the first recording, cached under " \
+        reductions = f"C passes (built by {fused_cpu.compiler()} at the first recording, cached under " \
                      f"{fused_cpu.cache_dir()})"
     elif os.environ.get("SINKSCOPE_CPU_KERNELS") == "0":
         reductions = "torch's (SINKSCOPE_CPU_KERNELS=0)"

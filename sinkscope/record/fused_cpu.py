@@ -82,7 +82,8 @@ _ARGTYPES = {
 }
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C compiler the passes are built with: `$CC` (default cc), else gcc or clang; None without one."""
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
 
 
@@ -93,7 +94,7 @@ def available() -> bool:
     if "lib" in _STATE:
         return True
     if "compiler" not in _STATE:
-        _STATE["compiler"] = _compiler()
+        _STATE["compiler"] = compiler()
     return _STATE["compiler"] is not None
 
 
@@ -187,7 +188,7 @@ def _load() -> ctypes.CDLL | None:
     if "lib" in _STATE or _STATE.get("failed"):
         return _STATE.get("lib")
     try:
-        cc = _STATE.get("compiler") or _compiler()
+        cc = _STATE.get("compiler") or compiler()
         if cc is None:
             raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
         lib = _open(cc)
